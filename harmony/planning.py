@@ -1,0 +1,201 @@
+"""Choosing packs and placement from budgets (greedy; the cost-model planner refines this).
+
+Candidates are tried from the cheapest placement in traffic to the most frugal in device
+memory: everything on the device; weights and optimizer state on the host with activations on
+the device; then activations on the host too. For each, pack counts from few to many and
+prefetch depths 1 and 0 are lowered and simulated; among the candidates of the first placement
+that fits both budgets, the one with the lowest predicted step time wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from harmony.profile import LayerProfile, scaled
+from schedules.generators import generate
+from schedules.lower import lower
+from schedules.placement import Placement
+from schedules.schedule import Schedule
+from schedules.simulate import SimResult, Sizes, Times, simulate
+from schedules.task import Loc
+from swap.tier import fmt_bytes
+
+
+class InfeasiblePlan(ValueError):
+    """No plan fits the budgets. ``device_needed`` / ``host_needed``: what the most frugal plan
+    needs on each tier (bytes), so a caller can retry with a budget that works."""
+
+    def __init__(self, message: str, device_needed: int, host_needed: int) -> None:
+        super().__init__(message)
+        self.device_needed, self.host_needed = device_needed, host_needed
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Pack boundaries, placement, prefetch depth, the lowered schedule and its prediction."""
+
+    bounds: tuple[tuple[int, int], ...]   # [start, stop) layer indices per pack
+    schedule: Schedule                    # lowered
+    sizes: Sizes
+    predicted: SimResult
+
+    @property
+    def placement(self) -> Placement:
+        assert self.schedule.placement is not None
+        return self.schedule.placement
+
+    def describe(self, names: list[str]) -> str:
+        lines = [f"schedule {self.schedule.name}, {len(self.bounds)} packs, "
+                 f"{self.schedule.micro_batches} micro-batches, prefetch {self.schedule.prefetch}"]
+        for p, (a, b) in enumerate(self.bounds):
+            lines.append(f"  pack {p}: layers {a}..{b - 1} ({names[a]}..{names[b - 1]}), "
+                         f"W {fmt_bytes(self.sizes.w[p])} at {self.placement.w[p].value}, "
+                         f"X at {self.placement.x[p].value}")
+        peaks = ", ".join(f"{k.value} {fmt_bytes(v)}" for k, v in self.predicted.peak.items())
+        lines.append(f"  predicted peak: {peaks}")
+        return "\n".join(lines)
+
+
+def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
+               micro_batches: list[int], k_ratio: float) -> Sizes:
+    """Bytes of every value of a step for these pack boundaries and micro-batch sizes."""
+    w, g, k, x, d, s, work = [], [], [], [], [], [], []
+    for p, (a, b) in enumerate(bounds):
+        layers = profiles[a:b]
+        w.append(sum(lp.w_bytes for lp in layers))
+        g.append(sum(lp.g_bytes for lp in layers))
+        k.append(int(math.ceil(k_ratio * g[-1])))
+        saved = sum(lp.saved_bytes for lp in layers)
+        peak_out = max(lp.out_bytes for lp in layers)
+        x.append([scaled(layers[0].in_bytes, n) for n in micro_batches])
+        d.append([scaled(layers[0].in_grad_bytes, n) if p else 0 for n in micro_batches])
+        s.append([scaled(saved, n) for n in micro_batches])
+        work.append([scaled(saved + 2 * peak_out, n) for n in micro_batches])
+    return Sizes(w, g, k, x, d, s, work)
+
+
+def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
+               micro_batches: list[int], upd_s_per_byte: float,
+               bandwidth: dict[str, float]) -> Times:
+    fwd = [[sum(lp.fwd_s for lp in profiles[a:b]) * n for n in micro_batches] for a, b in bounds]
+    bwd = [[sum(lp.bwd_s for lp in profiles[a:b]) * n for n in micro_batches] for a, b in bounds]
+    upd = [sum(lp.g_bytes for lp in profiles[a:b]) * upd_s_per_byte for a, b in bounds]
+    return Times(fwd, bwd, upd, bandwidth)
+
+
+def greedy_bounds(weights: list[int], packs: int) -> tuple[tuple[int, int], ...]:
+    """Consecutive layers, each pack up to total/packs bytes (at least one layer per pack)."""
+    cap = max(math.ceil(sum(weights) / packs), max(weights))
+    bounds, start, acc = [], 0, 0
+    for i, wb in enumerate(weights):
+        if i > start and acc + wb > cap:
+            bounds.append((start, i))
+            start, acc = i, 0
+        acc += wb
+    bounds.append((start, len(weights)))
+    return tuple(bounds)
+
+
+def _pack_counts(layers: int) -> list[int]:
+    counts, c = [], 1
+    while c < layers:
+        counts.append(c)
+        c = max(c + 1, int(c * 1.5))
+    return counts + [layers]
+
+
+def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
+         device_budget: int | None, host_budget: int | None, k_ratio: float,
+         bandwidth: dict[str, float], upd_s_per_byte: float = 1e-9,
+         prefetch: int | None = None,
+         fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None) -> Plan:
+    """The fastest predicted plan that fits the budgets.
+
+    Args:
+        profiles: one per layer, from :func:`harmony.profile.profile_layers`.
+        schedule: generator name. micro_batches: samples per micro-batch.
+        device_budget, host_budget: bytes, None for no limit.
+        k_ratio: optimizer-state bytes per parameter byte.
+        bandwidth: bytes/s per link for the time prediction.
+        prefetch: force a prefetch depth (None: try 1 then 0).
+        fixed: keep these pack bounds and placement (re-planning a later step's shapes).
+
+    Raises:
+        InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
+    """
+    L, M = len(profiles), len(micro_batches)
+    weights = [lp.w_bytes for lp in profiles]
+    if fixed is not None:
+        bound_options = [fixed[0]]
+        placements = [fixed[1]]
+    elif schedule == "resident":
+        bound_options = [((0, L),)]
+        placements = [Placement.uniform(1, Loc.DEVICE)]
+    else:
+        bound_options = list(dict.fromkeys(greedy_bounds(weights, c) for c in _pack_counts(L)))
+        placements = []
+    prefetches = [prefetch] if prefetch is not None else [1, 0]
+
+    def fits(r: SimResult) -> bool:
+        dev_ok = device_budget is None or r.peak.get(Loc.DEVICE, 0) <= device_budget
+        host_ok = host_budget is None or r.peak.get(Loc.HOST, 0) <= host_budget
+        return dev_ok and host_ok
+
+    options: list[list[tuple[tuple[tuple[int, int], ...], Placement]]] = []
+    if placements:
+        options = [[(b, placements[0]) for b in bound_options]]
+    else:
+        for wk, x in ((Loc.DEVICE, Loc.DEVICE), (Loc.HOST, Loc.DEVICE), (Loc.HOST, Loc.HOST)):
+            options.append([(b, Placement.uniform(len(b), wk, x)) for b in bound_options])
+
+    tightest: tuple[SimResult, Plan] | None = None
+    for group in options:
+        best: Plan | None = None
+        for bounds, placement in group:
+            sizes = pack_sizes(profiles, bounds, micro_batches, k_ratio)
+            times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
+            for pf in prefetches:
+                lowered = lower(generate(schedule, len(bounds), M), placement, pf)
+                result = simulate(lowered, sizes, times)
+                candidate = Plan(bounds, lowered, sizes, result)
+                if fits(result):
+                    assert result.step_time is not None
+                    if best is None or result.step_time < (best.predicted.step_time or 0.0):
+                        best = candidate
+                elif tightest is None or (result.peak.get(Loc.DEVICE, 0)
+                                          < tightest[0].peak.get(Loc.DEVICE, 0)):
+                    tightest = (result, candidate)
+        if best is not None:
+            return best
+    assert tightest is not None
+    peak = tightest[0].peak
+    raise InfeasiblePlan(_infeasible(tightest[1], profiles, micro_batches, device_budget,
+                                     host_budget),
+                         peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0))
+
+
+def _infeasible(smallest: Plan, profiles: list[LayerProfile], micro_batches: list[int],
+                device_budget: int | None, host_budget: int | None) -> str:
+    peak = smallest.predicted.peak
+    dev, host = peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0)
+    mbs = max(micro_batches)
+    worst = max(range(len(profiles)), key=lambda i: profiles[i].w_bytes + profiles[i].g_bytes
+                + scaled(profiles[i].saved_bytes + 2 * profiles[i].out_bytes, mbs))
+    lp = profiles[worst]
+    need = lp.w_bytes + lp.g_bytes + scaled(lp.saved_bytes + 2 * lp.out_bytes, mbs)
+    parts = []
+    if device_budget is not None and dev > device_budget:
+        parts.append(
+            f"device_memory={fmt_bytes(device_budget)} is too small at micro_batch_size={mbs}: "
+            f"the most frugal plan ({len(smallest.bounds)} packs, everything off the device "
+            f"between uses) needs {fmt_bytes(dev)} on the device; layer {worst} "
+            f"({lp.name!r}) alone needs {fmt_bytes(need)} (weights {fmt_bytes(lp.w_bytes)}, "
+            f"gradients {fmt_bytes(lp.g_bytes)}, activations "
+            f"{fmt_bytes(need - lp.w_bytes - lp.g_bytes)}). Use device_memory>={fmt_bytes(dev)} "
+            "or a smaller micro_batch_size")
+    if host_budget is not None and host > host_budget:
+        parts.append(f"host_memory={fmt_bytes(host_budget)} is too small: the plan needs "
+                     f"{fmt_bytes(host)} on the host (weights, optimizer state, stashed "
+                     "activations); raise host_memory or give an nvme_dir")
+    return "; ".join(parts) or "no plan fits the budgets"

@@ -1,0 +1,424 @@
+"""The runtime: interprets a lowered schedule, one task at a time.
+
+The schedule says what happens when; the runtime only does it. Data moves go through the swap
+engine and return handles; a compute task first waits for the handles of what it reads. Every
+value's copies are kept in one :class:`Slot`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from harmony.chain import as_tuple, call, checked_loss
+from harmony.pack import Pack
+from harmony.rng import layer_rng
+from schedules.effects import effect
+from schedules.schedule import Schedule
+from schedules.simulate import Sizes, link
+from schedules.task import Kind, Loc, Op, Ref, Task
+from swap.engine import SwapEngine
+from swap.handle import GroupHandle, Handle
+from swap.tier import Tier
+
+Value = tuple[torch.Tensor | None, ...]
+
+
+@dataclass
+class Slot:
+    """The copies of one value: on the device and at its home, with the copies filling them.
+
+    ``dev_bufs``/``home_bufs`` are pool buffers backing the copies (released to their tier);
+    ``dev_charged`` counts device bytes of tensors compute produced (uncharged when freed).
+    """
+
+    dev: Value | None = None
+    dev_bufs: list[torch.Tensor] = field(default_factory=list)
+    dev_charged: int = 0
+    dev_ready: Handle | None = None
+    home: Value | None = None
+    home_bufs: list[torch.Tensor] = field(default_factory=list)
+    home_ready: Handle | None = None
+    single: bool = True
+    outputs: Value | None = None  # S values: the forward's outputs, whose graph backward walks
+
+
+def _nbytes(value: Value) -> int:
+    return sum(t.numel() * t.element_size() for t in value if t is not None)
+
+
+@dataclass
+class StepData:
+    """One step's micro-batches: inputs and targets (on the host), and each one's loss weight."""
+
+    inputs: list[tuple[torch.Tensor, ...]]
+    targets: list[torch.Tensor]
+    weights: list[float]
+    single_input: bool
+
+
+class Runtime:
+    """Runs lowered schedules over a fixed set of packs.
+
+    Args:
+        packs: the packs, in chain order. tiers: the tier of each location.
+        engine: the swap engine. loss_fn: ``(output, target) -> mean loss``.
+        device: the compute device. seed: the seed randomness derives from.
+    """
+
+    def __init__(self, packs: list[Pack], tiers: dict[Loc, Tier], engine: SwapEngine,
+                 loss_fn: Callable[..., torch.Tensor], device: torch.device, seed: int) -> None:
+        self.packs, self.tiers, self.engine = packs, tiers, engine
+        self.loss_fn, self.device, self.seed = loss_fn, device, seed
+        self.values: dict[Ref, Slot] = {}
+        self.w_dev: dict[int, torch.Tensor] = {}
+        self.w_ready: dict[int, Handle] = {}
+        self.timeline: list[dict[str, int]] | None = None
+
+    @property
+    def dev(self) -> Tier:
+        return self.tiers[Loc.DEVICE]
+
+    # -- the step ---------------------------------------------------------------------------
+    def run(self, schedule: Schedule, sizes: Sizes, data: StepData, step: int,
+            seconds: dict[str, float]) -> float:
+        """Run one step; returns the batch's mean loss."""
+        assert schedule.placement is not None
+        self.schedule, self.sizes, self.data, self.step = schedule, sizes, data, step
+        self.placement = schedule.placement
+        self.loss = torch.zeros((), dtype=torch.float64)
+        self.grads: set[int] = set()
+        for m, x in enumerate(data.inputs):
+            self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
+        phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
+        try:
+            for task in schedule.tasks:
+                t0 = time.perf_counter()
+                self._dispatch(task)
+                name = phase.get(task.op, "swap")
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+                if self.timeline is not None:
+                    self.timeline.append({loc.value: tier.used for loc, tier in self.tiers.items()})
+        except BaseException:
+            self.abandon()
+            raise
+        return float(self.loss)
+
+    def abandon(self) -> None:
+        """Drop every transient value after a failed step (weights stay at home)."""
+        for ref in list(self.values):
+            self._drop(ref, home_too=True)
+        for p in list(self.w_dev):
+            self._free_w(p)
+        for pack in self.packs:
+            pack.got_grad = [False] * len(pack.got_grad)
+            for e in pack.layout.trainable:
+                e.tensor.grad = None
+
+    def _dispatch(self, task: Task) -> None:
+        op = task.op
+        if op is Op.FWD:
+            self._forward(task)
+        elif op is Op.BWD:
+            self._backward(task)
+        elif op is Op.UPD:
+            self._update(task)
+        elif task.kind is Kind.W:
+            if op is Op.SWAP_IN:
+                self._load_w(task.pack)
+            elif op is Op.FREE:
+                self._free_w(task.pack)
+            else:
+                raise ValueError(f"{task}: weights on the device are never written back")
+        elif op is Op.SWAP_IN:
+            self._swap_in(task.ref)
+        elif op is Op.SWAP_OUT:
+            self._swap_out(task.ref)
+        elif op is Op.FREE:
+            self._drop(task.ref, home_too=False)
+        elif op is Op.DEL:
+            self._drop(task.ref, home_too=True)
+
+    # -- weights ----------------------------------------------------------------------------
+    def _load_w(self, p: int) -> None:
+        pack = self.packs[p]
+        buf = self.dev.allocate(pack.layout.w_bytes, f"weights of pack {p}")
+        # The compute that reads these weights waits for this copy (see _wait_w).
+        self.w_ready[p] = self.engine.copy(buf, pack.home_w, link(pack.home, Loc.DEVICE), "W")
+        self.w_dev[p] = buf
+        pack.layout.bind(buf)
+
+    def _free_w(self, p: int) -> None:
+        pack = self.packs[p]
+        pack.layout.bind(None)
+        buf = self.w_dev.pop(p)
+        self.dev.release(buf, after=self.w_ready.pop(p, None))
+
+    def _wait_w(self, p: int) -> None:
+        handle = self.w_ready.pop(p, None)
+        if handle is not None:
+            self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
+
+    # -- activations and gradients ----------------------------------------------------------
+    def _home(self, ref: Ref) -> Loc:
+        return self.placement.home(ref.kind, ref.pack)
+
+    def _swap_in(self, ref: Ref) -> None:
+        if ref.kind is Kind.G:
+            return self._load_grad(ref.pack)
+        slot = self.values[ref]
+        assert slot.home is not None and slot.dev is None, ref
+        if slot.home_ready is not None:  # written behind earlier: the host must see the bytes
+            self.engine.synchronize(slot.home_ready, link(Loc.DEVICE, self._home(ref)))
+            slot.home_ready = None
+        dev: list[torch.Tensor | None] = []
+        handles: list[Handle] = []
+        name = link(self._home(ref), Loc.DEVICE)
+        for t in slot.home:
+            if t is None:
+                dev.append(None)
+                continue
+            buf = self.dev.allocate(t.numel() * t.element_size(), f"{ref}")
+            view = buf.view(t.dtype).view(t.shape)
+            handles.append(self.engine.copy(view, t, name, ref.kind.value))
+            slot.dev_bufs.append(buf)
+            dev.append(view)
+        slot.dev, slot.dev_ready = tuple(dev), GroupHandle(handles)
+
+    def _swap_out(self, ref: Ref) -> None:
+        if ref.kind is Kind.G:
+            return self._store_grad(ref.pack)
+        slot = self.values[ref]
+        assert slot.dev is not None, ref
+        home_loc = self._home(ref)
+        home_tier = self.tiers[home_loc]
+        name = link(Loc.DEVICE, home_loc)
+        self._wait_dev(slot, ref)
+        home: list[torch.Tensor | None] = []
+        handles: list[Handle] = []
+        for t in slot.dev:
+            if t is None:
+                home.append(None)
+                continue
+            buf = home_tier.allocate(t.numel() * t.element_size(), f"{ref} at {home_loc.value}")
+            view = buf.view(t.dtype).view(t.shape)
+            handles.append(self.engine.copy(view, t.detach(), name, ref.kind.value))
+            slot.home_bufs.append(buf)
+            home.append(view)
+        slot.home = tuple(home)
+        slot.home_ready = GroupHandle(handles)
+        self._release_dev(slot, after=slot.home_ready)
+
+    def _release_dev(self, slot: Slot, after: Handle | None) -> None:
+        for buf in slot.dev_bufs:
+            self.dev.release(buf, after=after)
+        if slot.dev_charged:
+            self.dev.uncharge(slot.dev_charged, after=after)
+        slot.dev, slot.dev_bufs, slot.dev_charged, slot.dev_ready = None, [], 0, None
+        slot.outputs = None
+
+    def _drop(self, ref: Ref, home_too: bool) -> None:
+        if ref.kind is Kind.G:
+            if home_too:
+                return self._delete_grad(ref.pack)
+            raise ValueError(f"~{ref}: gradients are never dropped, only stored or deleted")
+        slot = self.values.get(ref)
+        if slot is None:
+            return
+        self._release_dev(slot, after=None)
+        if home_too:
+            home_tier = self.tiers[self._home(ref)]
+            for buf in slot.home_bufs:
+                home_tier.release(buf, after=slot.home_ready)
+            del self.values[ref]
+
+    def _wait_dev(self, slot: Slot, ref: Ref) -> None:
+        if slot.dev_ready is not None:
+            self.engine.wait(slot.dev_ready, link(self._home(ref), Loc.DEVICE))
+            slot.dev_ready = None
+
+    def _read(self, ref: Ref) -> Value:
+        slot = self.values[ref]
+        if slot.dev is None:
+            raise AssertionError(f"{ref} is not on the device")
+        self._wait_dev(slot, ref)
+        return slot.dev
+
+    def _produce(self, ref: Ref, value: Value, single: bool) -> None:
+        nbytes = _nbytes(value)
+        self.dev.charge(nbytes, f"{ref}")
+        self.values[ref] = Slot(dev=value, dev_charged=nbytes, single=single)
+
+    # -- gradients --------------------------------------------------------------------------
+    def _grad_slot(self, p: int) -> Slot:
+        return self.values.setdefault(Ref(Kind.G, p), Slot())
+
+    def _bind_grads(self, p: int, flat: torch.Tensor | None) -> None:
+        for e in self.packs[p].layout.trainable:
+            e.tensor.grad = None if flat is None else e.view(flat)
+
+    def _new_grad(self, p: int) -> None:
+        pack = self.packs[p]
+        buf = self.dev.allocate(pack.layout.g_bytes, f"gradients of pack {p}")
+        buf.zero_()  # backward accumulates in place into these views (see Pack.got_grad)
+        slot = self._grad_slot(p)
+        slot.dev, slot.dev_bufs = (buf,), [buf]
+        self._bind_grads(p, buf)
+
+    def _load_grad(self, p: int) -> None:
+        slot = self._grad_slot(p)
+        assert slot.home is not None and slot.home[0] is not None
+        if slot.home_ready is not None:
+            self.engine.synchronize(slot.home_ready, link(Loc.DEVICE, self.placement.k[p]))
+            slot.home_ready = None
+        buf = self.dev.allocate(self.packs[p].layout.g_bytes, f"gradients of pack {p}")
+        slot.dev_ready = self.engine.copy(buf, slot.home[0], link(self.placement.k[p], Loc.DEVICE),
+                                          "G")
+        slot.dev, slot.dev_bufs = (buf,), [buf]
+        self._bind_grads(p, buf)
+
+    def _store_grad(self, p: int) -> None:
+        slot = self._grad_slot(p)
+        assert slot.dev is not None and slot.dev[0] is not None
+        loc = self.placement.k[p]
+        if not slot.home_bufs:
+            slot.home_bufs = [self.tiers[loc].allocate(self.packs[p].layout.g_bytes,
+                                                       f"gradients of pack {p} at {loc.value}")]
+            slot.home = (slot.home_bufs[0],)
+        assert slot.home is not None and slot.home[0] is not None
+        slot.home_ready = self.engine.copy(slot.home[0], slot.dev[0], link(Loc.DEVICE, loc), "G")
+        self._bind_grads(p, None)
+        self._release_dev(slot, after=slot.home_ready)
+
+    def _delete_grad(self, p: int) -> None:
+        slot = self.values.pop(Ref(Kind.G, p), None)
+        if slot is None:
+            return
+        self._bind_grads(p, None)
+        self._release_dev(slot, after=None)
+        tier = self.tiers[self.placement.k[p]]
+        for buf in slot.home_bufs:
+            tier.release(buf, after=slot.home_ready)
+        pack = self.packs[p]
+        pack.got_grad = [False] * len(pack.got_grad)
+
+    # -- compute ----------------------------------------------------------------------------
+    def _run_layers(self, p: int, m: int, value: tuple[torch.Tensor, ...],
+                    single: bool) -> tuple[object, bool]:
+        pack = self.packs[p]
+        out: object = value[0] if single else value
+        for j, layer in enumerate(pack.layers):
+            idx = pack.first_layer + j
+            with layer_rng(self.seed, self.step, m, idx, self.device):
+                out = call(layer, value)
+            value = as_tuple(out, f"layer {idx} ({type(layer).__name__})")
+        return out, not isinstance(out, tuple)
+
+    def _work(self, p: int, m: int) -> int:
+        return self.sizes.work[p][m]
+
+    def _forward(self, task: Task) -> None:
+        p, m = task.pack, task.mb
+        assert m is not None
+        self._wait_w(p)
+        slot = self.values[Ref(Kind.X, p, m)]
+        value = self._read(Ref(Kind.X, p, m))
+        work = self._work(p, m)
+        self.dev.charge(work, f"working memory of F{p}.{m}")
+        try:
+            if self.schedule.recompute:
+                with torch.no_grad():
+                    out, single = self._run_layers(p, m, value, slot.single)  # type: ignore[arg-type]
+            else:
+                leaf = self._leaf(p, value)
+                with torch.enable_grad():
+                    out, single = self._run_layers(p, m, leaf, slot.single)
+                s = self.sizes.s[p][m]
+                self.dev.charge(s, f"autograd graph of F{p}.{m}")
+                self.values[Ref(Kind.S, p, m)] = Slot(
+                    dev=leaf, dev_charged=s, outputs=as_tuple(out, f"pack {p}"))
+        finally:
+            self.dev.uncharge(work)
+        self._produce(Ref(Kind.X, p + 1, m), as_tuple(out, f"pack {p}"), single)
+
+    @staticmethod
+    def _leaf(p: int, value: Value) -> tuple[torch.Tensor, ...]:
+        if p == 0:
+            return tuple(t for t in value if t is not None)
+        return tuple(t.detach().requires_grad_(t.is_floating_point())  # type: ignore[union-attr]
+                     for t in value)
+
+    def _backward(self, task: Task) -> None:
+        p, m = task.pack, task.mb
+        assert m is not None
+        last = p == self.schedule.packs - 1
+        self._wait_w(p)
+        if p not in self.grads:
+            self._new_grad(p)
+        else:
+            self._read(Ref(Kind.G, p))
+        x_ref = Ref(Kind.X, p, m)
+        work = self._work(p, m)
+        self.dev.charge(work, f"working memory of B{p}.{m}")
+        try:
+            s_slot = self.values.get(Ref(Kind.S, p, m))
+            if s_slot is not None:
+                leaf = s_slot.dev
+                assert s_slot.outputs is not None
+                outs = s_slot.outputs
+            else:
+                value = self._read(x_ref)
+                leaf = self._leaf(p, value)
+                with torch.enable_grad():
+                    out, _ = self._run_layers(p, m, leaf, self.values[x_ref].single)
+                if last:
+                    target = self.data.targets[m].to(self.device, non_blocking=True)
+                    loss = checked_loss(self.loss_fn, out, target)
+                    weighted = loss * self.data.weights[m]
+                    weighted.backward()
+                    self.loss += weighted.detach().double().cpu()
+                else:
+                    outs = as_tuple(out, f"pack {p}")
+            if not last:
+                grads = self._read(Ref(Kind.D, p + 1, m))
+                pairs = [(o, g) for o, g in zip(outs, grads)
+                         if g is not None and o is not None and o.requires_grad]
+                if pairs:
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            if p > 0:
+                assert leaf is not None
+                d = tuple(t.grad if t is not None else None for t in leaf)
+                self._produce(Ref(Kind.D, p, m), d, False)
+        finally:
+            self.dev.uncharge(work)
+        self.grads.add(p)
+
+    def _update(self, task: Task) -> None:
+        p = task.pack
+        pack = self.packs[p]
+        slot = self.values[Ref(Kind.G, p)]
+        loc = self.placement.k[p]
+        if loc is Loc.DEVICE:
+            for e, got in zip(pack.layout.trainable, pack.got_grad):
+                if not got:
+                    e.tensor.grad = None
+        else:
+            assert slot.home is not None and slot.home[0] is not None
+            if slot.home_ready is not None:  # the host optimizer reads these bytes
+                self.engine.synchronize(slot.home_ready, link(Loc.DEVICE, loc))
+                slot.home_ready = None
+            flat = slot.home[0]
+            for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
+                master.grad = e.view(flat) if got else None
+        pack.optimizer.step()
+        for master in pack.masters:
+            master.grad = None
+        pack.settle_optimizer_bytes()
+        self.grads.discard(p)
+
+    def effect_of(self, task: Task) -> object:
+        return effect(task, self.schedule.packs, self.schedule.recompute, self.placement,
+                      task.pack in self.grads)

@@ -1,0 +1,288 @@
+"""The public entry point: :class:`Trainer`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from harmony.chain import Chain
+from harmony.layout import Layout
+from harmony.microbatch import split_batch
+from harmony.pack import Pack
+from harmony.planning import Plan, plan
+from harmony.profile import optimizer_state_ratio, profile_layers
+from harmony.runtime import Runtime, StepData
+from harmony.sizes import parse_bytes
+from schedules.generators import GENERATORS
+from schedules.task import Loc
+from swap.engine import SwapEngine
+from swap.stats import Stats
+from swap.streams import host_pinning
+from swap.tier import Tier, fmt_bytes
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+class Trainer:
+    """Trains a chain of layers whose training state need not fit in device memory.
+
+    Args:
+        model: an ``nn.Sequential``, a list of modules, or a module with ``harmony_chain()``.
+            Its parameters become harmony's: read them back with :meth:`state_dict`.
+        loss_fn: ``(output, target) -> scalar`` mean loss of one micro-batch.
+        optimizer: a factory ``params -> torch.optim.Optimizer``; one optimizer is built per pack
+            over that pack's parameters (per-parameter optimizers such as SGD and AdamW give the
+            same update as one optimizer over the whole model). Default: AdamW(lr=1e-3).
+        micro_batch_size: samples per micro-batch; a batch is split with ``torch.split`` (the
+            last micro-batch may be smaller) and each micro-batch's loss is weighted by its share
+            of the samples, so a step equals one full-batch step.
+        device: the compute device, ``"cpu"`` or ``"cuda[:i]"``.
+        device_memory, host_memory: budgets in bytes or strings such as ``"8GiB"``; None means
+            no limit.
+        nvme_dir: directory for the NVMe tier (not supported yet: must be None).
+        schedule: ``"harmony"`` (layer-major, the default), ``"per-microbatch"`` or
+            ``"resident"`` (no swapping, no recompute: plain gradient accumulation).
+        prefetch: how many packs ahead weights are loaded; None lets the planner choose.
+        seed: randomness (dropout) derives from (seed, step, micro-batch, layer).
+
+    Raises:
+        ValueError: a bad argument or a budget that cannot hold the largest layer; the message
+            names the value and what to change.
+
+    Example::
+
+        trainer = harmony.Trainer(nn.Sequential(...), nn.functional.cross_entropy,
+                                  optimizer=lambda ps: torch.optim.AdamW(ps, lr=3e-4),
+                                  micro_batch_size=4, device_memory="64MiB")
+        with trainer:
+            for x, y in loader:
+                loss = trainer.step(x, y)
+    """
+
+    def __init__(self, model: nn.Module | Sequence[nn.Module],
+                 loss_fn: Callable[..., torch.Tensor],
+                 optimizer: OptimizerFactory | None = None, micro_batch_size: int = 1,
+                 device: str | torch.device = "cpu",
+                 device_memory: int | str | None = None, host_memory: int | str | None = None,
+                 nvme_dir: str | None = None, schedule: str = "harmony",
+                 prefetch: int | None = None, seed: int = 0) -> None:
+        if not callable(loss_fn):
+            raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
+        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
+                or micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int")
+        if schedule not in GENERATORS:
+            raise ValueError(f"schedule={schedule!r} is unknown; "
+                             f"choose one of {sorted(GENERATORS)}")
+        if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
+            raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
+        if nvme_dir is not None:
+            raise ValueError(f"nvme_dir={nvme_dir!r}: the NVMe tier is not available in this "
+                             "version; pass nvme_dir=None")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={device!r}: harmony runs on 'cpu' or 'cuda'")
+        self.device_memory = parse_bytes(device_memory, "device_memory")
+        self.host_memory = parse_bytes(host_memory, "host_memory")
+        self.chain = Chain(model)
+        self.loss_fn = loss_fn
+        self.optimizer_factory = optimizer or _default_optimizer
+        self.micro_batch_size = micro_batch_size
+        self.schedule_name = schedule
+        self.prefetch = prefetch
+        self.seed = seed
+        self.step_count = 0
+        self.stats = Stats()
+        self._layer_layouts = [Layout([m]) for m in self.chain.layers]
+        self._check_shared_parameters()
+        self._check_layers_fit()
+        self.tiers = {
+            # On CPU the device tier stands in for a GPU whose caching allocator keeps freed
+            # blocks: its pool keeps every freed buffer, so steady-state steps allocate nothing.
+            Loc.DEVICE: Tier("device", self.device, self.device_memory,
+                             cache_limit=None if self.device.type == "cpu" else 0),
+            Loc.HOST: Tier("host", torch.device("cpu"), self.host_memory,
+                           pin=host_pinning(self.device)),
+        }
+        self._engine = SwapEngine(self.device, self.stats)
+        self._runtime: Runtime | None = None
+        self._plan: Plan | None = None
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._profiles: list[Any] | None = None
+        self._k_ratio = 2.0
+        self._closed = False
+
+    # -- checks -----------------------------------------------------------------------------
+    def _check_shared_parameters(self) -> None:
+        owner: dict[int, int] = {}
+        for i, layout in enumerate(self._layer_layouts):
+            for e in layout.entries:
+                j = owner.setdefault(id(e.tensor), i)
+                if j != i:
+                    raise ValueError(
+                        f"{e.name!r} of layer {i} ({self.chain.names[i]}) is shared with layer "
+                        f"{j} ({self.chain.names[j]}); tied weights across layers are not "
+                        "supported yet: untie them or put both users in one layer")
+
+    def _check_layers_fit(self) -> None:
+        if self.device_memory is None:
+            return
+        for i, layout in enumerate(self._layer_layouts):
+            need = layout.w_bytes + layout.g_bytes
+            if need > self.device_memory:
+                raise ValueError(
+                    f"device_memory={fmt_bytes(self.device_memory)} is smaller than layer {i} "
+                    f"({self.chain.names[i]!r}), whose weights and gradients alone need "
+                    f"{fmt_bytes(need)}; use device_memory>={fmt_bytes(need)} plus room for "
+                    "activations, or split that layer")
+
+    # -- training ---------------------------------------------------------------------------
+    def step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+             targets: torch.Tensor) -> float:
+        """Run one optimizer step over the whole batch; returns the batch's mean loss.
+
+        Args:
+            inputs: the first layer's input, a tensor or a tuple of tensors, batch first.
+            targets: what ``loss_fn`` compares the last layer's output with, batch first.
+
+        Raises:
+            ValueError: inputs and targets of different batch sizes, empty batches, or a plan
+                that cannot fit the budgets (before anything is changed).
+        """
+        if self._closed:
+            raise RuntimeError("this Trainer is closed")
+        t0 = time.perf_counter()
+        micro_inputs, micro_targets, weights, single = split_batch(
+            inputs, targets, self.micro_batch_size)
+        sizes = [x[0].shape[0] for x in micro_inputs]
+        key = (tuple(sizes),) + tuple(
+            (tuple(t.shape[1:]), t.dtype) for t in micro_inputs[0])
+        if self._runtime is None:
+            self._first_plan(micro_inputs[0], micro_targets[0], sizes, key)
+        plan_ = self._plans.get(key)
+        if plan_ is None:
+            plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
+        self._plan = plan_
+        assert self._runtime is not None
+        loss = self._runtime.run(plan_.schedule, plan_.sizes,
+                                 StepData(micro_inputs, micro_targets, weights, single),
+                                 self.step_count, self.stats.seconds)
+        self.step_count += 1
+        for loc, tier in self.tiers.items():
+            self.stats.peak_bytes[loc.value] = max(self.stats.peak_bytes.get(loc.value, 0),
+                                                   tier.peak)
+        self.stats.seconds["step"] += time.perf_counter() - t0
+        return loss
+
+    def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        self._profiles = profile_layers(self.chain, self._layer_layouts, x, y, self.loss_fn,
+                                        self.device)
+        try:
+            self._k_ratio = optimizer_state_ratio(self.optimizer_factory)
+        except Exception:  # an optimizer that cannot be probed: assume Adam-like state
+            self._k_ratio = 2.0
+
+    def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
+        assert self._profiles is not None
+        return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
+                    self.host_memory, self._k_ratio, _bandwidth(self.device),
+                    prefetch=self.prefetch, fixed=fixed)
+
+    def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
+                    key: tuple[Any, ...]) -> None:
+        self._profile(x, y)
+        chosen = self._plan_for(sizes)
+        placement = chosen.placement
+        packs = []
+        for p, (a, b) in enumerate(chosen.bounds):
+            home = placement.w[p]
+            packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
+                                    self.device, self.optimizer_factory, chosen.sizes.k[p]))
+        self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
+                                self.seed)
+        self._plans[key] = chosen
+
+    def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
+                key: tuple[Any, ...]) -> Plan:
+        assert self._plan is not None
+        shapes = key[1:]
+        if shapes != next(iter(self._plans))[1:]:
+            self._profile(x, y)  # new per-sample shapes: sizes per sample changed
+        fixed = (self._plan.bounds, self._plan.placement)
+        chosen = self._plan_for(sizes, fixed=fixed)
+        self._plans[key] = chosen
+        return chosen
+
+    # -- results ----------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the last step (None before the first step)."""
+        return self._plan
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors."""
+        model_sd = self.chain.model.state_dict(keep_vars=True)
+        if self._runtime is None:
+            return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
+        found: dict[int, torch.Tensor] = {}
+        for pack in self._runtime.packs:
+            for e in pack.layout.entries:
+                found[id(e.tensor)] = e.view(pack.home_w)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out = {}
+        for k, v in model_sd.items():
+            src = found.get(id(v))
+            out[k] = (src if src is not None else v.detach()).cpu().clone()
+        return out
+
+    def close(self) -> None:
+        """Free buffers and stop copy threads; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.close()
+        if self._runtime is not None:
+            for pack in self._runtime.packs:
+                pack.close()
+        for tier in self.tiers.values():
+            tier.clear_cache()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_BANDWIDTH: dict[str, dict[str, float]] = {}
+
+
+def _bandwidth(device: torch.device) -> dict[str, float]:
+    """Bytes/s of host<->device copies, measured once per device type (64 MiB copies)."""
+    key = str(device)
+    if key not in _BANDWIDTH:
+        n = 64 << 20
+        src = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        dst = torch.empty(n, dtype=torch.uint8, device=device)
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        src.copy_(dst)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        bw = 2 * n / max(time.perf_counter() - t0, 1e-9)
+        _BANDWIDTH[key] = {"host->device": bw, "device->host": bw}
+    return _BANDWIDTH[key]

@@ -1,0 +1,58 @@
+"""What each compute task reads and produces: the one definition lowering, validation,
+simulation and the runtime share.
+
+For a schedule with P packs (the last pack, P-1, runs its forward inside its backward):
+
+    FWD p m   reads W p, X p.m on the device; produces X p+1.m (and S p.m without recompute)
+    BWD p m   reads W p, X p.m, D p+1.m (p < P-1), S p.m (no recompute, p < P-1) and G p
+              (from the second backward of p in the step on); produces D p.m (p > 0) and G p
+    UPD p     reads G p where K p lives; rewrites W p at home (a device copy becomes stale)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schedules.placement import Placement
+from schedules.task import Kind, Loc, Op, Ref, Task
+
+
+@dataclass(frozen=True)
+class Effect:
+    """A compute task's reads (value, where it must be) and the values it creates on the device."""
+
+    reads: tuple[tuple[Ref, Loc], ...]
+    produces: tuple[Ref, ...]
+    updates: tuple[Ref, ...] = ()  # values modified in place on the device (G accumulation)
+
+
+def effect(task: Task, packs: int, recompute: bool, placement: Placement,
+           has_grad: bool) -> Effect:
+    """The effect of compute ``task``; ``has_grad`` says whether G of its pack already exists."""
+    p, m, dev = task.pack, task.mb, Loc.DEVICE
+    if task.op is Op.FWD:
+        if p >= packs - 1:
+            raise ValueError(f"{task}: the last pack's forward is fused into its backward")
+        produces = [Ref(Kind.X, p + 1, m)]
+        if not recompute:
+            produces.append(Ref(Kind.S, p, m))
+        return Effect(((Ref(Kind.W, p), dev), (Ref(Kind.X, p, m), dev)), tuple(produces))
+    if task.op is Op.BWD:
+        reads = [(Ref(Kind.W, p), dev), (Ref(Kind.X, p, m), dev)]
+        if p < packs - 1:
+            reads.append((Ref(Kind.D, p + 1, m), dev))
+            if not recompute:
+                reads.append((Ref(Kind.S, p, m), dev))
+        made: list[Ref] = [Ref(Kind.D, p, m)] if p > 0 else []
+        if has_grad:
+            reads.append((Ref(Kind.G, p), dev))
+            return Effect(tuple(reads), tuple(made), (Ref(Kind.G, p),))
+        return Effect(tuple(reads), (*made, Ref(Kind.G, p)))
+    if task.op is Op.UPD:
+        return Effect(((Ref(Kind.G, p), placement.k[p]),), ())
+    raise ValueError(f"{task} is not a compute task")
+
+
+def is_transient(ref: Ref) -> bool:
+    """Values that die within a step (everything but weights and optimizer state)."""
+    return ref.kind not in (Kind.W, Kind.K)

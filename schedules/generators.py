@@ -1,0 +1,76 @@
+"""Compute-only schedules: which pack runs which micro-batch when.
+
+Three packs P0..P2, two micro-batches (F forward, B backward with recompute, U update)::
+
+    harmony          F0.0 F0.1 F1.0 F1.1 | B2.0 B2.1 U2 | B1.0 B1.1 U1 | B0.0 B0.1 U0
+    per-microbatch   F0.0 F1.0 B2.0 B1.0 B0.0 | F0.1 F1.1 B2.1 B1.1 B0.1 | U0 U1 U2
+    resident         same order as per-microbatch, forwards keep their graph (no recompute)
+
+``harmony`` is layer-major: a pack runs every micro-batch while its weights are on the device,
+and its update runs just in time after its last backward, so weights cross the host link about
+twice per step. ``per-microbatch`` is what a virtual-memory system does: each micro-batch walks
+every pack, so weights cross once per micro-batch each way. The last pack never has a separate
+forward: its backward runs the forward (and the loss) itself.
+
+Lowering (:mod:`schedules.lower`) later adds the swaps these orders imply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from schedules.schedule import Schedule
+from schedules.task import Op, Task
+
+
+def harmony(packs: int, micro_batches: int) -> Schedule:
+    """Layer-major forward, reverse layer-major backward, just-in-time updates."""
+    _check(packs, micro_batches)
+    tasks = [Task(Op.FWD, p, m) for p in range(packs - 1) for m in range(micro_batches)]
+    for p in reversed(range(packs)):
+        tasks += [Task(Op.BWD, p, m) for m in range(micro_batches)]
+        tasks.append(Task(Op.UPD, p))
+    return Schedule("harmony", packs, micro_batches, tuple(tasks), recompute=True)
+
+
+def _micro_batch_major(name: str, packs: int, micro_batches: int, recompute: bool) -> Schedule:
+    _check(packs, micro_batches)
+    tasks: list[Task] = []
+    for m in range(micro_batches):
+        tasks += [Task(Op.FWD, p, m) for p in range(packs - 1)]
+        tasks += [Task(Op.BWD, p, m) for p in reversed(range(packs))]
+    tasks += [Task(Op.UPD, p) for p in range(packs)]
+    return Schedule(name, packs, micro_batches, tuple(tasks), recompute=recompute)
+
+
+def per_microbatch(packs: int, micro_batches: int) -> Schedule:
+    """Each micro-batch walks all packs forward then backward; updates at the end."""
+    return _micro_batch_major("per-microbatch", packs, micro_batches, recompute=True)
+
+
+def resident(packs: int, micro_batches: int) -> Schedule:
+    """Plain gradient accumulation: no recompute, forwards keep their graph until backward."""
+    return _micro_batch_major("resident", packs, micro_batches, recompute=False)
+
+
+GENERATORS: dict[str, Callable[[int, int], Schedule]] = {
+    "harmony": harmony,
+    "per-microbatch": per_microbatch,
+    "resident": resident,
+}
+
+
+def generate(name: str, packs: int, micro_batches: int) -> Schedule:
+    """The compute-only schedule called ``name``; raises ValueError listing the known names."""
+    try:
+        gen = GENERATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(GENERATORS)}") from None
+    return gen(packs, micro_batches)
+
+
+def _check(packs: int, micro_batches: int) -> None:
+    if packs < 1:
+        raise ValueError(f"a schedule needs at least one pack, got packs={packs}")
+    if micro_batches < 1:
+        raise ValueError(f"a schedule needs at least one micro-batch, got {micro_batches}")

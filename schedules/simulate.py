@@ -1,0 +1,189 @@
+"""An event-driven simulator of a lowered schedule: peak bytes per tier, bytes per link, time.
+
+Model (the one the runtime follows): one host thread issues tasks in order. A compute task starts
+when the thread reaches it and every value it reads has arrived, and occupies the thread for its
+duration (an update whose optimizer state is off the device runs on the host the same way). A
+data move starts when issued and its link is free (each link is a FIFO queue, like a copy
+stream), and takes bytes / bandwidth. Memory is charged when a value appears on a tier (a
+swap-in is charged when issued, compute outputs when the task runs, plus the task's working
+bytes while it runs) and released when freed. The input batch (X of pack 0) is the caller's and
+is not charged at its home.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from schedules.effects import effect
+from schedules.schedule import Schedule
+from schedules.task import Kind, Loc, Op, Ref
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes of every value of a step, per pack (and per micro-batch for X, D, S, work).
+
+    ``work[p][m]`` is the transient working memory of FWD/BWD of pack p on micro-batch m
+    (activations alive inside the pack while it computes), charged only while the task runs.
+    """
+
+    w: Sequence[int]
+    g: Sequence[int]
+    k: Sequence[int]
+    x: Sequence[Sequence[int]]
+    d: Sequence[Sequence[int]]
+    s: Sequence[Sequence[int]]
+    work: Sequence[Sequence[int]]
+
+    def of(self, ref: Ref) -> int:
+        if ref.kind is Kind.W:
+            return self.w[ref.pack]
+        if ref.kind is Kind.G:
+            return self.g[ref.pack]
+        if ref.kind is Kind.K:
+            return self.k[ref.pack]
+        assert ref.mb is not None
+        table = {Kind.X: self.x, Kind.D: self.d, Kind.S: self.s}[ref.kind]
+        return table[ref.pack][ref.mb]
+
+
+@dataclass(frozen=True)
+class Times:
+    """Seconds per compute task and bytes per second per link (``"host->device"``, ...)."""
+
+    fwd: Sequence[Sequence[float]]
+    bwd: Sequence[Sequence[float]]
+    upd: Sequence[float]
+    bandwidth: dict[str, float]
+
+
+@dataclass
+class SimResult:
+    """What one simulated step gives.
+
+    peak: highest bytes held per tier. bytes_moved: per link. bytes_by_kind: per (link, kind).
+    step_time: seconds (None without :class:`Times`). timeline: bytes per tier after each task.
+    """
+
+    peak: dict[Loc, int]
+    bytes_moved: dict[str, int]
+    bytes_by_kind: dict[tuple[str, str], int]
+    step_time: float | None
+    timeline: list[dict[Loc, int]] = field(repr=False, default_factory=list)
+
+
+def link(src: Loc, dst: Loc) -> str:
+    """The name of the link a copy from ``src`` to ``dst`` uses, e.g. ``"host->device"``."""
+    return f"{src.value}->{dst.value}"
+
+
+def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> SimResult:
+    """Replay a lowered ``schedule`` with ``sizes`` (and ``times``, for a step time).
+
+    >>> from schedules.generators import harmony
+    >>> from schedules.lower import lower
+    >>> from schedules.placement import Placement
+    >>> s = lower(harmony(2, 1), Placement.uniform(2, Loc.HOST))
+    >>> z = [[0], [0]]
+    >>> r = simulate(s, Sizes([4, 4], [4, 4], [8, 8], z, z, z, z))
+    >>> r.bytes_by_kind[("host->device", "W")]
+    8
+    """
+    if schedule.placement is None:
+        raise ValueError("simulate needs a lowered schedule (see schedules.lower.lower)")
+    placement, P = schedule.placement, schedule.packs
+    used: dict[Loc, int] = defaultdict(int)
+    peak: dict[Loc, int] = defaultdict(int)
+    moved: dict[str, int] = defaultdict(int)
+    by_kind: dict[tuple[str, str], int] = defaultdict(int)
+    timeline: list[dict[Loc, int]] = []
+    home_charged: set[Ref] = set()
+
+    def charge(loc: Loc, n: int) -> None:
+        used[loc] += n
+        peak[loc] = max(peak[loc], used[loc])
+
+    def home(ref: Ref) -> Loc:
+        return placement.home(ref.kind, ref.pack)
+
+    for p in range(P):
+        for kind in (Kind.W, Kind.K):
+            ref = Ref(kind, p)
+            charge(home(ref), sizes.of(ref))
+            home_charged.add(ref)
+    for loc in Loc:
+        charge(loc, 0)
+
+    clock = 0.0
+    link_free: dict[str, float] = defaultdict(float)
+    ready: dict[tuple[Ref, Loc], float] = defaultdict(float)
+    grads: set[int] = set()
+    on_device: set[Ref] = {r for r in home_charged if home(r) is Loc.DEVICE}
+
+    for t in schedule.tasks:
+        if t.op.is_compute:
+            e = effect(t, P, schedule.recompute, placement, t.pack in grads)
+            start = max([clock] + [ready[(r, loc)] for r, loc in e.reads])
+            work = sizes.work[t.pack][t.mb] if t.mb is not None else 0
+            charge(Loc.DEVICE, work)
+            for ref in e.produces:
+                charge(Loc.DEVICE, sizes.of(ref))
+                on_device.add(ref)
+            used[Loc.DEVICE] -= work
+            if times is not None:
+                if t.op is Op.FWD:
+                    assert t.mb is not None
+                    clock = start + times.fwd[t.pack][t.mb]
+                elif t.op is Op.BWD:
+                    assert t.mb is not None
+                    clock = start + times.bwd[t.pack][t.mb]
+                else:
+                    clock = start + times.upd[t.pack]
+                for ref in e.produces:
+                    ready[(ref, Loc.DEVICE)] = clock
+                for ref in e.updates:
+                    ready[(ref, Loc.DEVICE)] = clock
+            if t.op is Op.BWD:
+                grads.add(t.pack)
+            elif t.op is Op.UPD:
+                grads.discard(t.pack)
+        else:
+            ref = t.ref
+            n = sizes.of(ref)
+            h = home(ref)
+            if t.op is Op.SWAP_IN:
+                charge(Loc.DEVICE, n)
+                on_device.add(ref)
+                name = link(h, Loc.DEVICE)
+            elif t.op is Op.SWAP_OUT:
+                used[Loc.DEVICE] -= n
+                on_device.discard(ref)
+                if ref not in home_charged and not (ref.kind is Kind.X and ref.pack == 0):
+                    charge(h, n)
+                    home_charged.add(ref)
+                name = link(Loc.DEVICE, h)
+            else:
+                if ref in on_device:
+                    used[Loc.DEVICE] -= n
+                    on_device.discard(ref)
+                if t.op is Op.DEL and ref in home_charged:
+                    used[h] -= n
+                    home_charged.discard(ref)
+                timeline.append(dict(used))
+                continue
+            moved[name] += n
+            by_kind[(name, ref.kind.value)] += n
+            if times is not None:
+                src = (ref, h if t.op is Op.SWAP_IN else Loc.DEVICE)
+                dst = (ref, Loc.DEVICE if t.op is Op.SWAP_IN else h)
+                begin = max(clock, link_free[name], ready[src])
+                link_free[name] = begin + n / times.bandwidth[name]
+                ready[dst] = link_free[name]
+        timeline.append(dict(used))
+
+    step = None
+    if times is not None:
+        step = max([clock] + list(link_free.values()))
+    return SimResult(dict(peak), dict(moved), dict(by_kind), step, timeline)

@@ -1,0 +1,137 @@
+"""The validator: checks that a (lowered) schedule can run, and shows where it cannot.
+
+It replays the schedule on a model of where every value is (device copy, home copy) and checks
+each task's preconditions: compute reads what is on the device, a swap-in has a valid home copy,
+a FREE never drops the only valid copy, nothing is produced twice, every forward, backward and
+update runs exactly once and each update after its pack's last backward, and at the end nothing
+transient is alive and nothing with a home elsewhere is left on the device.
+
+On failure it raises :class:`ScheduleError` whose message ends with the grid, the bad task
+marked ``>like this<``.
+"""
+
+from __future__ import annotations
+
+from schedules.effects import effect, is_transient
+from schedules.placement import Placement
+from schedules.schedule import Schedule
+from schedules.task import Kind, Loc, Op, Ref, Task
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run; ``index`` is the position of the first bad task."""
+
+    def __init__(self, message: str, schedule: Schedule, index: int | None) -> None:
+        self.index = index
+        where = "" if index is None else f" at task {index} ({schedule.tasks[index]})"
+        super().__init__(f"schedule {schedule.name!r}{where}: {message}\n"
+                         + schedule.grid(mark=index))
+
+
+def validate(schedule: Schedule) -> None:
+    """Raise :class:`ScheduleError` unless ``schedule`` runs as written.
+
+    A compute-only schedule (no placement) is checked for order and completeness only.
+
+    >>> from schedules.generators import harmony
+    >>> validate(harmony(3, 2))
+    """
+    P, M = schedule.packs, schedule.micro_batches
+    lowered = schedule.placement is not None
+    placement = schedule.placement or Placement.uniform(P, Loc.DEVICE)
+
+    def home(ref: Ref) -> Loc:
+        return placement.home(ref.kind, ref.pack) if lowered else Loc.DEVICE
+
+    exists: set[Ref] = {Ref(Kind.X, 0, m) for m in range(M)}
+    exists |= {Ref(k, p) for p in range(P) for k in (Kind.W, Kind.K)}
+    on_device = {r for r in exists if home(r) is Loc.DEVICE}
+    home_valid = set(exists)
+    done: set[Task] = set()
+    grads: set[int] = set()
+    bwd_left = {p: M for p in range(P)}
+
+    def fail(msg: str, i: int | None) -> None:
+        raise ScheduleError(msg, schedule, i)
+
+    for i, t in enumerate(schedule.tasks):
+        if t.pack >= P or (t.mb is not None and t.mb >= M):
+            fail(f"refers to pack/micro-batch outside {P} packs x {M} micro-batches", i)
+        if t.op.is_compute:
+            if t in done:
+                fail("runs twice", i)
+            done.add(t)
+            if t.op is Op.UPD and bwd_left[t.pack]:
+                fail(f"update before the pack's last backward ({bwd_left[t.pack]} left)", i)
+            try:
+                e = effect(t, P, schedule.recompute, placement, t.pack in grads)
+            except ValueError as err:
+                fail(str(err), i)
+            for ref, loc in e.reads:
+                if ref not in exists:
+                    fail(f"needs {ref}, which does not exist yet (or was deleted)", i)
+                if loc is Loc.DEVICE and ref not in on_device:
+                    fail(f"needs {ref} on the device; its home is {home(ref).value}: "
+                         f"add +{ref} before it", i)
+                if loc is not Loc.DEVICE and home(ref) is not Loc.DEVICE:
+                    if ref not in home_valid:
+                        fail(f"needs {ref} at {loc.value}, which holds no valid copy", i)
+                    if t.op is Op.UPD and Ref(Kind.W, t.pack) in on_device:
+                        fail(f"updates W{t.pack} at home while a device copy would go stale", i)
+            for ref in e.produces:
+                if ref in exists:
+                    fail(f"produces {ref}, which already exists", i)
+                exists.add(ref)
+                on_device.add(ref)
+                home_valid.discard(ref)
+            for ref in e.updates:
+                home_valid.discard(ref)
+            if t.op is Op.BWD:
+                grads.add(t.pack)
+                bwd_left[t.pack] -= 1
+            elif t.op is Op.UPD:
+                grads.discard(t.pack)
+            continue
+        if not lowered:
+            fail("data moves need a placement (lower the schedule first)", i)
+        ref = t.ref
+        if ref not in exists:
+            fail(f"{ref} does not exist", i)
+        if t.op is Op.SWAP_IN:
+            if home(ref) is Loc.DEVICE:
+                fail(f"{ref} lives on the device; nothing to swap in", i)
+            if ref in on_device:
+                fail(f"{ref} is already on the device", i)
+            if ref not in home_valid:
+                fail(f"{ref} has no valid copy at {home(ref).value}", i)
+            on_device.add(ref)
+        elif t.op is Op.SWAP_OUT:
+            if home(ref) is Loc.DEVICE or ref not in on_device:
+                fail(f"{ref} is not a device copy of a value homed elsewhere", i)
+            on_device.discard(ref)
+            home_valid.add(ref)
+        elif t.op is Op.FREE:
+            if ref not in on_device or home(ref) is Loc.DEVICE:
+                fail(f"{ref} has no device copy to free", i)
+            if ref not in home_valid:
+                fail(f"freeing {ref} would lose it: its home holds no valid copy (use -{ref})", i)
+            on_device.discard(ref)
+        elif t.op is Op.DEL:
+            if not is_transient(ref):
+                fail(f"{ref} is permanent and cannot be deleted", i)
+            exists.discard(ref)
+            on_device.discard(ref)
+            home_valid.discard(ref)
+
+    expected = {Task(Op.FWD, p, m) for p in range(P - 1) for m in range(M)}
+    expected |= {Task(Op.BWD, p, m) for p in range(P) for m in range(M)}
+    expected |= {Task(Op.UPD, p) for p in range(P)}
+    if missing := sorted(map(str, expected - done)):
+        fail(f"never runs {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}", None)
+    if lowered:
+        stray = sorted(str(r) for r in on_device if home(r) is not Loc.DEVICE)
+        if stray:
+            fail(f"ends with device copies of {', '.join(stray)}", None)
+    alive = sorted(str(r) for r in exists if is_transient(r))
+    if lowered and alive:
+        fail(f"ends with {', '.join(alive)} never deleted", None)

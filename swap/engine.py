@@ -1,0 +1,69 @@
+"""The swap engine: starts copies between tiers and counts them.
+
+Every copy goes through :meth:`SwapEngine.copy`, which starts it asynchronously on the link's
+stream (or worker thread), counts its bytes per link and kind, and times it. Whoever needs the
+destination calls :meth:`SwapEngine.wait` on the returned handle; the time spent blocked there
+is the link's stall time.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from swap.handle import Handle
+from swap.stats import Stats
+from swap.streams import make_copier
+
+
+class SwapEngine:
+    """Asynchronous copies between tiers, with bytes and time per link in ``stats``.
+
+    Args:
+        device: the compute device (chooses CUDA streams or worker threads).
+        stats: where bytes, busy and stall time are counted.
+
+    >>> e = SwapEngine(torch.device("cpu"), Stats())
+    >>> dst = torch.empty(4); h = e.copy(dst, torch.ones(4), "host->device", "W")
+    >>> e.wait(h, "host->device"); e.stats.bytes_moved["host->device"]
+    16
+    >>> e.close()
+    """
+
+    def __init__(self, device: torch.device, stats: Stats) -> None:
+        self.device, self.stats = device, stats
+        self._copier = make_copier(device)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, kind: str) -> Handle:
+        """Start ``dst.copy_(src)`` on ``link``; the caller keeps both alive until it is done."""
+        if dst.numel() != src.numel() or dst.dtype != src.dtype:
+            raise ValueError(f"copy on {link}: {tuple(src.shape)} {src.dtype} into "
+                             f"{tuple(dst.shape)} {dst.dtype}")
+        nbytes = src.numel() * src.element_size()
+        self.stats.count(link, kind, nbytes)
+        return self._copier.copy(dst, src, link, lambda s: self.stats.busy(link, s))
+
+    def count(self, link: str, kind: str, nbytes: int, seconds: float = 0.0) -> None:
+        """Count bytes moved by a path outside this engine (e.g. the NVMe store)."""
+        self.stats.count(link, kind, nbytes)
+        if seconds:
+            self.stats.busy(link, seconds)
+
+    def wait(self, handle: Handle, link: str) -> None:
+        """Make compute wait for ``handle``; blocked time counts as ``link``'s stall."""
+        if handle.done():
+            handle.wait()
+            return
+        t0 = time.perf_counter()
+        handle.wait()
+        self.stats.stall(link, time.perf_counter() - t0)
+
+    def synchronize(self, handle: Handle, link: str) -> None:
+        """Block the host until ``handle`` is done (before the host itself reads the bytes)."""
+        t0 = time.perf_counter()
+        handle.synchronize()
+        self.stats.stall(link, time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._copier.close()

@@ -1,0 +1,61 @@
+"""Counters of bytes and time per link, peak bytes per tier and seconds per phase."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    """Cumulative counters since construction or :meth:`reset`.
+
+    Attributes:
+        bytes_moved: bytes per link, e.g. ``{"host->device": ...}``.
+        bytes_by_kind: bytes per (link, kind), kind one of ``"W" "G" "K" "X" "D"``.
+        busy_seconds: seconds each link spent copying (summed over its copies).
+        stall_seconds: seconds compute waited for each link's copies.
+        peak_bytes: highest accounted bytes per tier (``"device"``, ``"host"``, ``"nvme"``).
+        seconds: wall seconds per phase (``"forward"``, ``"backward"``, ``"update"``, ``"step"``).
+    """
+
+    bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_by_kind: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    busy_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    stall_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, link: str, kind: str, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_moved[link] += nbytes
+            self.bytes_by_kind[(link, kind)] += nbytes
+
+    def busy(self, link: str, seconds: float) -> None:
+        with self._lock:
+            self.busy_seconds[link] += seconds
+
+    def stall(self, link: str, seconds: float) -> None:
+        with self._lock:
+            self.stall_seconds[link] += seconds
+
+    def reset(self) -> None:
+        """Zero every counter (peaks restart from the tiers' current use on the next update)."""
+        with self._lock:
+            for d in (self.bytes_moved, self.bytes_by_kind, self.busy_seconds,
+                      self.stall_seconds, self.seconds):
+                d.clear()
+            self.peak_bytes.clear()
+
+    def kind_bytes(self, link: str, kind: str) -> int:
+        """Bytes of one kind over one link, e.g. ``kind_bytes("host->device", "W")``."""
+        return self.bytes_by_kind.get((link, kind), 0)
+
+    def summary(self) -> str:
+        """One line per link and tier, for logs."""
+        gib = 1 << 30
+        parts = [f"{k}: {v / gib:.3f} GiB" for k, v in sorted(self.bytes_moved.items())]
+        parts += [f"peak {k}: {v / gib:.3f} GiB" for k, v in sorted(self.peak_bytes.items())]
+        return ", ".join(parts)

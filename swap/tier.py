@@ -1,0 +1,172 @@
+"""Tiers: where bytes live, with accounting against a capacity and a pool of reusable buffers.
+
+A :class:`Tier` hands out flat ``uint8`` buffers on its torch device (pinned when it is the host
+tier of a CUDA run), charges their bytes against its capacity, and keeps released buffers for
+reuse, so a steady-state step allocates nothing new. Tensors the tier did not allocate (a
+layer's outputs, optimizer state, working memory) are accounted with :meth:`Tier.charge`.
+
+Free buffers kept for reuse are not charged (they are the allocator's, like the blocks PyTorch's
+caching allocator reserves); at most ``cache_limit`` bytes of them are kept. On a CUDA device tier
+the pool is off by default, since PyTorch's caching allocator already reuses device blocks.
+
+A release may wait on a copy still reading the buffer: ``release(buf, after=handle)`` keeps the
+bytes charged until that copy is done. When a request would exceed the capacity, the tier first
+takes back what finished copies freed, then waits for the oldest pending ones, and only then
+raises :class:`OutOfCapacity`: the accounted bytes never exceed the capacity.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+import torch
+
+from swap.handle import Handle
+
+
+class OutOfCapacity(MemoryError):
+    """A tier was asked for more bytes than its capacity allows."""
+
+    def __init__(self, tier: str, nbytes: int, used: int, capacity: int, what: str) -> None:
+        self.tier, self.nbytes, self.used, self.capacity = tier, nbytes, used, capacity
+        super().__init__(f"{tier} tier: {what} needs {fmt_bytes(nbytes)} but {fmt_bytes(used)} of "
+                         f"its {fmt_bytes(capacity)} are in use")
+
+
+def fmt_bytes(n: float) -> str:
+    """``1536`` -> ``'1.50KiB'``; used in every message that shows a size."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class Tier:
+    """One place bytes live, with a byte budget.
+
+    Args:
+        name: ``"device"``, ``"host"`` or ``"nvme"`` (used in stats and messages).
+        device: the torch device its buffers are allocated on.
+        capacity: bytes it may hold; None for no limit.
+        pin: allocate page-locked host memory (only meaningful with CUDA present).
+        cache_limit: bytes of free buffers kept for reuse; default: the capacity (unlimited when
+            there is none), 0 on a CUDA device.
+
+    >>> t = Tier("device", torch.device("cpu"), capacity=1024)
+    >>> buf = t.allocate(512); t.used
+    512
+    >>> t.release(buf); t.used, t.peak
+    (0, 512)
+    """
+
+    def __init__(self, name: str, device: torch.device, capacity: int | None = None,
+                 pin: bool = False, cache_limit: int | None = -1) -> None:
+        if capacity is not None and capacity < 0:
+            raise ValueError(f"{name} tier capacity must be >= 0 bytes, got {capacity}")
+        self.name, self.device, self.capacity, self.pin = name, device, capacity, pin
+        if cache_limit == -1:
+            cache_limit = 0 if device.type == "cuda" else capacity
+        self.cache_limit = cache_limit
+        self.used = 0
+        self.peak = 0
+        self.allocations = 0  # buffers created (not reused): constant in a steady state
+        self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self._cached = 0
+        self._pending: deque[tuple[Handle, int, torch.Tensor | None]] = deque()
+
+    # -- accounting -------------------------------------------------------------------------
+    def charge(self, nbytes: int, what: str = "a tensor") -> None:
+        """Account ``nbytes`` of a tensor the tier did not allocate; may raise OutOfCapacity."""
+        self._make_room(nbytes, what)
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+
+    def uncharge(self, nbytes: int, after: Handle | None = None) -> None:
+        """Stop accounting ``nbytes`` (once ``after`` is done, if given)."""
+        if after is not None and not after.done():
+            self._pending.append((after, nbytes, None))
+        else:
+            self.used -= nbytes
+
+    def reset_peak(self) -> None:
+        self.peak = self.used
+
+    # -- buffers ----------------------------------------------------------------------------
+    def allocate(self, nbytes: int, what: str = "a buffer") -> torch.Tensor:
+        """A flat uint8 buffer of exactly ``nbytes`` on this tier, reused when one is free."""
+        self._make_room(nbytes, what)
+        free = self._free.get(nbytes)
+        if free:
+            buf = free.pop()
+            self._cached -= nbytes
+        else:
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device,
+                              pin_memory=self.pin and self.device.type == "cpu")
+            self.allocations += 1
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+        return buf
+
+    def release(self, buf: torch.Tensor, after: Handle | None = None) -> None:
+        """Return ``buf`` to the pool, once ``after`` (a copy still reading it) is done."""
+        if after is not None and not after.done():
+            self._pending.append((after, buf.numel(), buf))
+        else:
+            self._put_back(buf.numel(), buf)
+
+    @property
+    def cached(self) -> int:
+        """Bytes of free buffers kept for reuse (not counted in ``used``)."""
+        return self._cached
+
+    def clear_cache(self) -> None:
+        self.drain()
+        self._free.clear()
+        self._cached = 0
+
+    def drain(self) -> None:
+        """Wait for every pending release."""
+        while self._pending:
+            self._reclaim_oldest()
+
+    # -- internals --------------------------------------------------------------------------
+    def _put_back(self, nbytes: int, buf: torch.Tensor | None) -> None:
+        self.used -= nbytes
+        if buf is not None and (self.cache_limit is None or nbytes <= self.cache_limit):
+            self._trim_cache(nbytes)
+            self._free[nbytes].append(buf)
+            self._cached += nbytes
+
+    def _reclaim_oldest(self) -> None:
+        handle, nbytes, buf = self._pending.popleft()
+        handle.synchronize()
+        self._put_back(nbytes, buf)
+
+    def _reclaim_done(self) -> None:
+        keep: deque[tuple[Handle, int, torch.Tensor | None]] = deque()
+        for item in self._pending:
+            if item[0].done():
+                self._put_back(item[1], item[2])
+            else:
+                keep.append(item)
+        self._pending = keep
+
+    def _make_room(self, nbytes: int, what: str) -> None:
+        if self.capacity is None:
+            self._reclaim_done()
+            return
+        self._reclaim_done()
+        while self.used + nbytes > self.capacity and self._pending:
+            self._reclaim_oldest()
+        if self.used + nbytes > self.capacity:
+            raise OutOfCapacity(self.name, nbytes, self.used, self.capacity, what)
+
+    def _trim_cache(self, nbytes: int) -> None:
+        """Drop cached buffers (largest first) so that cached + nbytes fits the cache limit."""
+        if self.cache_limit is None:
+            return
+        for size in sorted(self._free, reverse=True):
+            while self._free[size] and self._cached + nbytes > self.cache_limit:
+                self._free[size].pop()
+                self._cached -= size

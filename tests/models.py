@@ -1,0 +1,164 @@
+"""Small models shared by the tests, and the plain-PyTorch reference they are compared with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from harmony.rng import layer_rng
+
+
+def mlp(dropout: float = 0.0) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 96), nn.ReLU(), nn.Dropout(dropout), nn.Linear(96, 96),
+                         nn.Tanh(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 5))
+
+
+class Embed(nn.Module):
+    def __init__(self, vocab: int, dim: int, length: int, dropout: float) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.tok(idx) + self.pos(pos))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool,
+                                     device=x.device), 1)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.ln, self.out = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.ln(x))
+
+
+class TinyTransformer(nn.Module):
+    """A model that declares its chain (not an nn.Sequential)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 32, length: int = 8, layers: int = 3,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = Embed(vocab, dim, length, dropout)
+        self.blocks = nn.ModuleList(Block(dim, 4, dropout) for _ in range(layers))
+        self.head = Head(dim, vocab)
+
+    def harmony_chain(self) -> list[nn.Module]:
+        return [self.embed, *self.blocks, self.head]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = idx
+        for layer in self.harmony_chain():
+            x = layer(x)
+        return x
+
+
+class Split(nn.Module):
+    """x -> (a, b, mask): a tuple boundary holding a non-float tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(12, 24), nn.Linear(12, 24)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.a(x), torch.tanh(self.b(x)), (x[:, :1] > 0).long()
+
+
+class Mix(nn.Module):
+    """(a, b, mask) -> (a', b', mask): both branches read both inputs."""
+
+    def __init__(self, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.f, self.g = nn.Linear(48, 24), nn.Linear(24, 24)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.drop(torch.relu(self.f(torch.cat([a, b], dim=1))))
+        return h + mask * b, self.g(a) * b, mask
+
+
+class Join(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(24, 3)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.out(a + b)
+
+
+def tuple_chain(dropout: float = 0.0) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(Split(), Mix(dropout), Mix(dropout), Join())
+
+
+def cross_entropy_tokens(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# name -> (model factory(dropout), loss, data(batch, generator) -> (inputs, targets))
+MODELS: dict[str, tuple[Callable[[float], nn.Module], Callable, Callable]] = {
+    "mlp": (mlp, nn.functional.cross_entropy,
+            lambda n, g: (torch.randn(n, 16, generator=g), torch.randint(0, 5, (n,), generator=g))),
+    "transformer": (lambda d: TinyTransformer(dropout=d), cross_entropy_tokens,
+                    lambda n, g: (torch.randint(0, 11, (n, 8), generator=g),
+                                  torch.randint(0, 11, (n, 8), generator=g))),
+    "tuple": (tuple_chain, nn.functional.cross_entropy,
+              lambda n, g: (torch.randn(n, 12, generator=g),
+                            torch.randint(0, 3, (n,), generator=g))),
+}
+
+
+def layers_of(model: nn.Module) -> list[nn.Module]:
+    chain = getattr(model, "harmony_chain", None)
+    return list(chain()) if callable(chain) else list(model.children())
+
+
+def reference_train(model: nn.Module, loss_fn: Callable, make_opt: Callable,
+                    batches: list[tuple[torch.Tensor, torch.Tensor]], micro_batch_size: int,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """Plain PyTorch gradient accumulation over ``torch.split`` micro-batches.
+
+    Each layer call runs under :func:`harmony.layer_rng` with the same (seed, step, micro-batch,
+    layer) as harmony, so dropout draws the same masks; without dropout this is untouched
+    plain PyTorch.
+    """
+    layers = layers_of(model)
+    opt = make_opt(list(model.parameters()))
+    for step, (x, y) in enumerate(batches):
+        n = y.shape[0]
+        for m, (xm, ym) in enumerate(zip(x.split(micro_batch_size), y.split(micro_batch_size))):
+            h: object = xm
+            for i, layer in enumerate(layers):
+                with layer_rng(seed, step, m, i, torch.device("cpu")):
+                    h = layer(*h) if isinstance(h, tuple) else layer(h)
+            (loss_fn(h, ym) * (ym.shape[0] / n)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def training_state_bytes(model: nn.Module, state_per_param: int) -> int:
+    """W + G + K bytes of an fp32 model whose optimizer keeps ``state_per_param`` bytes/param."""
+    n = sum(p.numel() for p in model.parameters())
+    return n * (8 + state_per_param)

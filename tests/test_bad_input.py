@@ -1,0 +1,128 @@
+"""User mistakes give a clear error naming the value, before training, and lose nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import harmony
+from tests.models import MODELS, mlp
+
+LOSS = nn.functional.cross_entropy
+
+
+def _xy(n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return MODELS["mlp"][2](n, g)
+
+
+def test_budget_below_largest_layer_names_layer_and_bytes() -> None:
+    with pytest.raises(ValueError, match=r"layer 3 \('3'\).*73\.00KiB.*device_memory>="):
+        harmony.Trainer(mlp(), LOSS, device_memory="40KiB")
+
+
+@pytest.mark.parametrize("value", ["8 gigs", "lots", "-1GiB", -5, float("nan"), True, [1]])
+def test_unparseable_or_negative_budget(value: object) -> None:
+    with pytest.raises(ValueError, match="device_memory="):
+        harmony.Trainer(mlp(), LOSS, device_memory=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text,expected", [("64MiB", 64 << 20), ("1.5 GiB", 3 << 29),
+                                           ("800MB", 800_000_000), ("12", 12), (4096, 4096)])
+def test_budget_strings(text: object, expected: int) -> None:
+    assert harmony.parse_bytes(text) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mbs", [0, -1, 1.5, True, "4"])
+def test_micro_batch_size(mbs: object) -> None:
+    with pytest.raises(ValueError, match="micro_batch_size="):
+        harmony.Trainer(mlp(), LOSS, micro_batch_size=mbs)  # type: ignore[arg-type]
+
+
+def test_unknown_schedule_lists_choices() -> None:
+    with pytest.raises(ValueError, match=r"schedule='layerwise'.*harmony.*per-microbatch"):
+        harmony.Trainer(mlp(), LOSS, schedule="layerwise")
+
+
+def test_empty_and_undecomposable_models() -> None:
+    with pytest.raises(ValueError, match="no layers"):
+        harmony.Trainer(nn.Sequential(), LOSS)
+    with pytest.raises(ValueError, match="harmony_chain"):
+        harmony.Trainer(nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1,
+                                       num_decoder_layers=1, dim_feedforward=8), LOSS)
+    with pytest.raises(ValueError, match="nn.Module"):
+        harmony.Trainer([nn.Linear(2, 2), "relu"], LOSS)  # type: ignore[list-item]
+
+
+def test_tied_weights_across_layers_refused() -> None:
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="shared with layer 0"):
+        harmony.Trainer(nn.Sequential(a, b), LOSS)
+
+
+def test_batch_size_mismatch_and_empty_batch() -> None:
+    with harmony.Trainer(mlp(), LOSS, micro_batch_size=2) as t:
+        x, y = _xy()
+        with pytest.raises(ValueError, match="batch size 6 but targets has 5"):
+            t.step(x, y[:5])
+        with pytest.raises(ValueError, match="empty"):
+            t.step(x[:0], y[:0])
+        assert t.step_count == 0
+
+
+def test_cuda_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        harmony.Trainer(mlp(), LOSS, device="cuda")
+
+
+def test_infeasible_plan_refused_before_training_and_loses_nothing() -> None:
+    model = mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    t = harmony.Trainer(model, LOSS, micro_batch_size=64, device_memory="80KiB")
+    x, y = _xy(256)
+    with t, pytest.raises(harmony.InfeasiblePlan, match="micro_batch_size=64") as err:
+        t.step(x, y)
+    assert err.value.device_needed > 80 * 1024
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, initial[k])
+
+
+def test_bad_loss_is_reported_and_state_survives() -> None:
+    model = mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(1)  # the first call returns per-sample losses, a user mistake
+        return out.sum(dim=1) if len(calls) == 1 else LOSS(out, y)
+
+    with harmony.Trainer(model, loss_fn, micro_batch_size=2, device_memory="200KiB") as t:
+        with pytest.raises(ValueError, match="scalar"):
+            t.step(*_xy())
+        assert t.step_count == 0
+        for k, v in t.state_dict().items():
+            assert torch.equal(v, initial[k])
+        assert t.step(*_xy()) > 0  # the trainer is still usable after the failed step
+        assert t.step_count == 1
+
+
+def test_layer_returning_a_non_tensor() -> None:
+    class Bad(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"x": x}
+
+    with harmony.Trainer(nn.Sequential(nn.Linear(16, 4), Bad(), nn.Linear(4, 2)), LOSS) as t:
+        with pytest.raises(TypeError, match="layer '1'.*dict"):
+            t.step(*_xy())
+
+
+def test_closed_trainer() -> None:
+    t = harmony.Trainer(mlp(), LOSS)
+    t.close()
+    t.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        t.step(*_xy())
