@@ -5,11 +5,13 @@
 <class 'harmony.trainer.Trainer'>
 """
 
+from harmony.checkpoint import CheckpointError
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.rng import layer_rng, layer_seed
 from harmony.sizes import parse_bytes
 from harmony.trainer import Trainer
 from swap.stats import Stats
 
-__all__ = ["InfeasiblePlan", "Plan", "Stats", "Trainer", "layer_rng", "layer_seed", "parse_bytes"]
+__all__ = ["CheckpointError", "InfeasiblePlan", "Plan", "Stats", "Trainer", "layer_rng",
+           "layer_seed", "parse_bytes"]
 __version__ = "0.1.0"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from harmony import checkpoint
 from harmony.chain import Chain
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
@@ -120,6 +123,8 @@ class Trainer:
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._profiles: list[Any] | None = None
         self._k_ratio = 2.0
+        self._pending_optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None \
+            = None
         self._closed = False
 
     # -- checks -----------------------------------------------------------------------------
@@ -211,6 +216,7 @@ class Trainer:
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed)
         self._plans[key] = chosen
+        self._apply_optimizer_state()
 
     def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                 key: tuple[Any, ...]) -> Plan:
@@ -245,6 +251,112 @@ class Trainer:
             src = found.get(id(v))
             out[k] = (src if src is not None else v.detach()).cpu().clone()
         return out
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the full training state under directory ``path``, atomically.
+
+        The checkpoint holds the weights (model ``state_dict`` keys), the optimizer state keyed
+        by parameter name, the step count, the seed and the plan; the previous checkpoint in
+        ``path`` is replaced only once the new one is complete. Returns the checkpoint's folder.
+
+        Raises:
+            OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
+        """
+        tensors, scalars, groups = self._optimizer_state()
+        meta = {"step_count": self.step_count, "seed": self.seed,
+                "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
+                "optimizer_scalars": scalars, "optimizer_groups": groups,
+                "plan": None if self._plan is None else {
+                    "bounds": [list(b) for b in self._plan.bounds],
+                    "placement": self._plan.placement.to_json()}}
+        return checkpoint.save(path, self.step_count, self.state_dict(), tensors, meta)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
+
+        Raises:
+            FileNotFoundError: no complete checkpoint there.
+            harmony.CheckpointError: a truncated or corrupted file, or a checkpoint of another
+                model (the message lists the differing keys or shapes); nothing is changed.
+        """
+        weights, opt_tensors, meta = checkpoint.load(path)
+        current = self.chain.model.state_dict(keep_vars=True)
+        missing, extra = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
+        if missing or extra:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} is of another model: missing {missing[:5]}, unexpected "
+                f"{extra[:5]}")
+        for k, v in current.items():
+            if weights[k].shape != v.shape or weights[k].dtype != v.dtype:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
+                    f"{weights[k].dtype} there, {tuple(v.shape)} {v.dtype} here")
+        homes = self._home_views()
+        with torch.no_grad():
+            for k, v in current.items():
+                (homes.get(id(v), v)).copy_(weights[k])
+        self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
+                                   meta["optimizer_groups"])
+        if self._runtime is not None:
+            self._apply_optimizer_state()
+        self.step_count = int(meta["step_count"])
+
+    def _home_views(self) -> dict[int, torch.Tensor]:
+        if self._runtime is None:
+            return {}
+        return {id(e.tensor): e.view(pack.home_w) for pack in self._runtime.packs
+                for e in pack.layout.entries}
+
+    def _param_keys(self, pack: Pack) -> dict[int, str]:
+        key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
+        return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
+
+    def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        groups: list[Any] = []
+        if self._runtime is None:
+            return tensors, scalars, groups
+        for pack in self._runtime.packs:
+            keys = self._param_keys(pack)
+            order = [p for g in pack.optimizer.param_groups for p in g["params"]]
+            sd = pack.optimizer.state_dict()
+            for idx, state in sd["state"].items():
+                key = keys[id(order[idx])]
+                for name, val in state.items():
+                    if isinstance(val, torch.Tensor):
+                        tensors[f"{key}/{name}"] = val
+                    else:
+                        scalars[f"{key}/{name}"] = val
+            groups.append([{k: v for k, v in g.items() if k != "params"}
+                           for g in sd["param_groups"]])
+        return tensors, scalars, groups
+
+    def _apply_optimizer_state(self) -> None:
+        assert self._runtime is not None
+        if self._pending_optimizer is None:
+            return
+        tensors, scalars, groups = self._pending_optimizer
+        for i, pack in enumerate(self._runtime.packs):
+            keys = self._param_keys(pack)
+            order = [p for g in pack.optimizer.param_groups for p in g["params"]]
+            state: dict[int, dict[str, Any]] = {}
+            for idx, param in enumerate(order):
+                prefix = keys[id(param)] + "/"
+                entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                entry.update({k[len(prefix):]: v for k, v in scalars.items()
+                              if k.startswith(prefix)})
+                if entry:
+                    state[idx] = entry
+            sd = pack.optimizer.state_dict()
+            saved = groups[i] if i < len(groups) and len(groups[i]) == len(sd["param_groups"]) \
+                else (groups[0] if groups else [])
+            new_groups = [{**s, "params": g["params"]}
+                          for g, s in zip(sd["param_groups"], saved)] or sd["param_groups"]
+            pack.optimizer.load_state_dict({"state": state, "param_groups": new_groups})
+            pack.settle_optimizer_bytes()
+        self._pending_optimizer = None
 
     def close(self) -> None:
         """Free buffers and stop copy threads; idempotent."""

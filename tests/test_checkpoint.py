@@ -1,0 +1,137 @@
+"""save/load: resuming continues exactly as an uninterrupted run; bad checkpoints are refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import harmony
+from tests.models import MODELS, training_state_bytes
+
+
+def _opt(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+
+
+def _trainer(model: str = "transformer", budget: str = "half", dropout: float = 0.2,
+             ) -> harmony.Trainer:
+    factory, loss_fn, _ = MODELS[model]
+    limit = training_state_bytes(factory(0.0), 8) // 2 if budget == "half" else None
+    return harmony.Trainer(factory(dropout), loss_fn, optimizer=_opt, micro_batch_size=2,
+                           device_memory=limit)
+
+
+def _batches(model: str = "transformer", n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(9)
+    return [MODELS[model][2](5, g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("budget", ["none", "half"])
+@pytest.mark.parametrize("save_before_first_step", [False, True])
+def test_resume_is_bitwise_equal(tmp_path: Path, budget: str, save_before_first_step: bool,
+                                 ) -> None:
+    batches = _batches()
+    with _trainer(budget=budget) as straight:
+        for b in batches:
+            straight.step(*b)
+        want = straight.state_dict()
+    k = 0 if save_before_first_step else 2
+    with _trainer(budget=budget) as first:
+        for b in batches[:k]:
+            first.step(*b)
+        first.save(tmp_path / "ckpt")
+    torch.manual_seed(123)  # the resumed model starts from other weights: load must overwrite
+    factory, loss_fn, _ = MODELS["transformer"]
+    other = factory(0.2)
+    for p in other.parameters():
+        torch.nn.init.normal_(p)
+    limit = training_state_bytes(factory(0.0), 8) // 2 if budget == "half" else None
+    with harmony.Trainer(other, loss_fn, optimizer=_opt, micro_batch_size=2,
+                         device_memory=limit) as resumed:
+        resumed.load(tmp_path / "ckpt")
+        assert resumed.step_count == k
+        for b in batches[k:]:
+            resumed.step(*b)
+        got = resumed.state_dict()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_files_private_and_previous_replaced(tmp_path: Path) -> None:
+    with _trainer() as t:
+        t.step(*_batches()[0])
+        first = t.save(tmp_path)
+        t.step(*_batches()[1])
+        second = t.save(tmp_path)
+    assert not first.exists() and second.exists()
+    assert (tmp_path / "LATEST").read_text().strip() == second.name
+    for f in second.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    assert stat.S_IMODE(second.stat().st_mode) == 0o700
+
+
+def test_corrupted_and_truncated_files_refused(tmp_path: Path) -> None:
+    with _trainer() as t:
+        t.step(*_batches()[0])
+        ckpt = t.save(tmp_path)
+        before = t.state_dict()
+        f = ckpt / "optimizer.safetensors"
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+        with pytest.raises(harmony.CheckpointError, match="optimizer.safetensors.*truncated"):
+            t.load(tmp_path)
+        f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        with pytest.raises(harmony.CheckpointError, match="corrupted"):
+            t.load(tmp_path)
+        after = t.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pickle_payload_refused(tmp_path: Path) -> None:
+    with _trainer() as t:
+        ckpt = t.save(tmp_path)
+        torch.save({"x": torch.zeros(1)}, ckpt / "model.safetensors")  # a pickle, not tensors
+        with pytest.raises(harmony.CheckpointError):
+            t.load(tmp_path)
+
+
+def test_checkpoint_of_another_model_refused(tmp_path: Path) -> None:
+    with _trainer("mlp") as t:
+        t.save(tmp_path)
+    with _trainer("transformer") as other, pytest.raises(harmony.CheckpointError,
+                                                         match="another model"):
+        other.load(tmp_path)
+
+
+def test_incomplete_checkpoint_ignored_with_warning(tmp_path: Path) -> None:
+    with _trainer() as t:
+        t.step(*_batches()[0])
+        t.save(tmp_path)
+        want = t.state_dict()
+    (tmp_path / "LATEST").unlink()  # as if the crash came between rename and pointer
+    (tmp_path / "ckpt-000000099").mkdir()  # a newer one that never got its meta.json
+    with _trainer() as t2:
+        with pytest.warns(UserWarning, match="incomplete"):
+            t2.load(tmp_path)
+        got = t2.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    with _trainer() as t, pytest.raises(FileNotFoundError):
+        t.load(tmp_path / "nothing")
+
+
+def test_save_to_unwritable_place_keeps_previous(tmp_path: Path) -> None:
+    with _trainer() as t:
+        t.save(tmp_path / "ok")
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        with pytest.raises(OSError):
+            t.save(blocker / "sub")
+    assert (tmp_path / "ok" / "LATEST").is_file()
+    assert os.listdir(tmp_path / "ok")
