@@ -81,7 +81,13 @@ def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
     fwd = [[sum(lp.fwd_s for lp in profiles[a:b]) * n for n in micro_batches] for a, b in bounds]
     bwd = [[sum(lp.bwd_s for lp in profiles[a:b]) * n for n in micro_batches] for a, b in bounds]
     upd = [sum(lp.g_bytes for lp in profiles[a:b]) * upd_s_per_byte for a, b in bounds]
-    return Times(fwd, bwd, upd, bandwidth)
+    links = {**NVME_BANDWIDTH, **bandwidth}
+    return Times(fwd, bwd, upd, links)
+
+
+# Assumed NVMe bandwidths (bytes/s) until measured: a PCIe 3 NVMe drive.
+NVME_BANDWIDTH = {"nvme->device": 2.0e9, "device->nvme": 1.5e9, "nvme->host": 2.0e9,
+                  "host->nvme": 1.5e9}
 
 
 def greedy_bounds(weights: list[int], packs: int) -> tuple[tuple[int, int], ...]:
@@ -109,7 +115,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          device_budget: int | None, host_budget: int | None, k_ratio: float,
          bandwidth: dict[str, float], upd_s_per_byte: float = 1e-9,
          prefetch: int | None = None,
-         fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None) -> Plan:
+         fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
+         nvme: bool = False) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -120,6 +127,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         bandwidth: bytes/s per link for the time prediction.
         prefetch: force a prefetch depth (None: try 1 then 0).
         fixed: keep these pack bounds and placement (re-planning a later step's shapes).
+        nvme: whether an NVMe tier exists (then W, K and X may live there).
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
@@ -137,16 +145,26 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         placements = []
     prefetches = [prefetch] if prefetch is not None else [1, 0]
 
+    def excess(r: SimResult) -> tuple[float, float]:
+        """How far over budget the device and then the host are (1.0: within budget). The
+        most frugal plan minimises device excess first, so ``host_needed`` of the error is
+        what the host needs once the device fits."""
+        dev = r.peak.get(Loc.DEVICE, 0) / max(device_budget, 1) if device_budget is not None \
+            else 0.0
+        host = r.peak.get(Loc.HOST, 0) / max(host_budget, 1) if host_budget is not None else 0.0
+        return max(dev, 1.0), max(host, 1.0)
+
     def fits(r: SimResult) -> bool:
-        dev_ok = device_budget is None or r.peak.get(Loc.DEVICE, 0) <= device_budget
-        host_ok = host_budget is None or r.peak.get(Loc.HOST, 0) <= host_budget
-        return dev_ok and host_ok
+        return excess(r) == (1.0, 1.0)
 
     options: list[list[tuple[tuple[tuple[int, int], ...], Placement]]] = []
     if placements:
         options = [[(b, placements[0]) for b in bound_options]]
     else:
-        for wk, x in ((Loc.DEVICE, Loc.DEVICE), (Loc.HOST, Loc.DEVICE), (Loc.HOST, Loc.HOST)):
+        tiers = [(Loc.DEVICE, Loc.DEVICE), (Loc.HOST, Loc.DEVICE), (Loc.HOST, Loc.HOST)]
+        if nvme:
+            tiers += [(Loc.NVME, Loc.DEVICE), (Loc.NVME, Loc.HOST), (Loc.NVME, Loc.NVME)]
+        for wk, x in tiers:
             options.append([(b, Placement.uniform(len(b), wk, x)) for b in bound_options])
 
     tightest: tuple[SimResult, Plan] | None = None
@@ -163,20 +181,19 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     assert result.step_time is not None
                     if best is None or result.step_time < (best.predicted.step_time or 0.0):
                         best = candidate
-                elif tightest is None or (result.peak.get(Loc.DEVICE, 0)
-                                          < tightest[0].peak.get(Loc.DEVICE, 0)):
+                elif tightest is None or excess(result) < excess(tightest[0]):
                     tightest = (result, candidate)
         if best is not None:
             return best
     assert tightest is not None
     peak = tightest[0].peak
     raise InfeasiblePlan(_infeasible(tightest[1], profiles, micro_batches, device_budget,
-                                     host_budget),
+                                     host_budget, nvme),
                          peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0))
 
 
 def _infeasible(smallest: Plan, profiles: list[LayerProfile], micro_batches: list[int],
-                device_budget: int | None, host_budget: int | None) -> str:
+                device_budget: int | None, host_budget: int | None, nvme: bool) -> str:
     peak = smallest.predicted.peak
     dev, host = peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0)
     mbs = max(micro_batches)
@@ -195,7 +212,15 @@ def _infeasible(smallest: Plan, profiles: list[LayerProfile], micro_batches: lis
             f"{fmt_bytes(need - lp.w_bytes - lp.g_bytes)}). Use device_memory>={fmt_bytes(dev)} "
             "or a smaller micro_batch_size")
     if host_budget is not None and host > host_budget:
-        parts.append(f"host_memory={fmt_bytes(host_budget)} is too small: the plan needs "
-                     f"{fmt_bytes(host)} on the host (weights, optimizer state, stashed "
-                     "activations); raise host_memory or give an nvme_dir")
+        if nvme:
+            parts.append(
+                f"host_memory={fmt_bytes(host_budget)} is too small: even with everything on "
+                f"NVMe the plan needs {fmt_bytes(host)} on the host (an update holds its pack's "
+                "master weights, optimizer state and gradients in host memory); use "
+                f"host_memory>={fmt_bytes(host)}")
+        else:
+            parts.append(
+                f"host_memory={fmt_bytes(host_budget)} is too small: the plan needs "
+                f"{fmt_bytes(host)} on the host (weights, optimizer state, stashed "
+                "activations); raise host_memory or give an nvme_dir")
     return "; ".join(parts) or "no plan fits the budgets"

@@ -7,6 +7,7 @@ value's copies are kept in one :class:`Slot`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from schedules.simulate import Sizes, link
 from schedules.task import Kind, Loc, Op, Ref, Task
 from swap.engine import SwapEngine
 from swap.handle import GroupHandle, Handle
+from swap.nvme import NvmeStore
 from swap.tier import Tier
 
 Value = tuple[torch.Tensor | None, ...]
@@ -43,6 +45,7 @@ class Slot:
     home_bufs: list[torch.Tensor] = field(default_factory=list)
     home_ready: Handle | None = None
     single: bool = True
+    home_keys: list[str] = field(default_factory=list)  # files of a value homed on NVMe
     outputs: Value | None = None  # S values: the forward's outputs, whose graph backward walks
 
 
@@ -70,8 +73,12 @@ class Runtime:
     """
 
     def __init__(self, packs: list[Pack], tiers: dict[Loc, Tier], engine: SwapEngine,
-                 loss_fn: Callable[..., torch.Tensor], device: torch.device, seed: int) -> None:
-        self.packs, self.tiers, self.engine = packs, tiers, engine
+                 loss_fn: Callable[..., torch.Tensor], device: torch.device, seed: int,
+                 store: NvmeStore | None = None) -> None:
+        self.packs, self.tiers, self.engine, self.store = packs, tiers, engine, store
+        # pack -> host copies of its master weights and optimizer state (K on NVMe), being read
+        self.staged: dict[int, tuple[torch.Tensor, Handle, torch.Tensor | None, Handle | None]] = {}
+        self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
@@ -91,6 +98,7 @@ class Runtime:
         self.placement = schedule.placement
         self.loss = torch.zeros((), dtype=torch.float64)
         self.grads: set[int] = set()
+        self.updated: list[int] = []  # packs whose update ran in this step
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
@@ -102,17 +110,35 @@ class Runtime:
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
                 if self.timeline is not None:
                     self.timeline.append({loc.value: tier.used for loc, tier in self.tiers.items()})
+            # A step succeeds only once what it wrote behind is on disk: a failed write
+            # surfaces here, not silently in a later step.
+            for handle, name in self.writes:
+                self.engine.synchronize(handle, name)
+            self.writes.clear()
         except BaseException:
+            self.writes.clear()
             self.abandon()
             raise
         return float(self.loss)
 
     def abandon(self) -> None:
-        """Drop every transient value after a failed step (weights stay at home)."""
+        """Drop every transient value after a failed step (weights stay at home).
+
+        Cleanup errors (say, more failed writes after a full disk) must not hide the error
+        that ended the step, so each is suppressed here."""
         for ref in list(self.values):
-            self._drop(ref, home_too=True)
+            with contextlib.suppress(Exception):
+                self._drop(ref, home_too=True)
+            self.values.pop(ref, None)
         for p in list(self.w_dev):
             self._free_w(p)
+        for p, (w, hw, k, hk) in list(self.staged.items()):
+            self.tiers[Loc.HOST].release(w, after=hw)
+            if k is not None:
+                self.tiers[Loc.HOST].release(k, after=hk)
+            else:
+                self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
+        self.staged.clear()
         for pack in self.packs:
             pack.got_grad = [False] * len(pack.got_grad)
             for e in pack.layout.trainable:
@@ -145,9 +171,14 @@ class Runtime:
     # -- weights ----------------------------------------------------------------------------
     def _load_w(self, p: int) -> None:
         pack = self.packs[p]
-        buf = self.dev.allocate(pack.layout.w_bytes, f"weights of pack {p}")
+        n = pack.layout.w_bytes
+        buf = self.dev.allocate(n, f"weights of pack {p}")
+        name = link(pack.home, Loc.DEVICE)
         # The compute that reads these weights waits for this copy (see _wait_w).
-        self.w_ready[p] = self.engine.copy(buf, pack.home_w, link(pack.home, Loc.DEVICE), "W")
+        if pack.home_w is not None:
+            self.w_ready[p] = self.engine.copy(buf, pack.home_w, name, "W")
+        else:
+            self.w_ready[p] = self._nvme_read(pack.w_key, buf, name, "W")
         self.w_dev[p] = buf
         pack.layout.bind(buf)
 
@@ -156,6 +187,33 @@ class Runtime:
         pack.layout.bind(None)
         buf = self.w_dev.pop(p)
         self.dev.release(buf, after=self.w_ready.pop(p, None))
+
+    # -- NVMe -------------------------------------------------------------------------------
+    def _nvme_read(self, key: str, dst: torch.Tensor, name: str, kind: str) -> Handle:
+        """Read a file into ``dst``; on CUDA through a host staging buffer (the read is waited
+        for here, the copy to the device is asynchronous)."""
+        assert self.store is not None
+        n = dst.numel() * dst.element_size()
+        if dst.device.type == "cpu":
+            self.engine.count(name, kind, n)
+            return self.store.read(key, dst)
+        host = self.tiers[Loc.HOST]
+        staging = host.allocate(n, f"staging for {key}")
+        self.engine.count("nvme->host", kind, n)
+        self.store.read(key, staging).synchronize()
+        handle = self.engine.copy(dst.view(torch.uint8).view(-1), staging, "host->device", kind)
+        host.release(staging, after=handle)
+        return handle
+
+    def _nvme_write(self, key: str, src: torch.Tensor, name: str, kind: str) -> Handle:
+        """Write ``src`` to a file (on CUDA, waiting for a host copy first)."""
+        assert self.store is not None
+        self.engine.count(name, kind, src.numel() * src.element_size())
+        if src.device.type != "cpu":
+            src = src.cpu()
+        handle = self.store.write(key, src.contiguous())
+        self.writes.append((handle, name))
+        return handle
 
     def _wait_w(self, p: int) -> None:
         handle = self.w_ready.pop(p, None)
@@ -177,13 +235,16 @@ class Runtime:
         dev: list[torch.Tensor | None] = []
         handles: list[Handle] = []
         name = link(self._home(ref), Loc.DEVICE)
-        for t in slot.home:
+        for i, t in enumerate(slot.home):
             if t is None:
                 dev.append(None)
                 continue
             buf = self.dev.allocate(t.numel() * t.element_size(), f"{ref}")
             view = buf.view(t.dtype).view(t.shape)
-            handles.append(self.engine.copy(view, t, name, ref.kind.value))
+            if slot.home_keys:
+                handles.append(self._nvme_read(slot.home_keys[i], view, name, ref.kind.value))
+            else:
+                handles.append(self.engine.copy(view, t, name, ref.kind.value))
             slot.dev_bufs.append(buf)
             dev.append(view)
         slot.dev, slot.dev_ready = tuple(dev), GroupHandle(handles)
@@ -199,9 +260,16 @@ class Runtime:
         self._wait_dev(slot, ref)
         home: list[torch.Tensor | None] = []
         handles: list[Handle] = []
-        for t in slot.dev:
+        for i, t in enumerate(slot.dev):
             if t is None:
                 home.append(None)
+                continue
+            if home_loc is Loc.NVME:
+                key = f"{ref}.{i}"
+                handles.append(self._nvme_write(key, t.detach(), name, ref.kind.value))
+                home_tier.charge(t.numel() * t.element_size(), f"{ref} on NVMe")
+                slot.home_keys.append(key)
+                home.append(torch.empty(t.shape, dtype=t.dtype, device="meta"))
                 continue
             buf = home_tier.allocate(t.numel() * t.element_size(), f"{ref} at {home_loc.value}")
             view = buf.view(t.dtype).view(t.shape)
@@ -233,6 +301,11 @@ class Runtime:
             home_tier = self.tiers[self._home(ref)]
             for buf in slot.home_bufs:
                 home_tier.release(buf, after=slot.home_ready)
+            if slot.home_keys and self.store is not None:
+                for key, t in zip(slot.home_keys, [t for t in slot.home or () if t is not None]):
+                    if key in self.store:  # (a failed write left no file)
+                        self.store.delete(key)  # the file goes once its write is done
+                    home_tier.uncharge(t.numel() * t.element_size())
             del self.values[ref]
 
     def _wait_dev(self, slot: Slot, ref: Ref) -> None:
@@ -272,18 +345,18 @@ class Runtime:
         slot = self._grad_slot(p)
         assert slot.home is not None and slot.home[0] is not None
         if slot.home_ready is not None:
-            self.engine.synchronize(slot.home_ready, link(Loc.DEVICE, self.placement.k[p]))
+            self.engine.synchronize(slot.home_ready, link(Loc.DEVICE, self.placement.update_loc(p)))
             slot.home_ready = None
         buf = self.dev.allocate(self.packs[p].layout.g_bytes, f"gradients of pack {p}")
-        slot.dev_ready = self.engine.copy(buf, slot.home[0], link(self.placement.k[p], Loc.DEVICE),
-                                          "G")
+        name = link(self.placement.update_loc(p), Loc.DEVICE)
+        slot.dev_ready = self.engine.copy(buf, slot.home[0], name, "G")
         slot.dev, slot.dev_bufs = (buf,), [buf]
         self._bind_grads(p, buf)
 
     def _store_grad(self, p: int) -> None:
         slot = self._grad_slot(p)
         assert slot.dev is not None and slot.dev[0] is not None
-        loc = self.placement.k[p]
+        loc = self.placement.update_loc(p)
         if not slot.home_bufs:
             slot.home_bufs = [self.tiers[loc].allocate(self.packs[p].layout.g_bytes,
                                                        f"gradients of pack {p} at {loc.value}")]
@@ -299,7 +372,7 @@ class Runtime:
             return
         self._bind_grads(p, None)
         self._release_dev(slot, after=None)
-        tier = self.tiers[self.placement.k[p]]
+        tier = self.tiers[self.placement.update_loc(p)]
         for buf in slot.home_bufs:
             tier.release(buf, after=slot.home_ready)
         pack = self.packs[p]
@@ -357,6 +430,8 @@ class Runtime:
         last = p == self.schedule.packs - 1
         self._wait_w(p)
         if p not in self.grads:
+            if self.packs[p].home is Loc.NVME:
+                self._stage(p)
             self._new_grad(p)
         else:
             self._read(Ref(Kind.G, p))
@@ -398,9 +473,12 @@ class Runtime:
 
     def _update(self, task: Task) -> None:
         p = task.pack
+        self.updated.append(p)
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]
-        loc = self.placement.k[p]
+        loc = self.placement.update_loc(p)
+        if pack.home is Loc.NVME:
+            return self._update_from_nvme(p)
         if loc is Loc.DEVICE:
             for e, got in zip(pack.layout.trainable, pack.got_grad):
                 if not got:
@@ -417,6 +495,56 @@ class Runtime:
         for master in pack.masters:
             master.grad = None
         pack.settle_optimizer_bytes()
+        self.grads.discard(p)
+
+    def _stage(self, p: int) -> None:
+        """Start reading the master weights and optimizer state of ``p`` for its update; the
+        reads run while the pack's backward computes (the update waits for them)."""
+        pack = self.packs[p]
+        host = self.tiers[Loc.HOST]
+        name = link(Loc.NVME, Loc.HOST)
+        w = host.allocate(pack.layout.w_bytes, f"master weights of pack {p}")
+        hw = self._nvme_read(pack.w_key, w, name, "W")
+        k, hk = None, None
+        if pack.k_layout is not None:
+            k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
+            hk = self._nvme_read(pack.k_key, k, name, "K")
+        else:  # the first update creates the state: hold room for it
+            host.charge(pack.k_charged, f"optimizer state of pack {p}")
+        self.staged[p] = (w, hw, k, hk)
+
+    def _update_from_nvme(self, p: int) -> None:
+        pack = self.packs[p]
+        host = self.tiers[Loc.HOST]
+        slot = self.values[Ref(Kind.G, p)]
+        w, hw, k, hk = self.staged.pop(p)
+        for h in (hw, hk, slot.home_ready):
+            if h is not None:
+                self.engine.synchronize(h, link(Loc.NVME, Loc.HOST))
+        slot.home_ready = None
+        assert slot.home is not None and slot.home[0] is not None
+        pack.bind_masters(w)
+        if k is not None:
+            pack.bind_state(k)
+        for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
+            master.grad = e.view(slot.home[0]) if got else None
+        pack.optimizer.step()
+        for master in pack.masters:
+            master.grad = None
+        if k is None:  # the first update created the state: give it a flat layout
+            pack.layout_state()
+            host.uncharge(pack.k_charged)
+            k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
+            pack.bind_state(k, copy_in=True)
+        pack.settle_optimizer_bytes()
+        # Written behind: the host copies go back to the pool when the writes are done.
+        name = link(Loc.HOST, Loc.NVME)
+        hw = self._nvme_write(pack.w_key, w, name, "W")
+        hk = self._nvme_write(pack.k_key, k, name, "K")
+        pack.bind_masters(None)
+        pack.bind_state(None)
+        host.release(w, after=hw)
+        host.release(k, after=hk)
         self.grads.discard(p)
 
     def effect_of(self, task: Task) -> object:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from harmony.sizes import parse_bytes
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
+from swap.nvme import NvmeStore
 from swap.stats import Stats
 from swap.streams import host_pinning
 from swap.tier import Tier, fmt_bytes
@@ -50,7 +52,8 @@ class Trainer:
         device: the compute device, ``"cpu"`` or ``"cuda[:i]"``.
         device_memory, host_memory: budgets in bytes or strings such as ``"8GiB"``; None means
             no limit.
-        nvme_dir: directory for the NVMe tier (not supported yet: must be None).
+        nvme_dir: an existing, writable directory (ideally on an NVMe drive) for the NVMe tier;
+            None: no NVMe tier. harmony works in a private subdirectory it removes on close.
         schedule: ``"harmony"`` (layer-major, the default), ``"per-microbatch"`` or
             ``"resident"`` (no swapping, no recompute: plain gradient accumulation).
         prefetch: how many packs ahead weights are loaded; None lets the planner choose.
@@ -87,9 +90,6 @@ class Trainer:
                              f"choose one of {sorted(GENERATORS)}")
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
-        if nvme_dir is not None:
-            raise ValueError(f"nvme_dir={nvme_dir!r}: the NVMe tier is not available in this "
-                             "version; pass nvme_dir=None")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
@@ -117,6 +117,10 @@ class Trainer:
             Loc.HOST: Tier("host", torch.device("cpu"), self.host_memory,
                            pin=host_pinning(self.device)),
         }
+        self.store: NvmeStore | None = None
+        if nvme_dir is not None:
+            self.store = NvmeStore(nvme_dir)  # ValueError naming the path if unusable
+            self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)
         self._engine = SwapEngine(self.device, self.stats)
         self._runtime: Runtime | None = None
         self._plan: Plan | None = None
@@ -126,6 +130,7 @@ class Trainer:
         self._pending_optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None \
             = None
         self._closed = False
+        self._broken: str | None = None  # why stepping on would train on inconsistent weights
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
@@ -166,6 +171,8 @@ class Trainer:
         """
         if self._closed:
             raise RuntimeError("this Trainer is closed")
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
         t0 = time.perf_counter()
         micro_inputs, micro_targets, weights, single = split_batch(
             inputs, targets, self.micro_batch_size)
@@ -179,9 +186,17 @@ class Trainer:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
         self._plan = plan_
         assert self._runtime is not None
-        loss = self._runtime.run(plan_.schedule, plan_.sizes,
-                                 StepData(micro_inputs, micro_targets, weights, single),
-                                 self.step_count, self.stats.seconds)
+        try:
+            loss = self._runtime.run(plan_.schedule, plan_.sizes,
+                                     StepData(micro_inputs, micro_targets, weights, single),
+                                     self.step_count, self.stats.seconds)
+        except BaseException as err:
+            if self._runtime.updated:  # some packs took the step, others did not
+                self._broken = (
+                    f"step {self.step_count} failed ({type(err).__name__}: {err}) after "
+                    f"updating packs {self._runtime.updated}; the weights are no longer those "
+                    "of one consistent step: load() a checkpoint before training on")
+            raise
         self.step_count += 1
         for loc, tier in self.tiers.items():
             self.stats.peak_bytes[loc.value] = max(self.stats.peak_bytes.get(loc.value, 0),
@@ -201,7 +216,7 @@ class Trainer:
         assert self._profiles is not None
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
                     self.host_memory, self._k_ratio, _bandwidth(self.device),
-                    prefetch=self.prefetch, fixed=fixed)
+                    prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
@@ -212,9 +227,10 @@ class Trainer:
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
-                                    self.device, self.optimizer_factory, chosen.sizes.k[p]))
+                                    self.device, self.optimizer_factory, chosen.sizes.k[p],
+                                    self.store))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
-                                self.seed)
+                                self.seed, self.store)
         self._plans[key] = chosen
         self._apply_optimizer_state()
 
@@ -242,8 +258,9 @@ class Trainer:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
         found: dict[int, torch.Tensor] = {}
         for pack in self._runtime.packs:
+            flat = pack.home_weights()
             for e in pack.layout.entries:
-                found[id(e.tensor)] = e.view(pack.home_w)
+                found[id(e.tensor)] = e.view(flat)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out = {}
@@ -292,21 +309,58 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
                     f"{weights[k].dtype} there, {tuple(v.shape)} {v.dtype} here")
-        homes = self._home_views()
+        homes, flats = self._home_views()
         with torch.no_grad():
             for k, v in current.items():
                 (homes.get(id(v), v)).copy_(weights[k])
+        for pack, flat in flats:  # weights that live on NVMe go back to their file
+            assert self.store is not None
+            self.store.write(pack.w_key, flat).synchronize()
         self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
                                    meta["optimizer_groups"])
         if self._runtime is not None:
             self._apply_optimizer_state()
         self.step_count = int(meta["step_count"])
+        self._broken = None
 
-    def _home_views(self) -> dict[int, torch.Tensor]:
+    def _home_views(self) -> tuple[dict[int, torch.Tensor], list[tuple[Pack, torch.Tensor]]]:
+        """Views of every weight's home copy, and the flat copies read from NVMe."""
         if self._runtime is None:
-            return {}
-        return {id(e.tensor): e.view(pack.home_w) for pack in self._runtime.packs
-                for e in pack.layout.entries}
+            return {}, []
+        views, flats = {}, []
+        for pack in self._runtime.packs:
+            flat = pack.home_weights()
+            if pack.home_w is None:
+                flats.append((pack, flat))
+            views.update({id(e.tensor): e.view(flat) for e in pack.layout.entries})
+        return views, flats
+
+    @contextlib.contextmanager
+    def _state_in_memory(self, pack: Pack, write_back: bool) -> Iterator[None]:
+        """Bind an NVMe pack's masters and optimizer state to host copies for the body."""
+        if pack.home is not Loc.NVME:
+            yield
+            return
+        assert self.store is not None
+        flat = pack.home_weights()
+        pack.bind_masters(flat)
+        k = None
+        if pack.k_layout is not None:
+            k = torch.empty(pack.k_bytes, dtype=torch.uint8)
+            self.store.read(pack.k_key, k).synchronize()
+            pack.bind_state(k)
+        try:
+            yield
+            if write_back:
+                pack.layout_state()
+                k = torch.empty(pack.k_bytes, dtype=torch.uint8)
+                pack.bind_state(k, copy_in=True)
+                self.store.write(pack.k_key, k).synchronize()
+                pack.settle_optimizer_bytes()
+        finally:
+            pack.bind_masters(None)
+            if pack.k_layout is not None:
+                pack.bind_state(None)
 
     def _param_keys(self, pack: Pack) -> dict[int, str]:
         key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
@@ -321,7 +375,10 @@ class Trainer:
         for pack in self._runtime.packs:
             keys = self._param_keys(pack)
             order = [p for g in pack.optimizer.param_groups for p in g["params"]]
-            sd = pack.optimizer.state_dict()
+            with self._state_in_memory(pack, write_back=False):
+                sd = pack.optimizer.state_dict()
+                sd["state"] = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                   for k, v in s.items()} for i, s in sd["state"].items()}
             for idx, state in sd["state"].items():
                 key = keys[id(order[idx])]
                 for name, val in state.items():
@@ -354,7 +411,8 @@ class Trainer:
                 else (groups[0] if groups else [])
             new_groups = [{**s, "params": g["params"]}
                           for g, s in zip(sd["param_groups"], saved)] or sd["param_groups"]
-            pack.optimizer.load_state_dict({"state": state, "param_groups": new_groups})
+            with self._state_in_memory(pack, write_back=bool(state)):
+                pack.optimizer.load_state_dict({"state": state, "param_groups": new_groups})
             pack.settle_optimizer_bytes()
         self._pending_optimizer = None
 
@@ -369,6 +427,8 @@ class Trainer:
                 pack.close()
         for tier in self.tiers.values():
             tier.clear_cache()
+        if self.store is not None:
+            self.store.close()
 
     def __enter__(self) -> Trainer:
         return self

@@ -6,7 +6,10 @@ For a schedule with P packs (the last pack, P-1, runs its forward inside its bac
     FWD p m   reads W p, X p.m on the device; produces X p+1.m (and S p.m without recompute)
     BWD p m   reads W p, X p.m, D p+1.m (p < P-1), S p.m (no recompute, p < P-1) and G p
               (from the second backward of p in the step on); produces D p.m (p > 0) and G p
-    UPD p     reads G p where K p lives; rewrites W p at home (a device copy becomes stale)
+    UPD p     reads G p where the update runs (the device if K p lives there, else the host);
+              rewrites W p at home (a device copy becomes stale). With K on NVMe, W p's master
+              and K p are read into host memory from the pack's first backward on, and written
+              back after the update (see the simulator).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def effect(task: Task, packs: int, recompute: bool, placement: Placement,
             return Effect(tuple(reads), tuple(made), (Ref(Kind.G, p),))
         return Effect(tuple(reads), (*made, Ref(Kind.G, p)))
     if task.op is Op.UPD:
-        return Effect(((Ref(Kind.G, p), placement.k[p]),), ())
+        return Effect(((Ref(Kind.G, p), placement.update_loc(p)),), ())
     raise ValueError(f"{task} is not a compute task")
 
 

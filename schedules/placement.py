@@ -12,9 +12,10 @@ class Placement:
     """The home tier of W, K (with G) and X (with D) for every pack.
 
     A value whose home is not ``Loc.DEVICE`` is swapped in before it is used on the device.
-    Gradients live with the optimizer state they update; gradients of the input activation (D)
-    live with the activations (X). The optimizer update of a pack runs where its K lives, and in
-    this version the weights' home is the optimizer state's home (the update writes them there).
+    The optimizer update of a pack runs on the device when its K lives there and on the host
+    otherwise (K on NVMe is streamed through host memory for the update); gradients go where the
+    update runs. Gradients of the input activation (D) live with the activations (X). In this
+    version the weights' home is the optimizer state's home (the update writes them there).
 
     >>> Placement.uniform(3, Loc.HOST).w
     (<Loc.HOST: 'host'>, <Loc.HOST: 'host'>, <Loc.HOST: 'host'>)
@@ -46,11 +47,17 @@ class Placement:
         """The home tier of a value of ``kind`` belonging to ``pack``."""
         if kind in (Kind.W,):
             return self.w[pack]
-        if kind in (Kind.K, Kind.G):
+        if kind is Kind.K:
             return self.k[pack]
+        if kind is Kind.G:
+            return self.update_loc(pack)
         if kind in (Kind.X, Kind.D):
             return Loc.HOST if (kind is Kind.X and pack == 0) else self.x[pack]
         return Loc.DEVICE  # S: an autograd graph cannot leave the device
+
+    def update_loc(self, pack: int) -> Loc:
+        """Where the optimizer update of ``pack`` runs: the device, or the host."""
+        return Loc.DEVICE if self.k[pack] is Loc.DEVICE else Loc.HOST
 
     def to_json(self) -> dict[str, list[str]]:
         return {name: [loc.value for loc in getattr(self, name)] for name in ("w", "k", "x")}

@@ -1,5 +1,8 @@
 """An event-driven simulator of a lowered schedule: peak bytes per tier, bytes per link, time.
 
+With K on NVMe, a pack's master weights and optimizer state are read into host memory from its
+first backward on (so the reads hide behind the backward) and written back after its update.
+
 Model (the one the runtime follows): one host thread issues tasks in order. A compute task starts
 when the thread reaches it and every value it reads has arrived, and occupies the thread for its
 duration (an update whose optimizer state is off the device runs on the host the same way). A
@@ -122,10 +125,31 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> Si
     grads: set[int] = set()
     on_device: set[Ref] = {r for r in home_charged if home(r) is Loc.DEVICE}
 
+    staged: dict[int, float] = {}  # pack -> when its master W and K reach the host (K on NVMe)
+
+    def transfer(name: str, kind: Kind, n: int, after: float) -> float:
+        moved[name] += n
+        by_kind[(name, kind.value)] += n
+        if times is None:
+            return 0.0
+        begin = max(clock, link_free[name], after)
+        link_free[name] = begin + n / times.bandwidth[name]
+        return link_free[name]
+
     for t in schedule.tasks:
         if t.op.is_compute:
+            p = t.pack
+            nvme_k = placement.k[p] is Loc.NVME
+            if nvme_k and t.op is Op.BWD and p not in grads:
+                # The update's inputs stream in from NVMe while the pack's backward runs.
+                charge(Loc.HOST, sizes.w[p] + sizes.k[p])
+                name = link(Loc.NVME, Loc.HOST)
+                transfer(name, Kind.W, sizes.w[p], 0.0)
+                staged[p] = transfer(name, Kind.K, sizes.k[p], 0.0)
             e = effect(t, P, schedule.recompute, placement, t.pack in grads)
             start = max([clock] + [ready[(r, loc)] for r, loc in e.reads])
+            if t.op is Op.UPD and nvme_k:
+                start = max(start, staged.pop(p, 0.0))
             work = sizes.work[t.pack][t.mb] if t.mb is not None else 0
             charge(Loc.DEVICE, work)
             for ref in e.produces:
@@ -149,6 +173,11 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> Si
                 grads.add(t.pack)
             elif t.op is Op.UPD:
                 grads.discard(t.pack)
+                if nvme_k:  # written behind: the host copies are released when the writes end
+                    name = link(Loc.HOST, Loc.NVME)
+                    transfer(name, Kind.W, sizes.w[p], clock)
+                    transfer(name, Kind.K, sizes.k[p], clock)
+                    used[Loc.HOST] -= sizes.w[p] + sizes.k[p]
         else:
             ref = t.ref
             n = sizes.of(ref)
@@ -173,14 +202,9 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> Si
                     home_charged.discard(ref)
                 timeline.append(dict(used))
                 continue
-            moved[name] += n
-            by_kind[(name, ref.kind.value)] += n
-            if times is not None:
-                src = (ref, h if t.op is Op.SWAP_IN else Loc.DEVICE)
-                dst = (ref, Loc.DEVICE if t.op is Op.SWAP_IN else h)
-                begin = max(clock, link_free[name], ready[src])
-                link_free[name] = begin + n / times.bandwidth[name]
-                ready[dst] = link_free[name]
+            src = (ref, h if t.op is Op.SWAP_IN else Loc.DEVICE)
+            dst = (ref, Loc.DEVICE if t.op is Op.SWAP_IN else h)
+            ready[dst] = transfer(name, ref.kind, n, ready[src])
         timeline.append(dict(used))
 
     step = None

@@ -148,6 +148,7 @@ class Tier:
         for item in self._pending:
             if item[0].done():
                 self._put_back(item[1], item[2])
+                item[0].synchronize()  # re-raises the copy's error (e.g. a failed NVMe write)
             else:
                 keep.append(item)
         self._pending = keep
