@@ -53,6 +53,16 @@ def _nbytes(value: Value) -> int:
     return sum(t.numel() * t.element_size() for t in value if t is not None)
 
 
+class NonFiniteLoss(ValueError):
+    """The batch's loss is NaN or infinite; raised before any pack is updated."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        self.step, self.loss = step, loss
+        super().__init__(f"step {step}: the loss is {loss}; no weight was changed. Lower the "
+                         "learning rate or check the data, or pass nonfinite='skip' to skip "
+                         "such steps")
+
+
 @dataclass
 class StepData:
     """One step's micro-batches: inputs and targets (on the host), and each one's loss weight."""
@@ -473,6 +483,10 @@ class Runtime:
 
     def _update(self, task: Task) -> None:
         p = task.pack
+        if not self.updated and not torch.isfinite(self.loss):
+            # Every micro-batch's loss is known before the first update in the generated
+            # schedules, so refusing here leaves every weight as it was.
+            raise NonFiniteLoss(self.step, float(self.loss))
         self.updated.append(p)
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]

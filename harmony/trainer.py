@@ -19,7 +19,7 @@ from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.planning import Plan, plan
 from harmony.profile import optimizer_state_ratio, profile_layers
-from harmony.runtime import Runtime, StepData
+from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from schedules.generators import GENERATORS
 from schedules.task import Loc
@@ -58,6 +58,9 @@ class Trainer:
             ``"resident"`` (no swapping, no recompute: plain gradient accumulation).
         prefetch: how many packs ahead weights are loaded; None lets the planner choose.
         seed: randomness (dropout) derives from (seed, step, micro-batch, layer).
+        nonfinite: what a NaN or infinite batch loss does: ``"raise"`` :class:`NonFiniteLoss`,
+            or ``"skip"`` the step (no weight changes, ``step_count`` stays, the NaN is
+            returned and ``stats.skipped_steps`` counts it).
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer; the message
@@ -79,7 +82,7 @@ class Trainer:
                  device: str | torch.device = "cpu",
                  device_memory: int | str | None = None, host_memory: int | str | None = None,
                  nvme_dir: str | None = None, schedule: str = "harmony",
-                 prefetch: int | None = None, seed: int = 0) -> None:
+                 prefetch: int | None = None, seed: int = 0, nonfinite: str = "raise") -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -88,6 +91,9 @@ class Trainer:
         if schedule not in GENERATORS:
             raise ValueError(f"schedule={schedule!r} is unknown; "
                              f"choose one of {sorted(GENERATORS)}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite={nonfinite!r} must be 'raise' or 'skip'")
+        self.nonfinite = nonfinite
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
         self.device = torch.device(device)
@@ -190,6 +196,11 @@ class Trainer:
             loss = self._runtime.run(plan_.schedule, plan_.sizes,
                                      StepData(micro_inputs, micro_targets, weights, single),
                                      self.step_count, self.stats.seconds)
+        except NonFiniteLoss as err:
+            if self.nonfinite == "skip":
+                self.stats.skipped_steps += 1
+                return err.loss
+            raise
         except BaseException as err:
             if self._runtime.updated:  # some packs took the step, others did not
                 self._broken = (

@@ -85,6 +85,21 @@ def memview(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy ``src`` into ``dst`` (uint8, contiguous, same size) with one plain memmove.
+
+    Not ``dst.copy_(src)``: called from several I/O worker threads at once, torch would start
+    an OpenMP team in each, whose spinning threads starve the threads that drive the disk
+    (measured: DeepSpeed aio writes through staging fell from ~0.9 to ~0.3 GB/s). The workers
+    already copy in parallel. ctypes releases the GIL for the call.
+    """
+    n = src.numel()
+    if dst.numel() != n:
+        raise ValueError(f"copy_bytes: dst has {dst.numel()} bytes, src {n}")
+    if n:
+        ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
+
+
 class StagingPool:
     """A bounded set of reusable aligned buffers of one size.
 

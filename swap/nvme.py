@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 
 from swap.aio import AioIO, AioUnavailable, load_aio_op
-from swap.aligned import StagingPool, as_bytes, check_alignment, round_up
+from swap.aligned import StagingPool, as_bytes, check_alignment, copy_bytes, round_up
 from swap.direct_io import FileIO, PosixIO, odirect_refusal, reserve
 from swap.handle import Handle
 
@@ -392,12 +392,12 @@ class NvmeStore:
                 with self._pool.borrow() as stage:
                     buf = stage[:length]
                     if job.op == "write":
-                        buf[:used].copy_(data[off : off + used])
+                        copy_bytes(buf[:used], data[off : off + used])
                         buf[used:].zero_()  # never write stale staging bytes to disk
                         engine.pwrite(job.fd, path, buf, off)
                     else:
                         engine.pread(job.fd, path, buf, off)
-                        data[off : off + used].copy_(buf[:used])
+                        copy_bytes(data[off : off + used], buf[:used])
         except OSError as e:
             err = self._io_error(job, off, length, e)
         except BaseException as e:  # anything else still completes the request, with its error

@@ -18,6 +18,7 @@ class Stats:
         stall_seconds: seconds compute waited for each link's copies.
         peak_bytes: highest accounted bytes per tier (``"device"``, ``"host"``, ``"nvme"``).
         seconds: wall seconds per phase (``"forward"``, ``"backward"``, ``"update"``, ``"step"``).
+        skipped_steps: steps skipped for a non-finite loss (``Trainer(nonfinite="skip")``).
     """
 
     bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -26,6 +27,7 @@ class Stats:
     stall_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     peak_bytes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    skipped_steps: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, link: str, kind: str, nbytes: int) -> None:
@@ -48,6 +50,7 @@ class Stats:
                       self.stall_seconds, self.seconds):
                 d.clear()
             self.peak_bytes.clear()
+            self.skipped_steps = 0
 
     def kind_bytes(self, link: str, kind: str) -> int:
         """Bytes of one kind over one link, e.g. ``kind_bytes("host->device", "W")``."""

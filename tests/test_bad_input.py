@@ -126,3 +126,26 @@ def test_closed_trainer() -> None:
     t.close()
     with pytest.raises(RuntimeError, match="closed"):
         t.step(*_xy())
+
+
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch", "resident"])
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_nonfinite_loss_changes_nothing(schedule: str, policy: str) -> None:
+    model = mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = None if schedule == "resident" else "200KiB"
+    with harmony.Trainer(model, LOSS, micro_batch_size=2, device_memory=budget,
+                         schedule=schedule, nonfinite=policy) as t:
+        x, y = _xy()
+        x[3, 0] = float("nan")  # one sample of the second micro-batch
+        if policy == "raise":
+            with pytest.raises(harmony.NonFiniteLoss, match="nan"):
+                t.step(x, y)
+        else:
+            assert t.step(x, y) != t.step(x, y)  # NaN, twice
+            assert t.stats.skipped_steps == 2
+        assert t.step_count == 0
+        for k, v in t.state_dict().items():
+            assert torch.equal(v, initial[k])
+        x[3, 0] = 0.0
+        assert t.step(x, y) > 0 and t.step_count == 1

@@ -1,0 +1,197 @@
+"""The ``harmony`` command line.
+
+``harmony report MODEL ...`` prints the per-layer memory and time table, the plan the planner
+chooses for the budgets, the predicted peak per tier, bytes per link per step beside the
+per-micro-batch baseline and DESIGN.md's traffic arithmetic, and the predicted step time; it
+can write the plan as JSON and plot bytes per tier over the step. Nothing is allocated: models
+are built on the meta device. See ``docs/report.md``.
+
+    harmony report llama-70b --batch-size 8 --micro-batch-size 1 --seq-len 4096 \\
+        --device-memory 80GiB --host-memory 1TiB
+    harmony report paper:gpt2_10b --batch-size 32 --micro-batch-size 4 \\
+        --device-memory 10GiB --host-memory 256GiB --json plan.json --plot plan.png
+    python -m harmony report my_model.py:build --seq-len 512 --device-memory 16GiB
+
+Exit status: 0 on success; 1 when ``--plot`` cannot draw (matplotlib missing); 2 for a bad
+argument or an infeasible plan (the message says what to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harmony.builtin_models import BUILTINS
+from harmony.meta import CPU_FLOPS, GPU_FLOPS
+from harmony.paper_profiles import PAPER_MODELS
+from harmony.planning import InfeasiblePlan
+from harmony.report import (
+    LINKS,
+    PlotUnavailable,
+    format_report,
+    load_profile,
+    make_report,
+    measure_profile,
+    plot_report,
+    report_to_json,
+)
+from harmony.sizes import parse_bytes
+from schedules.generators import GENERATORS
+
+_MODEL_HELP = f"""\
+what to plan:
+  a built-in name: {", ".join(BUILTINS)}
+  paper:NAME, the Harmony paper's GTX 1080 Ti profiles: {", ".join(PAPER_MODELS)}
+  path/to/file.py:function returning (model, loss_fn, example_inputs), where
+      example_inputs(n) -> (inputs, targets) for n samples; called under
+      torch.device("meta") with seq_len=T when --seq-len is given
+  a .json profile written by --run"""
+
+
+def _bandwidth(text: str) -> tuple[str, float]:
+    name, sep, rate = text.partition("=")
+    name = name.strip()
+    if not sep or name not in LINKS:
+        raise argparse.ArgumentTypeError(
+            f"--bandwidth {text!r}: write LINK=RATE with LINK one of {', '.join(LINKS)}, "
+            "e.g. host->device=11.5GiB")
+    rate = rate.strip().removesuffix("/s")
+    try:
+        value = parse_bytes(rate, f"--bandwidth {name}")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if not value:
+        raise argparse.ArgumentTypeError(f"--bandwidth {text!r}: the rate must be positive")
+    return name, float(value)
+
+
+def _size(flag: str) -> object:
+    def parse(text: str) -> int | None:
+        if text.lower() in ("none", "unlimited"):
+            return None
+        try:
+            return parse_bytes(text, flag)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def _flops(text: str) -> float:
+    named = {"gpu": GPU_FLOPS, "cpu": CPU_FLOPS}
+    try:
+        value = named[text.lower()] if text.lower() in named else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--device-flops {text!r}: give FLOP/s such as 100e12, "
+                                          "or 'gpu' / 'cpu'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--device-flops {text!r} must be positive")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmony", description="harmony: train PyTorch "
+                                     "models larger than device memory on one server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser(
+        "report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="plan a model for given budgets and show what it holds, moves and takes",
+        description="Plan MODEL for the budgets and print the per-layer table, the plan, the "
+                    "predicted peak per tier, bytes per link per step (beside the "
+                    "per-micro-batch baseline and DESIGN.md's arithmetic) and the step time. "
+                    "Nothing is allocated: models are profiled on the meta device.",
+        epilog=_MODEL_HELP)
+    rep.add_argument("model", metavar="MODEL", help="see below")
+    rep.add_argument("--batch-size", type=_positive, default=8, metavar="N",
+                     help="samples per optimizer step (default 8)")
+    rep.add_argument("--micro-batch-size", type=_positive, default=1, metavar="U",
+                     help="samples per micro-batch (default 1)")
+    rep.add_argument("--seq-len", type=_positive, default=None, metavar="T",
+                     help="tokens per sample (default: the model's longest)")
+    rep.add_argument("--device-memory", type=_size("--device-memory"), default=None,
+                     metavar="SIZE", help="device budget, e.g. 16GiB (default: no limit)")
+    rep.add_argument("--host-memory", type=_size("--host-memory"), default=None,
+                     metavar="SIZE", help="host budget, e.g. 64GiB (default: no limit)")
+    rep.add_argument("--nvme-dir", default=None, metavar="DIR",
+                     help="allow NVMe placements (the directory is not touched)")
+    rep.add_argument("--schedule", choices=sorted(GENERATORS), default="harmony")
+    rep.add_argument("--prefetch", type=int, default=None, metavar="K",
+                     help="force a prefetch depth (default: the planner's choice)")
+    rep.add_argument("--bandwidth", type=_bandwidth, action="append", default=[],
+                     metavar="LINK=RATE",
+                     help="bytes/s of a link, repeatable (default host->device=11.5GiB, "
+                          "device->host=11.5GiB; NVMe links 2.0GB read, 1.5GB write)")
+    rep.add_argument("--device-flops", type=_flops, default=GPU_FLOPS, metavar="FLOPS",
+                     help="sustained FLOP/s for meta-device time estimates: a number, 'gpu' "
+                          f"({GPU_FLOPS:.3g}) or 'cpu' ({CPU_FLOPS:.3g}); default gpu")
+    rep.add_argument("--update-rate", type=_size("--update-rate"), default=None,
+                     metavar="RATE", help="gradient bytes/s the optimizer update processes "
+                     "(default: the profile's, 1GB for estimates)")
+    rep.add_argument("--json", type=Path, default=None, metavar="OUT.json",
+                     help="write the plan, its prediction and the profile as JSON")
+    rep.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
+                     help="plot bytes per tier over the step (needs matplotlib)")
+    rep.add_argument("--run", type=Path, default=None, metavar="PROFILE.json",
+                     help="measure the layers by running the model for real on the CPU "
+                          "(allocates it) instead of estimating, and save that profile")
+    return parser
+
+
+def _report(args: argparse.Namespace) -> int:
+    if args.run is not None:
+        profile = measure_profile(args.model, args.micro_batch_size, args.seq_len)
+        args.run.write_text(json.dumps(profile.to_json(), indent=1))
+    else:
+        profile = load_profile(args.model, args.micro_batch_size, args.seq_len,
+                               args.device_flops)
+    if args.update_rate:
+        profile.upd_s_per_byte = 1.0 / args.update_rate
+    try:
+        report = make_report(profile, args.batch_size, args.device_memory, args.host_memory,
+                             nvme=args.nvme_dir is not None, schedule=args.schedule,
+                             bandwidth=dict(args.bandwidth), prefetch=args.prefetch)
+    except InfeasiblePlan as err:
+        print(f"harmony report: no plan fits: {err}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.run is not None:
+        print(f"\nmeasured profile written to {args.run}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report_to_json(report)))
+        print(f"plan written to {args.json}")
+    if args.plot is not None:
+        try:
+            plot_report(report, args.plot)
+        except PlotUnavailable as err:
+            print(f"harmony report: {err}", file=sys.stderr)
+            return 1
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    >>> main(["report", "gpt-tiny", "--batch-size", "4"])  # doctest: +ELLIPSIS
+    harmony report: gpt-tiny ...
+    0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _report(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"harmony {args.command}: error: {err}", file=sys.stderr)
+        return 2

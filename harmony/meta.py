@@ -1,0 +1,332 @@
+"""Per-layer sizes and times of a model built on the meta device: planning without allocation.
+
+A model built under ``with torch.device("meta"):`` has parameters with shapes and dtypes but no
+storage, and every operation on meta tensors computes only the shapes of its results. Running
+each layer of the chain once on a meta micro-batch therefore gives, for free, exactly what
+:func:`harmony.profile.profile_layers` measures by running it for real: the flat weight and
+gradient bytes (the same :class:`~harmony.layout.Layout`), the bytes of the layer's input,
+output and input gradient, and the bytes autograd saves for backward. A 70B-parameter model is
+profiled in seconds in a few hundred MiB of memory.
+
+Times cannot be measured on meta tensors; they are estimated from the floating-point operations
+:class:`torch.utils.flop_counter.FlopCounterMode` counts (matrix multiplications and attention),
+divided by the device's sustained FLOP/s (``device_flops``). Element-wise and memory-bound work
+is not counted, so the estimate is a lower bound on the layer's time.
+
+Attention: on meta tensors ``F.scaled_dot_product_attention`` falls back to the unfused math
+path, which would save the [T, T] attention matrix for backward. Real runs pick a fused kernel
+(flash attention on CPU and on recent GPUs) that saves only q, k, v, the output and the
+log-sum-exp, so the profile routes such calls to the fused kernel's meta implementation, and
+the saved bytes match a real run on CPU.
+
+>>> from harmony.builtin_models import build
+>>> with torch.device("meta"):
+...     spec = build("gpt-tiny")
+>>> prof = profile_on_meta(spec, micro_batch_size=2)
+>>> [lp.name for lp in prof.layers]
+['embed', 'blocks.0', 'blocks.1', 'head']
+>>> prof.layers[1].in_bytes  # per sample: [16 tokens, 32 channels] fp32
+2048.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from harmony.chain import Chain, as_tuple, call, checked_loss
+from harmony.layout import Layout
+from harmony.profile import LayerProfile
+
+GPU_FLOPS = 100e12   # default: a data-centre GPU's sustained dense FLOP/s
+CPU_FLOPS = 165e9    # fp32 matmul FLOP/s measured on the 2-core development machine
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass
+class ModelSpec:
+    """A model and what it takes to run one micro-batch of it.
+
+    Args:
+        name: shown in reports.
+        model: a chain harmony can split (``nn.Sequential``, list, or ``harmony_chain()``).
+        loss_fn: ``(output, target) -> scalar`` mean loss of one micro-batch.
+        example_inputs: ``n -> (inputs, targets)`` for a micro-batch of ``n`` samples, created
+            on the current default device (so under ``torch.device("meta")`` they are meta).
+        seq_len: tokens per sample, when the model has sequences (shown in reports).
+    """
+
+    name: str
+    model: nn.Module
+    loss_fn: Callable[..., torch.Tensor]
+    example_inputs: Callable[[int], tuple[Inputs, torch.Tensor]]
+    seq_len: int | None = None
+
+
+@dataclass
+class ModelProfile:
+    """A model's per-layer profile at one micro-batch size, plus what the planner needs besides.
+
+    Attributes:
+        name, source: what was profiled and how (meta estimate, measurement, paper profile).
+        layers: one :class:`~harmony.profile.LayerProfile` per layer of the chain.
+        params: parameters per layer. micro_batch_size: the samples it was profiled at.
+        k_ratio: optimizer-state bytes per gradient byte (2.0 for Adam(W) in fp32).
+        upd_s_per_byte: seconds per gradient byte of the optimizer update where K lives.
+    """
+
+    name: str
+    source: str
+    layers: list[LayerProfile]
+    params: list[int]
+    micro_batch_size: int
+    k_ratio: float = 2.0
+    upd_s_per_byte: float = 1e-9
+    seq_len: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [lp.name for lp in self.layers]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "harmony-profile/1", "name": self.name, "source": self.source,
+                "micro_batch_size": self.micro_batch_size, "k_ratio": self.k_ratio,
+                "upd_s_per_byte": self.upd_s_per_byte, "seq_len": self.seq_len,
+                "params": self.params, "layers": [asdict(lp) for lp in self.layers],
+                "extra": self.extra}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ModelProfile:
+        """Inverse of :meth:`to_json`; raises ValueError on another format."""
+        if data.get("format") != "harmony-profile/1":
+            raise ValueError(f"not a harmony profile (format={data.get('format')!r}); expected "
+                             "a file written by `harmony report ... --run FILE`")
+        return ModelProfile(data["name"], data["source"],
+                            [LayerProfile(**lp) for lp in data["layers"]], list(data["params"]),
+                            int(data["micro_batch_size"]), float(data["k_ratio"]),
+                            float(data["upd_s_per_byte"]), data.get("seq_len"),
+                            dict(data.get("extra", {})))
+
+
+class FusedAttention(TorchFunctionMode):
+    """Routes ``F.scaled_dot_product_attention`` on meta tensors to the fused (flash) kernel.
+
+    Only calls the fused kernel takes as they are (no mask, no dropout, same head counts) are
+    routed; anything else runs as written.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+                     "enable_gqa")
+            a = {**dict(zip(names, args)), **kwargs}
+            q, k, v = a["query"], a["key"], a["value"]
+            if (q.is_meta and q.dim() == 4 and a.get("attn_mask") is None
+                    and not a.get("dropout_p") and q.shape[1] == k.shape[1] == v.shape[1]):
+                out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, bool(a.get("is_causal", False)), scale=a.get("scale"))
+                return out
+        return func(*args, **kwargs)
+
+
+def _flash_fwd(q: Any, k: Any, v: Any, *args: Any, out_val: Any = None, **kw: Any) -> int:
+    return sdpa_flop_count(q.shape, k.shape, v.shape)
+
+
+def _flash_bwd(grad_out: Any, q: Any, k: Any, v: Any, *args: Any, out_val: Any = None,
+               **kw: Any) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape)
+
+
+class FlopCount(TorchDispatchMode):
+    """Counts the FLOPs of matrix multiplications and attention run under it (``.flops``).
+
+    Uses torch's FLOP formulas (``torch.utils.flop_counter``) but, unlike ``FlopCounterMode``,
+    never decomposes an operator into its Python reference, which makes counting a meta run
+    about ten times faster; every operator torch has a formula for is an ATen kernel reached
+    as is. The fused CPU attention kernel, which has no formula in torch, counts like the CUDA
+    ones.
+    """
+
+    _extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_fwd,
+              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_bwd}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        formula = self._extra.get(packet) or flop_registry.get(packet)
+        if formula is not None:
+            self.flops += int(formula(*args, out_val=out, **kwargs))
+        return out
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    # Meta storages have no address (data_ptr() is 0 for all); the StorageImpl's identity tells
+    # views of one storage apart from distinct storages, as data_ptr() does on a real device.
+    return int(t.untyped_storage()._cdata)
+
+
+def _signature(layer: nn.Module, value: tuple[torch.Tensor, ...],
+               last: bool) -> tuple[Any, ...] | None:
+    """What a layer's profile depends on, comparably; None when it cannot be told."""
+    parts: list[Any] = [last, tuple((tuple(t.shape), t.stride(), t.dtype) for t in value)]
+    for mod_name, mod in layer.named_modules():
+        state = []
+        for k, v in sorted(vars(mod).items()):
+            if k.startswith("_"):
+                continue
+            if isinstance(v, torch.Tensor):
+                return None  # a plain tensor attribute: its values could matter
+            state.append((k, repr(v)))
+        hooks = [repr(h) for h in (*mod._forward_hooks.values(),
+                                   *mod._forward_pre_hooks.values(),
+                                   *mod._backward_hooks.values())]
+        parts.append((mod_name, type(mod), tuple(state), tuple(hooks)))
+    for kind, items in (("p", layer.named_parameters()), ("b", layer.named_buffers())):
+        parts += [(kind, k, tuple(t.shape), t.dtype, t.requires_grad) for k, t in items]
+    return tuple(parts)
+
+
+def _nbytes(value: tuple[torch.Tensor, ...], floating_only: bool = False) -> int:
+    return sum(t.numel() * t.element_size() for t in value
+               if not floating_only or t.is_floating_point())
+
+
+def _to_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
+                 loss_fn: Callable[..., torch.Tensor],
+                 device_flops: float = GPU_FLOPS, reuse: bool = True) -> list[LayerProfile]:
+    """Profile every layer of ``chain`` on meta tensors: sizes exact, times from FLOPs.
+
+    Mirrors :func:`harmony.profile.profile_layers` (same fields, per sample, same accounting of
+    saved tensors: unique storages that are neither a parameter of the layer nor its input).
+
+    Args:
+        chain: the model's layers, with parameters on the meta device.
+        inputs, targets: one micro-batch on the meta device (inputs: a tensor or a tuple).
+        loss_fn: ``(output, target) -> scalar``; run after the last layer.
+        device_flops: sustained FLOP/s of the device, for the time estimate.
+        reuse: profile a layer identical to an earlier one (same class and attribute values
+            in every submodule, same parameter and buffer shapes and dtypes, same input shapes
+            and dtypes) only once. Anything that prints differently counts as different, so
+            a false match needs two layers that look alike in every attribute yet compute
+            differently.
+
+    Raises:
+        ValueError: a parameter, buffer or input not on the meta device (build the model under
+            ``with torch.device("meta"):``), or ``device_flops`` not positive.
+    """
+    if not device_flops > 0:
+        raise ValueError(f"device_flops={device_flops!r} must be a positive number of FLOP/s")
+    value = _to_tuple(inputs)
+    for name, t in [*chain.model.named_parameters(), *chain.model.named_buffers(),
+                    *((f"input {i}", x) for i, x in enumerate(value)), ("targets", targets)]:
+        if not t.is_meta:
+            raise ValueError(f"{name} is on {t.device}, not the meta device; build the model and "
+                             "its example inputs under `with torch.device('meta'):` so nothing "
+                             "is allocated")
+    samples = value[0].shape[0]
+    out: list[LayerProfile] = []
+    n = len(chain)
+    seen: dict[tuple[Any, ...], tuple[LayerProfile, tuple[torch.Tensor, ...]]] = {}
+    with FusedAttention():
+        for i, (name, layer) in enumerate(zip(chain.names, chain.layers)):
+            key = _signature(layer, value, last=i == n - 1) if reuse else None
+            if key is not None and key in seen:
+                # An identical layer on identical inputs (the 80 blocks of a 70B model): reuse.
+                lp, outs = seen[key]
+                out.append(replace(lp, name=name))
+                value = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
+                                                  device="meta") for t in outs)
+                continue
+            layout = Layout([layer])
+            with torch.no_grad(), FlopCount() as fc:
+                out_value = as_tuple(call(layer, value), f"layer {name!r}")
+            fwd_flops = fc.flops
+
+            saved: dict[int, int] = {}
+            leaf = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value)
+            known = {_storage_key(e.tensor) for e in layout.entries}
+            known |= {_storage_key(t) for t in leaf}
+
+            def pack(t: torch.Tensor, saved: dict[int, int] = saved,
+                     known: set[int] = known) -> torch.Tensor:
+                key = _storage_key(t)
+                if key not in known:
+                    saved[key] = t.untyped_storage().nbytes()
+                return t
+
+            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+            with FlopCount() as fc:
+                with torch.enable_grad(), hooks:
+                    res = call(layer, leaf)
+                    if i == n - 1:
+                        loss = checked_loss(loss_fn, res, targets)
+                        roots, grads = [loss], [torch.ones_like(loss)]
+                    else:
+                        outs = as_tuple(res, f"layer {name!r}")
+                        roots = [o for o in outs if o.requires_grad]
+                        grads = [torch.ones_like(o) for o in roots]
+                if roots:
+                    torch.autograd.backward(roots, grads)
+            bwd_flops = fc.flops
+            for e in layout.trainable:
+                e.tensor.grad = None
+            out.append(LayerProfile(
+                name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
+                in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,
+                saved_bytes=sum(saved.values()) / samples,
+                out_bytes=_nbytes(out_value) / samples,
+                fwd_s=fwd_flops / device_flops / samples,
+                bwd_s=bwd_flops / device_flops / samples))
+            value = tuple(t.detach() for t in out_value)
+            if key is not None:
+                seen[key] = (out[-1], value)
+    return out
+
+
+def profile_on_meta(spec: ModelSpec, micro_batch_size: int, device_flops: float = GPU_FLOPS,
+                    upd_s_per_byte: float = 1e-9, k_ratio: float = 2.0) -> ModelProfile:
+    """:func:`meta_profile` of a :class:`ModelSpec` built on the meta device.
+
+    Args:
+        spec: built under ``with torch.device("meta"):``.
+        micro_batch_size: samples in the profiled micro-batch.
+        device_flops: sustained FLOP/s of the device (``GPU_FLOPS``, ``CPU_FLOPS`` or measured).
+        upd_s_per_byte, k_ratio: carried into the result for the planner (defaults: Adam(W)
+            in fp32, updated at 1 GB/s of gradients).
+
+    Raises:
+        ValueError: as :func:`meta_profile`, or a ``micro_batch_size`` below 1.
+    """
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
+            or micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int")
+    chain = Chain(spec.model)
+    with torch.device("meta"):
+        inputs, targets = spec.example_inputs(micro_batch_size)
+    layers = meta_profile(chain, inputs, targets, spec.loss_fn, device_flops)
+    params = [sum(p.numel() for p in layer.parameters()) for layer in chain.layers]
+    return ModelProfile(spec.name, f"meta-device estimate, times at {device_flops:.3g} FLOP/s",
+                        layers, params, micro_batch_size, k_ratio, upd_s_per_byte, spec.seq_len)
