@@ -14,7 +14,7 @@ needed again soon:
 
 Harmony, 3 packs, 2 micro-batches, everything at home on the host, prefetch 1::
 
-    +X0.0 +W0 +W1 F0.0 -X1.0 ~X0.0 +X0.1 F0.1 -X1.1 ~X0.1 +X1.0 ~W0 +W2 F1.0 ...
+    +W0 +X0.0 +X0.1 +W1 F0.0 ~X0.0 F0.1 ~W0 ~X0.1 +W2 F1.0 -X1.0 F1.1 -X1.1 B2.0 ...
 """
 
 from __future__ import annotations

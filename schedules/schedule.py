@@ -68,11 +68,12 @@ class Schedule:
         """
         cells = [(">" + str(t) + "<") if i == mark else str(t) for i, t in enumerate(self.tasks)]
         col_w = max([len(c) for c in cells] + [3])
+        rows = max([self.packs] + [t.pack + 1 for t in self.tasks])
         lines: list[str] = []
         for start in range(0, len(cells), width):
             stop = min(start + width, len(cells))
             lines.append("      " + " ".join(f"{i:>{col_w}}" for i in range(start, stop)))
-            for p in range(self.packs):
+            for p in range(rows):
                 row = [cells[i] if self.tasks[i].pack == p else "." for i in range(start, stop)]
                 lines.append(f"P{p:<4} " + " ".join(f"{c:>{col_w}}" for c in row))
             lines.append("")

@@ -142,4 +142,7 @@ class Task:
                              "'+W2', '-X1.0', '~W2', '!D1.0'")
         mb = None if m["mb"] is None else int(m["mb"])
         kind = Kind(m["kind"]) if m["kind"] else None
-        return Task(Op(m["op"]), int(m["pack"]), mb, kind)
+        try:
+            return Task(Op(m["op"]), int(m["pack"]), mb, kind)
+        except ValueError as err:
+            raise ValueError(f"task {text!r}: {err}") from None

@@ -1,8 +1,8 @@
 """The DeepSpeed async I/O (libaio) engine for the NVMe store, loaded lazily.
 
 DeepSpeed's ``async_io`` op submits O_DIRECT reads and writes through libaio with a queue of
-blocks per request and takes page-locked buffers. Building it is a JIT C++ compile of about
-five minutes, so the store only uses an op that is already built unless asked for "aio" by
+blocks per request and takes page-locked buffers. Building it is a JIT C++ compile of 5 to
+15 minutes, so the store only uses an op that is already built unless asked for "aio" by
 name; ``.ci/install-aio.sh`` builds it ahead of time.
 
 What the op does not do, and the store makes up for:
@@ -67,13 +67,15 @@ def load_aio_op(build: bool) -> Any:
     if not build and not aio_prebuilt():
         raise AioUnavailable(
             f"op not built in {extensions_dir()}; run .ci/install-aio.sh or "
-            f"NvmeStore(backend='aio') once, about 5 minutes"
+            f"NvmeStore(backend='aio') once, 5-15 minutes"
         )
     try:
         builder_mod = importlib.import_module("deepspeed.ops.op_builder")
     except Exception as e:  # ImportError, or DeepSpeed failing on its own imports
         raise AioUnavailable(f"deepspeed not importable: {type(e).__name__}: {e}") from e
     builder = builder_mod.AsyncIOBuilder()
+    # DeepSpeed checks by compiling a test program against libaio: where it fails, say so
+    # rather than show the compiler error of a doomed build.
     if not builder.is_compatible(verbose=False):
         raise AioUnavailable("libaio-dev missing: apt-get install -y libaio-dev")
     try:

@@ -70,7 +70,7 @@ class PosixIO:
     def pwrite(self, fd: int, path: str, buf: torch.Tensor, offset: int) -> None:
         view = memview(buf)
         done = 0
-        while done < len(view):  # a short write (e.g. the disk just filled up) is retried once more
+        while done < len(view):  # after a short write, the next call writes the rest or fails
             n = os.pwritev(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise OSError(errno.EIO, f"pwritev wrote nothing at offset {offset + done}", path)

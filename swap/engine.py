@@ -37,7 +37,7 @@ class SwapEngine:
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, kind: str) -> Handle:
         """Start ``dst.copy_(src)`` on ``link``; the caller keeps both alive until it is done."""
-        if dst.numel() != src.numel() or dst.dtype != src.dtype:
+        if dst.shape != src.shape or dst.dtype != src.dtype:
             raise ValueError(f"copy on {link}: {tuple(src.shape)} {src.dtype} into "
                              f"{tuple(dst.shape)} {dst.dtype}")
         nbytes = src.numel() * src.element_size()

@@ -70,7 +70,7 @@ class NvmeStore:
             new subdirectory ``root/harmony-<pid>-<random>`` (mode 0700, files 0600) and
             removes the subdirectories that dead runs left behind.
         backend: ``"auto"`` (the best that works), ``"aio"`` (DeepSpeed async I/O; builds the
-            op if needed, about 5 minutes), ``"odirect"`` or ``"buffered"``. A backend that does
+            op if needed, 5-15 minutes), ``"odirect"`` or ``"buffered"``. A backend that does
             not work here degrades to the next one with a one-line warning saying why.
             ``"auto"`` never builds: it uses the aio op only if it is already built.
         threads: worker threads, i.e. chunks in flight at once.
@@ -386,9 +386,7 @@ class NvmeStore:
                 io = engine.pwrite if job.op == "write" else engine.pread
                 io(job.fd, path, data[off : off + length], off)
             else:
-                used = min(
-                    length, data.numel() - off
-                )  # caller's bytes in this chunk; rest is padding
+                used = min(length, data.numel() - off)  # the caller's bytes; the rest is padding
                 with self._pool.borrow() as stage:
                     buf = stage[:length]
                     if job.op == "write":
@@ -407,9 +405,14 @@ class NvmeStore:
     def _finisher(self, job: _Job) -> Callable[[BaseException | None], None]:
         def finish(error: BaseException | None) -> None:
             # Runs once per request, on the thread that completed its last chunk.
+            close_error = None
             if job.fd >= 0:
-                os.close(job.fd)
+                try:
+                    os.close(job.fd)
+                except OSError as e:  # some file systems report a lost write only here
+                    close_error = self._io_error(job, 0, job.file.padded, e)
                 job.fd = -1
+            error = error or close_error
             with self._lock:
                 f = job.file
                 f.users -= 1
@@ -423,6 +426,8 @@ class NvmeStore:
                 if f.retired:
                     self._retire(f)
                 self._inflight.discard(job.request)
+            if close_error is not None and error is close_error:
+                raise close_error  # the request completes with it
 
         return finish
 

@@ -114,6 +114,8 @@ class Tier:
             self._pending.append((after, buf.numel(), buf))
         else:
             self._put_back(buf.numel(), buf)
+            if after is not None:
+                after.synchronize()  # done: re-raises its error, if it failed
 
     @property
     def cached(self) -> int:
@@ -140,18 +142,23 @@ class Tier:
 
     def _reclaim_oldest(self) -> None:
         handle, nbytes, buf = self._pending.popleft()
-        handle.synchronize()
-        self._put_back(nbytes, buf)
+        try:
+            handle.synchronize()
+        finally:
+            self._put_back(nbytes, buf)
 
     def _reclaim_done(self) -> None:
         keep: deque[tuple[Handle, int, torch.Tensor | None]] = deque()
+        finished: list[Handle] = []
         for item in self._pending:
             if item[0].done():
                 self._put_back(item[1], item[2])
-                item[0].synchronize()  # re-raises the copy's error (e.g. a failed NVMe write)
+                finished.append(item[0])
             else:
                 keep.append(item)
         self._pending = keep
+        for handle in finished:  # the books are straight: now re-raise a failed copy's error
+            handle.synchronize()
 
     def _make_room(self, nbytes: int, what: str) -> None:
         if self.capacity is None:
