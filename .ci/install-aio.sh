@@ -40,7 +40,7 @@ if ! "$PYTHON" -c "import deepspeed" >/dev/null 2>&1; then
     fi
 fi
 
-# 3. Build the op into TORCH_EXTENSIONS_DIR (about 5 minutes the first time, seconds after).
+# 3. Build the op into TORCH_EXTENSIONS_DIR (5-15 minutes the first time, seconds after).
 #    A build killed half-way leaves a lock file that would make every later load wait forever.
 for op in pin_memory async_io; do
     if [ -e "$TORCH_EXTENSIONS_DIR/$op/lock" ]; then

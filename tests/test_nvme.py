@@ -2,7 +2,7 @@
 
 Every backend that works here runs the same round trips; one that does not is skipped with the
 reason. The aio backend runs only when DeepSpeed's op is already built (``.ci/install-aio.sh``)
-or HARMONY_TEST_AIO=1 asks for it (then it may build, about 5 minutes); HARMONY_TEST_AIO=0
+or HARMONY_TEST_AIO=1 asks for it (then it may build, 5-15 minutes); HARMONY_TEST_AIO=0
 skips it.
 """
 
@@ -45,7 +45,7 @@ def aio_skip_reason() -> str | None:
     if not aio_prebuilt():
         return (
             "DeepSpeed async I/O op not built (run .ci/install-aio.sh, or set "
-            "HARMONY_TEST_AIO=1 to build it here, about 5 minutes)"
+            "HARMONY_TEST_AIO=1 to build it here, 5-15 minutes)"
         )
     return None
 
