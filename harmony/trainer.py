@@ -115,17 +115,21 @@ class Trainer:
         self._layer_layouts = [Layout([m]) for m in self.chain.layers]
         self._check_shared_parameters()
         self._check_layers_fit()
+        self.store = NvmeStore(nvme_dir) if nvme_dir is not None else None  # ValueError if bad
+        # CPU buffers that files are read into or written from come page-aligned from the
+        # store, so its direct I/O needs no staging copy (pinned CUDA buffers stay torch's).
+        pin = host_pinning(self.device)
+        aligned = self.store.allocate if self.store is not None else None
         self.tiers = {
             # On CPU the device tier stands in for a GPU whose caching allocator keeps freed
             # blocks: its pool keeps every freed buffer, so steady-state steps allocate nothing.
             Loc.DEVICE: Tier("device", self.device, self.device_memory,
-                             cache_limit=None if self.device.type == "cpu" else 0),
-            Loc.HOST: Tier("host", torch.device("cpu"), self.host_memory,
-                           pin=host_pinning(self.device)),
+                             cache_limit=None if self.device.type == "cpu" else 0,
+                             alloc=aligned if self.device.type == "cpu" else None),
+            Loc.HOST: Tier("host", torch.device("cpu"), self.host_memory, pin=pin,
+                           alloc=None if pin else aligned),
         }
-        self.store: NvmeStore | None = None
-        if nvme_dir is not None:
-            self.store = NvmeStore(nvme_dir)  # ValueError naming the path if unusable
+        if self.store is not None:
             self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)
         self._engine = SwapEngine(self.device, self.stats)
         self._runtime: Runtime | None = None

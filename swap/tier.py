@@ -18,6 +18,7 @@ raises :class:`OutOfCapacity`: the accounted bytes never exceed the capacity.
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Callable
 
 import torch
 
@@ -52,6 +53,8 @@ class Tier:
         pin: allocate page-locked host memory (only meaningful with CUDA present).
         cache_limit: bytes of free buffers kept for reuse; default: the capacity (unlimited when
             there is none), 0 on a CUDA device.
+        alloc: makes a new uint8 buffer of n bytes (default ``torch.empty`` on ``device``);
+            e.g. the NVMe store's page-aligned allocator, so its I/O needs no staging copy.
 
     >>> t = Tier("device", torch.device("cpu"), capacity=1024)
     >>> buf = t.allocate(512); t.used
@@ -61,13 +64,15 @@ class Tier:
     """
 
     def __init__(self, name: str, device: torch.device, capacity: int | None = None,
-                 pin: bool = False, cache_limit: int | None = -1) -> None:
+                 pin: bool = False, cache_limit: int | None = -1,
+                 alloc: Callable[[int], torch.Tensor] | None = None) -> None:
         if capacity is not None and capacity < 0:
             raise ValueError(f"{name} tier capacity must be >= 0 bytes, got {capacity}")
         self.name, self.device, self.capacity, self.pin = name, device, capacity, pin
         if cache_limit == -1:
             cache_limit = 0 if device.type == "cuda" else capacity
         self.cache_limit = cache_limit
+        self._alloc = alloc
         self.used = 0
         self.peak = 0
         self.allocations = 0  # buffers created (not reused): constant in a steady state
@@ -101,8 +106,11 @@ class Tier:
             buf = free.pop()
             self._cached -= nbytes
         else:
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device,
-                              pin_memory=self.pin and self.device.type == "cpu")
+            if self._alloc is not None:
+                buf = self._alloc(nbytes)
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device,
+                                  pin_memory=self.pin and self.device.type == "cpu")
             self.allocations += 1
         self.used += nbytes
         self.peak = max(self.peak, self.used)
