@@ -1,0 +1,144 @@
+"""How well NVMe transfers hide behind compute: step time with weights and optimizer state on
+NVMe, against compute alone and I/O alone.
+
+Three measurements on the same model and batches, interleaved and repeated:
+
+* compute-only: everything on the device tier (no budgets), the same harmony schedule;
+* NVMe: weights (W) and optimizer state (K) homed in files, device and host budgets below the
+  training state, so every step reads W twice, reads W and K for the update and writes them back;
+* I/O-only: the same reads and writes, issued in the same order with nothing computed.
+
+The table reports medians (and min-max) and the ratio step / max(compute, I/O): 1.0 means the
+transfers hid completely behind compute (or the compute behind the transfers).
+
+    python examples/bench_nvme.py --nvme-dir /tmp/harmony-bench            # ~3 min on 2 cores
+    python examples/bench_nvme.py --nvme-dir /mnt/nvme --n-layer 12 --n-embd 768 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import harmony
+except ModuleNotFoundError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import harmony
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpt import GPT, GPTConfig, loss_fn
+
+from swap.tier import fmt_bytes
+
+
+def batches(cfg: GPTConfig, n: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, cfg.vocab_size, (size, cfg.block_size), generator=g)
+        out.append((x, torch.roll(x, -1, dims=1)))
+    return out
+
+
+def timed_steps(trainer: harmony.Trainer, data: list[tuple[torch.Tensor, torch.Tensor]],
+                ) -> list[float]:
+    out = []
+    for x, y in data:
+        t0 = time.perf_counter()
+        trainer.step(x, y)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def io_only(trainer: harmony.Trainer) -> float:
+    """Replay one step's NVMe traffic (the plan's weight loads, the update's reads and
+    writes) with no compute, in the order the schedule issues it."""
+    store, runtime, plan = trainer.store, trainer._runtime, trainer.plan
+    assert store is not None and runtime is not None and plan is not None
+    packs = runtime.packs
+    bufs = {p.index: torch.empty(p.layout.w_bytes, dtype=torch.uint8) for p in packs}
+    kbufs = {p.index: torch.empty(p.k_bytes, dtype=torch.uint8) for p in packs}
+    t0 = time.perf_counter()
+    handles = []
+    loads = plan.schedule.weight_loads()
+    for p in packs:  # forward: one load per pack (the backward's second load comes below)
+        if loads[p.index] > 1:
+            handles.append(store.read(p.w_key, bufs[p.index]))
+    for p in reversed(packs):
+        handles.append(store.read(p.w_key, bufs[p.index]))  # backward
+        reads = [store.read(p.w_key, bufs[p.index]), store.read(p.k_key, kbufs[p.index])]
+        for h in reads:  # the update needs its inputs before it can write them back
+            h.synchronize()
+        handles += [store.write(p.w_key, bufs[p.index]), store.write(p.k_key, kbufs[p.index])]
+    for h in handles:
+        h.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nvme-dir", required=True)
+    ap.add_argument("--n-layer", type=int, default=8)
+    ap.add_argument("--n-embd", type=int, default=512)
+    ap.add_argument("--n-head", type=int, default=8)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+    n_params = GPT(cfg).num_params()
+    state = 16 * n_params
+    data = batches(cfg, args.repeats + 1, args.batch_size)
+
+    def make(nvme: bool) -> harmony.Trainer:
+        kw = dict(device_memory=state // 4, host_memory=state // 3,
+                  nvme_dir=args.nvme_dir) if nvme else {}
+        return harmony.Trainer(GPT(cfg), loss_fn, optimizer=harmony.optim.adamw(lr=1e-4),
+                               micro_batch_size=args.micro_batch_size, **kw)
+
+    print(f"model: {n_params / 1e6:.1f}M parameters, training state {fmt_bytes(state)}; "
+          f"NVMe run: device {fmt_bytes(state // 4)}, host {fmt_bytes(state // 3)}; "
+          f"batch {args.batch_size} x {args.block_size} tokens, micro-batch "
+          f"{args.micro_batch_size}")
+    with make(False) as compute, make(True) as nvme:
+        compute.step(*data[0])  # warm-up: plans, builds packs, first optimizer state
+        nvme.step(*data[0])
+        assert nvme.plan is not None and nvme.store is not None
+        print(nvme.plan.describe(nvme.chain.names))
+        print(f"NVMe backend: {nvme.store.backend}")
+        nvme.stats.reset()
+        c_times, n_times, io_times = [], [], []
+        for batch in data[1:]:  # interleaved, so drifts of the shared disk hit all three
+            c_times += timed_steps(compute, [batch])
+            n_times += timed_steps(nvme, [batch])
+            io_times.append(io_only(nvme))
+        steps = len(n_times)
+        per_link = {k: v / steps for k, v in sorted(nvme.stats.bytes_moved.items())}
+        stall = {k: v / steps for k, v in sorted(nvme.stats.stall_seconds.items()) if v > 0}
+
+    def fmt(xs: list[float]) -> str:
+        return f"{statistics.median(xs):7.3f} s ({min(xs):.3f}-{max(xs):.3f})"
+
+    c, n, io = (statistics.median(x) for x in (c_times, n_times, io_times))
+    print()
+    print("| measurement | median (min-max) |")
+    print("|---|---|")
+    print(f"| compute only (all on the device tier) | {fmt(c_times)} |")
+    print(f"| I/O only (the step's NVMe reads and writes) | {fmt(io_times)} |")
+    print(f"| step with W and K on NVMe | {fmt(n_times)} |")
+    print(f"| step / max(compute, I/O) | {n / max(c, io):.2f} |")
+    print()
+    print("bytes per step: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in per_link.items()))
+    print("stall per step: " + (", ".join(f"{k} {v:.3f} s" for k, v in stall.items()) or "none"))
+
+
+if __name__ == "__main__":
+    main()
