@@ -127,7 +127,7 @@ class Trainer:
                              cache_limit=None if self.device.type == "cpu" else 0,
                              alloc=aligned if self.device.type == "cpu" else None),
             Loc.HOST: Tier("host", torch.device("cpu"), self.host_memory, pin=pin,
-                           alloc=None if pin else aligned),
+                           share_capacity=True, alloc=None if pin else aligned),
         }
         if self.store is not None:
             self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)

@@ -34,6 +34,14 @@ class OutOfCapacity(MemoryError):
                          f"its {fmt_bytes(capacity)} are in use")
 
 
+def size_class(n: int) -> int:
+    """``n`` rounded up to a multiple of an eighth of the largest power of two <= n."""
+    if n <= 4096:
+        return n
+    step = (1 << (n.bit_length() - 1)) // 8
+    return (n + step - 1) // step * step
+
+
 def fmt_bytes(n: float) -> str:
     """``1536`` -> ``'1.50KiB'``; used in every message that shows a size."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -53,6 +61,9 @@ class Tier:
         pin: allocate page-locked host memory (only meaningful with CUDA present).
         cache_limit: bytes of free buffers kept for reuse; default: the capacity (unlimited when
             there is none), 0 on a CUDA device.
+        share_capacity: free buffers kept for reuse share the capacity with what is in use
+            (used + cached <= capacity, trimmed only when a new buffer is needed), for a tier
+            whose budget is physical memory, like pinned host memory.
         alloc: makes a new uint8 buffer of n bytes (default ``torch.empty`` on ``device``);
             e.g. the NVMe store's page-aligned allocator, so its I/O needs no staging copy.
 
@@ -64,20 +75,22 @@ class Tier:
     """
 
     def __init__(self, name: str, device: torch.device, capacity: int | None = None,
-                 pin: bool = False, cache_limit: int | None = -1,
+                 pin: bool = False, cache_limit: int | None = -1, share_capacity: bool = False,
                  alloc: Callable[[int], torch.Tensor] | None = None) -> None:
         if capacity is not None and capacity < 0:
             raise ValueError(f"{name} tier capacity must be >= 0 bytes, got {capacity}")
         self.name, self.device, self.capacity, self.pin = name, device, capacity, pin
         if cache_limit == -1:
             cache_limit = 0 if device.type == "cuda" else capacity
-        self.cache_limit = cache_limit
+        self.cache_limit = None if share_capacity else cache_limit
+        self.share_capacity = share_capacity and capacity is not None
         self._alloc = alloc
         self.used = 0
         self.peak = 0
         self.allocations = 0  # buffers created (not reused): constant in a steady state
         self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
         self._cached = 0
+        self._bases: dict[int, torch.Tensor] = {}  # data_ptr of a best-fit buffer -> the whole
         self._pending: deque[tuple[Handle, int, torch.Tensor | None]] = deque()
 
     # -- accounting -------------------------------------------------------------------------
@@ -102,19 +115,42 @@ class Tier:
         """A flat uint8 buffer of exactly ``nbytes`` on this tier, reused when one is free."""
         self._make_room(nbytes, what)
         free = self._free.get(nbytes)
+        fit = None if free else self._best_fit(nbytes)
         if free:
             buf = free.pop()
             self._cached -= nbytes
+        elif fit is not None:
+            # A slightly larger free buffer serves (packs' buffers differ a little in size):
+            # hand out its first nbytes and remember the whole for the release.
+            base = self._free[fit].pop()
+            self._cached -= fit
+            buf = base[:nbytes]
+            self._bases[buf.data_ptr()] = base
         else:
+            # New buffers get a size class (the next multiple of an eighth of the power of two
+            # below), so buffers of similar sizes (packs differ a little) serve each other.
+            size = size_class(nbytes) if self.share_capacity else nbytes
+            if self.share_capacity:
+                assert self.capacity is not None
+                self._trim_to(self.capacity - self.used - size)
             if self._alloc is not None:
-                buf = self._alloc(nbytes)
+                buf = self._alloc(size)
             else:
-                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device,
+                buf = torch.empty(size, dtype=torch.uint8, device=self.device,
                                   pin_memory=self.pin and self.device.type == "cpu")
             self.allocations += 1
+            if size != nbytes:
+                base, buf = buf, buf[:nbytes]
+                self._bases[buf.data_ptr()] = base
         self.used += nbytes
         self.peak = max(self.peak, self.used)
         return buf
+
+    def _best_fit(self, nbytes: int) -> int | None:
+        """The smallest cached size in (nbytes, 1.25 * size_class(nbytes)], if any."""
+        top = size_class(nbytes) * 5 // 4
+        sizes = [s for s, bufs in self._free.items() if bufs and nbytes < s <= top]
+        return min(sizes) if sizes else None
 
     def release(self, buf: torch.Tensor, after: Handle | None = None) -> None:
         """Return ``buf`` to the pool, once ``after`` (a copy still reading it) is done."""
@@ -143,10 +179,13 @@ class Tier:
     # -- internals --------------------------------------------------------------------------
     def _put_back(self, nbytes: int, buf: torch.Tensor | None) -> None:
         self.used -= nbytes
-        if buf is not None and (self.cache_limit is None or nbytes <= self.cache_limit):
-            self._trim_cache(nbytes)
-            self._free[nbytes].append(buf)
-            self._cached += nbytes
+        if buf is not None:
+            buf = self._bases.pop(buf.data_ptr(), buf)  # the whole of a best-fit buffer
+        size = buf.numel() if buf is not None else 0
+        if buf is not None and (self.cache_limit is None or size <= self.cache_limit):
+            self._trim_cache(size)
+            self._free[size].append(buf)
+            self._cached += size
 
     def _reclaim_oldest(self) -> None:
         handle, nbytes, buf = self._pending.popleft()
@@ -180,9 +219,11 @@ class Tier:
 
     def _trim_cache(self, nbytes: int) -> None:
         """Drop cached buffers (largest first) so that cached + nbytes fits the cache limit."""
-        if self.cache_limit is None:
-            return
+        if self.cache_limit is not None:
+            self._trim_to(self.cache_limit - nbytes)
+
+    def _trim_to(self, limit: int) -> None:
         for size in sorted(self._free, reverse=True):
-            while self._free[size] and self._cached + nbytes > self.cache_limit:
+            while self._free[size] and self._cached > limit:
                 self._free[size].pop()
                 self._cached -= size
