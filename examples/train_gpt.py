@@ -10,6 +10,8 @@ Run from the repository root (after ``pip install -e .``, or with ``PYTHONPATH=.
     python examples/train_gpt.py                        # defaults: ~1-2 min on 2 CPU cores
     python examples/train_gpt.py --steps 20 --eval-every 10 --n-layer 2 --n-embd 64   # smoke
     python examples/train_gpt.py --schedule per-microbatch   # the baseline: more bytes moved
+    mkdir -p /tmp/harmony-nvme && python examples/train_gpt.py --host-memory 4MiB \
+        --nvme-dir /tmp/harmony-nvme      # training state 3x the host budget: NVMe files
     python examples/train_gpt.py --schedule resident --device-memory 64MiB  # no swapping
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py --device cuda --n-layer 8 \
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="device budget, e.g. '4MiB' or bytes (default: a third of the "
                         "training state, so packs must swap; none for --schedule resident)")
     p.add_argument("--host-memory", default=None, help="host budget (default: no limit)")
+    p.add_argument("--nvme-dir", default=None,
+                   help="an existing directory for the NVMe tier: with a small --host-memory, "
+                        "weights, optimizer state and activations live in files there")
     p.add_argument("--schedule", default="harmony",
                    choices=["harmony", "per-microbatch", "resident"])
     p.add_argument("--seed", type=int, default=1337)
@@ -149,8 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def make_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         # harmony calls this once per pack, with that pack's parameters wherever its optimizer
-        # state lives (the host when the pack swaps). The fused kernel is exact and faster;
-        # use it wherever this torch build has it for that device.
+        # state lives (the host when the pack swaps). The fused kernel is faster; it rounds a
+        # little differently from torch's default AdamW (harmony.optim.adamw() is the exact one).
         fused = _fused_adamw_supported(params[0].device)
         return torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), fused=fused or None)
 
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             return harmony.Trainer(model, loss_fn, optimizer=make_optimizer,
                                    micro_batch_size=args.micro_batch_size, device=device,
                                    device_memory=budget, host_memory=args.host_memory,
-                                   schedule=args.schedule, seed=args.seed)
+                                   nvme_dir=args.nvme_dir, schedule=args.schedule,
+                                   seed=args.seed)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
             sys.exit(f"train_gpt.py: {e}")
 

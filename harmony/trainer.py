@@ -54,6 +54,8 @@ class Trainer:
             no limit.
         nvme_dir: an existing, writable directory (ideally on an NVMe drive) for the NVMe tier;
             None: no NVMe tier. harmony works in a private subdirectory it removes on close.
+        nvme_backend: ``"auto"`` (DeepSpeed's async I/O op when it is built, else O_DIRECT
+            threads), ``"aio"``, ``"odirect"`` or ``"buffered"``.
         schedule: ``"harmony"`` (layer-major, the default), ``"per-microbatch"`` or
             ``"resident"`` (no swapping, no recompute: plain gradient accumulation).
         prefetch: how many packs ahead weights are loaded; None lets the planner choose.
@@ -82,7 +84,8 @@ class Trainer:
                  device: str | torch.device = "cpu",
                  device_memory: int | str | None = None, host_memory: int | str | None = None,
                  nvme_dir: str | None = None, schedule: str = "harmony",
-                 prefetch: int | None = None, seed: int = 0, nonfinite: str = "raise") -> None:
+                 prefetch: int | None = None, seed: int = 0, nonfinite: str = "raise",
+                 nvme_backend: str = "auto") -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -115,7 +118,8 @@ class Trainer:
         self._layer_layouts = [Layout([m]) for m in self.chain.layers]
         self._check_shared_parameters()
         self._check_layers_fit()
-        self.store = NvmeStore(nvme_dir) if nvme_dir is not None else None  # ValueError if bad
+        self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
+                      if nvme_dir is not None else None)
         # CPU buffers that files are read into or written from come page-aligned from the
         # store, so its direct I/O needs no staging copy (pinned CUDA buffers stay torch's).
         pin = host_pinning(self.device)

@@ -210,9 +210,13 @@ def make_trainer(nvme_dir: str | os.PathLike[str]) -> harmony.Trainer:
     state = training_state_bytes(factory(0.0), 8)
     # Half the training state fits on the device and half on the host: every pack's weights
     # and optimizer state live in NVMe files and move in and out every step.
+    # O_DIRECT threads, not DeepSpeed's aio op: the fork server forks after a warm-up, and
+    # the op's C++ threads do not survive a fork (a child sometimes aborted with
+    # std::system_error).
     return harmony.Trainer(factory(DROPOUT), loss_fn, optimizer=optimizer,
                            micro_batch_size=MICRO, device_memory=state // 2,
-                           host_memory=state // 2, nvme_dir=str(nvme_dir), seed=SEED)
+                           host_memory=state // 2, nvme_dir=str(nvme_dir), seed=SEED,
+                           nvme_backend="odirect")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
