@@ -12,21 +12,21 @@ cross-entropy loss, and a function that makes one micro-batch of token ids. Buil
 
 | name | layers x width | heads (kv) | MLP | parameters (untied head) |
 |---|---|---|---|---|
-| gpt-tiny | 2 x 32 | 4 | GELU 4x | 9.5K (tests) |
-| llama-tiny | 2 x 32 | 4 (2) | SwiGLU 96 | 11K (tests) |
-| gpt2 | 12 x 768 | 12 | GELU 4x | 163M |
-| gpt2-medium | 24 x 1024 | 16 | GELU 4x | 406M |
-| gpt2-xl | 48 x 1600 | 25 | GELU 4x | 1.64B |
+| gpt-tiny | 2 x 32 | 4 | GELU 4x | 30.1K (tests) |
+| llama-tiny | 2 x 32 | 4 (2) | SwiGLU 96 | 28.8K (tests) |
+| gpt2 | 12 x 768 | 12 | GELU 4x | 163.0M |
+| gpt2-medium | 24 x 1024 | 16 | GELU 4x | 406.3M |
+| gpt2-xl | 48 x 1600 | 25 | GELU 4x | 1.638B |
 | llama-7b | 32 x 4096 | 32 | SwiGLU 11008 | 6.74B |
 | llama-13b | 40 x 5120 | 40 | SwiGLU 13824 | 13.0B |
 | llama-70b | 80 x 8192 | 64 (8) | SwiGLU 28672 | 69.0B |
 
 GPT-2 ties its LM head to the token embedding; harmony does not support weights shared across
-layers yet, so the head here is separate (as in the Harmony paper's profiles: GPT-2 medium is
-406.3M parameters there too). Attention is ``F.scaled_dot_product_attention`` with
-``is_causal=True`` (a fused kernel: no [T, T] matrix is kept for backward). Llama's grouped-query
-attention repeats each key/value head for its group before the kernel, as the reference code
-does. No dropout.
+layers yet, so the head here is separate (as in the Harmony paper's profiles, whose GPT-2 medium
+and XL have exactly these 406.3M and 1.638B parameters). Attention is
+``F.scaled_dot_product_attention`` with ``is_causal=True`` (a fused kernel: no [T, T] matrix is
+kept for backward). Llama's grouped-query attention repeats each key/value head for its group
+before the kernel, as the reference code does. No dropout.
 
 >>> spec = build("gpt-tiny")
 >>> [type(m).__name__ for m in spec.model.harmony_chain()]

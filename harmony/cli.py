@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harmony.builtin_models import BUILTINS
@@ -48,16 +48,17 @@ what to plan:
   path/to/file.py:function returning (model, loss_fn, example_inputs), where
       example_inputs(n) -> (inputs, targets) for n samples; called under
       torch.device("meta") with seq_len=T when --seq-len is given
-  a .json profile written by --run"""
+  a .json profile written by --run (or a report written by --json)"""
 
 
 def _bandwidth(text: str) -> tuple[str, float]:
     name, sep, rate = text.partition("=")
-    name = name.strip()
+    # "host-device" reads the same as "host->device" and needs no quoting in a shell.
+    name = name.strip().replace("->", "-").replace("-", "->")
     if not sep or name not in LINKS:
         raise argparse.ArgumentTypeError(
-            f"--bandwidth {text!r}: write LINK=RATE with LINK one of {', '.join(LINKS)}, "
-            "e.g. host->device=11.5GiB")
+            f"--bandwidth {text!r}: write LINK=RATE with LINK one of {', '.join(LINKS)} "
+            "(quote the '>' in a shell, or write host-device), e.g. host-device=11.5GiB")
     rate = rate.strip().removesuffix("/s")
     try:
         value = parse_bytes(rate, f"--bandwidth {name}")
@@ -68,7 +69,7 @@ def _bandwidth(text: str) -> tuple[str, float]:
     return name, float(value)
 
 
-def _size(flag: str) -> object:
+def _size(flag: str) -> Callable[[str], int | None]:
     def parse(text: str) -> int | None:
         if text.lower() in ("none", "unlimited"):
             return None
@@ -131,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="force a prefetch depth (default: the planner's choice)")
     rep.add_argument("--bandwidth", type=_bandwidth, action="append", default=[],
                      metavar="LINK=RATE",
-                     help="bytes/s of a link, repeatable (default host->device=11.5GiB, "
-                          "device->host=11.5GiB; NVMe links 2.0GB read, 1.5GB write)")
+                     help="bytes/s of a link, repeatable, e.g. host-device=11.5GiB or "
+                          "'host->device=11.5GiB' (default 11.5GiB each way between host "
+                          "and device; NVMe links 2.0GB read, 1.5GB write)")
     rep.add_argument("--device-flops", type=_flops, default=GPU_FLOPS, metavar="FLOPS",
                      help="sustained FLOP/s for meta-device time estimates: a number, 'gpu' "
                           f"({GPU_FLOPS:.3g}) or 'cpu' ({CPU_FLOPS:.3g}); default gpu")
@@ -166,6 +168,9 @@ def _report(args: argparse.Namespace) -> int:
         print(f"harmony report: no plan fits: {err}", file=sys.stderr)
         return 2
     print(format_report(report))
+    if args.nvme_dir is not None and not Path(args.nvme_dir).is_dir():
+        print(f"note: --nvme-dir {args.nvme_dir} does not exist; the report only plans for "
+              "it (a Trainer needs an existing, writable directory)")
     if args.run is not None:
         print(f"\nmeasured profile written to {args.run}")
     if args.json is not None:

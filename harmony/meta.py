@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +122,9 @@ class FusedAttention(TorchFunctionMode):
     """Routes ``F.scaled_dot_product_attention`` on meta tensors to the fused (flash) kernel.
 
     Only calls the fused kernel takes as they are (no mask, no dropout, same head counts) are
-    routed; anything else runs as written.
+    routed; anything else runs as written. Calls made inside another torch function (such as
+    ``nn.MultiheadAttention``'s ``F.multi_head_attention_forward``) are not seen by the mode and
+    keep the math path, which overestimates their saved bytes.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
@@ -160,8 +162,9 @@ class FlopCount(TorchDispatchMode):
     ones.
     """
 
-    _extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_fwd,
-              torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_bwd}
+    _extra: ClassVar[dict[Any, Callable[..., int]]] = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _flash_fwd,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_bwd}
 
     def __init__(self) -> None:
         super().__init__()
@@ -172,7 +175,7 @@ class FlopCount(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        formula = self._extra.get(packet) or flop_registry.get(packet)
+        formula: Callable[..., int] | None = self._extra.get(packet) or flop_registry.get(packet)
         if formula is not None:
             self.flops += int(formula(*args, out_val=out, **kwargs))
         return out

@@ -15,10 +15,11 @@ How the paper's fields map, at micro-batch size ``u`` (LayerProfile values are p
 | ``g_bytes`` | ``W`` |
 | ``in_bytes`` | ``X[u] / u`` (``in_grad_bytes``: the same, 0 for the token ids of layer 0) |
 | ``out_bytes`` | ``X[u]`` of layer ``l + 1`` / ``u``; the loss layer's output is a 4-byte scalar |
-| ``saved_bytes`` | ``mem_bwd[u] - (W + B) - W - 2 X[u] - 3 out[u]`` (at least 0) / ``u``, so that a |
-| | one-layer pack's simulated backward peak (weights, gradients, input and its gradient, |
-| | output gradient, working bytes ``saved + 2 out``) equals the measured peak |
+| ``saved_bytes`` | ``mem_bwd[u] - (W + B) - W - 2 X[u] - 3 out[u]``, at least 0, / ``u`` (*) |
 | ``fwd_s``, ``bwd_s`` | ``t_fwd_gpu[u] / u``, ``t_bwd_gpu_incl_recompute[u] / u`` |
+
+(*) so that a one-layer pack's simulated backward peak (weights, gradients, input and its
+gradient, output gradient, working bytes ``saved + 2 out``) equals the measured ``mem_bwd``.
 
 The optimizer-state ratio is ``sum K / sum W`` (2.0: Adam) and the update speed is
 ``sum t_upd_cpu / sum W`` seconds per gradient byte. Micro-batch sizes between two profiled ones
@@ -82,6 +83,10 @@ def load(name: str, micro_batch_size: int) -> ModelProfile:
             or micro_batch_size < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int")
     path = _path(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no profile file {path}: the paper's profiles ship in the repository's "
+            "examples/data/profiles/; from an installed package give paper:PATH/TO/FILE.json")
     data: dict[str, Any] = json.loads(path.read_text())
     model, u = str(data.get("model", name)), micro_batch_size
     raw = data["layers"]

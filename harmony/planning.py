@@ -167,29 +167,56 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         for wk, x in tiers:
             options.append([(b, Placement.uniform(len(b), wk, x)) for b in bound_options])
 
-    tightest: tuple[SimResult, Plan] | None = None
+    tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
+    skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times]] = []
     for group in options:
         best: Plan | None = None
         for bounds, placement in group:
             sizes = pack_sizes(profiles, bounds, micro_batches, k_ratio)
             times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
+            may_fit = _may_fit(sizes, placement, device_budget, host_budget)
             for pf in prefetches:
+                if not may_fit:
+                    # The simulator charges every W and K at its home before the first task,
+                    # so this candidate cannot fit: lower and simulate it only if nothing fits.
+                    skipped.append((len(tried), bounds, placement, pf, sizes, times))
+                    tried.append(None)
+                    continue
                 lowered = lower(generate(schedule, len(bounds), M), placement, pf)
                 result = simulate(lowered, sizes, times)
                 candidate = Plan(bounds, lowered, sizes, result)
+                tried.append((result, candidate))
                 if fits(result):
                     assert result.step_time is not None
                     if best is None or result.step_time < (best.predicted.step_time or 0.0):
                         best = candidate
-                elif tightest is None or excess(result) < excess(tightest[0]):
-                    tightest = (result, candidate)
         if best is not None:
             return best
+    for i, bounds, placement, pf, sizes, times in skipped:
+        lowered = lower(generate(schedule, len(bounds), M), placement, pf)
+        result = simulate(lowered, sizes, times)
+        tried[i] = (result, Plan(bounds, lowered, sizes, result))
+    tightest: tuple[SimResult, Plan] | None = None
+    for entry in tried:  # the same choice, in the same order, as without the shortcut
+        assert entry is not None
+        if tightest is None or excess(entry[0]) < excess(tightest[0]):
+            tightest = entry
     assert tightest is not None
     peak = tightest[0].peak
     raise InfeasiblePlan(_infeasible(tightest[1], profiles, micro_batches, device_budget,
                                      host_budget, nvme),
                          peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0))
+
+
+def _may_fit(sizes: Sizes, placement: Placement, device_budget: int | None,
+             host_budget: int | None) -> bool:
+    """False when the weights and optimizer state at their homes alone exceed a budget."""
+    at = dict.fromkeys(Loc, 0)
+    for p in range(placement.packs):
+        at[placement.w[p]] += sizes.w[p]
+        at[placement.k[p]] += sizes.k[p]
+    return (device_budget is None or at[Loc.DEVICE] <= device_budget) and \
+        (host_budget is None or at[Loc.HOST] <= host_budget)
 
 
 def _infeasible(smallest: Plan, profiles: list[LayerProfile], micro_batches: list[int],

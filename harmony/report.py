@@ -49,7 +49,7 @@ from schedules.generators import generate
 from schedules.lower import lower
 from schedules.placement import Placement
 from schedules.schedule import Schedule
-from schedules.simulate import SimResult, Sizes, Times, link, simulate
+from schedules.simulate import SimResult, Sizes, link, simulate
 from schedules.task import Kind, Loc
 from swap.tier import fmt_bytes
 
@@ -153,7 +153,8 @@ def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
     """The profile of ``model`` at ``micro_batch_size``, without allocating the model.
 
     ``model``: ``paper:NAME`` (the paper's measured profiles), a ``.json`` file written by
-    ``harmony report ... --run FILE`` or by :meth:`ModelProfile.to_json`, or anything
+    ``harmony report ... --run FILE`` or ``--json FILE`` or by :meth:`ModelProfile.to_json`, or
+    anything
     :func:`load_spec` takes (built on the meta device and profiled there).
 
     Raises:
@@ -165,7 +166,10 @@ def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
                              f" leave --seq-len out (got {seq_len})")
         return paper_profiles.load(model[len("paper:"):], micro_batch_size)
     if model.endswith(".json"):
-        prof = ModelProfile.from_json(json.loads(Path(model).read_text()))
+        data = json.loads(Path(model).read_text())
+        if data.get("format") == "harmony-report/1":  # a --json report carries its profile
+            data = data["profile"]
+        prof = ModelProfile.from_json(data)
         if prof.micro_batch_size != micro_batch_size:  # per-sample values scale linearly
             prof.extra["profiled_micro_batch_size"] = prof.micro_batch_size
             prof.micro_batch_size = micro_batch_size
@@ -297,7 +301,9 @@ def _secs(s: float | None) -> str:
         return f"{s:.2f}s"
     if s >= 1e-3:
         return f"{s * 1e3:.2f}ms"
-    return f"{s * 1e6:.1f}us"
+    if s >= 1e-6:
+        return f"{s * 1e6:.2f}us"
+    return f"{s * 1e9:.2f}ns"
 
 
 def _table(rows: list[list[str] | str], right: set[int]) -> list[str]:
@@ -489,7 +495,12 @@ class PlotUnavailable(RuntimeError):
 
 
 def plot_report(r: Report, path: str | Path) -> None:
-    """Draw bytes held per tier after every task, chosen plan above baseline, to ``path``.
+    """Draw bytes held per tier over the step to ``path``: one panel per tier in use, the
+    chosen schedule beside the per-micro-batch baseline, the budget dashed.
+
+    The x axis is the position in the step (task index / number of tasks, so schedules of
+    different lengths line up); the y axis is the bytes held after each task (the working
+    bytes of a running task are in the predicted peak but not in the curve).
 
     Raises:
         PlotUnavailable: matplotlib is missing (``pip install 'harmony[plot]'``).
@@ -499,23 +510,27 @@ def plot_report(r: Report, path: str | Path) -> None:
     except ImportError:
         raise PlotUnavailable("--plot needs matplotlib, which is not installed: pip install "
                               "matplotlib (or pip install 'harmony[plot]')") from None
-    fig = Figure(figsize=(11, 6), layout="constrained")
-    axes = fig.subplots(2, 1, sharey=True)
+    runs = ((r.plan.schedule.name, r.plan.predicted, "tab:red"),
+            ("per-microbatch", r.baseline, "tab:gray"))
+    tiers = [t for t in _TIERS if any(point.get(t, 0) for _, res, _ in runs
+                                      for point in res.timeline)] or [Loc.DEVICE]
     budgets = {Loc.DEVICE: r.device_memory, Loc.HOST: r.host_memory}
-    colors = {Loc.DEVICE: "tab:red", Loc.HOST: "tab:blue", Loc.NVME: "tab:green"}
-    for ax, (title, res) in zip(axes, ((r.plan.schedule.name, r.plan.predicted),
-                                       ("per-microbatch (same packs and placement)",
-                                        r.baseline))):
-        for tier in _TIERS:
+    fig = Figure(figsize=(10, 2.6 * len(tiers) + 0.6), layout="constrained")
+    axes = fig.subplots(len(tiers), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, tier in zip(axes, tiers):
+        for name, res, color in runs:
+            n = max(len(res.timeline), 1)
             ys = [point.get(tier, 0) / GiB for point in res.timeline]
-            if any(ys):
-                ax.step(range(len(ys)), ys, where="post", color=colors[tier], label=tier.value)
-            cap = budgets.get(tier)
-            if cap is not None and any(ys):
-                ax.axhline(cap / GiB, color=colors[tier], linestyle="--", linewidth=0.8)
-        step = _secs(res.step_time)
-        ax.set_title(f"{r.profile.name}: {title}, predicted step {step}", fontsize=10)
-        ax.set_ylabel("GiB held")
+            ax.step([i / n for i in range(len(ys))], ys, where="post", color=color,
+                    label=f"{name} (step {_secs(res.step_time)})")
+        cap = budgets.get(tier)
+        if cap is not None:
+            ax.axhline(cap / GiB, color="black", linestyle="--", linewidth=0.8,
+                       label=f"budget {fmt_bytes(cap)}")
+        ax.set_ylabel(f"{tier.value} GiB")
+        ax.set_ylim(bottom=0)
         ax.legend(loc="upper right", fontsize=8)
-    axes[-1].set_xlabel("task (dashed: budget)")
+    axes[0].set_title(f"{r.profile.name}: bytes held per tier over one step, batch "
+                      f"{r.batch_size} in {len(r.micro_batches)} micro-batches", fontsize=10)
+    axes[-1].set_xlabel("position in the step (fraction of its tasks)")
     fig.savefig(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,9 @@ class Trainer:
             None: no NVMe tier. harmony works in a private subdirectory it removes on close.
         nvme_backend: ``"auto"`` (DeepSpeed's async I/O op when it is built, else O_DIRECT
             threads), ``"aio"``, ``"odirect"`` or ``"buffered"``.
+        plan: a :class:`Plan`, or the JSON file ``harmony report --json`` wrote: keep its pack
+            boundaries, placement, schedule and prefetch depth instead of planning (the
+            budgets are still checked against them on the first step).
         schedule: ``"harmony"`` (layer-major, the default), ``"per-microbatch"`` or
             ``"resident"`` (no swapping, no recompute: plain gradient accumulation).
         prefetch: how many packs ahead weights are loaded; None lets the planner choose.
@@ -85,7 +89,8 @@ class Trainer:
                  device_memory: int | str | None = None, host_memory: int | str | None = None,
                  nvme_dir: str | None = None, schedule: str = "harmony",
                  prefetch: int | None = None, seed: int = 0, nonfinite: str = "raise",
-                 nvme_backend: str = "auto") -> None:
+                 nvme_backend: str = "auto",
+                 plan: Plan | str | os.PathLike[str] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -107,6 +112,15 @@ class Trainer:
         self.device_memory = parse_bytes(device_memory, "device_memory")
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
+        self._fixed: tuple[Any, ...] | None = None
+        if plan is not None:
+            given = plan if isinstance(plan, Plan) else _load_plan(plan)
+            if given.bounds[-1][1] != len(self.chain):
+                raise ValueError(f"plan={plan!r} covers {given.bounds[-1][1]} layers but the "
+                                 f"model's chain has {len(self.chain)}; make the plan for this "
+                                 "model (harmony report ... --json)")
+            self._fixed = (given.bounds, given.placement)
+            schedule, prefetch = given.schedule.name, given.schedule.prefetch
         self.loss_fn = loss_fn
         self.optimizer_factory = optimizer or _default_optimizer
         self.micro_batch_size = micro_batch_size
@@ -240,7 +254,7 @@ class Trainer:
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
         self._profile(x, y)
-        chosen = self._plan_for(sizes)
+        chosen = self._plan_for(sizes, fixed=self._fixed)
         placement = chosen.placement
         packs = []
         for p, (a, b) in enumerate(chosen.bounds):
@@ -454,6 +468,17 @@ class Trainer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _load_plan(path: str | os.PathLike[str]) -> Plan:
+    from harmony.report import plan_from_json  # the JSON format lives with the report
+
+    try:
+        data = json.loads(Path(path).read_text())
+        return plan_from_json(data.get("plan", data))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"plan={str(path)!r} is not a plan written by harmony report --json "
+                         f"({type(err).__name__}: {err})") from err
 
 
 _BANDWIDTH: dict[str, dict[str, float]] = {}
