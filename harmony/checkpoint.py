@@ -10,6 +10,7 @@ truncated or corrupted file is detected on load. Loading never unpickles anythin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -77,7 +78,16 @@ def save(root: str | os.PathLike[str], step: int, model: dict[str, torch.Tensor]
         sums = {}
         for name, tensors in zip(TENSOR_FILES, (model, optimizer)):
             path = tmp / name
-            st.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+            try:
+                st.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                             path)
+            except OSError:
+                raise
+            except Exception as err:  # safetensors reports I/O failures as its own error
+                code = errno.ENOSPC if "No space" in str(err) else errno.EIO
+                raise OSError(code, f"writing checkpoint file {path} failed ({err}); free "
+                                    f"space in {root} or save elsewhere; the previous "
+                                    "checkpoint is intact") from err
             os.chmod(path, 0o600)
             _fsync_file(path)
             sums[name] = _sha256(path)

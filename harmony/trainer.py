@@ -204,6 +204,11 @@ class Trainer:
         t0 = time.perf_counter()
         micro_inputs, micro_targets, weights, single = split_batch(
             inputs, targets, self.micro_batch_size)
+        for name, t in [("inputs", x) for x in micro_inputs[0]] + [("targets", micro_targets[0])]:
+            if t.device.type != "cpu" and t.device != self.device:
+                raise ValueError(f"{name} are on {t.device}, but this trainer computes on "
+                                 f"{self.device}; pass CPU tensors (harmony moves each "
+                                 f"micro-batch) or tensors on {self.device}")
         sizes = [x[0].shape[0] for x in micro_inputs]
         key = (tuple(sizes),) + tuple(
             (tuple(t.shape[1:]), t.dtype) for t in micro_inputs[0])

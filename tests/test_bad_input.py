@@ -149,3 +149,13 @@ def test_nonfinite_loss_changes_nothing(schedule: str, policy: str) -> None:
             assert torch.equal(v, initial[k])
         x[3, 0] = 0.0
         assert t.step(x, y) > 0 and t.step_count == 1
+
+
+def test_inputs_on_the_wrong_device() -> None:
+    with harmony.Trainer(mlp(), LOSS, micro_batch_size=2) as t:
+        x, y = _xy()
+        with pytest.raises(ValueError, match="inputs are on meta"):
+            t.step(x.to("meta"), y)
+        with pytest.raises(ValueError, match="targets are on meta"):
+            t.step(x, y.to("meta"))
+        assert t.step_count == 0

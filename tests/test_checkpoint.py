@@ -135,3 +135,37 @@ def test_save_to_unwritable_place_keeps_previous(tmp_path: Path) -> None:
             t.save(blocker / "sub")
     assert (tmp_path / "ok" / "LATEST").is_file()
     assert os.listdir(tmp_path / "ok")
+
+
+def test_full_disk_during_save_keeps_previous(tmp_path: Path) -> None:
+    """A checkpoint directory on a filesystem that fills up mid-save: OSError, the previous
+    checkpoint stays the one LATEST names and it loads intact."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    small = tmp_path / "small"
+    small.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        with _trainer(budget="none") as t:
+            t.step(*_batches()[0])
+            first = t.save(small)
+            want = t.state_dict()
+            t.step(*_batches()[1])
+            free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
+            (small / "filler").write_bytes(b"\0" * max(free - 64 * 1024, 0))
+            with pytest.raises(OSError):
+                t.save(small)
+        assert (small / "LATEST").read_text().strip() == first.name
+        assert not list(small.glob(".tmp-ckpt-*"))
+        (small / "filler").unlink()
+        with _trainer(budget="none") as fresh:
+            fresh.load(small)
+            got = fresh.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
