@@ -331,6 +331,13 @@ class Runtime:
         return slot.dev
 
     def _produce(self, ref: Ref, value: Value, single: bool) -> None:
+        # A layer may pass an input through (a mask in a tuple), and autograd may hand back a
+        # gradient it was given: such tensors live in buffers other values own, which go back
+        # to the pool when those values are freed. The new value gets its own copy.
+        owned = {b.untyped_storage().data_ptr() for s in self.values.values() for b in s.dev_bufs}
+        owned |= {b.untyped_storage().data_ptr() for b in self.w_dev.values()}
+        value = tuple(t.clone() if t is not None and t.untyped_storage().data_ptr() in owned
+                      else t for t in value)
         nbytes = _nbytes(value)
         self.dev.charge(nbytes, f"{ref}")
         self.values[ref] = Slot(dev=value, dev_charged=nbytes, single=single)

@@ -97,3 +97,15 @@ def _least_device_memory(model: str, opt: str, batch: str, schedule: str) -> int
     with trainer, pytest.raises(harmony.InfeasiblePlan) as err:
         trainer.step(*data(n, torch.Generator().manual_seed(1)))
     return err.value.device_needed
+
+
+@pytest.mark.parametrize("repeat", range(4))
+def test_passed_through_tensors_survive_buffer_reuse(repeat: int) -> None:
+    """The tuple model passes its mask through every layer: the output must not alias the
+    input's device buffer, which goes back to the pool (and is reused) when the input is
+    freed. Repeated, because reuse depends on when copies finish."""
+    limit = _least_device_memory("tuple", "sgd", "uneven", "harmony")
+    trainer, got = _train("tuple", "sgd", "uneven", "harmony", limit)
+    with trainer:
+        assert trainer.plan is not None and trainer.plan.placement.x[-1] is Loc.HOST
+    _assert_same(got, _reference("tuple", "sgd", "uneven"))
