@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +82,44 @@ def io_only(trainer: harmony.Trainer) -> float:
     return time.perf_counter() - t0
 
 
+def contention(trainer: harmony.Trainer, batch: tuple[torch.Tensor, torch.Tensor],
+               directory: str) -> tuple[float, float, float, float]:
+    """Compute alone, compute while a thread streams NVMe reads, and the read GB/s with and
+    without the compute: how much the two slow each other down on this machine."""
+    from swap.nvme import NvmeStore
+
+    def steps(n: int = 3) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            trainer.step(*batch)
+        return (time.perf_counter() - t0) / n
+
+    alone = steps()
+    with NvmeStore(directory) as store:
+        buf = store.allocate(64 << 20)
+        store.write("probe", buf).synchronize()
+        stop, moved = threading.Event(), [0]
+
+        def reads() -> None:
+            while not stop.is_set():
+                store.read("probe", buf).synchronize()
+                moved[0] += buf.numel()
+
+        worker = threading.Thread(target=reads)
+        t0 = time.perf_counter()
+        worker.start()
+        busy = steps()
+        stop.set()
+        worker.join()
+        shared_gbs = moved[0] / (time.perf_counter() - t0) / 1e9
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 2.0:
+            store.read("probe", buf).synchronize()
+            n += buf.numel()
+        alone_gbs = n / (time.perf_counter() - t0) / 1e9
+    return alone, busy, alone_gbs, shared_gbs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nvme-dir", required=True)
@@ -121,6 +160,8 @@ def main() -> None:
             n_times += timed_steps(nvme, [batch])
             io_times.append(io_only(nvme))
         steps = len(n_times)
+        predicted = nvme.plan.predicted.step_time or 0.0
+        c_alone, c_busy, r_alone, r_busy = contention(compute, data[1], args.nvme_dir)
         per_link = {k: v / steps for k, v in sorted(nvme.stats.bytes_moved.items())}
         stall = {k: v / steps for k, v in sorted(nvme.stats.stall_seconds.items()) if v > 0}
 
@@ -135,9 +176,13 @@ def main() -> None:
     print(f"| I/O only (the step's NVMe reads and writes) | {fmt(io_times)} |")
     print(f"| step with W and K on NVMe | {fmt(n_times)} |")
     print(f"| step / max(compute, I/O) | {n / max(c, io):.2f} |")
+    print(f"| step time the planner predicted (CPU profile, assumed NVMe bandwidth) | "
+          f"{predicted:7.3f} s |")
     print()
     print("bytes per step: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in per_link.items()))
     print("stall per step: " + (", ".join(f"{k} {v:.3f} s" for k, v in stall.items()) or "none"))
+    print(f"contention: compute-only step {c_alone:.3f} s alone, {c_busy:.3f} s while a thread "
+          f"streams NVMe reads; reads {r_alone:.2f} GB/s alone, {r_busy:.2f} GB/s meanwhile")
 
 
 if __name__ == "__main__":
