@@ -145,16 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the plan, its prediction and the profile as JSON")
     rep.add_argument("--plot", type=Path, default=None, metavar="OUT.png",
                      help="plot bytes per tier over the step (needs matplotlib)")
-    rep.add_argument("--run", type=Path, default=None, metavar="PROFILE.json",
+    rep.add_argument("--measure-layers", type=Path, default=None, metavar="PROFILE.json",
                      help="measure the layers by running the model for real on the CPU "
                           "(allocates it) instead of estimating, and save that profile")
+    rep.add_argument("--run", type=Path, default=None, metavar="STEP.json",
+                     help="a step a Trainer recorded (Trainer.record_step): show what "
+                          "happened next to what its plan predicted; MODEL is then ignored")
     return parser
 
 
 def _report(args: argparse.Namespace) -> int:
     if args.run is not None:
+        from harmony.measured import format_measured, load_measured, plot_measured
+
+        step = load_measured(args.run)
+        print(format_measured(step))
+        if args.plot is not None:
+            try:
+                plot_measured(step, args.plot)
+            except PlotUnavailable as err:
+                print(f"harmony report: {err}", file=sys.stderr)
+                return 1
+            print(f"plot written to {args.plot}")
+        return 0
+    if args.measure_layers is not None:
         profile = measure_profile(args.model, args.micro_batch_size, args.seq_len)
-        args.run.write_text(json.dumps(profile.to_json(), indent=1))
+        args.measure_layers.write_text(json.dumps(profile.to_json(), indent=1))
     else:
         profile = load_profile(args.model, args.micro_batch_size, args.seq_len,
                                args.device_flops)
@@ -171,8 +187,8 @@ def _report(args: argparse.Namespace) -> int:
     if args.nvme_dir is not None and not Path(args.nvme_dir).is_dir():
         print(f"note: --nvme-dir {args.nvme_dir} does not exist; the report only plans for "
               "it (a Trainer needs an existing, writable directory)")
-    if args.run is not None:
-        print(f"\nmeasured profile written to {args.run}")
+    if args.measure_layers is not None:
+        print(f"\nmeasured profile written to {args.measure_layers}")
     if args.json is not None:
         args.json.write_text(json.dumps(report_to_json(report)))
         print(f"plan written to {args.json}")

@@ -149,10 +149,13 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         """How far over budget the device and then the host are (1.0: within budget). The
         most frugal plan minimises device excess first, so ``host_needed`` of the error is
         what the host needs once the device fits."""
-        dev = r.peak.get(Loc.DEVICE, 0) / max(device_budget, 1) if device_budget is not None \
-            else 0.0
-        host = r.peak.get(Loc.HOST, 0) / max(host_budget, 1) if host_budget is not None else 0.0
-        return max(dev, 1.0), max(host, 1.0)
+        def ratio(peak: int, budget: int | None) -> float:
+            if budget is None or peak <= budget:
+                return 1.0
+            return peak / budget if budget > 0 else 1.0 + peak  # (a zero budget: order by peak)
+
+        return (ratio(r.peak.get(Loc.DEVICE, 0), device_budget),
+                ratio(r.peak.get(Loc.HOST, 0), host_budget))
 
     def fits(r: SimResult) -> bool:
         return excess(r) == (1.0, 1.0)

@@ -93,7 +93,9 @@ class Runtime:
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
         self.w_ready: dict[int, Handle] = {}
-        self.timeline: list[dict[str, int]] | None = None
+        # When a list, every task appends what it did: its text, start and end (seconds since
+        # the step began) and the bytes each tier held after it (Trainer.record_step).
+        self.record: list[dict[str, object]] | None = None
 
     @property
     def dev(self) -> Tier:
@@ -112,14 +114,18 @@ class Runtime:
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
+        begin = time.perf_counter()
         try:
             for task in schedule.tasks:
                 t0 = time.perf_counter()
                 self._dispatch(task)
+                t1 = time.perf_counter()
                 name = phase.get(task.op, "swap")
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-                if self.timeline is not None:
-                    self.timeline.append({loc.value: tier.used for loc, tier in self.tiers.items()})
+                seconds[name] = seconds.get(name, 0.0) + t1 - t0
+                if self.record is not None:
+                    self.record.append({
+                        "task": str(task), "start": t0 - begin, "end": t1 - begin,
+                        "bytes": {loc.value: tier.used for loc, tier in self.tiers.items()}})
             # A step succeeds only once what it wrote behind is on disk: a failed write
             # surfaces here, not silently in a later step.
             for handle, name in self.writes:

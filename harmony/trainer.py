@@ -283,6 +283,58 @@ class Trainer:
         self._plans[key] = chosen
         return chosen
 
+    def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                    targets: torch.Tensor, path: str | os.PathLike[str]) -> float:
+        """Run one :meth:`step` and write what happened to the JSON file ``path``.
+
+        The file holds, per task of the schedule, its start and end (seconds since the step
+        began) and the bytes each tier held after it; the step's bytes, busy and stall seconds
+        per link and peaks per tier; and the plan with its prediction. ``harmony report --run
+        path`` shows measured next to predicted. Returns the step's loss.
+        """
+        from harmony.report import plan_to_json
+
+        before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
+                  dict(self.stats.stall_seconds))
+        for tier in self.tiers.values():
+            tier.reset_peak()
+        record: list[dict[str, object]] = []
+        t0 = time.perf_counter()
+        first = self._runtime is None
+        if self._runtime is not None:
+            self._runtime.record = record
+        try:
+            if first:  # the first step plans and builds packs: record the one after it
+                self.step(inputs, targets)
+                assert self._runtime is not None
+                self._runtime.record = record
+                for tier in self.tiers.values():
+                    tier.reset_peak()
+                before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
+                          dict(self.stats.stall_seconds))
+                t0 = time.perf_counter()
+            loss = self.step(inputs, targets)
+        finally:
+            if self._runtime is not None:
+                self._runtime.record = None
+        seconds = time.perf_counter() - t0
+        assert self._plan is not None
+
+        def delta(now: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+            return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0)}
+
+        data = {
+            "format": "harmony-step/1", "step": self.step_count - 1, "seconds": seconds,
+            "loss": loss, "tasks": record,
+            "bytes_moved": delta(self.stats.bytes_moved, before[0]),
+            "busy_seconds": delta(self.stats.busy_seconds, before[1]),
+            "stall_seconds": delta(self.stats.stall_seconds, before[2]),
+            "peak_bytes": {loc.value: tier.peak for loc, tier in self.tiers.items()},
+            "budgets": {"device": self.device_memory, "host": self.host_memory},
+            "plan": plan_to_json(self._plan)}
+        Path(path).write_text(json.dumps(data))
+        return loss
+
     # -- results ----------------------------------------------------------------------------
     @property
     def plan(self) -> Plan | None:

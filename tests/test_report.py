@@ -167,7 +167,7 @@ def test_plot_without_matplotlib_is_one_line(tmp_path: Path, monkeypatch: pytest
 def test_run_measures_and_the_profile_file_replans(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     prof = tmp_path / "prof.json"
-    assert main([*TINY, "--run", str(prof)]) == 0
+    assert main([*TINY, "--measure-layers", str(prof)]) == 0
     data = json.loads(prof.read_text())
     assert data["source"].startswith("measured on cpu")
     estimate = load_profile("gpt-tiny", 2)
