@@ -413,6 +413,25 @@ class Trainer:
         self.step_count = int(meta["step_count"])
         self._broken = None
 
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Write the trained weights for use without harmony; returns the folder.
+
+        ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
+        from Hugging Face transformers, ``path/config.json`` is written too, so
+        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
+        """
+        st = checkpoint._safetensors()
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        weights = self.state_dict()  # fresh CPU copies: no two keys share memory
+        tmp = out / ".model.safetensors.tmp"
+        st.save_file(weights, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
+        config = getattr(self.chain.model, "config", None)
+        if config is not None and hasattr(config, "to_json_file"):
+            config.to_json_file(out / "config.json")
+        return out
+
     def _home_views(self) -> tuple[dict[int, torch.Tensor], list[tuple[Pack, torch.Tensor]]]:
         """Views of every weight's home copy, and the flat copies read from NVMe."""
         if self._runtime is None:

@@ -169,3 +169,18 @@ def test_full_disk_during_save_keeps_previous(tmp_path: Path) -> None:
         assert all(torch.equal(got[k], want[k]) for k in want)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_export_plain_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    with _trainer() as t:
+        t.step(*_batches()[0])
+        out = t.export(tmp_path / "export")
+        want = t.state_dict()
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    factory, _, _ = MODELS["transformer"]
+    plain = factory(0.0)
+    plain.load_state_dict(got)  # loads into the plain model, strict
