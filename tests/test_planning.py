@@ -1,0 +1,50 @@
+"""The planner: budgets in, plan out."""
+
+from __future__ import annotations
+
+import pytest
+
+from harmony.planning import InfeasiblePlan, greedy_bounds, plan
+from harmony.profile import LayerProfile
+from schedules.task import Kind, Loc, Op
+
+BW = {"host->device": 1e9, "device->host": 1e9}
+
+
+def _layers(n: int = 6, w: int = 1000) -> list[LayerProfile]:
+    return [LayerProfile(f"l{i}", w, w, 40.0, 40.0, 100.0, 40.0, 1e-4, 3e-4) for i in range(n)]
+
+
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch", "resident"])
+def test_unlimited_memory_gives_the_resident_plan(schedule: str) -> None:
+    p = plan(_layers(), schedule, [4, 4, 4], None, None, 2.0, BW)
+    assert all(loc is Loc.DEVICE for v in (p.placement.w, p.placement.k, p.placement.x)
+               for loc in v)
+    moves = [t for t in p.schedule.tasks if t.op in (Op.SWAP_IN, Op.SWAP_OUT)]
+    assert all(t.kind is Kind.X and t.pack == 0 for t in moves)  # only the input batch moves
+
+
+def test_budget_below_the_state_moves_weights_off_the_device() -> None:
+    layers = _layers()
+    everything = plan(layers, "harmony", [4, 4], None, None, 2.0, BW).predicted.peak[Loc.DEVICE]
+    p = plan(layers, "harmony", [4, 4], everything // 2, None, 2.0, BW)
+    assert p.predicted.peak[Loc.DEVICE] <= everything // 2
+    assert Loc.HOST in p.placement.w
+
+
+def test_infeasible_explains_and_gives_the_least_that_works() -> None:
+    layers = _layers()
+    with pytest.raises(InfeasiblePlan, match=r"device_memory=.*too small.*Use device_memory>=")\
+            as err:
+        plan(layers, "harmony", [4, 4], 10, None, 2.0, BW)
+    least = err.value.device_needed
+    p = plan(layers, "harmony", [4, 4], least, None, 2.0, BW)
+    assert p.predicted.peak[Loc.DEVICE] <= least
+
+
+def test_greedy_bounds_cover_every_layer_once() -> None:
+    for packs in range(1, 8):
+        bounds = greedy_bounds([5, 1, 1, 9, 2, 2, 2], packs)
+        assert bounds[0][0] == 0 and bounds[-1][1] == 7
+        assert all(a < b for a, b in bounds)
+        assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
