@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from harmony.hf import hf_chain_method
+
 
 class Chain:
     """The layers of a model in the order data flows through them.
@@ -37,6 +39,7 @@ class Chain:
                              "nn.Sequential or a list of modules")
         self.model = model
         declared = getattr(model, "harmony_chain", None)
+        declared = declared if callable(declared) else hf_chain_method(model)
         layers: list[tuple[str, nn.Module]]
         if callable(declared):
             items = list(declared())

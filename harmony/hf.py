@@ -19,12 +19,14 @@ This module never imports ``transformers`` unless it is handed a ``transformers`
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["hf_chain", "is_hf_model"]
+__all__ = ["hf_chain", "hf_chain_method", "is_hf_model"]
 
 _HOW_TO = ("declare the chain by hand: give a module wrapping the model a method harmony_chain() "
            "returning (name, layer) pairs (an embedding layer, one layer per block, a head); each "
@@ -36,6 +38,12 @@ def is_hf_model(model: object) -> bool:
     """Whether ``model`` is a Hugging Face ``transformers`` module (checked by its class's
     module name, so ``transformers`` is not imported)."""
     return isinstance(model, nn.Module) and type(model).__module__.startswith("transformers.")
+
+
+def hf_chain_method(model: object) -> Callable[[], list[tuple[str, nn.Module]]] | None:
+    """``hf_chain`` bound to ``model`` if it is a Hugging Face model, else ``None``: what
+    :class:`harmony.chain.Chain` uses when the model declares no ``harmony_chain()``."""
+    return partial(hf_chain, model) if is_hf_model(model) else None  # type: ignore[arg-type]
 
 
 def _mask_fn_call(fn: Any, config: Any, hidden: torch.Tensor,

@@ -169,6 +169,11 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             tiers += [(Loc.NVME, Loc.DEVICE), (Loc.NVME, Loc.HOST), (Loc.NVME, Loc.NVME)]
         for wk, x in tiers:
             options.append([(b, Placement.uniform(len(b), wk, x)) for b in bound_options])
+            if nvme and wk is Loc.NVME and host_budget is not None:
+                # Before everything goes to NVMe: keep as many packs on the host as fit.
+                options.insert(-1, [(b, _split_placement(b, j, x)) for b in bound_options
+                                    for j in _host_pack_counts(profiles, b, k_ratio,
+                                                               host_budget)])
 
     tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
     skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times]] = []
@@ -209,6 +214,27 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     raise InfeasiblePlan(_infeasible(tightest[1], profiles, micro_batches, device_budget,
                                      host_budget, nvme),
                          peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0))
+
+
+def _split_placement(bounds: tuple[tuple[int, int], ...], on_host: int, x: Loc) -> Placement:
+    """The last ``on_host`` packs' W and K on the host (their updates come first in the
+    backward pass), the others on NVMe; activations at ``x``."""
+    n = len(bounds)
+    wk = tuple(Loc.NVME if p < n - on_host else Loc.HOST for p in range(n))
+    return Placement(wk, wk, (x,) * n)
+
+
+def _host_pack_counts(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
+                      k_ratio: float, host_budget: int) -> list[int]:
+    """A few counts of packs (from the last) whose W and K could stay on the host."""
+    total, fit = 0.0, 0
+    for a, b in reversed(bounds):
+        total += sum(lp.w_bytes + k_ratio * lp.g_bytes for lp in profiles[a:b])
+        if total > host_budget:
+            break
+        fit += 1
+    fit = min(fit, len(bounds) - 1)  # all of them is the uniform host placement
+    return sorted({c for c in (fit, fit - 1, fit // 2) if c > 0}, reverse=True)
 
 
 def _may_fit(sizes: Sizes, placement: Placement, device_budget: int | None,

@@ -184,3 +184,27 @@ def test_export_plain_weights(tmp_path: Path) -> None:
     factory, _, _ = MODELS["transformer"]
     plain = factory(0.0)
     plain.load_state_dict(got)  # loads into the plain model, strict
+
+
+def test_export_hugging_face_model_loads_with_from_pretrained(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=False, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 97, (4, 8), generator=g)
+    with harmony.Trainer(model, loss_fn, micro_batch_size=2) as t:
+        t.step(x, torch.roll(x, -1, 1))
+        out = t.export(tmp_path / "hf")
+        want = t.state_dict()
+    loaded = transformers.LlamaForCausalLM.from_pretrained(out)
+    got = loaded.state_dict()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

@@ -48,7 +48,8 @@ def test_weights_and_state_on_nvme_equal_pytorch(tmp_path: Path, model: str, opt
         for b in batches:
             t.step(*b)
         plan = t.plan
-        assert plan is not None and all(loc is Loc.NVME for loc in plan.placement.w)
+        # the packs that fit stay on the host, the rest live on NVMe
+        assert plan is not None and Loc.NVME in plan.placement.w
         assert t.host_memory is not None and t.stats.peak_bytes["host"] <= t.host_memory
         assert t.stats.bytes_moved["host->nvme"] > 0 and t.stats.bytes_moved["nvme->host"] > 0
         got = t.state_dict()

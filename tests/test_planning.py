@@ -48,3 +48,14 @@ def test_greedy_bounds_cover_every_layer_once() -> None:
         assert bounds[0][0] == 0 and bounds[-1][1] == 7
         assert all(a < b for a, b in bounds)
         assert all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
+
+
+def test_packs_that_fit_the_host_stay_there_the_rest_go_to_nvme() -> None:
+    layers = _layers(8)
+    state = sum(lp.w_bytes * 3 for lp in layers)  # W + K (k_ratio 2)
+    p = plan(layers, "harmony", [4, 4], 6000, state // 2, 2.0, BW, nvme=True)
+    assert Loc.HOST in p.placement.w and Loc.NVME in p.placement.w
+    assert p.predicted.peak[Loc.HOST] <= state // 2
+    n = len(p.placement.w)
+    on_host = [p.placement.w[i] is Loc.HOST for i in range(n)]
+    assert on_host == sorted(on_host)  # the last packs (updated first) are the host's

@@ -1,0 +1,145 @@
+"""Hugging Face models as harmony chains (harmony/hf.py), compared bit for bit with plain HF.
+
+Tiny configs built from scratch (nothing is downloaded), untied LM heads (harmony refuses tied
+weights), dropout 0 and ``use_cache=False``: a training forward has no use for the KV cache,
+and with the cache OPT's eager attention reads keys back from it in another memory layout, so
+its logits differ from the cache-free forward in the last bit (6e-8) even in plain HF.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import harmony
+from harmony.hf import hf_chain, is_hf_model
+from schedules.task import Loc
+from tests.models import cross_entropy_tokens, training_state_bytes
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed (pip install transformers)")
+
+VOCAB, SEQ = 97, 8
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False,
+               use_cache=False)
+
+
+def _config(family: str, impl: str, tied: bool = False) -> object:
+    t = transformers
+    common = {**_COMMON, "tie_word_embeddings": tied}
+    cfg = {
+        "llama": lambda: t.LlamaConfig(num_key_value_heads=2, **common),
+        # a window shorter than the sequence, so the sliding-window mask matters
+        "mistral": lambda: t.MistralConfig(num_key_value_heads=2, sliding_window=4, **common),
+        "qwen2": lambda: t.Qwen2Config(num_key_value_heads=2, **common),
+        "opt": lambda: t.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0,
+            attention_dropout=0.0, layerdrop=0.0, tie_word_embeddings=tied, use_cache=False),
+        "gpt_neox": lambda: t.GPTNeoXConfig(hidden_dropout=0.0, attention_dropout=0.0,
+                                            **common),
+    }[family]()
+    cfg._attn_implementation = impl
+    return cfg
+
+
+def _model(family: str, impl: str = "sdpa", tied: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(_config(family, impl, tied))
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "opt", "gpt_neox"]
+
+
+class Wrapped(nn.Module):
+    """Stands in for Chain's own hook: the HF model under ``hf.``, its chain from hf_chain."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def harmony_chain(self) -> list[tuple[str, nn.Module]]:
+        return hf_chain(self.hf)
+
+
+def _compose(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    h: object = x
+    for _, layer in hf_chain(model):
+        h = layer(*h) if isinstance(h, tuple) else layer(h)
+    assert isinstance(h, torch.Tensor)
+    return h
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chain_composes_to_logits(family: str, impl: str) -> None:
+    model = _model(family, impl)
+    assert is_hf_model(model)
+    layers = hf_chain(model)
+    assert len(layers) == 2 + 2  # embed, two blocks, head
+    covered = {id(p) for _, m in layers for p in m.parameters()}
+    assert covered == {id(p) for p in model.parameters()}
+    x = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(_compose(model, x), model(x).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_equals_plain_hf(family: str) -> None:
+    """3 AdamW steps, batch 5 in micro-batches of 2 (uneven), device budget half the training
+    state so weights and optimizer state swap: weights bitwise equal to plain HF accumulation."""
+    make_opt = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)  # noqa: E731
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(0, VOCAB, (5, SEQ), generator=g),
+                torch.randint(0, VOCAB, (5, SEQ), generator=g)) for _ in range(3)]
+    limit = int(training_state_bytes(_model(family), 8) * 0.5)
+    trainer = harmony.Trainer(Wrapped(_model(family)), cross_entropy_tokens, optimizer=make_opt,
+                              micro_batch_size=2, device_memory=limit)
+    with trainer:
+        for x, y in batches:
+            trainer.step(x, y)
+        plan = trainer.plan
+        assert plan is not None and len(plan.bounds) > 1
+        assert all(loc is Loc.HOST for loc in plan.placement.w), plan.describe(trainer.chain.names)
+        got = {k.removeprefix("hf."): v for k, v in trainer.state_dict().items()}
+
+    ref = _model(family)
+    init = {k: v.clone() for k, v in ref.state_dict().items()}
+    opt = make_opt(list(ref.parameters()))
+    for x, y in batches:
+        for xm, ym in zip(x.split(2), y.split(2)):
+            (cross_entropy_tokens(ref(xm).logits, ym) * (ym.shape[0] / y.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+    want = ref.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), (k, (got[k] - want[k]).abs().max())
+    assert all(not torch.equal(want[k], init[k]) for k, p in ref.named_parameters()), \
+        "every parameter should have been trained"
+
+
+def test_tied_model_splits_but_trainer_refuses() -> None:
+    model = _model("llama", tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        assert torch.equal(_compose(model, x), model(x).logits)
+    with pytest.raises(ValueError, match="tied weights"):
+        harmony.Trainer(Wrapped(model), cross_entropy_tokens)
+
+
+def test_unsupported_architecture_says_how_to_declare_chain() -> None:
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4,
+                                  n_positions=SEQ)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert is_hf_model(model)
+    with pytest.raises(ValueError, match="harmony_chain"):
+        hf_chain(model)
+
+
+def test_is_hf_model_false_for_plain_modules() -> None:
+    assert not is_hf_model(nn.Linear(2, 2))
+    assert not is_hf_model(object())
