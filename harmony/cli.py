@@ -160,14 +160,7 @@ def _report(args: argparse.Namespace) -> int:
 
         step = load_measured(args.run)
         print(format_measured(step))
-        if args.plot is not None:
-            try:
-                plot_measured(step, args.plot)
-            except PlotUnavailable as err:
-                print(f"harmony report: {err}", file=sys.stderr)
-                return 1
-            print(f"plot written to {args.plot}")
-        return 0
+        return _plot(lambda: plot_measured(step, args.plot), args.plot)
     if args.measure_layers is not None:
         profile = measure_profile(args.model, args.micro_batch_size, args.seq_len)
         args.measure_layers.write_text(json.dumps(profile.to_json(), indent=1))
@@ -192,13 +185,20 @@ def _report(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report_to_json(report)))
         print(f"plan written to {args.json}")
-    if args.plot is not None:
-        try:
-            plot_report(report, args.plot)
-        except PlotUnavailable as err:
-            print(f"harmony report: {err}", file=sys.stderr)
-            return 1
-        print(f"plot written to {args.plot}")
+    return _plot(lambda: plot_report(report, args.plot), args.plot)
+
+
+def _plot(draw: Callable[[], None], path: Path | None) -> int:
+    """Draw to ``path`` if one was asked for; 1 (with one line, no traceback) without
+    matplotlib."""
+    if path is None:
+        return 0
+    try:
+        draw()
+    except PlotUnavailable as err:
+        print(f"harmony report: {err}", file=sys.stderr)
+        return 1
+    print(f"plot written to {path}")
     return 0
 
 

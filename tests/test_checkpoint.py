@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import harmony
+from tests.fs import tmpfs
 from tests.models import MODELS, training_state_bytes
 
 
@@ -140,17 +141,9 @@ def test_save_to_unwritable_place_keeps_previous(tmp_path: Path) -> None:
 def test_full_disk_during_save_keeps_previous(tmp_path: Path) -> None:
     """A checkpoint directory on a filesystem that fills up mid-save: OSError, the previous
     checkpoint stays the one LATEST names and it loads intact."""
-    import subprocess
-
     if os.geteuid() != 0:
         pytest.skip("mounting a small filesystem needs root")
-    small = tmp_path / "small"
-    small.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "size=2m") as small:
         with _trainer(budget="none") as t:
             t.step(*_batches()[0])
             first = t.save(small)
@@ -167,8 +160,6 @@ def test_full_disk_during_save_keeps_previous(tmp_path: Path) -> None:
             fresh.load(small)
             got = fresh.state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_export_plain_weights(tmp_path: Path) -> None:

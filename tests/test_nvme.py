@@ -8,7 +8,6 @@ skips it.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import importlib.util
 import logging
@@ -28,6 +27,7 @@ import swap.nvme as nvme
 from swap.aio import AioUnavailable, aio_prebuilt, load_aio_op
 from swap.aligned import StagingPool, aligned_empty, as_bytes, round_up
 from swap.nvme import NvmeIOError, NvmeStore
+from tests.fs import tmpfs
 
 SIZES = [0, 1, 3, 4097, (1 << 20) + 5]  # elements; with uint8 these are the byte counts
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
@@ -90,21 +90,6 @@ def random_tensor(n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, options: str) -> Iterator[Path]:
-    """A fresh tmpfs mounted at ``where`` (skips the test where mounting is not allowed)."""
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 # ------------------------------------------------------------------------------ round trips

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 
 import harmony
 from schedules.task import Loc
+from tests.fs import tmpfs
 from tests.models import MODELS, reference_train, training_state_bytes
 
 
@@ -120,19 +118,6 @@ def test_bad_nvme_dir_refused_at_construction(tmp_path: Path) -> None:
         harmony.Trainer(factory(0.0), loss_fn, nvme_dir=str(blocker))
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def _least_budgets(tmp_path: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, int]:
     """The least device memory any plan needs, then the least host memory at that device
     budget (which pushes the stashed activations to NVMe)."""
@@ -158,7 +143,7 @@ def test_disk_full_mid_step_is_clear_and_checkpoint_survives(tmp_path: Path) -> 
     batches = _batches("transformer", 3)
     device, host = _least_budgets(tmp_path, batches[0])
     factory, loss_fn, _ = MODELS["transformer"]
-    with _tmpfs(tmp_path / "small", "2m") as small:
+    with tmpfs(tmp_path / "small", "size=2m") as small:
         t = harmony.Trainer(factory(0.0), loss_fn, optimizer=_adamw, micro_batch_size=3,
                             device_memory=device, host_memory=host, nvme_dir=small)
         with t:
