@@ -103,6 +103,7 @@ def save(root: str | os.PathLike[str], step: int, model: dict[str, torch.Tensor]
         _fsync_dir(root)
         latest_tmp = root / ".LATEST.tmp"
         latest_tmp.write_text(final.name + "\n")
+        os.chmod(latest_tmp, 0o600)
         _fsync_file(latest_tmp)
         os.replace(latest_tmp, root / "LATEST")
         _fsync_dir(root)

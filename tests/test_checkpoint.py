@@ -70,6 +70,7 @@ def test_files_private_and_previous_replaced(tmp_path: Path) -> None:
         second = t.save(tmp_path)
     assert not first.exists() and second.exists()
     assert (tmp_path / "LATEST").read_text().strip() == second.name
+    assert stat.S_IMODE((tmp_path / "LATEST").stat().st_mode) == 0o600
     for f in second.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
     assert stat.S_IMODE(second.stat().st_mode) == 0o700
