@@ -56,7 +56,7 @@ class Pack:
 
     @staticmethod
     def build(index: int, first_layer: int, layers: list[nn.Module], home: Loc,
-              home_tier: Tier, device: torch.device,
+              home_tier: Tier,
               factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
               k_estimate: int, store: NvmeStore | None = None) -> Pack:
         """Move the layers' weights into a flat buffer at ``home`` and build the optimizer."""
@@ -92,7 +92,6 @@ class Pack:
         for i, e in enumerate(layout.trainable):
             pack.hooks.append(e.tensor.register_post_accumulate_grad_hook(  # type: ignore[union-attr]
                 lambda _p, i=i: pack._mark(i)))
-        _ = device
         return pack
 
     def _mark(self, i: int) -> None:

@@ -17,7 +17,6 @@ import torch
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
 from harmony.rng import layer_rng
-from schedules.effects import effect
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
 from schedules.task import Kind, Loc, Op, Ref, Task
@@ -573,7 +572,3 @@ class Runtime:
         host.release(w, after=hw)
         host.release(k, after=hk)
         self.grads.discard(p)
-
-    def effect_of(self, task: Task) -> object:
-        return effect(task, self.schedule.packs, self.schedule.recompute, self.placement,
-                      task.pack in self.grads)

@@ -265,8 +265,7 @@ class Trainer:
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
-                                    self.device, self.optimizer_factory, chosen.sizes.k[p],
-                                    self.store))
+                                    self.optimizer_factory, chosen.sizes.k[p], self.store))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._plans[key] = chosen
