@@ -116,7 +116,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          bandwidth: dict[str, float], upd_s_per_byte: float = 1e-9,
          prefetch: int | None = None,
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
-         nvme: bool = False) -> Plan:
+         nvme: bool = False, deferred_updates: bool = False) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -128,6 +128,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         prefetch: force a prefetch depth (None: try 1 then 0).
         fixed: keep these pack bounds and placement (re-planning a later step's shapes).
         nvme: whether an NVMe tier exists (then W, K and X may live there).
+        deferred_updates: updates after the last backward (global-norm gradient clipping).
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
@@ -190,7 +191,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     skipped.append((len(tried), bounds, placement, pf, sizes, times))
                     tried.append(None)
                     continue
-                lowered = lower(generate(schedule, len(bounds), M), placement, pf)
+                lowered = lower(generate(schedule, len(bounds), M, deferred_updates), placement, pf)
                 result = simulate(lowered, sizes, times)
                 candidate = Plan(bounds, lowered, sizes, result)
                 tried.append((result, candidate))
@@ -201,7 +202,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         if best is not None:
             return best
     for i, bounds, placement, pf, sizes, times in skipped:
-        lowered = lower(generate(schedule, len(bounds), M), placement, pf)
+        lowered = lower(generate(schedule, len(bounds), M, deferred_updates), placement, pf)
         result = simulate(lowered, sizes, times)
         tried[i] = (result, Plan(bounds, lowered, sizes, result))
     tightest: tuple[SimResult, Plan] | None = None

@@ -17,6 +17,7 @@ import torch
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
 from harmony.rng import layer_rng
+from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
 from schedules.task import Kind, Loc, Op, Ref, Task
@@ -88,6 +89,8 @@ class Runtime:
         # pack -> host copies of its master weights and optimizer state (K on NVMe), being read
         self.staged: dict[int, tuple[torch.Tensor, Handle, torch.Tensor | None, Handle | None]] = {}
         self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
+        # (max norm, (pack, trainable index) in the model's parameter order) when clipping
+        self.clip: tuple[float, list[tuple[int, int]]] | None = None
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
@@ -110,6 +113,7 @@ class Runtime:
         self.loss = torch.zeros((), dtype=torch.float64)
         self.grads: set[int] = set()
         self.updated: list[int] = []  # packs whose update ran in this step
+        self.stage_early = updates_after_backward(schedule.tasks)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
@@ -452,7 +456,7 @@ class Runtime:
         last = p == self.schedule.packs - 1
         self._wait_w(p)
         if p not in self.grads:
-            if self.packs[p].home is Loc.NVME:
+            if self.packs[p].home is Loc.NVME and p in self.stage_early:
                 self._stage(p)
             self._new_grad(p)
         else:
@@ -499,6 +503,8 @@ class Runtime:
             # Every micro-batch's loss is known before the first update in the generated
             # schedules, so refusing here leaves every weight as it was.
             raise NonFiniteLoss(self.step, float(self.loss))
+        if not self.updated and self.clip is not None:
+            self._clip_gradients(*self.clip)
         self.updated.append(p)
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]
@@ -523,6 +529,37 @@ class Runtime:
         pack.settle_optimizer_bytes()
         self.grads.discard(p)
 
+    def _grad_views(self, p: int) -> list[torch.Tensor | None]:
+        """Pack ``p``'s gradients where its update will read them (None: no gradient)."""
+        pack = self.packs[p]
+        slot = self.values[Ref(Kind.G, p)]
+        if self.placement.update_loc(p) is Loc.DEVICE:
+            flat = slot.dev[0] if slot.dev is not None else None
+            self._wait_dev(slot, Ref(Kind.G, p))
+        else:
+            if slot.home_ready is not None:
+                self.engine.synchronize(slot.home_ready, link(Loc.DEVICE, Loc.HOST))
+                slot.home_ready = None
+            flat = slot.home[0] if slot.home is not None else None
+        assert flat is not None, f"G{p} is not where its update runs"
+        return [e.view(flat) if got else None
+                for e, got in zip(pack.layout.trainable, pack.got_grad)]
+
+    def _clip_gradients(self, max_norm: float, order: list[tuple[int, int]]) -> None:
+        """Scale every pack's gradients as clip_grad_norm_ over the whole model would.
+
+        The schedule runs every update after the last backward, so all gradients exist here.
+        """
+        views = {p: self._grad_views(p) for p in range(len(self.packs))}
+        grads = [g for p, i in order if (g := views[p][i]) is not None]
+        if not grads:
+            return
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for device in {g.device for g in grads}:
+            torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
+        self.grad_norm = float(total)
+
     def _stage(self, p: int) -> None:
         """Start reading the master weights and optimizer state of ``p`` for its update; the
         reads run while the pack's backward computes (the update waits for them)."""
@@ -543,6 +580,8 @@ class Runtime:
         pack = self.packs[p]
         host = self.tiers[Loc.HOST]
         slot = self.values[Ref(Kind.G, p)]
+        if p not in self.staged:  # a deferred update: its inputs are read now
+            self._stage(p)
         w, hw, k, hk = self.staged.pop(p)
         for h in (hw, hk, slot.home_ready):
             if h is not None:

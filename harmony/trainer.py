@@ -57,6 +57,9 @@ class Trainer:
             None: no NVMe tier. harmony works in a private subdirectory it removes on close.
         nvme_backend: ``"auto"`` (DeepSpeed's async I/O op when it is built, else O_DIRECT
             threads), ``"aio"``, ``"odirect"`` or ``"buffered"``.
+        clip_grad_norm: clip the gradients' global 2-norm to this value before each update,
+            as ``torch.nn.utils.clip_grad_norm_`` over the whole model does; the schedule then
+            runs every update after the last backward (the norm needs every gradient).
         plan: a :class:`Plan`, or the JSON file ``harmony report --json`` wrote: keep its pack
             boundaries, placement, schedule and prefetch depth instead of planning (the
             budgets are still checked against them on the first step).
@@ -90,7 +93,8 @@ class Trainer:
                  nvme_dir: str | None = None, schedule: str = "harmony",
                  prefetch: int | None = None, seed: int = 0, nonfinite: str = "raise",
                  nvme_backend: str = "auto",
-                 plan: Plan | str | os.PathLike[str] | None = None) -> None:
+                 plan: Plan | str | os.PathLike[str] | None = None,
+                 clip_grad_norm: float | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -99,6 +103,11 @@ class Trainer:
         if schedule not in GENERATORS:
             raise ValueError(f"schedule={schedule!r} is unknown; "
                              f"choose one of {sorted(GENERATORS)}")
+        if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(
+                clip_grad_norm, (int, float)) or not clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm={clip_grad_norm!r} must be a positive number or "
+                             "None")
+        self.clip_grad_norm = clip_grad_norm
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r} must be 'raise' or 'skip'")
         self.nonfinite = nonfinite
@@ -254,7 +263,8 @@ class Trainer:
         assert self._profiles is not None
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
                     self.host_memory, self._k_ratio, _bandwidth(self.device),
-                    prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None)
+                    prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
+                    deferred_updates=self.clip_grad_norm is not None)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
@@ -268,6 +278,13 @@ class Trainer:
                                     self.optimizer_factory, chosen.sizes.k[p], self.store))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
+        if self.clip_grad_norm is not None:
+            # The norm is taken over the gradients in the model's parameter order, as
+            # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
+            where = {id(e.tensor): (p, i) for p, pack in enumerate(packs)
+                     for i, e in enumerate(pack.layout.trainable)}
+            self._runtime.clip = (self.clip_grad_norm, [
+                where[id(q)] for q in self.chain.model.parameters() if id(q) in where])
         self._plans[key] = chosen
         self._apply_optimizer_state()
 

@@ -14,6 +14,7 @@ For a schedule with P packs (the last pack, P-1, runs its forward inside its bac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from schedules.placement import Placement
@@ -59,3 +60,19 @@ def effect(task: Task, packs: int, recompute: bool, placement: Placement,
 def is_transient(ref: Ref) -> bool:
     """Values that die within a step (everything but weights and optimizer state)."""
     return ref.kind not in (Kind.W, Kind.K)
+
+
+def updates_after_backward(tasks: Sequence[Task]) -> set[int]:
+    """Packs whose update is the next compute task after their last backward.
+
+    Their update inputs on NVMe (master weights, optimizer state) are read while their backward
+    runs; for the others (updates deferred, e.g. for gradient clipping) they are read just
+    before the update, so host memory holds them for one update, not for many backwards.
+    """
+    compute = [t for t in tasks if t.op.is_compute]
+    out = set()
+    for i, t in enumerate(compute):
+        if t.op is Op.UPD and i > 0 and compute[i - 1].op is Op.BWD \
+                and compute[i - 1].pack == t.pack:
+            out.add(t.pack)
+    return out

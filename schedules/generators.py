@@ -23,13 +23,23 @@ from schedules.schedule import Schedule
 from schedules.task import Op, Task
 
 
-def harmony(packs: int, micro_batches: int) -> Schedule:
-    """Layer-major forward, reverse layer-major backward, just-in-time updates."""
+def harmony(packs: int, micro_batches: int, deferred_updates: bool = False) -> Schedule:
+    """Layer-major forward, reverse layer-major backward, just-in-time updates.
+
+    With ``deferred_updates`` every update waits until the last backward (what global-norm
+    gradient clipping needs: the norm covers every pack's gradients), so each pack's gradients
+    wait at the update's tier until then::
+
+        F0.0 F0.1 F1.0 F1.1 | B2.0 B2.1 | B1.0 B1.1 | B0.0 B0.1 | U2 U1 U0
+    """
     _check(packs, micro_batches)
     tasks = [Task(Op.FWD, p, m) for p in range(packs - 1) for m in range(micro_batches)]
     for p in reversed(range(packs)):
         tasks += [Task(Op.BWD, p, m) for m in range(micro_batches)]
-        tasks.append(Task(Op.UPD, p))
+        if not deferred_updates:
+            tasks.append(Task(Op.UPD, p))
+    if deferred_updates:
+        tasks += [Task(Op.UPD, p) for p in reversed(range(packs))]
     return Schedule("harmony", packs, micro_batches, tuple(tasks), recompute=True)
 
 
@@ -53,19 +63,26 @@ def resident(packs: int, micro_batches: int) -> Schedule:
     return _micro_batch_major("resident", packs, micro_batches, recompute=False)
 
 
-GENERATORS: dict[str, Callable[[int, int], Schedule]] = {
+GENERATORS: dict[str, Callable[..., Schedule]] = {
     "harmony": harmony,
     "per-microbatch": per_microbatch,
     "resident": resident,
 }
 
 
-def generate(name: str, packs: int, micro_batches: int) -> Schedule:
-    """The compute-only schedule called ``name``; raises ValueError listing the known names."""
+def generate(name: str, packs: int, micro_batches: int,
+             deferred_updates: bool = False) -> Schedule:
+    """The compute-only schedule called ``name``; raises ValueError listing the known names.
+
+    ``deferred_updates``: every update after the last backward (the micro-batch-major
+    schedules update at the end anyway).
+    """
     try:
         gen = GENERATORS[name]
     except KeyError:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(GENERATORS)}") from None
+    if name == "harmony":
+        return gen(packs, micro_batches, deferred_updates)
     return gen(packs, micro_batches)
 
 

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from schedules.effects import effect
+from schedules.effects import effect, updates_after_backward
 from schedules.schedule import Schedule
 from schedules.task import Kind, Loc, Op, Ref
 
@@ -126,6 +126,7 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> Si
     on_device: set[Ref] = {r for r in home_charged if home(r) is Loc.DEVICE}
 
     staged: dict[int, float] = {}  # pack -> when its master W and K reach the host (K on NVMe)
+    early = updates_after_backward(schedule.tasks)
 
     def transfer(name: str, kind: Kind, n: int, after: float) -> float:
         moved[name] += n
@@ -140,8 +141,10 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> Si
         if t.op.is_compute:
             p = t.pack
             nvme_k = placement.k[p] is Loc.NVME
-            if nvme_k and t.op is Op.BWD and p not in grads:
-                # The update's inputs stream in from NVMe while the pack's backward runs.
+            if nvme_k and p not in staged and (
+                    (t.op is Op.BWD and p not in grads and p in early) or t.op is Op.UPD):
+                # The update's inputs stream in from NVMe while the pack's backward runs
+                # (or, with deferred updates, just before the update).
                 charge(Loc.HOST, sizes.w[p] + sizes.k[p])
                 name = link(Loc.NVME, Loc.HOST)
                 transfer(name, Kind.W, sizes.w[p], 0.0)
