@@ -60,6 +60,10 @@ class Trainer:
         clip_grad_norm: clip the gradients' global 2-norm to this value before each update,
             as ``torch.nn.utils.clip_grad_norm_`` over the whole model does; the schedule then
             runs every update after the last backward (the norm needs every gradient).
+        lr_scheduler: a factory ``optimizer -> torch.optim.lr_scheduler.LRScheduler``; one is
+            built per pack's optimizer and all step after every optimizer step, so every pack
+            follows the schedule one scheduler over the whole model would (saved and loaded
+            with checkpoints).
         plan: a :class:`Plan`, or the JSON file ``harmony report --json`` wrote: keep its pack
             boundaries, placement, schedule and prefetch depth instead of planning (the
             budgets are still checked against them on the first step).
@@ -94,7 +98,8 @@ class Trainer:
                  prefetch: int | None = None, seed: int = 0, nonfinite: str = "raise",
                  nvme_backend: str = "auto",
                  plan: Plan | str | os.PathLike[str] | None = None,
-                 clip_grad_norm: float | None = None) -> None:
+                 clip_grad_norm: float | None = None,
+                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -108,6 +113,9 @@ class Trainer:
             raise ValueError(f"clip_grad_norm={clip_grad_norm!r} must be a positive number or "
                              "None")
         self.clip_grad_norm = clip_grad_norm
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_schedulers: list[Any] = []
+        self._pending_scheduler: dict[str, Any] | None = None
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite={nonfinite!r} must be 'raise' or 'skip'")
         self.nonfinite = nonfinite
@@ -245,6 +253,8 @@ class Trainer:
                     "of one consistent step: load() a checkpoint before training on")
             raise
         self.step_count += 1
+        for scheduler in self.lr_schedulers:
+            scheduler.step()
         for loc, tier in self.tiers.items():
             self.stats.peak_bytes[loc.value] = max(self.stats.peak_bytes.get(loc.value, 0),
                                                    tier.peak)
@@ -286,7 +296,12 @@ class Trainer:
             self._runtime.clip = (self.clip_grad_norm, [
                 where[id(q)] for q in self.chain.model.parameters() if id(q) in where])
         self._plans[key] = chosen
+        if self.lr_scheduler_factory is not None:
+            # Built before a loaded state is applied: building one sets the learning rate to
+            # the schedule's start, which the loaded optimizer settings must then override.
+            self.lr_schedulers = [self.lr_scheduler_factory(p.optimizer) for p in packs]
         self._apply_optimizer_state()
+        self._apply_scheduler_state()
 
     def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                 key: tuple[Any, ...]) -> Plan:
@@ -390,6 +405,7 @@ class Trainer:
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
+                "lr_scheduler": self._scheduler_state(),
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
@@ -424,8 +440,10 @@ class Trainer:
             self.store.write(pack.w_key, flat).synchronize()
         self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
                                    meta["optimizer_groups"])
+        self._pending_scheduler = meta.get("lr_scheduler")
         if self._runtime is not None:
             self._apply_optimizer_state()
+            self._apply_scheduler_state()
         self.step_count = int(meta["step_count"])
         self._broken = None
 
@@ -514,6 +532,26 @@ class Trainer:
             groups.append([{k: v for k, v in g.items() if k != "params"}
                            for g in sd["param_groups"]])
         return tensors, scalars, groups
+
+    def _scheduler_state(self) -> dict[str, Any] | None:
+        """The learning-rate schedulers' state (the same for every pack) as JSON data."""
+        if not self.lr_schedulers:
+            return self._pending_scheduler
+        state = self.lr_schedulers[0].state_dict()
+        try:
+            json.dumps(state)
+        except TypeError as err:
+            raise ValueError(f"the learning-rate scheduler's state_dict() holds values JSON "
+                             f"cannot store ({err}); use a scheduler whose state is plain "
+                             "numbers (StepLR, LambdaLR, CosineAnnealingLR, ...)") from err
+        return state
+
+    def _apply_scheduler_state(self) -> None:
+        if self._pending_scheduler is None or not self.lr_schedulers:
+            return
+        for scheduler in self.lr_schedulers:
+            scheduler.load_state_dict(dict(self._pending_scheduler))
+        self._pending_scheduler = None
 
     def _apply_optimizer_state(self) -> None:
         assert self._runtime is not None
