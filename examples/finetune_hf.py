@@ -1,0 +1,167 @@
+"""Train a Hugging Face causal LM with harmony, on the bundled text, from a config.
+
+The model is built from a config (no download): a preset name (``llama``, ``mistral``,
+``qwen2``, ``opt``, ``gpt-neox``: small models of that family) or a ``config.json`` path. Text
+is the bundled Shakespeare as bytes (vocabulary 256). The device budget defaults to a third of
+the training state, so harmony swaps packs of decoder blocks every step. At the end it writes
+the loss curve (``--plot``) and the weights in a folder ``from_pretrained`` loads (``--export``).
+
+    python examples/finetune_hf.py                                   # a small Llama, ~1 min
+    python examples/finetune_hf.py --model opt --steps 100 --plot opt-loss.png
+    python examples/finetune_hf.py --model path/to/config.json --device cuda --device-memory 8GiB
+    torchrun --standalone --nproc_per_node=1 examples/finetune_hf.py --model qwen2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    import harmony
+except ModuleNotFoundError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import harmony
+
+from swap.tier import fmt_bytes
+
+TEXT = Path(__file__).resolve().parent / "data" / "tinyshakespeare.txt"
+SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "vocab_size": 256, "max_position_embeddings": 256,
+         "tie_word_embeddings": False, "use_cache": False}
+PRESETS = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": 64}),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "opt": ("OPTConfig", {"ffn_dim": 256, "word_embed_proj_dim": 128, "dropout": 0.0,
+                          "num_attention_heads": 4}),
+    "gpt-neox": ("GPTNeoXConfig", {}),
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        sys.exit("finetune_hf.py needs transformers: pip install 'harmony[hf]'")
+    if name in PRESETS:
+        cls_name, extra = PRESETS[name]
+        kwargs = {**SMALL, **extra}
+        if name == "opt":
+            kwargs["ffn_dim"] = kwargs.pop("intermediate_size")
+            kwargs["max_position_embeddings"] = 256
+        config = getattr(transformers, cls_name)(**kwargs)
+    elif Path(name).is_file():
+        data = json.loads(Path(name).read_text())
+        config = transformers.AutoConfig.for_model(**data)
+        config.tie_word_embeddings = False
+        config.use_cache = False
+    else:
+        sys.exit(f"finetune_hf.py: --model {name!r} is neither a preset ({', '.join(PRESETS)}) "
+                 "nor a config.json file")
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def plot(losses: list[float], path: str, title: str) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no loss curve (pip install matplotlib)")
+        return
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path)
+    print(f"loss curve written to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama", help=f"preset ({', '.join(PRESETS)}) or JSON")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--device-memory", default=None, help="default: a third of the state")
+    p.add_argument("--host-memory", default=None)
+    p.add_argument("--nvme-dir", default=None)
+    p.add_argument("--plot", default="finetune_hf_loss.png", help="loss-curve PNG ('' for none)")
+    p.add_argument("--export", default=None, help="folder for from_pretrained-loadable weights")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit("finetune_hf.py: multi-GPU training lands in a later harmony version; "
+                 "run with --nproc_per_node=1")
+    torch.manual_seed(args.seed)
+    model = build(args.model)
+    n_params = sum(q.numel() for q in model.parameters())
+    state = 16 * n_params  # fp32 weights, gradients, AdamW's two moments
+    budget = args.device_memory if args.device_memory is not None else state // 3
+    data = torch.frombuffer(bytearray(TEXT.read_bytes()), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(args.seed)
+    shown = budget if isinstance(budget, str) else fmt_bytes(budget)
+    print(f"{type(model).__name__}: {n_params / 1e6:.2f}M parameters, training state "
+          f"{fmt_bytes(state)}, device budget {shown}")
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(data) - args.block_size - 1, (args.batch_size,),
+                               generator=g).tolist()
+        x = torch.stack([data[s:s + args.block_size] for s in starts])
+        return x, torch.stack([data[s + 1:s + 1 + args.block_size] for s in starts])
+
+    def trainer_for(limit: int | str) -> harmony.Trainer:
+        return harmony.Trainer(model, loss_fn, optimizer=harmony.optim.adamw(lr=args.lr),
+                               micro_batch_size=args.micro_batch_size, device=args.device,
+                               device_memory=limit, host_memory=args.host_memory,
+                               nvme_dir=args.nvme_dir, seed=args.seed)
+
+    first = batch()
+    trainer = trainer_for(budget)
+    try:
+        losses = [trainer.step(*first)]
+    except harmony.InfeasiblePlan as err:
+        trainer.close()
+        if args.device_memory is not None:
+            sys.exit(f"finetune_hf.py: {err}")
+        # At this size activations outweigh a third of the state: take the least that works
+        # (a refused plan changes nothing, so the same model starts again).
+        print(f"a third of the training state is too small here; using the least device "
+              f"memory any plan needs, {fmt_bytes(err.device_needed)}")
+        trainer = trainer_for(err.device_needed)
+        losses = [trainer.step(*first)]
+    with trainer:
+        t0 = time.perf_counter()
+        for step in range(args.steps):
+            if step:
+                losses.append(trainer.step(*batch()))
+            if step == 0 and trainer.plan is not None:
+                print(trainer.plan.describe(trainer.chain.names))
+            if step % 10 == 0 or step == args.steps - 1:
+                print(f"step {step}: loss {losses[-1]:.4f}")
+        seconds = time.perf_counter() - t0
+        moved = {k: fmt_bytes(v / args.steps) for k, v in trainer.stats.bytes_moved.items()}
+        print(f"{args.steps} steps in {seconds:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
+              f"bytes per step: {moved}")
+        if args.export:
+            print(f"weights written to {trainer.export(args.export)}")
+    if args.plot:
+        plot(losses, args.plot, f"{type(model).__name__} with harmony ({args.model})")
+
+
+if __name__ == "__main__":
+    main()
