@@ -262,8 +262,20 @@ class Trainer:
         return loss
 
     def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
-        self._profiles = profile_layers(self.chain, self._layer_layouts, x, y, self.loss_fn,
-                                        self.device)
+        # Between steps, the layers of packs homed off the device hold empty tensors: give
+        # them their home weights while the profile runs (new input shapes re-profile).
+        away = [] if self._runtime is None else [
+            p for p in self._runtime.packs if p.home is not Loc.DEVICE]
+        for pack in away:
+            pack.layout.bind(pack.home_weights())
+        try:
+            self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
+                                            self.loss_fn, self.device)
+        finally:
+            for pack in away:
+                pack.layout.bind(None)
+            for pack in self._runtime.packs if self._runtime is not None else []:
+                pack.got_grad = [False] * len(pack.got_grad)  # the profile's backward set them
         try:
             self._k_ratio = optimizer_state_ratio(self.optimizer_factory)
         except Exception:  # an optimizer that cannot be probed: assume Adam-like state

@@ -109,3 +109,26 @@ def test_passed_through_tensors_survive_buffer_reuse(repeat: int) -> None:
     with trainer:
         assert trainer.plan is not None and trainer.plan.placement.x[-1] is Loc.HOST
     _assert_same(got, _reference("tuple", "sgd", "uneven"))
+
+
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
+def test_changing_shapes_between_steps(schedule: str) -> None:
+    """Sequence length and batch size change from step to step: each new shape re-plans on
+    the same packs (re-profiling with the weights brought home), still exact."""
+    from tests.models import TinyTransformer, cross_entropy_tokens
+
+    def make() -> torch.nn.Module:
+        return TinyTransformer(length=16)
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(x, x.roll(-1, 1)) for x in (torch.randint(0, 11, (n, t), generator=g)
+                                            for n, t in ((4, 8), (4, 12), (5, 8), (3, 16)))]
+    budget = training_state_bytes(make(), 8) // 2
+    with harmony.Trainer(make(), cross_entropy_tokens, optimizer=OPTIMIZERS["adamw"][0],
+                         micro_batch_size=2, device_memory=budget, schedule=schedule) as t:
+        for b in batches:
+            t.step(*b)
+        assert t.plan is not None and t.plan.placement.w[0] is Loc.HOST
+        got = t.state_dict()
+    want = reference_train(make(), cross_entropy_tokens, OPTIMIZERS["adamw"][0], batches, 2)
+    _assert_same(got, want)
