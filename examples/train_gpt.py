@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=50, help="steps between val evaluations")
     p.add_argument("--eval-batches", type=int, default=8, help="batches per loss estimate")
     p.add_argument("--sample-chars", type=int, default=200, help="length of the final sample")
+    p.add_argument("--plot", default="train_gpt_loss.png",
+                   help="write the loss curve to this PNG ('' for none; needs matplotlib)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print("plan: " + trainer.plan.describe(trainer.chain.names))
     peaks = ", ".join(f"{k} {fmt(v)}" for k, v in trainer.stats.peak_bytes.items())
     print(f"step 1: loss {train_loss:.4f}; measured peak {peaks}")
+    curve = [(1, train_loss)]  # (step, training loss) for the loss-curve plot
+    val_curve = [(0, first_loss)]
 
     # -- the remaining steps --------------------------------------------------------------------
     tokens_per_step = args.batch_size * args.block_size
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             # equals the full batch's), and returns the batch's mean loss as a float.
             train_loss = trainer.step(x, y)
             dt = time.perf_counter() - t0
+            curve.append((step, train_loss))
             moved = sum(trainer.stats.bytes_moved.values()) - moved_before
 
             stats = f"loss {train_loss:.4f}, {tokens_per_step / dt:,.0f} tok/s, moved {fmt(moved)}"
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 # trainer.state_dict() gathers the weights from wherever their packs live.
                 eval_model.load_state_dict(trainer.state_dict())
                 val_loss = estimate_loss(eval_model, val_batches)
+                val_curve.append((step, val_loss))
                 log(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         if bar is not None:
             bar.close()
@@ -254,7 +260,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sample = eval_model.generate(prompt, args.sample_chars, temperature=0.8,
                                  generator=torch.Generator().manual_seed(args.seed))
     print("sample:\n" + data.decode(sample[0, 1:]))
+    if args.plot:
+        _plot(curve, val_curve, args.plot)
     return {"val_loss_start": first_loss, "val_loss": val_loss, "train_loss": final_train}
+
+
+def _plot(train: list[tuple[int, float]], val: list[tuple[int, float]], path: str) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no loss curve (pip install matplotlib)")
+        return
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(*zip(*train), label="train (batch)", linewidth=0.8)
+    ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.savefig(path)
+    print(f"loss curve written to {path}")
 
 
 _FUSED: dict[str, bool] = {}

@@ -158,7 +158,7 @@ def test_loss_falls_over_30_steps():
 # -- the script -------------------------------------------------------------------------------
 TINY_ARGS = ["--steps", "3", "--batch-size", "8", "--micro-batch-size", "4", "--n-layer", "2",
              "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--eval-every", "2",
-             "--eval-batches", "1", "--sample-chars", "20"]
+             "--eval-batches", "1", "--sample-chars", "20", "--plot", ""]
 
 
 def run_script(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
@@ -167,8 +167,9 @@ def run_script(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=environ, timeout=120)
 
 
-def test_script_trains_and_prints_plan_and_loss():
-    done = run_script(TINY_ARGS)
+def test_script_trains_and_prints_plan_and_loss(tmp_path):
+    png = tmp_path / "loss.png"
+    done = run_script([*TINY_ARGS, "--plot", str(png)])
     assert done.returncode == 0, done.stderr
     out = done.stdout
     # A third of this tiny model's 471 KiB state cannot hold a block's activations: the script
@@ -180,6 +181,8 @@ def test_script_trains_and_prints_plan_and_loss():
     assert "final: train loss" in out and "val loss" in out
     assert "bytes moved per step: device->host" in out
     assert "sample:" in out
+    if "matplotlib is not installed" not in out:
+        assert png.stat().st_size > 1000  # the loss curve
 
 
 # The refusals run main() in this process: no interpreter start, same code path.
