@@ -92,13 +92,18 @@ def main() -> None:
     print(f"GPT {GPT(cfg).num_params() / 1e6:.2f}M parameters, training state "
           f"{fmt_bytes(state)}, batch {args.batch_size} in micro-batches of {mbs}, "
           f"{args.threads} thread(s), {args.steps} steps")
-    print("| run | s/step median (min-max) | vs plain | weights onto the device per step |")
-    print("|---|---|---|---|")
+    print("| run | s/step median (min-max) | vs plain | weights onto the device per step "
+          "| predicted s/step |")
+    print("|---|---|---|---|---|")
     for name, ts in times.items():
         t = trainers.get(name)
         w = "-" if t is None else fmt_bytes(t.stats.kind_bytes("host->device", "W") / args.steps)
+        pred = "-"
+        if t is not None and t.plan is not None and t.plan.predicted.step_time is not None:
+            pred = f"{t.plan.predicted.step_time:.3f}"
         med = statistics.median(ts)
-        print(f"| {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {med / base:.2f} | {w} |")
+        print(f"| {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {med / base:.2f} | {w} "
+              f"| {pred} |")
     for t in trainers.values():
         t.close()
 
