@@ -1,0 +1,151 @@
+"""One command, every contender, side by side: plain PyTorch, harmony (several placements), the
+per-micro-batch schedule, and DeepSpeed ZeRO-3 with CPU and NVMe offload.
+
+All run in one process, interleaved on the same batches of the example GPT, so drifts of this
+shared machine hit every row alike. Prints median seconds per step (min-max), tokens/s, each
+row's ratio to harmony under the same device budget, weight bytes onto the device and storage
+bytes (from /proc/self/io) per step, and harmony's peak bytes per tier. A contender that cannot
+run gets a row saying why.
+
+    mkdir -p /tmp/harmony-bench && python examples/benchmark.py --nvme-dir /tmp/harmony-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_deepspeed as ds
+from gpt import GPT, GPTConfig, loss_fn
+
+try:
+    import harmony
+except ModuleNotFoundError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import harmony
+
+from swap.tier import fmt_bytes
+
+Step = Callable[[torch.Tensor, torch.Tensor], object]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nvme-dir", required=True)
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-embd", type=int, default=128)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer,
+                    n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+    state = 16 * GPT(cfg).num_params()
+    mbs, budget = args.micro_batch_size, state // 3
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(args.steps + 1):
+        x = torch.randint(0, 65, (args.batch_size, cfg.block_size), generator=g)
+        data.append((x, torch.roll(x, -1, dims=1)))
+    hdir = Path(args.nvme_dir) / "harmony"
+    hdir.mkdir(parents=True, exist_ok=True)
+
+    def plain() -> Step:
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            for xm, ym in zip(x.split(mbs), y.split(mbs)):
+                (loss_fn(model(xm), ym) * (xm.shape[0] / x.shape[0])).backward()
+            opt.step()
+            opt.zero_grad()
+        return step
+
+    def trainer(**kw: object) -> harmony.Trainer:
+        torch.manual_seed(0)
+        return harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=mbs, **kw)  # type: ignore
+
+    trainers = {
+        "harmony, everything fits": trainer(),
+        "harmony, device 1/3 of the state": trainer(device_memory=budget),
+        "per-microbatch, device 1/3": trainer(device_memory=budget, schedule="per-microbatch"),
+        "harmony, device 1/3, host 1/3, NVMe": trainer(device_memory=budget,
+                                                       host_memory=state // 3, nvme_dir=hdir),
+    }
+    runs: dict[str, Step | str] = {"plain PyTorch": plain()}
+    runs.update({name: t.step for name, t in trainers.items()})
+    ds_args = argparse.Namespace(batch_size=args.batch_size, micro_batch_size=mbs,
+                                 nvme_dir=str(Path(args.nvme_dir) / "deepspeed"),
+                                 persistence_threshold=0, max_in_cpu=0)
+    Path(ds_args.nvme_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        ds.init_single_process_dist()
+        for device in ("cpu", "nvme"):
+            name = f"DeepSpeed ZeRO-3, offload to {device}"
+            try:
+                runs[name] = ds.deepspeed_run(ds_args, cfg, device)
+            except Exception as err:  # a row that says why
+                runs[name] = ds.one_line(err)
+    except Exception as err:
+        runs["DeepSpeed ZeRO-3"] = ds.one_line(err)
+    for name, run in list(runs.items()):
+        if callable(run):
+            try:
+                run(*data[0])  # warm-up: harmony plans, DeepSpeed builds its buffers
+            except Exception as err:
+                runs[name] = ds.one_line(err)
+    for t in trainers.values():
+        t.stats.reset()
+    times: dict[str, list[float]] = {n: [] for n, r in runs.items() if callable(r)}
+    storage: dict[str, list[int]] = {n: [0, 0] for n in times}
+    for x, y in data[1:]:
+        for name in times:
+            run = runs[name]
+            assert callable(run)
+            io0 = ds.disk_io()
+            t0 = time.perf_counter()
+            run(x, y)
+            times[name].append(time.perf_counter() - t0)
+            io1 = ds.disk_io()
+            storage[name][0] += io1[0] - io0[0]
+            storage[name][1] += io1[1] - io0[1]
+    steps, tokens = args.steps, args.batch_size * cfg.block_size
+    ref = statistics.median(times["harmony, device 1/3 of the state"])
+    print(f"GPT {state / 16 / 1e6:.2f}M parameters, training state {fmt_bytes(state)}, batch "
+          f"{args.batch_size} x {cfg.block_size} tokens in micro-batches of {mbs}, "
+          f"{args.threads} thread(s), {steps} steps after a warm-up")
+    print("| run | s/step median (min-max) | tokens/s | vs harmony at 1/3 | weights onto "
+          "device / step | storage read / written / step | peak device / host |")
+    print("|---|---|---|---|---|---|---|")
+    for name, run in runs.items():
+        if not callable(run):
+            print(f"| {name} | could not run: {run} | | | | | |")
+            continue
+        ts = times[name]
+        med = statistics.median(ts)
+        t = trainers.get(name)
+        w = "-" if t is None else fmt_bytes(t.stats.kind_bytes("host->device", "W") / steps
+                                            + t.stats.kind_bytes("nvme->device", "W") / steps)
+        peak = "-" if t is None else (f"{fmt_bytes(t.stats.peak_bytes.get('device', 0))} / "
+                                      f"{fmt_bytes(t.stats.peak_bytes.get('host', 0))}")
+        io = f"{fmt_bytes(storage[name][0] / steps)} / {fmt_bytes(storage[name][1] / steps)}"
+        print(f"| {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {tokens / med:,.0f} | "
+              f"{med / ref:.2f} | {w} | {io} | {peak} |")
+    for t in trainers.values():
+        t.close()
+
+
+if __name__ == "__main__":
+    main()
