@@ -8,6 +8,11 @@ bytes (from /proc/self/io) per step, and harmony's peak bytes per tier. A conten
 run gets a row saying why.
 
     mkdir -p /tmp/harmony-bench && python examples/benchmark.py --nvme-dir /tmp/harmony-bench
+    python examples/benchmark.py --nvme-dir /tmp/harmony-bench --scaling   # growth rows
+
+``--scaling`` prints instead how step time and weight bytes grow with model size (2, 4, 8
+blocks) and with the number of micro-batches (2, 4, 8, 16), for harmony and the per-micro-batch
+schedule under a device budget of a third of the training state.
 """
 
 from __future__ import annotations
@@ -36,6 +41,44 @@ from swap.tier import fmt_bytes
 Step = Callable[[torch.Tensor, torch.Tensor], object]
 
 
+def scaling(args: argparse.Namespace) -> None:
+    """Step time and weight bytes onto the device against model size and micro-batch count."""
+    print("| blocks | micro-batches | schedule | s/step median | weights onto device / step |")
+    print("|---|---|---|---|---|")
+    cases = [(n, 4) for n in (2, 4, 8)] + [(4, m) for m in (2, 8, 16)]
+    for n_layer, micro in cases:
+        cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=n_layer,
+                        n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+        state = 16 * GPT(cfg).num_params()
+        g = torch.Generator().manual_seed(0)
+        batch = micro * args.micro_batch_size
+        data = [(x, torch.roll(x, -1, dims=1)) for x in
+                (torch.randint(0, 65, (batch, cfg.block_size), generator=g)
+                 for _ in range(args.steps + 1))]
+        for schedule in ("harmony", "per-microbatch"):
+            torch.manual_seed(0)
+            budget: int = state // 3
+            t = harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=args.micro_batch_size,
+                                device_memory=budget, schedule=schedule)
+            try:
+                t.step(*data[0])
+            except harmony.InfeasiblePlan as err:  # activations outgrow a third of the state
+                t.close()
+                t = harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=args.micro_batch_size,
+                                    device_memory=err.device_needed, schedule=schedule)
+                t.step(*data[0])
+            t.stats.reset()
+            ts = []
+            for x, y in data[1:]:
+                t0 = time.perf_counter()
+                t.step(x, y)
+                ts.append(time.perf_counter() - t0)
+            w = t.stats.kind_bytes("host->device", "W") / args.steps
+            print(f"| {n_layer} | {micro} | {schedule} | {statistics.median(ts):.3f} | "
+                  f"{fmt_bytes(w)} |")
+            t.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nvme-dir", required=True)
@@ -47,8 +90,12 @@ def main() -> None:
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--scaling", action="store_true", help="print the growth rows instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.scaling:
+        scaling(args)
+        return
     cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer,
                     n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
     state = 16 * GPT(cfg).num_params()
