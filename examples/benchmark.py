@@ -174,11 +174,12 @@ def main() -> None:
           f"{args.batch_size} x {cfg.block_size} tokens in micro-batches of {mbs}, "
           f"{args.threads} thread(s), {steps} steps after a warm-up")
     print("| run | s/step median (min-max) | tokens/s | vs harmony at 1/3 | weights onto "
-          "device / step | storage read / written / step | peak device / host |")
-    print("|---|---|---|---|---|---|---|")
+          "device / step | bytes per link / step | storage read / written / step "
+          "| peak device / host |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, run in runs.items():
         if not callable(run):
-            print(f"| {name} | could not run: {run} | | | | | |")
+            print(f"| {name} | could not run: {run} | | | | | | |")
             continue
         ts = times[name]
         med = statistics.median(ts)
@@ -188,8 +189,10 @@ def main() -> None:
         peak = "-" if t is None else (f"{fmt_bytes(t.stats.peak_bytes.get('device', 0))} / "
                                       f"{fmt_bytes(t.stats.peak_bytes.get('host', 0))}")
         io = f"{fmt_bytes(storage[name][0] / steps)} / {fmt_bytes(storage[name][1] / steps)}"
+        links = "-" if t is None else (", ".join(
+            f"{k} {fmt_bytes(v / steps)}" for k, v in sorted(t.stats.bytes_moved.items())) or "0B")
         print(f"| {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {tokens / med:,.0f} | "
-              f"{med / ref:.2f} | {w} | {io} | {peak} |")
+              f"{med / ref:.2f} | {w} | {links} | {io} | {peak} |")
     for t in trainers.values():
         t.close()
 
