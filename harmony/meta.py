@@ -42,9 +42,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from harmony.chain import Chain, as_tuple, call, checked_loss
+from harmony.chain import Chain, as_tuple, call
 from harmony.layout import Layout
-from harmony.profile import LayerProfile
+from harmony.profile import LayerProfile, backward_saved_bytes
 
 GPU_FLOPS = 100e12   # default: a data-centre GPU's sustained dense FLOP/s
 CPU_FLOPS = 165e9    # fp32 matmul FLOP/s measured on the 2-core development machine
@@ -268,38 +268,15 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                 out_value = as_tuple(call(layer, value), f"layer {name!r}")
             fwd_flops = fc.flops
 
-            saved: dict[int, int] = {}
-            leaf = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value)
-            known = {_storage_key(e.tensor) for e in layout.entries}
-            known |= {_storage_key(t) for t in leaf}
-
-            def pack(t: torch.Tensor, saved: dict[int, int] = saved,
-                     known: set[int] = known) -> torch.Tensor:
-                key = _storage_key(t)
-                if key not in known:
-                    saved[key] = t.untyped_storage().nbytes()
-                return t
-
-            hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
             with FlopCount() as fc:
-                with torch.enable_grad(), hooks:
-                    res = call(layer, leaf)
-                    if i == n - 1:
-                        loss = checked_loss(loss_fn, res, targets)
-                        roots, grads = [loss], [torch.ones_like(loss)]
-                    else:
-                        outs = as_tuple(res, f"layer {name!r}")
-                        roots = [o for o in outs if o.requires_grad]
-                        grads = [torch.ones_like(o) for o in roots]
-                if roots:
-                    torch.autograd.backward(roots, grads)
+                saved = backward_saved_bytes(layer, value, layout, loss_fn, targets,
+                                             last=i == n - 1, name=name,
+                                             storage_key=_storage_key)
             bwd_flops = fc.flops
-            for e in layout.trainable:
-                e.tensor.grad = None
             out.append(LayerProfile(
                 name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
                 in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,
-                saved_bytes=sum(saved.values()) / samples,
+                saved_bytes=saved / samples,
                 out_bytes=_nbytes(out_value) / samples,
                 fwd_s=fwd_flops / device_flops / samples,
                 bwd_s=bwd_flops / device_flops / samples))

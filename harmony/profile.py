@@ -64,46 +64,59 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
                 _sync(device)
                 fwd = time.perf_counter() - t0
             out_value = as_tuple(result, f"layer {name!r}")
-            saved: dict[int, int] = {}
-            leaf = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value)
-            # Weights and the input are accounted already (W, X): count only new storages.
-            known = {e.tensor.untyped_storage().data_ptr() for e in layout.entries}
-            known |= {t.untyped_storage().data_ptr() for t in leaf}
-
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in known:
-                    saved[ptr] = t.untyped_storage().nbytes()
-                return t
-
             with layer_rng(0, 0, 0, i, device):
                 t0 = time.perf_counter()
-                hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-                with torch.enable_grad(), hooks:
-                    res = call(layer, leaf)
-                    if i == n - 1:
-                        loss = checked_loss(loss_fn, res, targets.to(device))
-                        roots, grads = [loss], [torch.ones_like(loss)]
-                    else:
-                        outs = as_tuple(res, f"layer {name!r}")
-                        roots = [o for o in outs if o.requires_grad]
-                        grads = [torch.ones_like(o) for o in roots]
-                if roots:
-                    torch.autograd.backward(roots, grads)
+                saved = backward_saved_bytes(layer, value, layout, loss_fn, targets.to(device),
+                                             last=i == n - 1, name=name)
                 _sync(device)
                 bwd = time.perf_counter() - t0
-            for e in layout.trainable:
-                e.tensor.grad = None
         finally:
             for e, h in zip(layout.entries, homes):
                 e.tensor.data = h
         out.append(LayerProfile(
             name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
             in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,
-            saved_bytes=sum(saved.values()) / samples, out_bytes=_nbytes(out_value) / samples,
+            saved_bytes=saved / samples, out_bytes=_nbytes(out_value) / samples,
             fwd_s=fwd / samples, bwd_s=bwd / samples))
         value = tuple(t.detach() for t in out_value)
     return out
+
+
+def backward_saved_bytes(layer: nn.Module, value: tuple[torch.Tensor, ...], layout: Layout,
+                         loss_fn: Callable[..., torch.Tensor], targets: torch.Tensor, last: bool,
+                         name: str,
+                         storage_key: Callable[[torch.Tensor], int] | None = None) -> int:
+    """Run ``layer`` forward with grad on ``value`` (and ``loss_fn`` if it is the ``last``
+    layer), then backward; return the bytes of the tensors autograd saved for that backward.
+
+    Weights and the input are accounted already (W, X), so only other storages count.
+    ``storage_key`` tells storages apart (default: their address; meta tensors have none).
+    The gradients the backward left on the weights are cleared.
+    """
+    key_of = storage_key or (lambda t: t.untyped_storage().data_ptr())
+    leaf = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value)
+    known = {key_of(e.tensor) for e in layout.entries} | {key_of(t) for t in leaf}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = key_of(t)
+        if key not in known:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = call(layer, leaf)
+        if last:
+            loss = checked_loss(loss_fn, res, targets)
+            roots, grads = [loss], [torch.ones_like(loss)]
+        else:
+            roots = [o for o in as_tuple(res, f"layer {name!r}") if o.requires_grad]
+            grads = [torch.ones_like(o) for o in roots]
+    if roots:
+        torch.autograd.backward(roots, grads)
+    for e in layout.trainable:
+        e.tensor.grad = None
+    return sum(saved.values())
 
 
 def optimizer_state_ratio(factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
