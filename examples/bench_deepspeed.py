@@ -23,7 +23,6 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -33,17 +32,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import Step, add_gpt_args, batches, gpt_config, plain_step
 from gpt import GPT, GPTConfig, loss_fn
 
-Step = Callable[[torch.Tensor, torch.Tensor], None]
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
-        n /= 1024
-    raise AssertionError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout without install
+from swap.tier import fmt_bytes
 
 
 def disk_io() -> tuple[int, int]:
@@ -124,14 +117,7 @@ def one_line(err: BaseException) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=128)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
+    add_gpt_args(ap, steps=4)
     ap.add_argument("--nvme-dir", default="/tmp/ds-nvme",
                     help="nvme_path for the NVMe configuration (a directory on local disk)")
     ap.add_argument("--persistence-threshold", type=int, default=0,
@@ -142,30 +128,13 @@ def main() -> None:
     args = ap.parse_args()
     assert args.batch_size % args.micro_batch_size == 0
     Path(args.nvme_dir).mkdir(parents=True, exist_ok=True)
-    cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(args.steps + 1):
-        x = torch.randint(0, 65, (args.batch_size, cfg.block_size), generator=g)
-        data.append((x, torch.roll(x, -1, dims=1)))
+    cfg = gpt_config(args)
+    data = batches(cfg, args.steps + 1, args.batch_size)
     n_params = GPT(cfg).num_params()
     state = 16 * n_params
     mbs = args.micro_batch_size
 
-    def plain() -> Step:
-        torch.manual_seed(0)
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step(x: torch.Tensor, y: torch.Tensor) -> None:
-            for xm, ym in zip(x.split(mbs), y.split(mbs)):
-                (loss_fn(model(xm), ym) * (xm.shape[0] / x.shape[0])).backward()
-            opt.step()
-            opt.zero_grad()
-        return step
-
-    runs: dict[str, Step] = {"plain PyTorch": plain()}
+    runs: dict[str, Step] = {"plain PyTorch": plain_step(cfg, mbs)}
     failed: dict[str, str] = {}
     names = {"cpu": "ZeRO-3, offload to cpu", "nvme": "ZeRO-3, offload to nvme"}
     try:

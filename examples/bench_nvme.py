@@ -33,18 +33,11 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     import harmony
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import batches
 from gpt import GPT, GPTConfig, loss_fn
 
+from schedules.task import Loc
 from swap.tier import fmt_bytes
-
-
-def batches(cfg: GPTConfig, n: int, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        x = torch.randint(0, cfg.vocab_size, (size, cfg.block_size), generator=g)
-        out.append((x, torch.roll(x, -1, dims=1)))
-    return out
 
 
 def timed_steps(trainer: harmony.Trainer, data: list[tuple[torch.Tensor, torch.Tensor]],
@@ -59,10 +52,10 @@ def timed_steps(trainer: harmony.Trainer, data: list[tuple[torch.Tensor, torch.T
 
 def io_only(trainer: harmony.Trainer) -> float:
     """Replay one step's NVMe traffic (the plan's weight loads, the update's reads and
-    writes) with no compute, in the order the schedule issues it."""
+    writes of the packs homed on NVMe) with no compute, in the order the schedule issues it."""
     store, runtime, plan = trainer.store, trainer._runtime, trainer.plan
     assert store is not None and runtime is not None and plan is not None
-    packs = runtime.packs
+    packs = [p for p in runtime.packs if p.home is Loc.NVME]  # the others stay on the host
     bufs = {p.index: torch.empty(p.layout.w_bytes, dtype=torch.uint8) for p in packs}
     kbufs = {p.index: torch.empty(p.k_bytes, dtype=torch.uint8) for p in packs}
     t0 = time.perf_counter()

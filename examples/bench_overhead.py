@@ -27,44 +27,21 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     import harmony
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt import GPT, GPTConfig, loss_fn
+from bench_common import add_gpt_args, batches, gpt_config, plain_step
+from gpt import GPT, loss_fn
 
 from swap.tier import fmt_bytes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=128)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
+    add_gpt_args(ap, steps=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(args.steps + 1):
-        x = torch.randint(0, 65, (args.batch_size, cfg.block_size), generator=g)
-        data.append((x, torch.roll(x, -1, dims=1)))
+    cfg = gpt_config(args)
+    data = batches(cfg, args.steps + 1, args.batch_size)
     state = 16 * GPT(cfg).num_params()
     mbs = args.micro_batch_size
-
-    def plain() -> Callable[[torch.Tensor, torch.Tensor], None]:
-        torch.manual_seed(0)
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step(x: torch.Tensor, y: torch.Tensor) -> None:
-            for xm, ym in zip(x.split(mbs), y.split(mbs)):
-                (loss_fn(model(xm), ym) * (xm.shape[0] / x.shape[0])).backward()
-            opt.step()
-            opt.zero_grad()
-        return step
 
     trainers = {
         "harmony, resident": harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=mbs,
@@ -76,7 +53,8 @@ def main() -> None:
             GPT(cfg), loss_fn, micro_batch_size=mbs, device_memory=state // 3,
             schedule="per-microbatch"),
     }
-    runs: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {"plain PyTorch": plain()}
+    runs: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
+        "plain PyTorch": plain_step(cfg, mbs)}
     runs.update({name: t.step for name, t in trainers.items()})
     for run in runs.values():
         run(*data[0])  # warm-up: harmony profiles and plans on its first step

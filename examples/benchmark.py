@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_deepspeed as ds
-from gpt import GPT, GPTConfig, loss_fn
+from bench_common import add_gpt_args, batches, gpt_config, plain_step
+from gpt import GPT, loss_fn
 
 try:
     import harmony
@@ -47,14 +48,9 @@ def scaling(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|")
     cases = [(n, 4) for n in (2, 4, 8)] + [(4, m) for m in (2, 8, 16)]
     for n_layer, micro in cases:
-        cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=n_layer,
-                        n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+        cfg = gpt_config(args, n_layer)
         state = 16 * GPT(cfg).num_params()
-        g = torch.Generator().manual_seed(0)
-        batch = micro * args.micro_batch_size
-        data = [(x, torch.roll(x, -1, dims=1)) for x in
-                (torch.randint(0, 65, (batch, cfg.block_size), generator=g)
-                 for _ in range(args.steps + 1))]
+        data = batches(cfg, args.steps + 1, micro * args.micro_batch_size)
         for schedule in ("harmony", "per-microbatch"):
             torch.manual_seed(0)
             budget: int = state // 3
@@ -82,43 +78,19 @@ def scaling(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nvme-dir", required=True)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=128)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--micro-batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    add_gpt_args(ap, steps=5)
     ap.add_argument("--scaling", action="store_true", help="print the growth rows instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.scaling:
         scaling(args)
         return
-    cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer,
-                    n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
+    cfg = gpt_config(args)
     state = 16 * GPT(cfg).num_params()
     mbs, budget = args.micro_batch_size, state // 3
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(args.steps + 1):
-        x = torch.randint(0, 65, (args.batch_size, cfg.block_size), generator=g)
-        data.append((x, torch.roll(x, -1, dims=1)))
+    data = batches(cfg, args.steps + 1, args.batch_size)
     hdir = Path(args.nvme_dir) / "harmony"
     hdir.mkdir(parents=True, exist_ok=True)
-
-    def plain() -> Step:
-        torch.manual_seed(0)
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step(x: torch.Tensor, y: torch.Tensor) -> None:
-            for xm, ym in zip(x.split(mbs), y.split(mbs)):
-                (loss_fn(model(xm), ym) * (xm.shape[0] / x.shape[0])).backward()
-            opt.step()
-            opt.zero_grad()
-        return step
 
     def trainer(**kw: object) -> harmony.Trainer:
         torch.manual_seed(0)
@@ -131,7 +103,7 @@ def main() -> None:
         "harmony, device 1/3, host 1/3, NVMe": trainer(device_memory=budget,
                                                        host_memory=state // 3, nvme_dir=hdir),
     }
-    runs: dict[str, Step | str] = {"plain PyTorch": plain()}
+    runs: dict[str, Step | str] = {"plain PyTorch": plain_step(cfg, mbs)}
     runs.update({name: t.step for name, t in trainers.items()})
     ds_args = argparse.Namespace(batch_size=args.batch_size, micro_batch_size=mbs,
                                  nvme_dir=str(Path(args.nvme_dir) / "deepspeed"),
