@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from harmony.profile import LayerProfile, scaled
+from schedules.data_parallel import ALLREDUCE_LINK, add_allreduce, lag_updates, shared_bandwidth
 from schedules.generators import generate
 from schedules.lower import lower
 from schedules.placement import Placement
@@ -85,6 +86,8 @@ def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
     return Times(fwd, bwd, upd, links)
 
 
+# Assumed all-reduce bytes/s per rank until measured (the trainer measures it).
+ALLREDUCE_BANDWIDTH = 5.0e9
 # Assumed NVMe bandwidths (bytes/s) until measured: a PCIe 3 NVMe drive.
 NVME_BANDWIDTH = {"nvme->device": 2.0e9, "device->nvme": 1.5e9, "nvme->host": 2.0e9,
                   "host->nvme": 1.5e9}
@@ -116,7 +119,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          bandwidth: dict[str, float], upd_s_per_byte: float = 1e-9,
          prefetch: int | None = None,
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
-         nvme: bool = False, deferred_updates: bool = False) -> Plan:
+         nvme: bool = False, deferred_updates: bool = False, ranks: int = 1,
+         local_ranks: int = 1) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -129,11 +133,18 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         fixed: keep these pack bounds and placement (re-planning a later step's shapes).
         nvme: whether an NVMe tier exists (then W, K and X may live there).
         deferred_updates: updates after the last backward (global-norm gradient clipping).
+        ranks, local_ranks: data-parallel ranks in all and on this machine (see
+            :mod:`schedules.data_parallel`): with ranks > 1 the schedules all-reduce each
+            pack's gradients (at ``bandwidth["allreduce"]``, default
+            :data:`ALLREDUCE_BANDWIDTH`), and this machine's ranks share its host and NVMe
+            links.
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
     """
     L, M = len(profiles), len(micro_batches)
+    bandwidth = shared_bandwidth({**NVME_BANDWIDTH, ALLREDUCE_LINK: ALLREDUCE_BANDWIDTH,
+                                  **bandwidth}, local_ranks)
     weights = [lp.w_bytes for lp in profiles]
     if fixed is not None:
         bound_options = [fixed[0]]
@@ -191,8 +202,9 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     skipped.append((len(tried), bounds, placement, pf, sizes, times))
                     tried.append(None)
                     continue
-                lowered = lower(generate(schedule, len(bounds), M, deferred_updates), placement, pf)
-                result = simulate(lowered, sizes, times)
+                lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf,
+                                   ranks)
+                result = simulate(lowered, sizes, times, ranks)
                 candidate = Plan(bounds, lowered, sizes, result)
                 tried.append((result, candidate))
                 if fits(result):
@@ -202,8 +214,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         if best is not None:
             return best
     for i, bounds, placement, pf, sizes, times in skipped:
-        lowered = lower(generate(schedule, len(bounds), M, deferred_updates), placement, pf)
-        result = simulate(lowered, sizes, times)
+        lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks)
+        result = simulate(lowered, sizes, times, ranks)
         tried[i] = (result, Plan(bounds, lowered, sizes, result))
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut
@@ -215,6 +227,15 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     raise InfeasiblePlan(_infeasible(tightest[1], profiles, micro_batches, device_budget,
                                      host_budget, nvme),
                          peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0))
+
+
+def _lowered(schedule: str, packs: int, micro_batches: int, deferred_updates: bool,
+             placement: Placement, prefetch: int, ranks: int) -> Schedule:
+    """The lowered schedule one rank runs (with all-reduces when ``ranks`` > 1)."""
+    compute = generate(schedule, packs, micro_batches, deferred_updates)
+    if ranks == 1:
+        return lower(compute, placement, prefetch)
+    return add_allreduce(lower(lag_updates(compute), placement, prefetch))
 
 
 def _split_placement(bounds: tuple[tuple[int, int], ...], on_host: int, x: Loc) -> Placement:

@@ -11,11 +11,15 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
+
+if TYPE_CHECKING:
+    from harmony.data_parallel import DataParallel
 from harmony.rng import layer_rng
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
@@ -98,6 +102,10 @@ class Runtime:
         # When a list, every task appends what it did: its text, start and end (seconds since
         # the step began) and the bytes each tier held after it (Trainer.record_step).
         self.record: list[dict[str, object]] | None = None
+        # Data parallelism (harmony.data_parallel): the rank's all-reduces, and the global
+        # index of its first micro-batch (randomness follows global micro-batch indices).
+        self.comm: DataParallel | None = None
+        self.mb_offset = 0
 
     @property
     def dev(self) -> Tier:
@@ -136,6 +144,8 @@ class Runtime:
             self.writes.clear()
         except BaseException:
             self.writes.clear()
+            if self.comm is not None:
+                self.comm.abandon()
             self.abandon()
             raise
         return float(self.loss)
@@ -171,6 +181,12 @@ class Runtime:
             self._backward(task)
         elif op is Op.UPD:
             self._update(task)
+        elif op is Op.ALLREDUCE:  # data parallelism: sum G over the ranks, asynchronously
+            assert self.comm is not None, f"{task} needs parallel='data'"
+            slot = self.values[task.ref]
+            assert slot.dev is not None and slot.dev[0] is not None
+            self.comm.start(task.pack, slot.dev[0], self.packs[task.pack].layout.trainable,
+                            self.engine.stats)
         elif task.kind is Kind.W:
             if op is Op.SWAP_IN:
                 self._load_w(task.pack)
@@ -381,6 +397,7 @@ class Runtime:
 
     def _store_grad(self, p: int) -> None:
         slot = self._grad_slot(p)
+        self._wait_allreduce(p)  # the copy reads the summed gradients
         assert slot.dev is not None and slot.dev[0] is not None
         loc = self.placement.update_loc(p)
         if not slot.home_bufs:
@@ -411,7 +428,7 @@ class Runtime:
         out: object = value[0] if single else value
         for j, layer in enumerate(pack.layers):
             idx = pack.first_layer + j
-            with layer_rng(self.seed, self.step, m, idx, self.device):
+            with layer_rng(self.seed, self.step, m + self.mb_offset, idx, self.device):
                 out = call(layer, value)
             value = as_tuple(out, f"layer {idx} ({type(layer).__name__})")
         return out, not isinstance(out, tuple)
@@ -499,6 +516,8 @@ class Runtime:
 
     def _update(self, task: Task) -> None:
         p = task.pack
+        if not self.updated and self.comm is not None:
+            self.loss = self.comm.reduce_loss(self.loss)  # every rank decides on the same loss
         if not self.updated and not torch.isfinite(self.loss):
             # Every micro-batch's loss is known before the first update in the generated
             # schedules, so refusing here leaves every weight as it was.
@@ -509,6 +528,7 @@ class Runtime:
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]
         loc = self.placement.update_loc(p)
+        self._wait_allreduce(p)
         if pack.home is Loc.NVME:
             return self._update_from_nvme(p)
         if loc is Loc.DEVICE:
@@ -533,6 +553,7 @@ class Runtime:
         """Pack ``p``'s gradients where its update will read them (None: no gradient)."""
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]
+        self._wait_allreduce(p)
         if self.placement.update_loc(p) is Loc.DEVICE:
             flat = slot.dev[0] if slot.dev is not None else None
             self._wait_dev(slot, Ref(Kind.G, p))
@@ -544,6 +565,10 @@ class Runtime:
         assert flat is not None, f"G{p} is not where its update runs"
         return [e.view(flat) if got else None
                 for e, got in zip(pack.layout.trainable, pack.got_grad)]
+
+    def _wait_allreduce(self, p: int) -> None:
+        if self.comm is not None:
+            self.comm.wait(p)
 
     def _clip_gradients(self, max_norm: float, order: list[tuple[int, int]]) -> None:
         """Scale every pack's gradients as clip_grad_norm_ over the whole model would.

@@ -15,6 +15,7 @@ from torch import nn
 
 from harmony import checkpoint
 from harmony.chain import Chain
+from harmony.data_parallel import DataParallel
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
@@ -74,6 +75,13 @@ class Trainer:
         nonfinite: what a NaN or infinite batch loss does: ``"raise"`` :class:`NonFiniteLoss`,
             or ``"skip"`` the step (no weight changes, ``step_count`` stays, the NaN is
             returned and ``stats.skipped_steps`` counts it).
+        parallel: None (or ``"none"``): one process. ``"data"``: data parallelism over the
+            ranks of the default ``torch.distributed`` group (initialized from torchrun's
+            environment when there is none; NCCL on CUDA, gloo on CPU). As with DDP, each rank
+            passes its own share of the batch to :meth:`step`, and a step equals one process's
+            step on all ranks' samples together (each sample's loss weighs 1 / global
+            samples); ``device="cuda"`` means GPU ``LOCAL_RANK``; rank 0 writes checkpoints.
+            See :mod:`harmony.data_parallel`.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer; the message
@@ -99,7 +107,8 @@ class Trainer:
                  nvme_backend: str = "auto",
                  plan: Plan | str | os.PathLike[str] | None = None,
                  clip_grad_norm: float | None = None,
-                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
+                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+                 parallel: str | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -126,6 +135,10 @@ class Trainer:
             raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device={device!r}: harmony runs on 'cpu' or 'cuda'")
+        # Data parallelism (harmony/data_parallel.py); None for one process.
+        self._dp = DataParallel.create(parallel, self.device)
+        if self._dp is not None:
+            self.device = self._dp.device  # "cuda" -> this rank's GPU
         self.device_memory = parse_bytes(device_memory, "device_memory")
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
@@ -209,11 +222,22 @@ class Trainer:
         Args:
             inputs: the first layer's input, a tensor or a tuple of tensors, batch first.
             targets: what ``loss_fn`` compares the last layer's output with, batch first.
+            With ``parallel="data"``, this rank's share of the batch; the loss returned is
+            the mean over every rank's samples.
 
         Raises:
             ValueError: inputs and targets of different batch sizes, empty batches, or a plan
                 that cannot fit the budgets (before anything is changed).
+            RuntimeError: with ``parallel="data"``, another rank failed during the step.
         """
+        if self._dp is None:
+            return self._step(inputs, targets)
+        # A failure on this rank tears the process group down, so no other rank hangs.
+        with self._dp.failing_together(passes=(NonFiniteLoss,)):
+            return self._step(inputs, targets)
+
+    def _step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+              targets: torch.Tensor) -> float:
         if self._closed:
             raise RuntimeError("this Trainer is closed")
         if self._broken is not None:
@@ -236,6 +260,9 @@ class Trainer:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
         self._plan = plan_
         assert self._runtime is not None
+        if self._dp is not None:  # global loss weights and micro-batch numbers; all-reduces
+            weights, self._runtime.mb_offset = self._dp.loss_weights(sizes)
+            self._runtime.comm = self._dp
         try:
             loss = self._runtime.run(plan_.schedule, plan_.sizes,
                                      StepData(micro_inputs, micro_targets, weights, single),
@@ -283,15 +310,23 @@ class Trainer:
 
     def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
         assert self._profiles is not None
+        bandwidth, ranks, local_ranks = _bandwidth(self.device), 1, 1
+        if self._dp is not None:  # all-reduce rate; ranks sharing this machine's links
+            bandwidth, ranks, local_ranks = self._dp.planning(bandwidth)
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
-                    self.host_memory, self._k_ratio, _bandwidth(self.device),
+                    self.host_memory, self._k_ratio, bandwidth,
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
-                    deferred_updates=self.clip_grad_norm is not None)
+                    deferred_updates=self.clip_grad_norm is not None, ranks=ranks,
+                    local_ranks=local_ranks)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
         self._profile(x, y)
         chosen = self._plan_for(sizes, fixed=self._fixed)
+        if self._dp is not None:  # every rank runs rank 0's packs, so all-reduces pair up
+            agreed = self._dp.agree(chosen.bounds, chosen.placement)
+            if agreed is not None:
+                chosen = self._plan_for(sizes, fixed=agreed)
         placement = chosen.placement
         packs = []
         for p, (a, b) in enumerate(chosen.bounds):
@@ -410,9 +445,17 @@ class Trainer:
         by parameter name, the step count, the seed and the plan; the previous checkpoint in
         ``path`` is replaced only once the new one is complete. Returns the checkpoint's folder.
 
+        With ``parallel="data"`` rank 0 writes and every rank returns the folder (call it on
+        every rank).
+
         Raises:
             OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
         """
+        if self._dp is not None:  # rank 0 writes; the others wait for its folder
+            return self._dp.save(lambda: self._save(path))
+        return self._save(path)
+
+    def _save(self, path: str | os.PathLike[str]) -> Path:
         tensors, scalars, groups = self._optimizer_state()
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
@@ -604,6 +647,8 @@ class Trainer:
             tier.clear_cache()
         if self.store is not None:
             self.store.close()
+        if self._dp is not None:
+            self._dp.close()
 
     def __enter__(self) -> Trainer:
         return self

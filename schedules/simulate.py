@@ -10,7 +10,9 @@ data move starts when issued and its link is free (each link is a FIFO queue, li
 stream), and takes bytes / bandwidth. Memory is charged when a value appears on a tier (a
 swap-in is charged when issued, compute outputs when the task runs, plus the task's working
 bytes while it runs) and released when freed. The input batch (X of pack 0) is the caller's and
-is not charged at its home.
+is not charged at its home. With data parallelism (``ranks`` > 1) an all-reduce ``&G p``
+moves :func:`schedules.data_parallel.ring_bytes` over the ``"allreduce"`` link once G p is
+ready, and whatever reads G p afterwards waits for it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from schedules.data_parallel import ALLREDUCE_LINK, ring_bytes
 from schedules.effects import effect, updates_after_backward
 from schedules.schedule import Schedule
 from schedules.task import Kind, Loc, Op, Ref
@@ -82,8 +85,12 @@ def link(src: Loc, dst: Loc) -> str:
     return f"{src.value}->{dst.value}"
 
 
-def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> SimResult:
+def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
+             ranks: int = 1) -> SimResult:
     """Replay a lowered ``schedule`` with ``sizes`` (and ``times``, for a step time).
+
+    ``ranks``: data-parallel ranks the all-reduces (``&G p`` tasks) sum over; one rank's
+    traffic and time are simulated (``times.bandwidth["allreduce"]`` is its all-reduce rate).
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -185,6 +192,11 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None) -> Si
             ref = t.ref
             n = sizes.of(ref)
             h = home(ref)
+            if t.op is Op.ALLREDUCE:  # in place on the device; readers wait for its end
+                at = (ref, Loc.DEVICE)
+                ready[at] = transfer(ALLREDUCE_LINK, ref.kind, ring_bytes(n, ranks), ready[at])
+                timeline.append(dict(used))
+                continue
             if t.op is Op.SWAP_IN:
                 charge(Loc.DEVICE, n)
                 on_device.add(ref)

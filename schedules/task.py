@@ -11,6 +11,7 @@ tensor. The text form is short enough to print whole schedules on a line::
     +X1.3  swap in the stashed input of pack 1 for micro-batch 3
     ~W2    free the device copy (the home copy is valid, so nothing is copied)
     !X1.3  the value is dead: release every copy of it
+    &G2    start summing pack 2's gradients over the data-parallel ranks (an all-reduce)
 
 >>> Task.parse("+X1.3")
 Task(op=<Op.SWAP_IN: '+'>, pack=1, mb=3, kind=<Kind.X: 'X'>)
@@ -35,6 +36,7 @@ class Op(enum.Enum):
     SWAP_OUT = "-"
     FREE = "~"
     DEL = "!"
+    ALLREDUCE = "&"  # sum a value over the data-parallel ranks (see schedules.data_parallel)
 
     @property
     def is_compute(self) -> bool:
@@ -81,7 +83,7 @@ class Ref:
         return f"{self.kind.value}{self.pack}" + ("" if self.mb is None else f".{self.mb}")
 
 
-_TEXT = re.compile(r"^(?P<op>[FBU+\-~!])(?P<kind>[WGKXDS]?)(?P<pack>\d+)(?:\.(?P<mb>\d+))?$")
+_TEXT = re.compile(r"^(?P<op>[FBU+\-~!&])(?P<kind>[WGKXDS]?)(?P<pack>\d+)(?:\.(?P<mb>\d+))?$")
 
 
 @dataclass(frozen=True)

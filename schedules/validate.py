@@ -97,6 +97,10 @@ def validate(schedule: Schedule) -> None:
         ref = t.ref
         if ref not in exists:
             fail(f"{ref} does not exist", i)
+        if t.op is Op.ALLREDUCE:  # summed in place where it is: on the device
+            if ref not in on_device:
+                fail(f"{ref} must be on the device to be all-reduced", i)
+            continue
         if t.op is Op.SWAP_IN:
             if home(ref) is Loc.DEVICE:
                 fail(f"{ref} lives on the device; nothing to swap in", i)

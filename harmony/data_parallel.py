@@ -1,0 +1,208 @@
+"""Data-parallel harmony: every rank runs the harmony schedule on its share of the batch.
+
+``Trainer(..., parallel="data")`` under ``torchrun --nproc_per_node=N`` (or in a process group
+the caller initialized). Like DDP, each rank passes its own batch to ``Trainer.step``; the step
+is the step of one process on the concatenation of the ranks' batches (in rank order):
+
+* loss weights: micro-batch m of rank r weighs ``samples(r, m) / global samples``, so the sum
+  over every rank's micro-batches of weighted mean losses is the global batch's mean loss, also
+  when the shards differ in size (each sample counts once, whichever rank holds it);
+* gradients: each pack's flat gradient buffer is summed over the ranks by an asynchronous
+  all-reduce started when the pack's last backward on this rank ends (``&G p`` in the
+  schedule); what reads the gradient next (its copy to the host, the update, global-norm
+  clipping) waits for it, so it overlaps the next pack's backward;
+* randomness: micro-batch m of rank r is global micro-batch ``m + micro-batches of ranks < r``,
+  and dropout masks derive from (seed, step, global micro-batch, layer), as in one process;
+* the batch's loss is summed over the ranks before the first update, so every rank returns
+  the global mean loss and takes the same decision on a non-finite one;
+* plans: rank 0's pack boundaries and placement are used by every rank (the all-reduces must
+  pair up pack for pack);
+* checkpoints: rank 0 writes (the others wait for it and return the same folder); every rank
+  can load (across machines, the folder must be on a shared file system);
+* failure: an exception on one rank tears the process group down, so the other ranks' pending
+  all-reduces fail at once instead of hanging (the group's timeout bounds a rank that stops
+  without raising).
+
+The results equal one process's up to rounding, not bit for bit: the all-reduce adds the
+ranks' partial sums of micro-batch gradients, where one process adds the micro-batch
+gradients one after the other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from harmony import dist as hdist
+from schedules.data_parallel import ALLREDUCE_LINK, ring_bytes
+from schedules.placement import Placement
+from swap.stats import Stats
+
+PARALLEL_MODES = (None, "none", "data")
+
+
+class DataParallel:
+    """One rank's part of a data-parallel trainer: weights, all-reduces, agreement.
+
+    Built by :meth:`create`; the trainer and runtime call it at a few points of a step.
+
+    Example::
+
+        dp = DataParallel.create("data", torch.device("cpu"))   # under torchrun
+        weights, offset = dp.loss_weights([4, 4])   # this rank's micro-batch sizes
+    """
+
+    def __init__(self, device: torch.device, group: hdist.Group) -> None:
+        self.device, self.group = device, group
+        self.pending: dict[int, list[Any]] = {}  # pack -> its all-reduces' work handles
+        self.failed: str | None = None
+        self._bandwidth: float | None = None
+
+    @staticmethod
+    def create(parallel: str | None, device: torch.device) -> DataParallel | None:
+        """The data-parallel helper for ``Trainer(parallel=...)``, or None for one process.
+
+        Raises:
+            ValueError: an unknown ``parallel`` value, or ``"data"`` without a process group
+                or torchrun environment (the message says how to launch).
+        """
+        if parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel={parallel!r} is unknown; use None (one process) or "
+                             "'data' (data parallelism under torchrun)")
+        if parallel in (None, "none"):
+            return None
+        device = hdist.local_device(device)
+        return DataParallel(device, hdist.join(device, f"parallel={parallel!r}"))
+
+    # -- the step ---------------------------------------------------------------------------
+    def loss_weights(self, sizes: list[int]) -> tuple[list[float], int]:
+        """Each local micro-batch's share of the global samples, and the global index of this
+        rank's first micro-batch (for randomness). Collective: every rank calls it each step.
+
+        Args:
+            sizes: samples per micro-batch of this rank's batch.
+        """
+        local = torch.tensor([sum(sizes), len(sizes)], dtype=torch.int64, device=self.device)
+        everyone = [torch.zeros_like(local) for _ in range(self.group.world)]
+        self._collective(lambda: dist.all_gather(everyone, local), "the batch sizes")
+        counts = [(int(t[0]), int(t[1])) for t in everyone]
+        total = sum(n for n, _ in counts)
+        offset = sum(m for _, m in counts[:self.group.rank])
+        return [n / total for n in sizes], offset
+
+    def start(self, p: int, flat: torch.Tensor, entries: list[Any], stats: Stats) -> None:
+        """Start summing pack ``p``'s gradients over the ranks, in place.
+
+        Args:
+            p: the pack. flat: its flat uint8 gradient buffer on the device.
+            entries: its trainable layout entries (``dtype``, ``view(flat)``).
+            stats: counts the bytes on the ``"allreduce"`` link.
+
+        :meth:`wait` must run before anything reads ``flat``.
+        """
+        nbytes = flat.numel() * flat.element_size()
+        stats.count(ALLREDUCE_LINK, "G", ring_bytes(nbytes, self.group.world))
+        dtypes = {e.dtype for e in entries}
+        if len(dtypes) == 1 and nbytes % next(iter(dtypes)).itemsize == 0:
+            # One collective over the whole buffer (the alignment gaps hold zeros).
+            tensors = [flat.view(next(iter(dtypes)))]
+        else:  # mixed dtypes: one collective per tensor
+            tensors = [e.view(flat) for e in entries]
+        works = []
+        for t in tensors:
+            works.append(self._collective(partial(dist.all_reduce, t, async_op=True),
+                                          f"pack {p}'s gradients"))
+        self.pending[p] = works
+
+    def wait(self, p: int) -> None:
+        """Wait for pack ``p``'s all-reduce, if one is running (a no-op otherwise)."""
+        for work in self.pending.pop(p, []):
+            self._collective(work.wait, f"pack {p}'s gradients")
+
+    def reduce_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global batch's loss from this rank's share of it (a float64 CPU scalar)."""
+        buf = loss.detach().to(self.device, torch.float64).reshape(1)
+        self._collective(lambda: dist.all_reduce(buf), "the loss")
+        return buf.cpu().reshape(())
+
+    def abandon(self) -> None:
+        """Forget the all-reduces of a failed step (their buffers are being released)."""
+        self.pending.clear()
+
+    # -- planning ---------------------------------------------------------------------------
+    def planning(self, bandwidth: dict[str, float]) -> tuple[dict[str, float], int, int]:
+        """The planner's bandwidths with this rank's all-reduce rate added (measured once,
+        collectively, on the first call), the number of ranks and of ranks on this machine
+        (which share its host and NVMe links: :func:`harmony.planning.plan` divides those)."""
+        if self._bandwidth is None:
+            self._bandwidth = self._collective(lambda: hdist.measure_allreduce(self.device),
+                                               "the bandwidth probe")
+        return ({**bandwidth, ALLREDUCE_LINK: max(self._bandwidth, 1.0)}, self.group.world,
+                self.group.local_world)
+
+    def agree(self, bounds: tuple[tuple[int, int], ...], placement: Placement,
+              ) -> tuple[tuple[tuple[int, int], ...], Placement] | None:
+        """Rank 0's pack boundaries and placement when they differ from this rank's (None
+        when they are the same): every rank must run the same packs. Collective."""
+        mine = [[list(b) for b in bounds], placement.to_json()]
+        box: list[Any] = [mine]
+        self._collective(lambda: dist.broadcast_object_list(box, src=0), "the plan")
+        if box[0] == mine:
+            return None
+        return tuple(tuple(b) for b in box[0][0]), Placement.from_json(box[0][1])
+
+    # -- checkpoints and failure ------------------------------------------------------------
+    def save(self, write: Callable[[], Path]) -> Path:
+        """Rank 0 runs ``write``; every rank returns the folder it wrote (or raises its error).
+        Collective."""
+        box: list[Any] = [None]
+        error: BaseException | None = None
+        if self.group.rank == 0:
+            try:
+                box[0] = str(write())
+            except BaseException as err:  # the others must hear of it, not wait
+                error, box[0] = err, f"!{type(err).__name__}: {err}"
+        self._collective(lambda: dist.broadcast_object_list(box, src=0), "the checkpoint")
+        if error is not None:
+            raise error
+        if box[0].startswith("!"):
+            raise OSError(f"rank 0 failed to write the checkpoint ({box[0][1:]})")
+        return Path(box[0])
+
+    @contextlib.contextmanager
+    def failing_together(self, passes: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """Run a step; if it raises (other than ``passes``, which every rank raises alike),
+        tear the process group down so no other rank waits on this one."""
+        if self.failed is not None:
+            raise RuntimeError(self.failed)
+        try:
+            yield
+        except passes:
+            raise
+        except BaseException as err:
+            self.failed = (f"rank {self.group.rank}: a data-parallel step failed "
+                           f"({type(err).__name__}: {err}); the process group is gone, so this "
+                           "trainer cannot step again: restart the job from a checkpoint")
+            self.pending.clear()
+            hdist.abort(self.group)
+            raise
+
+    def close(self) -> None:
+        """Leave the process group (destroyed only if harmony created it)."""
+        self.pending.clear()
+        if self.failed is None:
+            hdist.leave(self.group)
+
+    def _collective(self, fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return fn()
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"rank {self.group.rank}: the data-parallel exchange of {what} failed: another "
+                f"rank failed or stopped answering ({err})") from err

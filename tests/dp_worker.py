@@ -1,0 +1,132 @@
+"""One rank of a data-parallel test run (tests/test_data_parallel.py forks two of these; from
+the repository root ``torchrun --nproc_per_node=2 -m tests.dp_worker --out DIR`` runs it too).
+
+The test sets torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK,
+LOCAL_WORLD_SIZE), so the trainer initializes the gloo group itself, as under torchrun. Each
+step's global batch is drawn from a seeded generator and the rank trains on its slice of it
+(``--shards 4,4``: rank 0 the first 4 samples, rank 1 the next 4). The rank saves what the
+test compares to ``OUT/rank{r}.pt``: final weights, losses, the last step's bytes per link and
+the plan's prediction of them.
+
+``--fail-at S``: rank 1 raises inside a layer's forward during step S, reports the time on
+stdout, waits ``--linger`` seconds (a rank that does not exit at once) and re-raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import harmony
+from tests.models import MODELS, training_state_bytes
+
+OPTIMIZERS = {
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), 4),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), 8),
+}
+
+
+def global_batches(model: str, n: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [MODELS[model][2](n, g) for _ in range(steps)]
+
+
+def make_trainer(args: argparse.Namespace, parallel: str | None) -> harmony.Trainer:
+    factory, loss_fn, _ = MODELS[args.model]
+    opt, state = OPTIMIZERS[args.opt]
+    budget = training_state_bytes(factory(0.0), state) // 2 if args.swap else None
+    return harmony.Trainer(factory(args.dropout), loss_fn, optimizer=opt,
+                           micro_batch_size=args.mbs, device_memory=budget,
+                           clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="transformer")
+    p.add_argument("--opt", default="sgd")
+    p.add_argument("--schedule", default="harmony")
+    p.add_argument("--shards", default="4,4")
+    p.add_argument("--mbs", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--swap", action="store_true")
+    p.add_argument("--clip", type=float, default=None)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--fail-at", type=int, default=None)
+    p.add_argument("--linger", type=float, default=0.0)
+    p.add_argument("--hang-at", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def run_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    """A forked child's entry: torchrun's variables for ``rank``, then :func:`main`."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    os.environ.setdefault("HARMONY_DIST_TIMEOUT", "20")
+    torch.set_num_threads(1)  # two ranks share the cores
+    out = parse(argv).out
+    log = open(Path(out) / f"log{rank}", "w", buffering=1)  # noqa: SIM115 (lives as long as the process)
+    sys.stdout = sys.stderr = log
+    main(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    rank = int(os.environ["RANK"])
+    shards = [int(s) for s in args.shards.split(",")]
+    start = sum(shards[:rank])
+    batches = global_batches(args.model, sum(shards), args.steps)
+    trainer = make_trainer(args, "data")
+    if args.fail_at is not None and rank == 1:
+        def boom(module: torch.nn.Module, inputs: object) -> None:
+            if trainer.step_count == args.fail_at:
+                print(f"RAISED {time.time()}", flush=True)
+                raise RuntimeError("injected failure on rank 1")
+        trainer.chain.layers[1].register_forward_pre_hook(boom)
+    if args.hang_at is not None and rank == 1:
+        hung: list[bool] = []
+
+        def hang(module: torch.nn.Module, inputs: object) -> None:
+            if trainer.step_count == args.hang_at and not hung:
+                hung.append(True)
+                print(f"HUNG {time.time()}", flush=True)
+                time.sleep(args.linger)
+        trainer.chain.layers[1].register_forward_pre_hook(hang)
+    losses = []
+    before: dict[str, int] = {}
+    try:
+        for x, y in batches:
+            before = dict(trainer.stats.bytes_moved)
+            mine = slice(start, start + shards[rank])
+            losses.append(trainer.step(x[mine], y[mine]))
+    except Exception as err:
+        print(f"FAILED {time.time()} {type(err).__name__}: {err}", flush=True)
+        if rank == 1:  # a failed rank that does not exit at once
+            time.sleep(args.linger)
+        trainer.close()
+        print(f"CLOSED {time.time()}", flush=True)
+        raise
+    assert trainer.plan is not None
+    last = {k: v - before.get(k, 0) for k, v in trainer.stats.bytes_moved.items()}
+    ckpt = trainer.save(Path(args.out) / "ckpt")
+    with make_trainer(args, "data") as fresh:
+        fresh.load(ckpt)
+        loaded = fresh.state_dict()
+        loaded_steps = fresh.step_count
+    torch.save({"state": trainer.state_dict(), "losses": losses, "bytes": last,
+                "predicted": dict(trainer.plan.predicted.bytes_moved),
+                "g_bytes": sum(trainer.plan.sizes.g),
+                "packs": len(trainer.plan.bounds), "loaded": loaded, "loaded_steps": loaded_steps,
+                "schedule": str(trainer.plan.schedule)},
+               Path(args.out) / f"rank{rank}.pt")
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Data-parallel harmony with two gloo ranks on CPU, against one process on the global batch.
+
+Each rank is a child forked from the test process (so it starts with torch imported) that sets
+torchrun's variables and runs tests/dp_worker.py's ``main``: the trainer initializes the gloo
+group from that environment, as under ``torchrun --nproc_per_node=2``. Every wait on a child
+has a timeout, and the children are killed if they outlive it.
+
+The weights are compared with a relative tolerance, not ``torch.equal``: one process adds the
+micro-batch gradients one after the other, while the all-reduce adds each rank's partial sum,
+so the additions are grouped differently and round differently (about 1e-7 relative here).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import harmony
+from tests.dp_worker import global_batches, make_trainer, parse, run_rank
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
+                                reason="the ranks are forked children using gloo")
+
+WORLD = 2
+TIMEOUT = 60.0  # seconds any run may take before the test fails (and kills it)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(out: Path, argv: list[str], env: dict[str, str] | None = None,
+            timeout: float = TIMEOUT) -> list[int | None]:
+    """Run the ranks; returns their exit codes (None: killed at the timeout)."""
+    argv = ["--out", str(out), *argv]
+    port = _free_port()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        ctx = mp.get_context("fork")
+        procs = [ctx.Process(target=run_rank, args=(r, WORLD, port, argv), daemon=True)
+                 for r in range(WORLD)]
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    deadline = time.monotonic() + timeout
+    codes: list[int | None] = []
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.1))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
+
+
+def _log(out: Path, rank: int) -> str:
+    path = out / f"log{rank}"
+    return path.read_text() if path.exists() else ""
+
+
+def _run(tmp_path: Path, argv: list[str]) -> tuple[list[dict], dict[str, torch.Tensor],
+                                                   list[float]]:
+    """The ranks' results, and one process's weights and losses on the global batches."""
+    args = parse(["--out", str(tmp_path), *argv])
+    shards = [int(s) for s in args.shards.split(",")]
+    with make_trainer(args, None) as one:
+        losses = [one.step(x, y) for x, y in global_batches(args.model, sum(shards), args.steps)]
+        want = one.state_dict()
+    codes = _launch(tmp_path, argv)
+    assert codes == [0] * WORLD, [_log(tmp_path, r)[-3000:] for r in range(WORLD)]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return results, want, losses
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+CASES = {
+    # swapping (half the training state on the device) with global-norm clipping
+    "swap-clip": ["--swap", "--clip", "0.5", "--steps", "3"],
+    # (the tiny transformer is no model for AdamW here: the key bias of attention has a zero
+    # gradient up to rounding, which Adam scales up to lr-sized steps of rounding noise)
+    "adamw-swap": ["--model", "mlp", "--swap", "--opt", "adamw", "--steps", "3"],
+    # dropout: masks follow the global micro-batch index
+    "dropout": ["--dropout", "0.2", "--swap", "--steps", "3"],
+    # unequal shards (5 + 3 samples; micro-batches 2,2,1 | 2,1): exact up to rounding
+    "uneven": ["--shards", "5,3", "--swap", "--steps", "3"],
+    "per-microbatch": ["--schedule", "per-microbatch", "--swap", "--steps", "2"],
+    "mlp-on-device": ["--model", "mlp", "--shards", "6,6", "--mbs", "3", "--steps", "3"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_data_parallel_equals_one_process(tmp_path: Path, case: str) -> None:
+    results, want, losses = _run(tmp_path, CASES[case])
+    r0, r1 = results
+    assert r0["state"].keys() == want.keys()
+    worst = 0.0
+    for k, w in want.items():
+        assert torch.equal(r0["state"][k], r1["state"][k]), f"{k} differs between the ranks"
+        worst = max(worst, _rel(r0["state"][k], w))
+    assert worst <= 1e-6, worst
+    # the weights moved: comparing untrained weights would prove nothing
+    moved = max(_rel(want[k], v) for k, v in
+                make_trainer(parse(["--out", "x", *CASES[case]]), None).state_dict().items())
+    assert moved > 1e-3
+    # every rank returns the global batch's mean loss
+    assert r0["losses"] == r1["losses"]
+    assert r0["losses"] == pytest.approx(losses, rel=1e-6)
+    # rank 0 wrote the checkpoint; every rank loaded the same weights and step count
+    for r in results:
+        assert r["loaded_steps"] == len(losses)
+        assert all(torch.equal(r["loaded"][k], r0["state"][k]) for k in want)
+
+
+@pytest.mark.parametrize("case", ["swap-clip", "uneven"])
+def test_traffic_matches_the_simulator(tmp_path: Path, case: str) -> None:
+    """Each rank's bytes per link in a step (all-reduce included) are the simulator's."""
+    results, _, _ = _run(tmp_path, CASES[case])
+    for r in results:
+        assert r["bytes"] == r["predicted"], (r["bytes"], r["predicted"])
+        # a ring all-reduce over 2 ranks sends 2 (2-1) / 2 = 1x the gradient bytes
+        assert r["bytes"]["allreduce"] == r["g_bytes"] > 0
+        assert r["bytes"]["host->device"] > 0  # the budget forced swaps
+    assert results[0]["packs"] == results[1]["packs"] > 1
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_a_failing_rank_stops_every_rank(tmp_path: Path, mode: str) -> None:
+    """Rank 1 raises in a forward of step 1 and lingers 8 s before exiting; rank 0 must fail
+    at once (the group is torn down), not when rank 1 exits. A rank that hangs instead
+    (sleeps 5 s in a forward) makes rank 0 fail at the group's timeout (3 s here), and rank 1
+    fails when it wakes (rank 0 tore the group down)."""
+    linger = 8.0 if mode == "raise" else 5.0
+    flag = "--fail-at" if mode == "raise" else "--hang-at"
+    t0 = time.monotonic()
+    codes = _launch(tmp_path, ["--swap", "--steps", "3", flag, "1", "--linger", str(linger)],
+                    env={"HARMONY_DIST_TIMEOUT": "3"}, timeout=30)
+    elapsed = time.monotonic() - t0
+    logs = [_log(tmp_path, r) for r in range(WORLD)]
+    assert codes[0] not in (0, None), logs
+    failed0 = [line for line in logs[0].splitlines() if line.startswith("FAILED")]
+    assert failed0, logs[0][-3000:]
+    assert "another rank failed or stopped answering" in failed0[0]
+    start_word = "RAISED" if mode == "raise" else "HUNG"
+    start = [line for line in logs[1].splitlines() if line.startswith(start_word)]
+    assert start, logs[1][-3000:]
+    delay = float(failed0[0].split()[1]) - float(start[0].split()[1])
+    if mode == "raise":
+        assert codes[1] not in (0, None), logs[1][-3000:]
+        assert delay < 3.0, delay  # well before rank 1 exits (after 8 s)
+    else:
+        assert 2.5 < delay < 3.0 + 5.0, delay  # the timeout, plus slack for a loaded machine
+        assert codes[1] not in (0, None), logs[1][-3000:]
+    assert elapsed < 30
+
+
+def test_parallel_bogus_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"parallel='bogus' is unknown.*'data'"):
+        harmony.Trainer(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.functional.mse_loss,
+                        parallel="bogus")
+
+
+def test_parallel_data_without_a_group_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    assert not torch.distributed.is_initialized()
+    with pytest.raises(ValueError, match=r"parallel='data' needs a process group.*torchrun "
+                                         r"--nproc_per_node=N.*init_process_group"):
+        harmony.Trainer(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.functional.mse_loss,
+                        parallel="data")
+
+
+def test_parallel_none_is_one_process() -> None:
+    for value in (None, "none"):
+        with harmony.Trainer(torch.nn.Sequential(torch.nn.Linear(2, 2)),
+                             torch.nn.functional.mse_loss, parallel=value) as t:
+            t.step(torch.ones(2, 2), torch.zeros(2, 2))
+            assert "allreduce" not in t.stats.bytes_moved
