@@ -17,6 +17,18 @@ Run from the repository root (after ``pip install -e .``, or with ``PYTHONPATH=.
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py --device cuda --n-layer 8 \
         --n-embd 256 --block-size 128 --batch-size 64 --steps 1000
 
+Data parallelism: with more than one process, every rank runs harmony on its share of each
+batch (``--batch-size`` stays the global batch: every rank draws the same batch and trains on
+its slice, so N processes reach the weights one process reaches, up to rounding) and the packs'
+gradients are all-reduced (gloo on CPU, NCCL on GPUs). Only rank 0 prints::
+
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --steps 50   # CPU, gloo
+    torchrun --standalone --nproc_per_node=8 examples/train_gpt.py --device cuda --n-layer 8 \
+        --n-embd 256 --block-size 128 --batch-size 64 --steps 1000             # 8 GPUs, NCCL
+    # two machines, 8 GPUs each: the same command on both (HOST: the first machine's address)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        --rdzv-id=gpt examples/train_gpt.py --device cuda --batch-size 128
+
 The script prints the training-state size against the device budget and harmony's plan after the
 first step, shows loss, tokens/s and bytes moved per step while training, evaluates the
 validation loss every ``--eval-every`` steps, and ends with the final losses and a sample.
@@ -108,17 +120,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # -- processes ------------------------------------------------------------------------------
     # torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; `python train_gpt.py` sets none of them.
-    # One process is the whole job either way; several would need data parallelism, which
-    # harmony does not do yet.
+    # Several processes train data-parallel: harmony joins the process group torchrun's
+    # variables describe, and each rank trains on its slice of every batch.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1:
-        if rank == 0:
-            print(f"train_gpt.py: started as {world_size} processes, but multi-GPU training "
-                  "lands in a later harmony version; run with --nproc_per_node=1",
-                  file=sys.stderr)
-        sys.exit(2)
+    parallel = "data" if world_size > 1 else None
+    if args.batch_size < world_size:
+        sys.exit(f"train_gpt.py: --batch-size {args.batch_size} leaves some of the "
+                 f"{world_size} ranks without samples; use --batch-size >= {world_size}")
+    if rank != 0:  # one rank reports; the others' output would repeat it
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
+
+    def my_share(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of a global batch (sizes differ by at most one sample)."""
+        return x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
 
     # -- data and model -------------------------------------------------------------------------
     torch.manual_seed(args.seed)  # the model's initial weights
@@ -167,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    micro_batch_size=args.micro_batch_size, device=device,
                                    device_memory=budget, host_memory=args.host_memory,
                                    nvme_dir=args.nvme_dir, schedule=args.schedule,
-                                   seed=args.seed)
+                                   seed=args.seed, parallel=parallel)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
             sys.exit(f"train_gpt.py: {e}")
 
@@ -182,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # anything changes, saying what the most frugal plan needs. An explicit --device-memory is
     # the user's word; the default one is a guess (activations, which grow with micro-batch and
     # context, are not in it), so then take the least budget that works.
-    x, y = data.get_batch("train", args.batch_size, args.block_size, batch_gen)
+    x, y = my_share(*data.get_batch("train", args.batch_size, args.block_size, batch_gen))
     try:
         train_loss = trainer.step(x, y)
     except harmony.InfeasiblePlan as e:
@@ -208,17 +224,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # -- the remaining steps --------------------------------------------------------------------
     tokens_per_step = args.batch_size * args.block_size
-    bar = _progress(args.steps, initial=1)
+    bar = _progress(args.steps, initial=1) if rank == 0 else None
     log = bar.write if bar is not None else print  # print without breaking the bar
     t_start = time.perf_counter()
     with trainer:  # frees harmony's buffers and copy threads however the loop ends
         for step in range(2, args.steps + 1):
-            x, y = data.get_batch("train", args.batch_size, args.block_size, batch_gen)
+            x, y = my_share(*data.get_batch("train", args.batch_size, args.block_size, batch_gen))
             moved_before = sum(trainer.stats.bytes_moved.values())
             t0 = time.perf_counter()
             # One optimizer step: harmony splits x, y into micro-batches of --micro-batch-size,
             # weights each micro-batch's mean loss by its share of the batch (so the gradient
-            # equals the full batch's), and returns the batch's mean loss as a float.
+            # equals the full batch's), and returns the batch's mean loss as a float. With
+            # several ranks, x and y are this rank's share, the shares are weighed against the
+            # global batch, the gradients summed over the ranks, and the loss is the global one.
             train_loss = trainer.step(x, y)
             dt = time.perf_counter() - t0
             curve.append((step, train_loss))
@@ -254,13 +272,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"{args.steps - 1} steps after the first in {seconds:.1f}s "
               f"({(args.steps - 1) * tokens_per_step / seconds:,.0f} tok/s)")
     links = ", ".join(f"{k} {fmt(v / args.steps)}" for k, v in sorted(moved_total.items()))
-    print(f"bytes moved per step: {links or 'none'}; peak: "
+    print(f"bytes moved per step{' (rank 0)' if world_size > 1 else ''}: {links or 'none'}; peak: "
           + ", ".join(f"{k} {fmt(v)}" for k, v in peak.items()))
     prompt = data.encode("\n")[None]  # [1, 1]
     sample = eval_model.generate(prompt, args.sample_chars, temperature=0.8,
                                  generator=torch.Generator().manual_seed(args.seed))
     print("sample:\n" + data.decode(sample[0, 1:]))
-    if args.plot:
+    if args.plot and rank == 0:
         _plot(curve, val_curve, args.plot)
     return {"val_loss_start": first_loss, "val_loss": val_loss, "train_loss": final_train}
 

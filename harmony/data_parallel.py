@@ -194,10 +194,8 @@ class DataParallel:
             raise
 
     def close(self) -> None:
-        """Leave the process group (destroyed only if harmony created it)."""
+        """Drop pending all-reduces; the group stays for other trainers of this process."""
         self.pending.clear()
-        if self.failed is None:
-            hdist.leave(self.group)
 
     def _collective(self, fn: Callable[[], Any], what: str) -> Any:
         try:

@@ -13,6 +13,7 @@ rendezvous endpoint): nothing here reads host names.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -32,7 +33,8 @@ class Group:
 
     rank, world: this rank and the number of ranks. local_rank, local_world: the same among
     the ranks of this machine (they share its host memory bus and NVMe drives). backend:
-    ``"gloo"`` or ``"nccl"``. owned: harmony initialized the group (and destroys it on close).
+    ``"gloo"`` or ``"nccl"``. owned: harmony initialized the group (it lives until the
+    process exits, for every later trainer of the process).
     """
 
     rank: int
@@ -83,6 +85,9 @@ def join(device: torch.device, what: str = "parallel='data'",
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 # binds NCCL to this rank's GPU
                                 device_id=device if device.type == "cuda" else None)
+        # Kept for later trainers in this process (a second init from the same torchrun
+        # store would not work), and destroyed when the interpreter exits.
+        atexit.register(_destroy)
         owned = True
     rank, world = dist.get_rank(), dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _count_local(world)
@@ -125,10 +130,10 @@ def abort(group: Group) -> None:
             dist.destroy_process_group()
 
 
-def leave(group: Group) -> None:
-    """Destroy the group if harmony created it (a caller's group is left alone)."""
-    if group.owned and dist.is_initialized():
-        dist.destroy_process_group()
+def _destroy() -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def measure_allreduce(device: torch.device, nbytes: int = 4 << 20, repeat: int = 2) -> float:

@@ -19,7 +19,7 @@ from harmony.data_parallel import DataParallel
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
-from harmony.planning import Plan, plan
+from harmony.planning import InfeasiblePlan, Plan, plan
 from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
@@ -233,7 +233,8 @@ class Trainer:
         if self._dp is None:
             return self._step(inputs, targets)
         # A failure on this rank tears the process group down, so no other rank hangs.
-        with self._dp.failing_together(passes=(NonFiniteLoss,)):
+        # (A non-finite loss or an infeasible plan is raised by every rank alike.)
+        with self._dp.failing_together(passes=(NonFiniteLoss, InfeasiblePlan)):
             return self._step(inputs, targets)
 
     def _step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],

@@ -15,9 +15,12 @@ stdout, waits ``--linger`` seconds (a rank that does not exit at once) and re-ra
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,17 +66,40 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
-    """A forked child's entry: torchrun's variables for ``rank``, then :func:`main`."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    os.environ.setdefault("HARMONY_DIST_TIMEOUT", "20")
-    torch.set_num_threads(1)  # two ranks share the cores
-    out = parse(argv).out
-    log = open(Path(out) / f"log{rank}", "w", buffering=1)  # noqa: SIM115 (lives as long as the process)
-    sys.stdout = sys.stderr = log
-    main(argv)
+def fork_ranks(target: Callable[[int], None], logs: Path, world: int = 2,
+               timeout: float = 60.0, env: dict[str, str] | None = None) -> list[int | None]:
+    """Run ``target(rank)`` in ``world`` forked children set up as torchrun would set them up
+    (stdout and stderr to ``logs/log{rank}``); returns their exit codes, None for a child
+    killed at the ``timeout`` (seconds, for all of them together)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+
+    def child(rank: int) -> None:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port), **(env or {}))
+        os.environ.setdefault("HARMONY_DIST_TIMEOUT", "20")
+        torch.set_num_threads(1)  # the ranks share the cores
+        log = open(logs / f"log{rank}", "w", buffering=1)  # noqa: SIM115 (lives with the process)
+        sys.stdout = sys.stderr = log
+        target(rank)
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=child, args=(r,), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    codes: list[int | None] = []
+    for p in procs:
+        p.join(max(deadline - time.monotonic(), 0.1))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+            codes.append(None)
+        else:
+            codes.append(p.exitcode)
+    return codes
 
 
 def main(argv: list[str] | None = None) -> None:

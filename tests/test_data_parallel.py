@@ -12,9 +12,7 @@ so the additions are grouped differently and round differently (about 1e-7 relat
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import pytest
 import torch
 
 import harmony
-from tests.dp_worker import global_batches, make_trainer, parse, run_rank
+from tests.dp_worker import fork_ranks, global_batches, main, make_trainer, parse
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
                                 reason="the ranks are forked children using gloo")
@@ -31,42 +29,11 @@ WORLD = 2
 TIMEOUT = 60.0  # seconds any run may take before the test fails (and kills it)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(out: Path, argv: list[str], env: dict[str, str] | None = None,
             timeout: float = TIMEOUT) -> list[int | None]:
-    """Run the ranks; returns their exit codes (None: killed at the timeout)."""
+    """Run the ranks of tests/dp_worker.py; returns their exit codes (None: killed)."""
     argv = ["--out", str(out), *argv]
-    port = _free_port()
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        ctx = mp.get_context("fork")
-        procs = [ctx.Process(target=run_rank, args=(r, WORLD, port, argv), daemon=True)
-                 for r in range(WORLD)]
-        for p in procs:
-            p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    deadline = time.monotonic() + timeout
-    codes: list[int | None] = []
-    for p in procs:
-        p.join(max(deadline - time.monotonic(), 0.1))
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-            codes.append(None)
-        else:
-            codes.append(p.exitcode)
-    return codes
+    return fork_ranks(lambda rank: main(argv), out, WORLD, timeout, env)
 
 
 def _log(out: Path, rank: int) -> str:

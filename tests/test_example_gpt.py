@@ -194,11 +194,28 @@ def test_script_refuses_a_budget_it_was_given_that_cannot_work():
     assert "Use device_memory>=262.50KiB" in message
 
 
-def test_script_refuses_several_processes(monkeypatch, capsys):
-    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+def test_script_refuses_more_ranks_than_samples(monkeypatch):
+    for name, value in {"WORLD_SIZE": "16", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as exit_:
         train_gpt.main(TINY_ARGS)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert "multi-GPU" in err and "--nproc_per_node=1" in err
+    assert "--batch-size 8 leaves some of the 16 ranks without samples" in str(exit_.value.code)
+
+
+def test_script_trains_data_parallel(tmp_path):
+    """Two ranks (forked, gloo, torchrun's variables) train on halves of the same batches and
+    end where one process ends, up to rounding; only rank 0 prints."""
+    from tests.dp_worker import fork_ranks
+
+    def rank_main(rank: int) -> None:
+        torch.save(train_gpt.main(TINY_ARGS), tmp_path / f"result{rank}.pt")
+
+    codes = fork_ranks(rank_main, tmp_path, world=2, timeout=90)
+    logs = [(tmp_path / f"log{r}").read_text() for r in range(2)]
+    assert codes == [0, 0], logs
+    one = train_gpt.main(TINY_ARGS)
+    for r in range(2):
+        got = torch.load(tmp_path / f"result{r}.pt")
+        assert got == pytest.approx(one, rel=1e-5), (r, got, one)
+    assert "bytes moved per step (rank 0): allreduce" in logs[0]
+    assert "final: train loss" in logs[0] and "final:" not in logs[1]
