@@ -132,7 +132,13 @@ class DataParallel:
         return buf.cpu().reshape(())
 
     def abandon(self) -> None:
-        """Forget the all-reduces of a failed step (their buffers are being released)."""
+        """End the all-reduces of a failed or skipped step before their gradient buffers go
+        back to the pool (a late sum must not land in a reused buffer). Errors are dropped:
+        the step already failed, and a broken group fails them at once."""
+        for works in self.pending.values():
+            for work in works:
+                with contextlib.suppress(Exception):
+                    work.wait()
         self.pending.clear()
 
     # -- planning ---------------------------------------------------------------------------

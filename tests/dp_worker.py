@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,10 +43,18 @@ def global_batches(model: str, n: int, steps: int) -> list[tuple[torch.Tensor, t
 def make_trainer(args: argparse.Namespace, parallel: str | None) -> harmony.Trainer:
     factory, loss_fn, _ = MODELS[args.model]
     opt, state = OPTIMIZERS[args.opt]
-    budget = training_state_bytes(factory(0.0), state) // 2 if args.swap else None
+    total = training_state_bytes(factory(0.0), state)
+    budget = total // 2 if args.swap or args.nvme else None
+    nvme = None
+    if args.nvme:  # half the packs' weights and optimizer state in NVMe files
+        nvme = Path(args.out) / f"nvme-{os.environ.get('RANK', 'one')}"
+        nvme.mkdir(parents=True, exist_ok=True)
     return harmony.Trainer(factory(args.dropout), loss_fn, optimizer=opt,
                            micro_batch_size=args.mbs, device_memory=budget,
-                           clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel)
+                           host_memory=total // 2 if args.nvme else None,
+                           nvme_dir=None if nvme is None else str(nvme),
+                           clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel,
+                           nonfinite=args.nonfinite)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,30 +72,29 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-at", type=int, default=None)
     p.add_argument("--linger", type=float, default=0.0)
     p.add_argument("--hang-at", type=int, default=None)
+    p.add_argument("--nvme", action="store_true")
+    p.add_argument("--nonfinite", default="raise")
+    p.add_argument("--nan-at", type=int, default=None,
+                   help="rank 1's loss is NaN in this step (of the batches)")
     return p.parse_args(argv)
 
 
-def fork_ranks(target: Callable[[int], None], logs: Path, world: int = 2,
+def fork_ranks(target: Callable[..., None], args: tuple[Any, ...], logs: Path, world: int = 2,
                timeout: float = 60.0, env: dict[str, str] | None = None) -> list[int | None]:
-    """Run ``target(rank)`` in ``world`` forked children set up as torchrun would set them up
-    (stdout and stderr to ``logs/log{rank}``); returns their exit codes, None for a child
-    killed at the ``timeout`` (seconds, for all of them together)."""
+    """Run ``target(rank, *args)`` in ``world`` child processes set up as torchrun would set
+    them up (stdout and stderr to ``logs/log{rank}``); returns their exit codes, None for a
+    child killed at the ``timeout`` (seconds, for all of them together).
+
+    The children come from a fork server that imported torch and harmony once and runs no
+    threads (forking the test process itself would copy its copy threads' and OpenMP's locks
+    in whatever state they are); ``target`` must be a module-level function."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
-
-    def child(rank: int) -> None:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                          LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port), **(env or {}))
-        os.environ.setdefault("HARMONY_DIST_TIMEOUT", "20")
-        torch.set_num_threads(1)  # the ranks share the cores
-        log = open(logs / f"log{rank}", "w", buffering=1)  # noqa: SIM115 (lives with the process)
-        sys.stdout = sys.stderr = log
-        target(rank)
-
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=child, args=(r,), daemon=True) for r in range(world)]
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "harmony", "tests.dp_worker"])
+    procs = [ctx.Process(target=_child, args=(r, world, port, logs, env or {}, target, args),
+                         daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -100,6 +108,23 @@ def fork_ranks(target: Callable[[int], None], logs: Path, world: int = 2,
         else:
             codes.append(p.exitcode)
     return codes
+
+
+def _child(rank: int, world: int, port: int, logs: Path, env: dict[str, str],
+           target: Callable[..., None], args: tuple[Any, ...]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), **env)
+    os.environ.setdefault("HARMONY_DIST_TIMEOUT", "20")
+    torch.set_num_threads(1)  # the ranks share the cores
+    log = open(logs / f"log{rank}", "w", buffering=1)  # noqa: SIM115 (lives with the process)
+    sys.stdout = sys.stderr = log
+    target(rank, *args)
+
+
+def run_rank(rank: int, argv: list[str]) -> None:
+    """:func:`main` as a :func:`fork_ranks` target."""
+    main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,10 +149,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"HUNG {time.time()}", flush=True)
                 time.sleep(args.linger)
         trainer.chain.layers[1].register_forward_pre_hook(hang)
+    if args.nan_at is not None and rank == 1:
+        def poison(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> object:
+            return output * float("nan") if batch_index[0] == args.nan_at else None
+        trainer.chain.layers[1].register_forward_hook(poison)
     losses = []
     before: dict[str, int] = {}
+    batch_index = [0]
     try:
-        for x, y in batches:
+        for batch_index[0], (x, y) in enumerate(batches):
             before = dict(trainer.stats.bytes_moved)
             mine = slice(start, start + shards[rank])
             losses.append(trainer.step(x[mine], y[mine]))
@@ -149,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                 "predicted": dict(trainer.plan.predicted.bytes_moved),
                 "g_bytes": sum(trainer.plan.sizes.g),
                 "packs": len(trainer.plan.bounds), "loaded": loaded, "loaded_steps": loaded_steps,
+                "skipped": trainer.stats.skipped_steps, "steps": trainer.step_count,
+                "nvme": "nvme" in {loc.value for loc in trainer.plan.placement.w},
                 "schedule": str(trainer.plan.schedule)},
                Path(args.out) / f"rank{rank}.pt")
     trainer.close()

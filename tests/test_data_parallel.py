@@ -1,7 +1,7 @@
 """Data-parallel harmony with two gloo ranks on CPU, against one process on the global batch.
 
-Each rank is a child forked from the test process (so it starts with torch imported) that sets
-torchrun's variables and runs tests/dp_worker.py's ``main``: the trainer initializes the gloo
+Each rank is a child of a fork server (so it starts with torch imported) that sets torchrun's
+variables and runs tests/dp_worker.py's ``main``: the trainer initializes the gloo
 group from that environment, as under ``torchrun --nproc_per_node=2``. Every wait on a child
 has a timeout, and the children are killed if they outlive it.
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import harmony
-from tests.dp_worker import fork_ranks, global_batches, main, make_trainer, parse
+from tests.dp_worker import fork_ranks, global_batches, make_trainer, parse, run_rank
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
                                 reason="the ranks are forked children using gloo")
@@ -33,7 +33,7 @@ def _launch(out: Path, argv: list[str], env: dict[str, str] | None = None,
             timeout: float = TIMEOUT) -> list[int | None]:
     """Run the ranks of tests/dp_worker.py; returns their exit codes (None: killed)."""
     argv = ["--out", str(out), *argv]
-    return fork_ranks(lambda rank: main(argv), out, WORLD, timeout, env)
+    return fork_ranks(run_rank, (argv,), out, WORLD, timeout, env)
 
 
 def _log(out: Path, rank: int) -> str:
@@ -71,6 +71,8 @@ CASES = {
     "uneven": ["--shards", "5,3", "--swap", "--steps", "3"],
     "per-microbatch": ["--schedule", "per-microbatch", "--swap", "--steps", "2"],
     "mlp-on-device": ["--model", "mlp", "--shards", "6,6", "--mbs", "3", "--steps", "3"],
+    # weights and optimizer state of some packs in NVMe files
+    "nvme": ["--nvme", "--opt", "adamw", "--model", "mlp", "--steps", "3"],
 }
 
 
@@ -85,9 +87,10 @@ def test_data_parallel_equals_one_process(tmp_path: Path, case: str) -> None:
         worst = max(worst, _rel(r0["state"][k], w))
     assert worst <= 1e-6, worst
     # the weights moved: comparing untrained weights would prove nothing
-    moved = max(_rel(want[k], v) for k, v in
-                make_trainer(parse(["--out", "x", *CASES[case]]), None).state_dict().items())
-    assert moved > 1e-3
+    with make_trainer(parse(["--out", str(tmp_path), *CASES[case]]), None) as fresh:
+        start = fresh.state_dict()
+    assert max(_rel(want[k], v) for k, v in start.items()) > 1e-3
+    assert r0["nvme"] == (case == "nvme")
     # every rank returns the global batch's mean loss
     assert r0["losses"] == r1["losses"]
     assert r0["losses"] == pytest.approx(losses, rel=1e-6)
@@ -161,3 +164,24 @@ def test_parallel_none_is_one_process() -> None:
                              torch.nn.functional.mse_loss, parallel=value) as t:
             t.step(torch.ones(2, 2), torch.zeros(2, 2))
             assert "allreduce" not in t.stats.bytes_moved
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path: Path) -> None:
+    """Rank 1's loss is NaN in step 1 of 3: the global loss is NaN on both ranks, both skip
+    the step, and the weights are one process's trained on steps 0 and 2 only."""
+    argv = ["--model", "mlp", "--swap", "--steps", "3", "--nonfinite", "skip", "--nan-at", "1"]
+    codes = _launch(tmp_path, argv)
+    assert codes == [0, 0], [_log(tmp_path, r)[-3000:] for r in range(WORLD)]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
+    for r in (r0, r1):
+        assert r["skipped"] == 1 and r["steps"] == 2
+        assert r["losses"][1] != r["losses"][1]  # NaN
+    args = parse(["--out", str(tmp_path), *argv])
+    batches = global_batches(args.model, 8, 3)
+    with make_trainer(args, None) as one:
+        for x, y in (batches[0], batches[2]):
+            one.step(x, y)
+        want = one.state_dict()
+    for k, w in want.items():
+        assert torch.equal(r0["state"][k], r1["state"][k])
+        assert _rel(r0["state"][k], w) <= 1e-6

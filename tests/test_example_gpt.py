@@ -203,14 +203,11 @@ def test_script_refuses_more_ranks_than_samples(monkeypatch):
 
 
 def test_script_trains_data_parallel(tmp_path):
-    """Two ranks (forked, gloo, torchrun's variables) train on halves of the same batches and
+    """Two ranks (fork server, gloo, torchrun's variables) train on halves of the same batches and
     end where one process ends, up to rounding; only rank 0 prints."""
     from tests.dp_worker import fork_ranks
 
-    def rank_main(rank: int) -> None:
-        torch.save(train_gpt.main(TINY_ARGS), tmp_path / f"result{rank}.pt")
-
-    codes = fork_ranks(rank_main, tmp_path, world=2, timeout=90)
+    codes = fork_ranks(_train_rank, (tmp_path,), tmp_path, world=2, timeout=90)
     logs = [(tmp_path / f"log{r}").read_text() for r in range(2)]
     assert codes == [0, 0], logs
     one = train_gpt.main(TINY_ARGS)
@@ -219,3 +216,7 @@ def test_script_trains_data_parallel(tmp_path):
         assert got == pytest.approx(one, rel=1e-5), (r, got, one)
     assert "bytes moved per step (rank 0): allreduce" in logs[0]
     assert "final: train loss" in logs[0] and "final:" not in logs[1]
+
+
+def _train_rank(rank: int, out: Path) -> None:
+    torch.save(train_gpt.main(TINY_ARGS), out / f"result{rank}.pt")
