@@ -101,19 +101,21 @@ class DataParallel:
 
         Args:
             p: the pack. flat: its flat uint8 gradient buffer on the device.
-            entries: its trainable layout entries (``dtype``, ``view(flat)``).
+            entries: its trainable layout entries (their gradients' dtypes and views).
             stats: counts the bytes on the ``"allreduce"`` link.
 
         :meth:`wait` must run before anything reads ``flat``.
         """
         nbytes = flat.numel() * flat.element_size()
         stats.count(ALLREDUCE_LINK, "G", ring_bytes(nbytes, self.group.world))
-        dtypes = {e.dtype for e in entries}
+        # Gradients are kept in the master dtype where an entry has one (mixed precision
+        # keeps fp32 gradients of low-precision weights), else in the weights' dtype.
+        dtypes = {getattr(e, "master_dtype", e.dtype) for e in entries}
         if len(dtypes) == 1 and nbytes % next(iter(dtypes)).itemsize == 0:
             # One collective over the whole buffer (the alignment gaps hold zeros).
             tensors = [flat.view(next(iter(dtypes)))]
-        else:  # mixed dtypes: one collective per tensor
-            tensors = [e.view(flat) for e in entries]
+        else:  # several dtypes: one collective per tensor (``gview``: the gradient layout)
+            tensors = [getattr(e, "gview", e.view)(flat) for e in entries]
         works = []
         for t in tensors:
             works.append(self._collective(partial(dist.all_reduce, t, async_op=True),
