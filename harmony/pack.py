@@ -153,6 +153,24 @@ class Pack:
             self.home_tier.charge(real, f"optimizer state of pack {self.index}")
             self.k_charged = real
 
+    def release(self) -> None:
+        """Give this pack's home bytes back to its tier (and delete its files): the layers'
+        parameters are left bound to empty tensors, so the caller restores their values."""
+        self.close()
+        self.layout.bind(None)
+        if self.home_w is not None:
+            self.home_tier.release(self.home_w)
+            self.home_w = None
+        else:
+            self.home_tier.uncharge(self.layout.w_bytes)
+        self.home_tier.uncharge(self.k_charged)
+        self.k_charged = 0
+        if self.store is not None:
+            for key in (self.w_key, self.k_key):
+                if key in self.store:
+                    self.store.delete(key)
+        self.optimizer.state.clear()
+
     def close(self) -> None:
         for h in self.hooks:
             h.remove()

@@ -1,8 +1,10 @@
 """Choosing packs and placement from budgets (greedy; the cost-model planner refines this).
 
 Candidates are tried from the cheapest placement in traffic to the most frugal in device
-memory: everything on the device; weights and optimizer state on the host with activations on
-the device; then activations on the host too. For each, pack counts from few to many and
+memory: everything on the device; some packs wholly on the device and the others' weights and
+optimizer state on the host; all of them on the host with activations on the device; then
+activations on the host too; with an NVMe tier, the same again with NVMe in place of the host
+(first keeping the packs that fit on the host). For each, pack counts from few to many and
 prefetch depths 1 and 0 are lowered and simulated; among the candidates of the first placement
 that fits both budgets, the one with the lowest predicted step time wins.
 """
@@ -169,6 +171,12 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         if nvme:
             tiers += [(Loc.NVME, Loc.DEVICE), (Loc.NVME, Loc.HOST), (Loc.NVME, Loc.NVME)]
         for wk, x in tiers:
+            if wk is Loc.HOST and device_budget is not None:
+                # Before every pack leaves the device: keep as many as fit resident (they
+                # move nothing and update on the device), the others on the host.
+                options.append([(b, _resident_placement(b, keep, x)) for b in bound_options
+                                for keep in _resident_sets(profiles, b, k_ratio,
+                                                           device_budget)])
             options.append([(b, Placement.uniform(len(b), wk, x)) for b in bound_options])
             if nvme and wk is Loc.NVME and host_budget is not None:
                 # Before everything goes to NVMe: keep as many packs on the host as fit.
@@ -223,6 +231,39 @@ def _split_placement(bounds: tuple[tuple[int, int], ...], on_host: int, x: Loc) 
     n = len(bounds)
     wk = tuple(Loc.NVME if p < n - on_host else Loc.HOST for p in range(n))
     return Placement(wk, wk, (x,) * n)
+
+
+def _resident_placement(bounds: tuple[tuple[int, int], ...], keep: frozenset[int],
+                        x: Loc) -> Placement:
+    """Packs in ``keep`` wholly on the device; the others' W and K on the host, X at ``x``."""
+    wk = tuple(Loc.DEVICE if p in keep else Loc.HOST for p in range(len(bounds)))
+    xs = tuple(Loc.DEVICE if p in keep else x for p in range(len(bounds)))
+    return Placement(wk, wk, xs)
+
+
+def _resident_sets(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
+                   k_ratio: float, device_budget: int) -> list[frozenset[int]]:
+    """A few sets of packs whose W, G and K could stay on the device within a quarter, a half
+    or three quarters of its budget (the rest is left for the swapped packs and the
+    activations): the last packs first (their updates come first), or the largest first (the
+    most bytes kept off the link). The simulator decides which, if any, fits best."""
+    n = len(bounds)
+    if n < 2:
+        return []
+    state = [sum(lp.w_bytes + lp.g_bytes + k_ratio * lp.g_bytes for lp in profiles[a:b])
+             for a, b in bounds]
+
+    def take(order: list[int], room: float) -> frozenset[int]:
+        kept: set[int] = set()
+        for p in order:
+            if state[p] <= room:
+                kept.add(p)
+                room -= state[p]
+        return frozenset(kept)
+
+    orders = [list(reversed(range(n))), sorted(range(n), key=lambda p: -state[p])]
+    sets = {take(order, device_budget * f) for order in orders for f in (0.25, 0.5, 0.75)}
+    return [s for s in sets if 0 < len(s) < n]
 
 
 def _host_pack_counts(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],

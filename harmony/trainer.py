@@ -18,7 +18,7 @@ from harmony.chain import Chain
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
-from harmony.planning import Plan, plan
+from harmony.planning import InfeasiblePlan, Plan, plan
 from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
@@ -322,9 +322,46 @@ class Trainer:
         if shapes != next(iter(self._plans))[1:]:
             self._profile(x, y)  # new per-sample shapes: sizes per sample changed
         fixed = (self._plan.bounds, self._plan.placement)
-        chosen = self._plan_for(sizes, fixed=fixed)
+        try:
+            chosen = self._plan_for(sizes, fixed=fixed)
+        except InfeasiblePlan:
+            # These shapes need more room than the packs built for the first ones leave
+            # (say, longer sequences after packs were kept resident): plan afresh and move
+            # the training state to the new packs' homes.
+            return self._rehome(x, y, sizes, key)
         self._plans[key] = chosen
         return chosen
+
+    def _rehome(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
+                key: tuple[Any, ...]) -> Plan:
+        """Rebuild the packs from a fresh plan for these shapes, keeping weights, optimizer
+        and scheduler state (the same keyed hand-over as save/load, in memory)."""
+        assert self._runtime is not None
+        weights = self.state_dict()
+        optimizer_state = self._optimizer_state()
+        scheduler_state = self._scheduler_state()
+        try:
+            self._plan_for_fresh(x, y, sizes)  # raises before anything changes if none fits
+        finally:
+            self._profiles = None
+        for pack in self._runtime.packs:
+            pack.release()
+        self._runtime = None
+        self._plans.clear()
+        self.lr_schedulers = []
+        with torch.no_grad():
+            for k, v in self.chain.model.state_dict(keep_vars=True).items():
+                v.data = weights[k].to(v.device)
+        self._pending_optimizer = optimizer_state
+        self._pending_scheduler = scheduler_state
+        self._fixed = None
+        self._first_plan(x, y, sizes, key)
+        return self._plans[key]
+
+    def _plan_for_fresh(self, x: tuple[torch.Tensor, ...], y: torch.Tensor,
+                        sizes: list[int]) -> Plan:
+        self._profile(x, y)
+        return self._plan_for(sizes)
 
     def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
                     targets: torch.Tensor, path: str | os.PathLike[str]) -> float:
