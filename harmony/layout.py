@@ -73,6 +73,7 @@ class Layout:
                 self.g_bytes = offset
         self.w_bytes = offset
         self.trainable = [e for e in self.entries if e.trainable]
+        self.buffers = [e for e in self.entries if not isinstance(e.tensor, nn.Parameter)]
 
     def pack_into(self, flat: torch.Tensor) -> None:
         """Copy the entries' current values into ``flat``."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
 from harmony.rng import layer_rng
@@ -95,6 +96,8 @@ class Runtime:
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
         self.w_ready: dict[int, Handle] = {}
+        # NVMe packs: buffers this step's forward changed, until the update writes them
+        self.new_buffers: dict[int, list[torch.Tensor]] = {}
         # When a list, every task appends what it did: its text, start and end (seconds since
         # the step began) and the bytes each tier held after it (Trainer.record_step).
         self.record: list[dict[str, object]] | None = None
@@ -112,6 +115,7 @@ class Runtime:
         self.placement = schedule.placement
         self.loss = torch.zeros((), dtype=torch.float64)
         self.grads: set[int] = set()
+        self.forwarded: set[tuple[int, int]] = set()  # (pack, micro-batch) forwards run
         self.updated: list[int] = []  # packs whose update ran in this step
         self.stage_early = updates_after_backward(schedule.tasks)
         for m, x in enumerate(data.inputs):
@@ -158,6 +162,7 @@ class Runtime:
             else:
                 self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
         self.staged.clear()
+        self.new_buffers.clear()
         for pack in self.packs:
             pack.got_grad = [False] * len(pack.got_grad)
             for e in pack.layout.trainable:
@@ -238,6 +243,20 @@ class Runtime:
         handle = self.w_ready.pop(p, None)
         if handle is not None:
             self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
+            if p in self.new_buffers:  # the file has the buffers of before this step's forward
+                restore_buffers(self.packs[p].layout, self.new_buffers[p], self.w_dev[p])
+
+    def _keep_buffers(self, p: int) -> None:
+        """Make the buffer updates of a forward count: carry them from the device copy of the
+        weights to the home copy (an NVMe pack keeps them in host memory until its update
+        writes its weights)."""
+        pack = self.packs[p]
+        if not pack.layout.buffers or pack.home is Loc.DEVICE:  # (bound to the home copy)
+            return
+        if pack.home_w is not None:
+            copy_buffers(pack.layout, self.w_dev[p], pack.home_w)
+        else:
+            self.new_buffers[p] = buffer_values(pack.layout, self.w_dev[p])
 
     # -- activations and gradients ----------------------------------------------------------
     def _home(self, ref: Ref) -> Loc:
@@ -441,6 +460,8 @@ class Runtime:
                     dev=leaf, dev_charged=s, outputs=as_tuple(out, f"pack {p}"))
         finally:
             self.dev.uncharge(work)
+        self.forwarded.add((p, m))
+        self._keep_buffers(p)
         self._produce(Ref(Kind.X, p + 1, m), as_tuple(out, f"pack {p}"), single)
 
     @staticmethod
@@ -464,6 +485,12 @@ class Runtime:
         x_ref = Ref(Kind.X, p, m)
         work = self._work(p, m)
         self.dev.charge(work, f"working memory of B{p}.{m}")
+        # A recompute must not update the buffers a second time; they are restored only after
+        # this micro-batch's backward, which may have saved them (see harmony.buffers).
+        rerun = Ref(Kind.S, p, m) not in self.values and (p, m) in self.forwarded
+        frozen = contextlib.ExitStack()
+        if rerun:
+            frozen.enter_context(buffers_unchanged(self.packs[p].layout))
         try:
             s_slot = self.values.get(Ref(Kind.S, p, m))
             if s_slot is not None:
@@ -475,6 +502,8 @@ class Runtime:
                 leaf = self._leaf(p, value)
                 with torch.enable_grad():
                     out, _ = self._run_layers(p, m, leaf, self.values[x_ref].single)
+                if not rerun:  # this was the micro-batch's only forward
+                    self._keep_buffers(p)
                 if last:
                     target = self.data.targets[m].to(self.device, non_blocking=True)
                     loss = checked_loss(self.loss_fn, out, target)
@@ -495,6 +524,7 @@ class Runtime:
                 self._produce(Ref(Kind.D, p, m), d, False)
         finally:
             self.dev.uncharge(work)
+            frozen.close()
         self.grads.add(p)
 
     def _update(self, task: Task) -> None:
@@ -588,6 +618,8 @@ class Runtime:
                 self.engine.synchronize(h, link(Loc.NVME, Loc.HOST))
         slot.home_ready = None
         assert slot.home is not None and slot.home[0] is not None
+        if p in self.new_buffers:
+            restore_buffers(pack.layout, self.new_buffers.pop(p), w)
         pack.bind_masters(w)
         if k is not None:
             pack.bind_state(k)
