@@ -14,6 +14,18 @@ from swap.nvme import NvmeStore
 from swap.tier import Tier
 
 
+class NothingToTrain(torch.optim.Optimizer):
+    """The optimizer of a pack with no trainable parameters: no parameter groups, no state,
+    and a step that does nothing (learning-rate schedulers accept it)."""
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(0, requires_grad=True)], {})
+        self.param_groups = []
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        return None
+
+
 @dataclass
 class Pack:
     """Everything harmony keeps about one pack (one record, not parallel dicts).
@@ -82,7 +94,9 @@ class Pack:
             masters = [nn.Parameter(e.view(home_w) if home_w is not None
                                     else torch.empty(0, dtype=e.dtype))
                        for e in layout.trainable]
-        opt = factory(list(masters))
+        # A pack without trainable parameters (activations, frozen layers) has nothing to
+        # update: optimizers refuse an empty parameter list, so it gets a stand-in.
+        opt = factory(list(masters)) if masters else NothingToTrain()
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory returned {type(opt).__name__}; it must return "
                             "a torch.optim.Optimizer built over the parameters it is given")
