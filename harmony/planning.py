@@ -193,6 +193,9 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
             may_fit = _may_fit(sizes, placement, device_budget, host_budget)
             for pf in prefetches:
+                if tried and pf == 0 and len(prefetches) > 1 and tried[-1] is not None \
+                        and fits(tried[-1][0]):
+                    continue  # prefetching fits: not prefetching only waits longer
                 if not may_fit:
                     # The simulator charges every W and K at its home before the first task,
                     # so this candidate cannot fit: lower and simulate it only if nothing fits.
@@ -243,10 +246,10 @@ def _resident_placement(bounds: tuple[tuple[int, int], ...], keep: frozenset[int
 
 def _resident_sets(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
                    k_ratio: float, device_budget: int) -> list[frozenset[int]]:
-    """A few sets of packs whose W, G and K could stay on the device within a quarter, a half
-    or three quarters of its budget (the rest is left for the swapped packs and the
-    activations): the last packs first (their updates come first), or the largest first (the
-    most bytes kept off the link). The simulator decides which, if any, fits best."""
+    """A few sets of packs whose W, G and K could stay on the device within a half or three
+    quarters of its budget (the rest is left for the swapped packs and the activations): the
+    last packs first (their updates come first), or the largest first (the most bytes kept off
+    the link). The simulator decides which, if any, fits best."""
     n = len(bounds)
     if n < 2:
         return []
@@ -261,8 +264,9 @@ def _resident_sets(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], 
                 room -= state[p]
         return frozenset(kept)
 
-    orders = [list(reversed(range(n))), sorted(range(n), key=lambda p: -state[p])]
-    sets = {take(order, device_budget * f) for order in orders for f in (0.25, 0.5, 0.75)}
+    last_first, largest_first = list(reversed(range(n))), sorted(range(n), key=lambda p: -state[p])
+    sets = {take(last_first, device_budget * 0.5), take(last_first, device_budget * 0.75),
+            take(largest_first, device_budget * 0.75)}
     return [s for s in sets if 0 < len(s) < n]
 
 
