@@ -17,6 +17,7 @@ from torch import nn
 
 from harmony.chain import Chain, as_tuple, call, checked_loss
 from harmony.layout import Layout
+from harmony.precision import Precision
 from harmony.rng import layer_rng
 
 
@@ -42,12 +43,16 @@ def _nbytes(value: tuple[torch.Tensor, ...], floating_only: bool = False) -> int
 
 def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tensor, ...],
                    targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
-                   device: torch.device) -> list[LayerProfile]:
+                   device: torch.device,
+                   precision: Precision | None = None) -> list[LayerProfile]:
     """Run every layer once on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
-    more device memory than one layer. Generator states are restored afterwards.
+    more device memory than one layer. Generator states are restored afterwards. With a mixed
+    ``precision``, weights take their dtypes in ``layouts`` and the layers run under its
+    autocast, so activation bytes are those of training.
     """
+    autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
     value = tuple(t.to(device) for t in inputs)
     out: list[LayerProfile] = []
@@ -55,19 +60,20 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
     for i, (name, layer, layout) in enumerate(zip(chain.names, chain.layers, layouts)):
         homes = [e.tensor.data for e in layout.entries]
         for e in layout.entries:
-            e.tensor.data = e.tensor.data.to(device)
+            e.tensor.data = e.tensor.data.to(device, e.dtype)
         try:
             with layer_rng(0, 0, 0, i, device):
                 t0 = time.perf_counter()
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device):
                     result = call(layer, value)
                 _sync(device)
                 fwd = time.perf_counter() - t0
             out_value = as_tuple(result, f"layer {name!r}")
             with layer_rng(0, 0, 0, i, device):
                 t0 = time.perf_counter()
-                saved = backward_saved_bytes(layer, value, layout, loss_fn, targets.to(device),
-                                             last=i == n - 1, name=name)
+                with autocast(device):
+                    saved = backward_saved_bytes(layer, value, layout, loss_fn,
+                                                 targets.to(device), last=i == n - 1, name=name)
                 _sync(device)
                 bwd = time.perf_counter() - t0
         finally:
