@@ -117,6 +117,11 @@ class Precision:
         """The loss is scaled (fp16)."""
         return self.name == "fp16"
 
+    def k_ratio(self, state_ratio: float) -> float:
+        """K bytes per (fp32) G byte: the optimizer's ``state_ratio``, plus 1 for the fp32
+        masters in mixed precision (G is fp32 there, so the masters take G's bytes)."""
+        return state_ratio + (1.0 if self.mixed else 0.0)
+
     def dtype_of(self, module: nn.Module, name: str, tensor: torch.Tensor,
                  trainable: bool) -> torch.dtype:
         """The dtype an entry is held in, in a pack's flat weight buffer (W)."""

@@ -300,7 +300,7 @@ class Trainer:
         assert self._profiles is not None
         # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
         # checks every gradient for overflow before any update, as clipping needs every one.
-        k_ratio = self._k_ratio + (1.0 if self.precision.mixed else 0.0)
+        k_ratio = self.precision.k_ratio(self._k_ratio)
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
                     self.host_memory, k_ratio, _bandwidth(self.device),
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
