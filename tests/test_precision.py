@@ -17,6 +17,7 @@ accumulate in fp32 in the same order, so the result is bitwise equal.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 import harmony
+from harmony.precision import Precision
 from schedules.task import Loc
 from tests.models import MODELS, layers_of, training_state_bytes
 
@@ -148,3 +150,128 @@ def test_bf16_with_nvme_homes_tracks_autocast(tmp_path: Path) -> None:
         on_nvme = [p for p, loc in enumerate(plan.placement.w) if loc is Loc.NVME]
         assert all(f"pack{p}.M" in trainer.store for p in on_nvme)  # type: ignore[operator]
         _check_tracks_autocast(model, got, batches, 2)
+
+
+def _traffic_trainer(precision: str, plan: object = None,
+                     budget: int | None = None) -> harmony.Trainer:
+    factory, loss_fn, data = MODELS["transformer"]
+    trainer = harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
+                              device_memory=budget, precision=precision,
+                              plan=plan)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        trainer.step(*data(6, g))
+    return trainer
+
+
+def test_bf16_halves_weight_traffic_and_counts_masters_in_k() -> None:
+    """Same packs and placement in fp32 and bf16: W crosses the host link in bf16 (half the
+    bytes, up to alignment and the fp32 norm weights), exactly as the schedule predicts; K on
+    the host holds the fp32 masters besides the optimizer state, as the plan predicted."""
+    budget = training_state_bytes(MODELS["transformer"][0](0.0), 4) // 2
+    with _traffic_trainer("fp32", budget=budget) as fp32:
+        assert fp32.plan is not None
+        fixed = fp32.plan
+        w32 = fp32.stats.kind_bytes("host->device", "W")
+        with _traffic_trainer("bf16", plan=fixed) as bf16:
+            plan = bf16.plan
+            assert plan is not None and plan.bounds == fixed.bounds
+            assert all(loc is Loc.HOST for loc in plan.placement.w)
+            w16 = bf16.stats.kind_bytes("host->device", "W")
+            loads = plan.schedule.weight_loads()
+            assert w16 / 2 == sum(loads[p] * plan.sizes.w[p] for p in loads)
+            assert w16 / 2 == plan.predicted.bytes_by_kind[("host->device", "W")]
+            assert 0.5 * w32 <= w16 <= 0.55 * w32, (w16, w32)
+            assert bf16._runtime is not None
+            packs = bf16._runtime.packs
+            entries = [e for p in packs for e in p.layout.trainable]  # (params are away)
+            params = sum(e.shape.numel() for e in entries)
+            masters = sum(p.layout.g_bytes for p in packs)
+            assert params * 4 <= masters < params * 4 + 256 * len(entries)
+            for p, pack in enumerate(packs):
+                momentum = sum(t.numel() * t.element_size() for s in pack.optimizer.state.values()
+                               for t in s.values() if isinstance(t, torch.Tensor))
+                assert momentum > 0 and pack.k_charged == momentum
+                # K predicted = masters + optimizer state, both fp32
+                assert plan.sizes.k[p] >= pack.layout.g_bytes + momentum
+                assert all(m.dtype == torch.float32 for m in pack.masters)
+            # between steps the host holds each pack's W (bf16), masters and optimizer state
+            host = bf16.tiers[Loc.HOST]
+            assert host.used == sum(p.layout.w_bytes + p.layout.g_bytes + p.k_charged
+                                    for p in packs)
+
+
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
+def test_bf16_accounted_peaks_within_budget_and_prediction(schedule: str) -> None:
+    factory, loss_fn, data = MODELS["transformer"]
+    budget = training_state_bytes(factory(0.0), 4) // 4
+    trainer = harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
+                              device_memory=budget, precision="bf16", schedule=schedule)
+    with trainer as t:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            t.step(*data(6, g))
+        plan = t.plan
+        assert plan is not None and Loc.HOST in plan.placement.w
+        predicted = plan.predicted.peak
+        assert t.stats.peak_bytes["device"] <= budget
+        assert t.stats.peak_bytes["device"] >= 0.95 * predicted[Loc.DEVICE]
+        assert abs(t.stats.peak_bytes["host"] - predicted[Loc.HOST]) <= 0.05 * predicted[Loc.HOST]
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
+def test_meta_bf16_profile_equals_measured(name: str) -> None:
+    """Meta profiles stand in for autocast; their bytes equal a real bf16 profile's."""
+    from harmony.builtin_models import build
+    from harmony.chain import Chain
+    from harmony.layout import Layout
+    from harmony.meta import profile_on_meta
+    from harmony.profile import profile_layers
+
+    bf16 = Precision("bf16")
+    with torch.device("meta"):
+        meta = profile_on_meta(build(name), 2, precision="bf16")
+    torch.manual_seed(0)
+    spec = build(name)
+    chain = Chain(spec.model)
+    x, y = spec.example_inputs(2)
+    real = profile_layers(chain, [Layout([m], bf16.dtype_of) for m in chain.layers], (x,), y,
+                          spec.loss_fn, torch.device("cpu"), bf16)
+    fields = ("w_bytes", "g_bytes", "in_bytes", "in_grad_bytes", "out_bytes", "saved_bytes")
+    for m, r in zip(meta.layers, real):
+        assert {f: getattr(m, f) for f in fields} == {f: getattr(r, f) for f in fields}, m.name
+
+
+def test_report_predicts_bytes_in_their_dtypes(capsys: pytest.CaptureFixture[str]) -> None:
+    """bf16: W about half of fp32's, G the same (fp32), K = masters + optimizer state; the
+    planner's sizes and the weights crossing the link follow."""
+    from harmony.cli import main
+    from harmony.report import load_profile, make_report
+
+    p32, p16 = load_profile("gpt-tiny", 2), load_profile("gpt-tiny", 2, precision="bf16")
+    assert p16.precision == "bf16" and p16.k_total == p32.k_total + 1
+    w32 = sum(lp.w_bytes for lp in p32.layers)
+    w16 = sum(lp.w_bytes for lp in p16.layers)
+    assert 0.5 * w32 <= w16 <= 0.55 * w32
+    assert [lp.g_bytes for lp in p16.layers] == [lp.g_bytes for lp in p32.layers]
+    budget = 200 << 10
+    r32, r16 = make_report(p32, 4, budget, None), make_report(p16, 4, budget, None)
+    for r in (r32, r16):
+        assert r.plan.predicted.peak[Loc.DEVICE] <= budget
+        sizes = r.plan.sizes
+        assert sizes.k == [math.ceil(r.profile.k_total * g) for g in sizes.g]
+    assert sum(r16.plan.sizes.w) <= 0.55 * sum(r32.plan.sizes.w)
+    assert r16.arithmetic["host->device"] < r32.arithmetic["host->device"]
+    assert main(["report", "gpt-tiny", "--batch-size", "4", "--micro-batch-size", "2",
+                 "--precision", "bf16", "--device-memory", "200KiB"]) == 0
+    out = capsys.readouterr().out
+    assert "precision bf16" in out and "K = 3.00 x G" in out
+
+
+def test_profiles_of_another_precision_are_refused() -> None:
+    from harmony.report import load_profile
+
+    with pytest.raises(ValueError, match="paper:gpt2-medium was profiled in fp32, not bf16"):
+        load_profile("paper:gpt2-medium", 1, precision="bf16")
+    with pytest.raises(ValueError, match="'fp8'"):
+        load_profile("gpt-tiny", 1, precision="fp8")
