@@ -176,14 +176,10 @@ class Precision:
         return {"precision": self.name, "scale": self.scale, "good_steps": self.good_steps}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore :meth:`state_dict` (None, from an older checkpoint: keep the current)."""
-        if state is None:
+        """Restore :meth:`state_dict`. A checkpoint of another precision (or of none, from an
+        older version) leaves the scale as it is: its weights are fp32 masters either way."""
+        if state is None or state.get("precision") != self.name:
             return
-        if state.get("precision", self.name) != self.name:
-            raise ValueError(f"the checkpoint was trained with precision="
-                             f"{state.get('precision')!r}, this trainer uses {self.name!r}; "
-                             "its weights load in any precision, but pass the same precision "
-                             "to resume its loss scale")
         if self.scaling:
             self.scale = float(state["scale"])
             self.good_steps = int(state["good_steps"])

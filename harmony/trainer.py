@@ -454,7 +454,6 @@ class Trainer:
         """
         weights, opt_tensors, meta = checkpoint.load(path)
         current = self.chain.model.state_dict(keep_vars=True)
-        self.precision.load_state_dict(meta.get("precision"))  # ValueError: another precision
         # What each key holds at full precision (a parameter may be bound to a W view in the
         # compute dtype, or to an empty tensor while its pack is away).
         own = {id(e.tensor): (e.shape, e.master_dtype) for layout in self._layer_layouts
@@ -484,6 +483,7 @@ class Trainer:
         if self._runtime is not None:
             self._apply_optimizer_state()
             self._apply_scheduler_state()
+        self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
         self.step_count = int(meta["step_count"])
         self._broken = None
 

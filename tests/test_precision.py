@@ -43,13 +43,16 @@ def _batches(model: str, steps: int = STEPS, n: int = 6) -> list[tuple[torch.Ten
 
 
 def _reference(model: str, batches: list[tuple[torch.Tensor, ...]], mbs: int,
-               dtype: torch.dtype | None, make_opt: Callable = _sgd) -> dict[str, torch.Tensor]:
+               dtype: torch.dtype | None, make_opt: Callable = _sgd, clip: float | None = None,
+               lr_scheduler: Callable | None = None) -> dict[str, torch.Tensor]:
     """Plain PyTorch, fp32 parameters, gradient accumulation; forward and loss under
-    ``torch.autocast(device_type="cpu", dtype=dtype)`` (None: plain fp32)."""
+    ``torch.autocast(device_type="cpu", dtype=dtype)`` (None: plain fp32); optionally
+    ``clip_grad_norm_`` before each step and a learning-rate scheduler after it."""
     factory, loss_fn, _ = MODELS[model]
     net = factory(0.0)
     layers = layers_of(net)
     opt = make_opt(list(net.parameters()))
+    scheduler = lr_scheduler(opt) if lr_scheduler is not None else None
     for x, y in batches:
         for xm, ym in zip(x.split(mbs), y.split(mbs)):
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -58,8 +61,12 @@ def _reference(model: str, batches: list[tuple[torch.Tensor, ...]], mbs: int,
                     h = layer(*h) if isinstance(h, tuple) else layer(h)
                 loss = loss_fn(h, ym) * (ym.shape[0] / y.shape[0])
             loss.backward()
+        if clip is not None:
+            nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.step()
         opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
@@ -69,10 +76,11 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def _check_tracks_autocast(model: str, got: dict[str, torch.Tensor],
-                           batches: list[tuple[torch.Tensor, ...]], mbs: int) -> None:
+                           batches: list[tuple[torch.Tensor, ...]], mbs: int,
+                           dtype: torch.dtype = torch.bfloat16, **kw: object) -> None:
     init = MODELS[model][0](0.0).state_dict()
-    want = _reference(model, batches, mbs, torch.bfloat16)
-    fp32 = _reference(model, batches, mbs, None)
+    want = _reference(model, batches, mbs, dtype, **kw)  # type: ignore[arg-type]
+    fp32 = _reference(model, batches, mbs, None, **kw)  # type: ignore[arg-type]
     assert got.keys() == want.keys()
     assert all(got[k].dtype == init[k].dtype for k in init)  # fp32 masters, model's own keys
     change = _distance(want, init)
@@ -275,3 +283,177 @@ def test_profiles_of_another_precision_are_refused() -> None:
         load_profile("paper:gpt2-medium", 1, precision="bf16")
     with pytest.raises(ValueError, match="'fp8'"):
         load_profile("gpt-tiny", 1, precision="fp8")
+
+
+def _step_lr(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16),
+                                             ("fp16", torch.float16)])
+def test_clipping_and_lr_scheduler_track_autocast(precision: str, dtype: torch.dtype) -> None:
+    """The clipping norm is taken over the fp32 gradients (unscaled, in fp16), and the
+    scheduler drives the masters' optimizer: both as plain PyTorch under autocast. The limit
+    is low enough that most steps clip."""
+    model = "transformer"
+    batches = _batches(model)
+    budget = training_state_bytes(MODELS[model][0](0.0), 4) // 4
+    trainer, got = _train(model, batches, 2, precision=precision, device_memory=budget,
+                          clip_grad_norm=0.5, lr_scheduler=_step_lr)
+    with trainer:
+        assert trainer.stats.skipped_steps == 0
+        assert trainer._runtime is not None and trainer._runtime.grad_norm > 0.5
+        _check_tracks_autocast(model, got, batches, 2, dtype, clip=0.5, lr_scheduler=_step_lr)
+
+
+def test_fp16_overflow_skips_the_step_and_backs_off() -> None:
+    """A loss scale so large that the fp16 gradients overflow: the step changes no weight
+    and no optimizer state, counts as skipped, and halves the scale until steps succeed."""
+    batches = _batches("mlp", steps=30)
+    precision = Precision("fp16", init_scale=2.0 ** 40, growth_interval=1000)
+    factory, loss_fn, _ = MODELS["mlp"]
+    budget = training_state_bytes(factory(0.0), 4) // 4
+    with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
+                         device_memory=budget, precision=precision) as t:
+        before = t.state_dict()
+        loss = t.step(*batches[0])
+        assert loss == loss and t.stats.skipped_steps == 1 and t.step_count == 0
+        assert precision.scale == 2.0 ** 39
+        after = t.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert t._optimizer_state()[0] == {}  # no momentum was created
+        skipped = 1
+        for x, y in batches[1:]:
+            t.step(x, y)
+            if t.step_count:
+                break
+            skipped += 1
+        assert t.step_count == 1 and t.stats.skipped_steps == skipped
+        assert precision.scale == 2.0 ** (40 - skipped)
+        assert any(not torch.equal(before[k], v) for k, v in t.state_dict().items())
+
+
+def test_fp16_scale_grows_after_the_interval() -> None:
+    batches = _batches("mlp", steps=5)
+    precision = Precision("fp16", init_scale=256.0, growth_interval=2)
+    factory, loss_fn, _ = MODELS["mlp"]
+    with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
+                         precision=precision) as t:
+        scales = []
+        for x, y in batches:
+            t.step(x, y)
+            scales.append(precision.scale)
+        assert t.stats.skipped_steps == 0
+        assert scales == [256.0, 512.0, 512.0, 1024.0, 1024.0]
+
+
+def test_fp16_tracks_autocast() -> None:
+    model = "transformer"
+    batches = _batches(model)
+    trainer, got = _train(model, batches, 2, precision="fp16")
+    with trainer:
+        assert trainer.stats.skipped_steps == 0
+        _check_tracks_autocast(model, got, batches, 2, torch.float16)
+
+
+@pytest.mark.parametrize("precision,nvme", [("bf16", False), ("fp16", False), ("bf16", True)])
+def test_checkpoint_round_trip(tmp_path: Path, precision: str, nvme: bool) -> None:
+    """save() holds the fp32 masters (model keys and dtypes) and the loss scale; a fresh
+    trainer that loads it, and the trainer itself rewound to it, continue exactly as the
+    uninterrupted run (with NVMe homes: masters and W files rewritten)."""
+    model = "transformer"
+    batches = _batches(model, steps=6)
+    factory, loss_fn, _ = MODELS[model]
+    state = training_state_bytes(factory(0.0), 4)
+
+    def make() -> harmony.Trainer:
+        (tmp_path / "nvme").mkdir(exist_ok=True)
+        return harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
+                               device_memory=state // 4,
+                               host_memory=state // 2 if nvme else None,
+                               nvme_dir=str(tmp_path / "nvme") if nvme else None,
+                               precision=Precision(precision, init_scale=512.0,
+                                                   growth_interval=2))
+
+    with make() as a:
+        for b in batches[:3]:
+            a.step(*b)
+        assert a.plan is not None and (Loc.NVME in a.plan.placement.w) == nvme
+        a.save(tmp_path / "ckpt")
+        a.export(tmp_path / "export")
+        saved = a.state_dict()
+        scale = a.precision.scale
+        for b in batches[3:]:
+            a.step(*b)
+        want = a.state_dict()
+        assert a.precision.scale != scale or precision == "bf16"
+        a.load(tmp_path / "ckpt")  # rewind the trained packs
+        assert a.precision.scale == scale
+        assert all(torch.equal(a.state_dict()[k], saved[k]) for k in saved)
+        for b in batches[3:]:
+            a.step(*b)
+        again = a.state_dict()
+        assert all(torch.equal(again[k], want[k]) for k in want)
+    init = factory(0.0).state_dict()
+    assert all(saved[k].dtype == init[k].dtype for k in init)
+    from safetensors.torch import load_file
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    with make() as b:
+        b.load(tmp_path / "ckpt")
+        assert b.precision.scale == scale and b.step_count == 3
+        assert all(torch.equal(b.state_dict()[k], saved[k]) for k in saved)
+        for x in batches[3:]:
+            b.step(*x)
+        got = b.state_dict()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+@pytest.mark.parametrize("value", ["fp8", "float16", "BF16", "", None, 16, torch.bfloat16])
+def test_unknown_precision_names_the_value_and_choices(value: object) -> None:
+    with pytest.raises(ValueError, match=r"precision=.*is not supported; use one of 'fp32', "
+                                         r"'bf16', 'fp16'"):
+        harmony.Trainer(MODELS["mlp"][0](0.0), MODELS["mlp"][1],
+                        precision=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw,match", [({"init_scale": 0.0}, "init_scale=0.0"),
+                                      ({"init_scale": float("inf")}, "init_scale=inf"),
+                                      ({"growth_factor": 1.0}, "growth_factor=1.0"),
+                                      ({"backoff_factor": 1.5}, "backoff_factor=1.5"),
+                                      ({"growth_interval": 0}, "growth_interval=0")])
+def test_bad_loss_scaling_settings(kw: dict[str, float], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Precision("fp16", **kw)  # type: ignore[arg-type]
+
+
+def test_unsupported_compute_dtype_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch without autocast for the dtype on this device: a ValueError naming both."""
+    def broken(self: Precision, device: torch.device) -> object:
+        raise RuntimeError("no fp16 kernels here")
+
+    monkeypatch.setattr(Precision, "autocast", broken)
+    with pytest.raises(ValueError, match=r"precision='fp16' is not supported on cpu .*no fp16 "
+                                         r"kernels.*use precision='fp32' or bf16"):
+        harmony.Trainer(MODELS["mlp"][0](0.0), MODELS["mlp"][1], precision="fp16")
+
+
+def test_checkpoints_load_across_precisions(tmp_path: Path) -> None:
+    """Checkpoints hold fp32 masters, so any precision loads any other's weights; an fp16
+    trainer loading a bf16 checkpoint keeps its own loss scale."""
+    factory, loss_fn, _ = MODELS["mlp"]
+    batches = _batches("mlp", steps=2)
+    with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, precision="bf16") as a:
+        for b in batches:
+            a.step(*b)
+        a.save(tmp_path)
+        saved = a.state_dict()
+    for precision in ("fp16", "fp32"):
+        scaling = Precision(precision, init_scale=1024.0)
+        with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, precision=scaling) as c:
+            c.step(*batches[0])
+            c.load(tmp_path)
+            assert all(torch.equal(c.state_dict()[k], saved[k]) for k in saved)
+            assert c.step_count == 2
+            assert scaling.scale == (1024.0 if precision == "fp16" else 1.0)
