@@ -148,9 +148,9 @@ class Precision:
             if device.type == "cuda" and self.name == "bf16" \
                     and not torch.cuda.is_bf16_supported():
                 raise RuntimeError("this GPU has no bf16 support")
-            lin = nn.Linear(2, 2).to(device)
+            w = torch.ones(2, 2, device=device, requires_grad=True)  # (no RNG is drawn)
             with self.autocast(device):
-                out = lin(torch.ones(1, 2, device=device)).float().sum()
+                out = nn.functional.linear(torch.ones(1, 2, device=device), w).float().sum()
             out.backward()
         except RuntimeError as err:
             raise ValueError(f"precision={self.name!r} is not supported on {device} by this "
