@@ -205,6 +205,7 @@ def test_bf16_halves_weight_traffic_and_counts_masters_in_k() -> None:
                 assert all(m.dtype == torch.float32 for m in pack.masters)
             # between steps the host holds each pack's W (bf16), masters and optimizer state
             host = bf16.tiers[Loc.HOST]
+            host.drain()  # releases that wait for copies still in flight
             assert host.used == sum(p.layout.w_bytes + p.layout.g_bytes + p.k_charged
                                     for p in packs)
 
@@ -322,12 +323,20 @@ def test_fp16_overflow_skips_the_step_and_backs_off() -> None:
         after = t.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert t._optimizer_state()[0] == {}  # no momentum was created
+        def used() -> dict[Loc, int]:
+            for tier in t.tiers.values():
+                tier.drain()  # releases that wait for copies still in flight
+            return {loc: tier.used for loc, tier in t.tiers.items()}
+
+        held = used()
         skipped = 1
         for x, y in batches[1:]:
             t.step(x, y)
             if t.step_count:
                 break
             skipped += 1
+            # a skipped step drops its gradients and activations: nothing stays charged
+            assert used() == held
         assert t.step_count == 1 and t.stats.skipped_steps == skipped
         assert precision.scale == 2.0 ** (40 - skipped)
         assert any(not torch.equal(before[k], v) for k, v in t.state_dict().items())
