@@ -34,6 +34,7 @@ torch.bfloat16
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,13 +95,14 @@ class Precision:
 
     @staticmethod
     def parse(value: str | Precision) -> Precision:
-        """A :class:`Precision` from a name or an instance (returned as it is).
+        """A new :class:`Precision` from a name, or from an instance's settings (a fresh copy,
+        so trainers never share a loss scale).
 
         Raises:
             ValueError: an unknown name, listing the choices.
         """
         if isinstance(value, Precision):
-            return value
+            return dataclasses.replace(value)
         return Precision(value)
 
     @property

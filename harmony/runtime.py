@@ -93,8 +93,9 @@ class Runtime:
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
-        # Mixed precision: compute runs under its autocast; fp16 scales the loss (the trainer
-        # sets the scale before each step) and checks the gradients before the first update.
+        # Mixed precision (the trainer's Precision, whose loss scale it updates after each
+        # step): compute runs under its autocast; fp16 scales the loss and unscales and checks
+        # every gradient before the first update.
         self.precision = Precision()
         # pack -> host copy of its fp32 masters being read from NVMe (mixed precision)
         self.staged_m: dict[int, tuple[torch.Tensor, Handle]] = {}
@@ -599,7 +600,7 @@ class Runtime:
         pack = self.packs[p]
         host = self.tiers[Loc.HOST]
         name = link(Loc.NVME, Loc.HOST)
-        w = host.allocate(pack.layout.w_bytes, f"master weights of pack {p}")
+        w = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
         hw = self._nvme_read(pack.w_key, w, name, "W")
         if pack.layout.mixed:  # the fp32 masters are part of K; W is refreshed from them
             m = host.allocate(pack.layout.g_bytes, f"master weights of pack {p}")

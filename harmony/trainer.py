@@ -80,7 +80,8 @@ class Trainer:
             and move in the low dtype under ``torch.autocast``, gradients accumulate in fp32, and
             fp32 master weights live with the optimizer state; :meth:`state_dict` gives the
             masters. fp16 skips (and counts in ``stats.skipped_steps``) steps whose gradients
-            overflow. See :mod:`harmony.precision`.
+            overflow; its current loss scale is ``trainer.precision.scale`` (the trainer keeps
+            its own copy of a given Precision). See :mod:`harmony.precision`.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer; the message

@@ -319,7 +319,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off() -> None:
         before = t.state_dict()
         loss = t.step(*batches[0])
         assert loss == loss and t.stats.skipped_steps == 1 and t.step_count == 0
-        assert precision.scale == 2.0 ** 39
+        assert t.precision.scale == 2.0 ** 39 and precision.scale == 2.0 ** 40  # a copy
         after = t.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert t._optimizer_state()[0] == {}  # no momentum was created
@@ -338,7 +338,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off() -> None:
             # a skipped step drops its gradients and activations: nothing stays charged
             assert used() == held
         assert t.step_count == 1 and t.stats.skipped_steps == skipped
-        assert precision.scale == 2.0 ** (40 - skipped)
+        assert t.precision.scale == 2.0 ** (40 - skipped)
         assert any(not torch.equal(before[k], v) for k, v in t.state_dict().items())
 
 
@@ -351,7 +351,7 @@ def test_fp16_scale_grows_after_the_interval() -> None:
         scales = []
         for x, y in batches:
             t.step(x, y)
-            scales.append(precision.scale)
+            scales.append(t.precision.scale)
         assert t.stats.skipped_steps == 0
         assert scales == [256.0, 512.0, 512.0, 1024.0, 1024.0]
 
@@ -465,4 +465,4 @@ def test_checkpoints_load_across_precisions(tmp_path: Path) -> None:
             c.load(tmp_path)
             assert all(torch.equal(c.state_dict()[k], saved[k]) for k in saved)
             assert c.step_count == 2
-            assert scaling.scale == (1024.0 if precision == "fp16" else 1.0)
+            assert c.precision.scale == (1024.0 if precision == "fp16" else 1.0)
