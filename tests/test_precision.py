@@ -17,6 +17,7 @@ accumulate in fp32 in the same order, so the result is bitwise equal.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -44,18 +45,21 @@ def _batches(model: str, steps: int = STEPS, n: int = 6) -> list[tuple[torch.Ten
 
 def _reference(model: str, batches: list[tuple[torch.Tensor, ...]], mbs: int,
                dtype: torch.dtype | None, make_opt: Callable = _sgd, clip: float | None = None,
-               lr_scheduler: Callable | None = None) -> dict[str, torch.Tensor]:
+               lr_scheduler: Callable | None = None, device: str = "cpu",
+               ) -> dict[str, torch.Tensor]:
     """Plain PyTorch, fp32 parameters, gradient accumulation; forward and loss under
-    ``torch.autocast(device_type="cpu", dtype=dtype)`` (None: plain fp32); optionally
+    ``torch.autocast(device_type=device, dtype=dtype)`` (None: plain fp32); optionally
     ``clip_grad_norm_`` before each step and a learning-rate scheduler after it."""
     factory, loss_fn, _ = MODELS[model]
-    net = factory(0.0)
+    net = factory(0.0).to(device)
     layers = layers_of(net)
     opt = make_opt(list(net.parameters()))
     scheduler = lr_scheduler(opt) if lr_scheduler is not None else None
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         for xm, ym in zip(x.split(mbs), y.split(mbs)):
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            with (torch.autocast(device, dtype=dtype) if dtype is not None
+                  else contextlib.nullcontext()):
                 h: object = xm
                 for layer in layers:
                     h = layer(*h) if isinstance(h, tuple) else layer(h)
@@ -67,7 +71,7 @@ def _reference(model: str, batches: list[tuple[torch.Tensor, ...]], mbs: int,
         opt.zero_grad()
         if scheduler is not None:
             scheduler.step()
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -466,3 +470,26 @@ def test_checkpoints_load_across_precisions(tmp_path: Path) -> None:
             assert all(torch.equal(c.state_dict()[k], saved[k]) for k in saved)
             assert c.step_count == 2
             assert c.precision.scale == (1024.0 if precision == "fp16" else 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16),
+                                             ("fp16", torch.float16)])
+def test_cuda_swapping_tracks_autocast(precision: str, dtype: torch.dtype) -> None:
+    """On a GPU: W swapped in the low dtype, budgets held by the accounting and by the
+    allocator (plus the allowance test_cuda.py states), weights tracking autocast on CUDA."""
+    model = "transformer"
+    batches = _batches(model)
+    budget = training_state_bytes(MODELS[model][0](0.0), 4) // 4
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    trainer, got = _train(model, batches, 2, device="cuda", device_memory=budget,
+                          precision=Precision(precision, init_scale=256.0))
+    with trainer:
+        plan = trainer.plan
+        assert plan is not None and Loc.HOST in plan.placement.w
+        assert trainer.stats.skipped_steps == 0
+        assert trainer.stats.peak_bytes["device"] <= budget
+        assert torch.cuda.max_memory_allocated() - base <= budget + (4 << 20)
+        _check_tracks_autocast(model, got, batches, 2, dtype, device="cuda")
