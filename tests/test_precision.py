@@ -106,10 +106,11 @@ def _train(model: str, batches: list[tuple[torch.Tensor, ...]], mbs: int,
     return trainer, trainer.state_dict()
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
-def test_bf16_on_device_tracks_autocast(model: str) -> None:
+@pytest.mark.parametrize("model,schedule", [("mlp", "harmony"), ("transformer", "harmony"),
+                                            ("transformer", "resident")])
+def test_bf16_on_device_tracks_autocast(model: str, schedule: str) -> None:
     batches = _batches(model)
-    trainer, got = _train(model, batches, 2, precision="bf16")
+    trainer, got = _train(model, batches, 2, precision="bf16", schedule=schedule)
     with trainer:
         assert trainer.plan is not None and trainer.plan.placement.w[0] is Loc.DEVICE
         _check_tracks_autocast(model, got, batches, 2)
