@@ -14,12 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from harmony.chain import Chain, as_tuple, call, checked_loss
 from harmony.layout import Layout
+from harmony.precision import Precision
 from harmony.rng import layer_rng
 
 
@@ -45,12 +47,16 @@ def _nbytes(value: tuple[torch.Tensor, ...], floating_only: bool = False) -> int
 
 def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tensor, ...],
                    targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
-                   device: torch.device) -> list[LayerProfile]:
+                   device: torch.device,
+                   precision: Precision | None = None) -> list[LayerProfile]:
     """Run every layer on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
-    more device memory than one layer. Generator states are restored afterwards.
+    more device memory than one layer. Generator states are restored afterwards. With a mixed
+    ``precision``, weights take their dtypes in ``layouts`` and the layers run under its
+    autocast, so activation bytes are those of training.
     """
+    autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
     value = tuple(t.to(device) for t in inputs)
     out: list[LayerProfile] = []
@@ -60,14 +66,15 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
         for e in layout.entries:
             # Buffers are copied even on the same device: the profile's forward passes must
             # not change running statistics the training run will use.
-            e.tensor.data = e.tensor.data.to(device, copy=not isinstance(e.tensor, nn.Parameter))
+            e.tensor.data = e.tensor.data.to(device, e.dtype,
+                                             copy=not isinstance(e.tensor, nn.Parameter))
         try:
             # The first run of each pass warms up (allocator, lazy initialisation, kernel
             # selection) and gives the values; the time is the median of the timed repeats,
             # so one slow run on a busy machine does not skew the plan.
-            forward = partial(_forward, layer, value, i, device)
+            forward = partial(_forward, layer, value, i, device, autocast)
             backward = partial(_backward, layer, value, layout, loss_fn, targets.to(device),
-                               i, i == n - 1, name, device)
+                               i, i == n - 1, name, device, autocast)
             out_value = as_tuple(forward(), f"layer {name!r}")
             saved = backward()
             fwd, bwd = _typical(forward, device), _typical(backward, device)
@@ -143,15 +150,16 @@ def scaled(per_sample: float, samples: int) -> int:
 
 
 def _forward(layer: nn.Module, value: tuple[torch.Tensor, ...], index: int,
-             device: torch.device) -> object:
-    with layer_rng(0, 0, 0, index, device), torch.no_grad():
+             device: torch.device, autocast: Callable[[torch.device], Any]) -> object:
+    with layer_rng(0, 0, 0, index, device), torch.no_grad(), autocast(device):
         return call(layer, value)
 
 
 def _backward(layer: nn.Module, value: tuple[torch.Tensor, ...], layout: Layout,
               loss_fn: Callable[..., torch.Tensor], targets: torch.Tensor, index: int,
-              last: bool, name: str, device: torch.device) -> int:
-    with layer_rng(0, 0, 0, index, device):
+              last: bool, name: str, device: torch.device,
+              autocast: Callable[[torch.device], Any]) -> int:
+    with layer_rng(0, 0, 0, index, device), autocast(device):
         return backward_saved_bytes(layer, value, layout, loss_fn, targets, last=last, name=name)
 
 

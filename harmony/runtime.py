@@ -17,6 +17,7 @@ import torch
 from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
+from harmony.precision import GradientOverflow, Precision, unscale_
 from harmony.rng import layer_rng
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
@@ -93,6 +94,12 @@ class Runtime:
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
+        # Mixed precision (the trainer's Precision, whose loss scale it updates after each
+        # step): compute runs under its autocast; fp16 scales the loss and unscales and checks
+        # every gradient before the first update.
+        self.precision = Precision()
+        # pack -> host copy of its fp32 masters being read from NVMe (mixed precision)
+        self.staged_m: dict[int, tuple[torch.Tensor, Handle]] = {}
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
         self.w_ready: dict[int, Handle] = {}
@@ -163,7 +170,11 @@ class Runtime:
                 self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
         self.staged.clear()
         self.new_buffers.clear()
+        for m, hm in self.staged_m.values():
+            self.tiers[Loc.HOST].release(m, after=hm)
+        self.staged_m.clear()
         for pack in self.packs:
+            pack.grad_sink = None
             pack.got_grad = [False] * len(pack.got_grad)
             for e in pack.layout.trainable:
                 e.tensor.grad = None
@@ -375,6 +386,9 @@ class Runtime:
         return self.values.setdefault(Ref(Kind.G, p), Slot())
 
     def _bind_grads(self, p: int, flat: torch.Tensor | None) -> None:
+        if self.packs[p].layout.mixed:  # gradients are added into flat in fp32 (Pack._mark)
+            self.packs[p].grad_sink = flat
+            return
         for e in self.packs[p].layout.trainable:
             e.tensor.grad = None if flat is None else e.view(flat)
 
@@ -430,7 +444,8 @@ class Runtime:
         out: object = value[0] if single else value
         for j, layer in enumerate(pack.layers):
             idx = pack.first_layer + j
-            with layer_rng(self.seed, self.step, m, idx, self.device):
+            with layer_rng(self.seed, self.step, m, idx, self.device), \
+                    self.precision.autocast(self.device):
                 out = call(layer, value)
             value = as_tuple(out, f"layer {idx} ({type(layer).__name__})")
         return out, not isinstance(out, tuple)
@@ -506,9 +521,13 @@ class Runtime:
                     self._keep_buffers(p)
                 if last:
                     target = self.data.targets[m].to(self.device, non_blocking=True)
-                    loss = checked_loss(self.loss_fn, out, target)
+                    with self.precision.autocast(self.device):
+                        loss = checked_loss(self.loss_fn, out, target)
                     weighted = loss * self.data.weights[m]
-                    weighted.backward()
+                    if self.precision.scaling:  # fp16: unscaled before the first update
+                        (weighted * self.precision.scale).backward()
+                    else:
+                        weighted.backward()
                     self.loss += weighted.detach().double().cpu()
                 else:
                     outs = as_tuple(out, f"pack {p}")
@@ -533,6 +552,8 @@ class Runtime:
             # Every micro-batch's loss is known before the first update in the generated
             # schedules, so refusing here leaves every weight as it was.
             raise NonFiniteLoss(self.step, float(self.loss))
+        if not self.updated and self.precision.scaling:
+            self._unscale()
         if not self.updated and self.clip is not None:
             self._clip_gradients(*self.clip)
         self.updated.append(p)
@@ -541,7 +562,10 @@ class Runtime:
         loc = self.placement.update_loc(p)
         if pack.home is Loc.NVME:
             return self._update_from_nvme(p)
-        if loc is Loc.DEVICE:
+        if pack.layout.mixed:  # the fp32 masters step on the fp32 gradients
+            for master, g in zip(pack.masters, self._grad_views(p)):
+                master.grad = g
+        elif loc is Loc.DEVICE:
             for e, got in zip(pack.layout.trainable, pack.got_grad):
                 if not got:
                     e.tensor.grad = None
@@ -552,10 +576,13 @@ class Runtime:
                 slot.home_ready = None
             flat = slot.home[0]
             for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
-                master.grad = e.view(flat) if got else None
+                master.grad = e.gview(flat) if got else None
         pack.optimizer.step()
         for master in pack.masters:
             master.grad = None
+        if pack.layout.mixed:
+            assert pack.home_w is not None
+            pack.refresh_weights(pack.home_w)
         pack.settle_optimizer_bytes()
         self.grads.discard(p)
 
@@ -572,8 +599,15 @@ class Runtime:
                 slot.home_ready = None
             flat = slot.home[0] if slot.home is not None else None
         assert flat is not None, f"G{p} is not where its update runs"
-        return [e.view(flat) if got else None
+        return [e.gview(flat) if got else None
                 for e, got in zip(pack.layout.trainable, pack.got_grad)]
+
+    def _unscale(self) -> None:
+        """fp16: divide every gradient by the loss scale; raise if any overflowed."""
+        grads = [g for p in range(len(self.packs)) for g in self._grad_views(p) if g is not None]
+        if unscale_(grads, self.precision.scale):
+            raise GradientOverflow(f"step {self.step}: a gradient overflowed at loss scale "
+                                   f"{self.precision.scale:g}; the step is skipped")
 
     def _clip_gradients(self, max_norm: float, order: list[tuple[int, int]]) -> None:
         """Scale every pack's gradients as clip_grad_norm_ over the whole model would.
@@ -596,8 +630,11 @@ class Runtime:
         pack = self.packs[p]
         host = self.tiers[Loc.HOST]
         name = link(Loc.NVME, Loc.HOST)
-        w = host.allocate(pack.layout.w_bytes, f"master weights of pack {p}")
+        w = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
         hw = self._nvme_read(pack.w_key, w, name, "W")
+        if pack.layout.mixed:  # the fp32 masters are part of K; W is refreshed from them
+            m = host.allocate(pack.layout.g_bytes, f"master weights of pack {p}")
+            self.staged_m[p] = (m, self._nvme_read(pack.m_key, m, name, "K"))
         k, hk = None, None
         if pack.k_layout is not None:
             k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
@@ -613,18 +650,19 @@ class Runtime:
         if p not in self.staged:  # a deferred update: its inputs are read now
             self._stage(p)
         w, hw, k, hk = self.staged.pop(p)
-        for h in (hw, hk, slot.home_ready):
+        m, hm = self.staged_m.pop(p, (w, None))  # fp32: the masters are W
+        for h in (hw, hk, hm, slot.home_ready):
             if h is not None:
                 self.engine.synchronize(h, link(Loc.NVME, Loc.HOST))
         slot.home_ready = None
         assert slot.home is not None and slot.home[0] is not None
         if p in self.new_buffers:
             restore_buffers(pack.layout, self.new_buffers.pop(p), w)
-        pack.bind_masters(w)
+        pack.bind_masters(m)
         if k is not None:
             pack.bind_state(k)
         for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
-            master.grad = e.view(slot.home[0]) if got else None
+            master.grad = e.gview(slot.home[0]) if got else None
         pack.optimizer.step()
         for master in pack.masters:
             master.grad = None
@@ -636,6 +674,9 @@ class Runtime:
         pack.settle_optimizer_bytes()
         # Written behind: the host copies go back to the pool when the writes are done.
         name = link(Loc.HOST, Loc.NVME)
+        if pack.layout.mixed:
+            pack.refresh_weights(w)
+            host.release(m, after=self._nvme_write(pack.m_key, m, name, "K"))
         hw = self._nvme_write(pack.w_key, w, name, "W")
         hk = self._nvme_write(pack.k_key, k, name, "K")
         pack.bind_masters(None)

@@ -19,6 +19,7 @@ from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.planning import InfeasiblePlan, Plan, plan
+from harmony.precision import GradientOverflow, Precision
 from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
@@ -74,6 +75,13 @@ class Trainer:
         nonfinite: what a NaN or infinite batch loss does: ``"raise"`` :class:`NonFiniteLoss`,
             or ``"skip"`` the step (no weight changes, ``step_count`` stays, the NaN is
             returned and ``stats.skipped_steps`` counts it).
+        precision: ``"fp32"`` (the default: exact), ``"bf16"`` or ``"fp16"``, or a
+            :class:`harmony.precision.Precision` (fp16's loss-scaling settings): weights compute
+            and move in the low dtype under ``torch.autocast``, gradients accumulate in fp32, and
+            fp32 master weights live with the optimizer state; :meth:`state_dict` gives the
+            masters. fp16 skips (and counts in ``stats.skipped_steps``) steps whose gradients
+            overflow; its current loss scale is ``trainer.precision.scale`` (the trainer keeps
+            its own copy of a given Precision). See :mod:`harmony.precision`.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer; the message
@@ -99,7 +107,8 @@ class Trainer:
                  nvme_backend: str = "auto",
                  plan: Plan | str | os.PathLike[str] | None = None,
                  clip_grad_norm: float | None = None,
-                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
+                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+                 precision: str | Precision = "fp32") -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -126,6 +135,8 @@ class Trainer:
             raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device={device!r}: harmony runs on 'cpu' or 'cuda'")
+        self.precision = Precision.parse(precision)  # ValueError naming the choices
+        self.precision.check_device(self.device)
         self.device_memory = parse_bytes(device_memory, "device_memory")
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
@@ -146,7 +157,7 @@ class Trainer:
         self.seed = seed
         self.step_count = 0
         self.stats = Stats()
-        self._layer_layouts = [Layout([m]) for m in self.chain.layers]
+        self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._check_shared_parameters()
         self._check_layers_fit()
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
@@ -240,6 +251,10 @@ class Trainer:
             loss = self._runtime.run(plan_.schedule, plan_.sizes,
                                      StepData(micro_inputs, micro_targets, weights, single),
                                      self.step_count, self.stats.seconds)
+        except GradientOverflow:  # fp16: nothing was updated; retry later at a lower scale
+            self.precision.update_scale(overflow=True)
+            self.stats.skipped_steps += 1
+            return float(self._runtime.loss)
         except NonFiniteLoss as err:
             if self.nonfinite == "skip":
                 self.stats.skipped_steps += 1
@@ -252,6 +267,7 @@ class Trainer:
                     f"updating packs {self._runtime.updated}; the weights are no longer those "
                     "of one consistent step: load() a checkpoint before training on")
             raise
+        self.precision.update_scale(overflow=False)
         self.step_count += 1
         for scheduler in self.lr_schedulers:
             scheduler.step()
@@ -270,7 +286,7 @@ class Trainer:
             pack.layout.bind(pack.home_weights())
         try:
             self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
-                                            self.loss_fn, self.device)
+                                            self.loss_fn, self.device, self.precision)
         finally:
             for pack in away:
                 pack.layout.bind(None)
@@ -283,10 +299,13 @@ class Trainer:
 
     def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
         assert self._profiles is not None
+        # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
+        # checks every gradient for overflow before any update, as clipping needs every one.
+        k_ratio = self.precision.k_ratio(self._k_ratio)
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
-                    self.host_memory, self._k_ratio, _bandwidth(self.device),
+                    self.host_memory, k_ratio, _bandwidth(self.device),
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
-                    deferred_updates=self.clip_grad_norm is not None)
+                    deferred_updates=self.clip_grad_norm is not None or self.precision.scaling)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
@@ -297,9 +316,11 @@ class Trainer:
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
-                                    self.optimizer_factory, chosen.sizes.k[p], self.store))
+                                    self.optimizer_factory, chosen.sizes.k[p], self.store,
+                                    self.precision))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
+        self._runtime.precision = self.precision
         if self.clip_grad_norm is not None:
             # The norm is taken over the gradients in the model's parameter order, as
             # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
@@ -428,9 +449,9 @@ class Trainer:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
         found: dict[int, torch.Tensor] = {}
         for pack in self._runtime.packs:
-            flat = pack.home_weights()
-            for e in pack.layout.entries:
-                found[id(e.tensor)] = e.view(flat)
+            flat, masters = pack.home_weights(), pack.master_weights()
+            for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
+                found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out = {}
@@ -455,6 +476,7 @@ class Trainer:
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
                 "lr_scheduler": self._scheduler_state(),
+                "precision": self.precision.state_dict(),
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
@@ -470,29 +492,36 @@ class Trainer:
         """
         weights, opt_tensors, meta = checkpoint.load(path)
         current = self.chain.model.state_dict(keep_vars=True)
+        # What each key holds at full precision (a parameter may be bound to a W view in the
+        # compute dtype, or to an empty tensor while its pack is away).
+        own = {id(e.tensor): (e.shape, e.master_dtype) for layout in self._layer_layouts
+               for e in layout.entries}
         missing, extra = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
         if missing or extra:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} is of another model: missing {missing[:5]}, unexpected "
                 f"{extra[:5]}")
         for k, v in current.items():
-            if weights[k].shape != v.shape or weights[k].dtype != v.dtype:
+            shape, dtype = own.get(id(v), (v.shape, v.dtype))
+            if weights[k].shape != shape or weights[k].dtype != dtype:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
-                    f"{weights[k].dtype} there, {tuple(v.shape)} {v.dtype} here")
+                    f"{weights[k].dtype} there, {tuple(shape)} {dtype} here")
         homes, flats = self._home_views()
         with torch.no_grad():
             for k, v in current.items():
-                (homes.get(id(v), v)).copy_(weights[k])
-        for pack, flat in flats:  # weights that live on NVMe go back to their file
+                for home in homes.get(id(v), [v]):
+                    home.copy_(weights[k])
+        for key, flat in flats:  # weights that live on NVMe go back to their file
             assert self.store is not None
-            self.store.write(pack.w_key, flat).synchronize()
+            self.store.write(key, flat).synchronize()
         self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
                                    meta["optimizer_groups"])
         self._pending_scheduler = meta.get("lr_scheduler")
         if self._runtime is not None:
             self._apply_optimizer_state()
             self._apply_scheduler_state()
+        self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
         self.step_count = int(meta["step_count"])
         self._broken = None
 
@@ -515,16 +544,25 @@ class Trainer:
             config.to_json_file(out / "config.json")
         return out
 
-    def _home_views(self) -> tuple[dict[int, torch.Tensor], list[tuple[Pack, torch.Tensor]]]:
-        """Views of every weight's home copy, and the flat copies read from NVMe."""
+    def _home_views(self) -> tuple[dict[int, list[torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+        """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
+        and the flat copies read from NVMe with their files."""
         if self._runtime is None:
             return {}, []
-        views, flats = {}, []
+        views: dict[int, list[torch.Tensor]] = {}
+        flats = []
         for pack in self._runtime.packs:
             flat = pack.home_weights()
             if pack.home_w is None:
-                flats.append((pack, flat))
-            views.update({id(e.tensor): e.view(flat) for e in pack.layout.entries})
+                flats.append((pack.w_key, flat))
+            for e in pack.layout.entries:
+                views[id(e.tensor)] = [e.view(flat)]
+            if pack.layout.mixed:
+                masters = pack.master_weights()
+                if pack.home_m is None:
+                    flats.append((pack.m_key, masters))
+                for e in pack.layout.trainable:
+                    views[id(e.tensor)].append(e.gview(masters))
         return views, flats
 
     @contextlib.contextmanager
@@ -534,7 +572,7 @@ class Trainer:
             yield
             return
         assert self.store is not None
-        flat = pack.home_weights()
+        flat = pack.master_weights()
         pack.bind_masters(flat)
         k = None
         if pack.k_layout is not None:
