@@ -58,8 +58,13 @@ class Pack:
     def build(index: int, first_layer: int, layers: list[nn.Module], home: Loc,
               home_tier: Tier,
               factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-              k_estimate: int, store: NvmeStore | None = None) -> Pack:
-        """Move the layers' weights into a flat buffer at ``home`` and build the optimizer."""
+              k_estimate: int, store: NvmeStore | None = None,
+              untrained: frozenset[int] = frozenset()) -> Pack:
+        """Move the layers' weights into a flat buffer at ``home`` and build the optimizer.
+
+        ``untrained``: ids of trainable parameters the optimizer must not hold (copies of tied
+        weights that another pack updates, see harmony/tied.py); they still get gradients.
+        """
         layout = Layout(layers)
         home_w: torch.Tensor | None
         if home is Loc.NVME:
@@ -82,7 +87,13 @@ class Pack:
             masters = [nn.Parameter(e.view(home_w) if home_w is not None
                                     else torch.empty(0, dtype=e.dtype))
                        for e in layout.trainable]
-        opt = factory(list(masters))
+        owned = [m for m, e in zip(masters, layout.trainable) if id(e.tensor) not in untrained]
+        if not owned and masters:
+            raise ValueError(
+                f"pack {index} trains only copies of weights tied to an earlier pack "
+                f"({[e.name for e in layout.trainable]}); its optimizer would hold nothing: "
+                "put that layer in one layer with a neighbour that has parameters of its own")
+        opt = factory(owned)
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory returned {type(opt).__name__}; it must return "
                             "a torch.optim.Optimizer built over the parameters it is given")

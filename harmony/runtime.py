@@ -17,6 +17,7 @@ import torch
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
 from harmony.rng import layer_rng
+from harmony.tied import TiedWeights
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
@@ -91,6 +92,7 @@ class Runtime:
         self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
+        self.ties: TiedWeights | None = None  # parameters used by several packs (harmony/tied.py)
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
@@ -114,6 +116,8 @@ class Runtime:
         self.grads: set[int] = set()
         self.updated: list[int] = []  # packs whose update ran in this step
         self.stage_early = updates_after_backward(schedule.tasks)
+        if self.ties is not None:  # refuses a schedule updating an owner too early
+            self.ties.start(schedule)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
@@ -158,6 +162,8 @@ class Runtime:
             else:
                 self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
         self.staged.clear()
+        if self.ties is not None:
+            self.ties.abandon(self)
         for pack in self.packs:
             pack.got_grad = [False] * len(pack.got_grad)
             for e in pack.layout.trainable:
@@ -433,6 +439,8 @@ class Runtime:
                     out, single = self._run_layers(p, m, value, slot.single)  # type: ignore[arg-type]
             else:
                 leaf = self._leaf(p, value)
+                if p == 0:  # the graph outlives X0.m's device buffer, which goes back to the pool
+                    leaf = tuple(t.clone() for t in leaf)
                 with torch.enable_grad():
                     out, single = self._run_layers(p, m, leaf, slot.single)
                 s = self.sizes.s[p][m]
@@ -504,8 +512,12 @@ class Runtime:
             # schedules, so refusing here leaves every weight as it was.
             raise NonFiniteLoss(self.step, float(self.loss))
         if not self.updated and self.clip is not None:
+            if self.ties is not None:  # the norm counts a tied gradient once, summed
+                self.ties.merge_all(self)
             self._clip_gradients(*self.clip)
         self.updated.append(p)
+        if self.ties is not None:  # an owner sums the sharers' gradients; a sharer keeps its own
+            self.ties.before_update(self, p)
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]
         loc = self.placement.update_loc(p)
@@ -526,6 +538,9 @@ class Runtime:
         pack.optimizer.step()
         for master in pack.masters:
             master.grad = None
+        if self.ties is not None:  # sharers' copies of this pack's tied weights
+            assert pack.home_w is not None
+            self.ties.after_update(self, p, pack.home_w)
         pack.settle_optimizer_bytes()
         self.grads.discard(p)
 
@@ -596,6 +611,8 @@ class Runtime:
         pack.optimizer.step()
         for master in pack.masters:
             master.grad = None
+        if self.ties is not None:  # sharers' copies of this pack's tied weights
+            self.ties.after_update(self, p, w)
         if k is None:  # the first update created the state: give it a flat layout
             pack.layout_state()
             host.uncharge(pack.k_charged)

@@ -73,6 +73,13 @@ class TinyTransformer(nn.Module):
         return x
 
 
+def tied_transformer(dropout: float = 0.0) -> TinyTransformer:
+    """TinyTransformer whose head's projection is the token embedding (tied weights)."""
+    model = TinyTransformer(dropout=dropout)
+    model.head.out.weight = model.embed.tok.weight
+    return model
+
+
 class Split(nn.Module):
     """x -> (a, b, mask): a tuple boundary holding a non-float tensor."""
 
