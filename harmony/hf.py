@@ -157,6 +157,38 @@ class _OptBlock(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+class _Gpt2Embed(nn.Module):
+    """input_ids -> hidden: GPT-2's token + learned position embeddings, then dropout."""
+
+    def __init__(self, transformer: Any) -> None:
+        super().__init__()
+        self.wte: nn.Module = transformer.wte
+        self.wpe: nn.Module = transformer.wpe
+        self.drop: nn.Module = transformer.drop
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.wte(input_ids)
+        pos = self.wpe(_positions(embeds))
+        return self.drop(embeds + pos.to(embeds.device))
+
+
+class _Gpt2Block(nn.Module):
+    """hidden -> hidden: one GPT-2 block with the causal mask rebuilt from the shape."""
+
+    def __init__(self, block: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.block = block
+        self._config = config
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from transformers import masking_utils
+
+        pos = _positions(hidden)
+        mask = _mask_fn_call(masking_utils.create_causal_mask, self._config, hidden, pos)
+        out = self.block(hidden, attention_mask=mask, position_ids=pos)
+        return out[0] if isinstance(out, tuple) else out
+
+
 def _sliding(config: Any, i: int) -> bool:
     """Whether layer ``i`` uses a sliding-window mask, as the model's own forward decides."""
     types = getattr(config, "layer_types", None)
@@ -222,6 +254,18 @@ def hf_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 *((f"gpt_neox.layers.{i}", _RotaryBlock(b, config, False))
                   for i, b in enumerate(neox.layers)),
                 ("head", _Head(neox.final_layer_norm, lm_head))]
+    gpt2: Any = getattr(m, "transformer", None)
+    if _has(m, "lm_head") and type(gpt2).__name__ == "GPT2Model":
+        # GPT-2: learned positions; lm_head tied to wte by default (see harmony/tied.py).
+        config = _check_config(model)
+        return [("embed", _Gpt2Embed(gpt2)),
+                *((f"transformer.h.{i}", _Gpt2Block(b, config)) for i, b in enumerate(gpt2.h)),
+                ("head", _Head(gpt2.ln_f, lm_head))]
+    from harmony.hf_encoders import encoder_chain  # BERT, RoBERTa
+
+    layers = encoder_chain(model)
+    if layers is not None:
+        return layers
     raise ValueError(f"harmony cannot split the Hugging Face model {name} into layers "
                      "automatically (supported: Llama-layout causal LMs such as Llama, Mistral "
-                     f"and Qwen2; OPT; GPT-NeoX); {_HOW_TO}")
+                     f"and Qwen2; OPT; GPT-NeoX; GPT-2; BERT and RoBERTa masked LMs); {_HOW_TO}")
