@@ -186,6 +186,12 @@ class Trainer:
         # before the packs are built, since untie() gives sharing packs copies of their own.
         self._params = list(self.chain.model.parameters())
         self._ties: list[Tie] = []
+        # A tensor under several keys names its optimizer state by its first key, whichever
+        # packs the plan makes (so checkpoints load across plans).
+        keys: dict[int, list[str]] = {}
+        for k, v in self.chain.model.state_dict(keep_vars=True).items():
+            keys.setdefault(id(v), []).append(k)
+        self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
 
     def _check_layers_fit(self) -> None:
         if self.device_memory is None:
@@ -524,6 +530,7 @@ class Trainer:
 
     def _param_keys(self, pack: Pack) -> dict[int, str]:
         key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
+        key_of.update(self._first_key)
         return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
 
     def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
