@@ -254,3 +254,45 @@ def test_schedule_updating_the_owner_too_early_is_refused() -> None:
                    recompute=True)
     with pytest.raises(ValueError, match="tied parameter 'embed.tok.weight'.*pack 1"):
         tied.check(bad)
+
+
+def test_pack_holding_only_tied_copies_is_refused() -> None:
+    """A pack whose only trainable parameter is a copy would have an empty optimizer."""
+    torch.manual_seed(0)
+    emb, out = torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False)
+    out.weight = emb.weight
+    model = torch.nn.Sequential(emb, out)
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_sgd) as t:
+        t._fixed = (((0, 1), (1, 2)), Placement.uniform(2, Loc.DEVICE))
+        with pytest.raises(ValueError, match="pack 1 trains only copies of weights tied"):
+            t.step(torch.randint(0, 5, (2, 3)), torch.randint(0, 5, (2, 3)))
+    assert out.weight is emb.weight  # close() re-ties the model
+
+
+@pytest.mark.parametrize("homes", ["device", "host"])
+def test_gradient_kept_for_the_owner_is_charged_to_its_tier(tmp_path: Path, homes: str) -> None:
+    """In the harmony schedule the head's update runs before the embedding's: the head's
+    gradient for the tied weight waits, charged to the tier where the head's update runs."""
+    batches = _batches(2)
+    with _trainer(tmp_path, homes, "harmony", _adamw) as t:
+        t.step(*batches[0])
+        rt = t._runtime
+        assert rt is not None and rt.ties is not None
+        ties, seen = rt.ties, []
+        tied_bytes = tied_transformer().embed.tok.weight.numel() * 4
+        original = ties.before_update
+
+        def spy(rt_: object, p: int) -> None:
+            loc = HOMES[homes][2]
+            before = rt.tiers[loc].used
+            original(rt, p)
+            if p == 2:  # the head: its gradient for the tied weight is now held aside
+                assert [loc_ for _, loc_ in ties.held.values()] == [loc]
+                seen.append(rt.tiers[loc].used - before)
+            if p == 0:
+                assert not ties.held  # merged into the embedding's and given back
+                seen.append(-1)
+
+        ties.before_update = spy  # type: ignore[method-assign]
+        t.step(*batches[1])
+    assert seen == [tied_bytes, -1]
