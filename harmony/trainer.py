@@ -149,6 +149,16 @@ class Trainer:
         self.stats = Stats()
         self._layer_layouts = [Layout([m]) for m in self.chain.layers]
         self._check_shared_parameters()
+        # The model's parameters with each tied one once, as clip_grad_norm_ sees them; kept
+        # before the packs are built, since untie() gives sharing packs copies of their own.
+        self._params = list(self.chain.model.parameters())
+        self._ties: list[Tie] = []
+        # A tensor under several keys names its optimizer state by its first key, whichever
+        # packs the plan makes (so checkpoints load across plans).
+        keys: dict[int, list[str]] = {}
+        for k, v in self.chain.model.state_dict(keep_vars=True).items():
+            keys.setdefault(id(v), []).append(k)
+        self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
                       if nvme_dir is not None else None)
@@ -182,16 +192,6 @@ class Trainer:
     def _check_shared_parameters(self) -> None:
         # Parameters shared across layers are tied weights (harmony/tied.py); buffers are refused.
         shared_parameters(self._layer_layouts, self.chain.names)
-        # The model's parameters with each tied one once, as clip_grad_norm_ sees them; kept
-        # before the packs are built, since untie() gives sharing packs copies of their own.
-        self._params = list(self.chain.model.parameters())
-        self._ties: list[Tie] = []
-        # A tensor under several keys names its optimizer state by its first key, whichever
-        # packs the plan makes (so checkpoints load across plans).
-        keys: dict[int, list[str]] = {}
-        for k, v in self.chain.model.state_dict(keep_vars=True).items():
-            keys.setdefault(id(v), []).append(k)
-        self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
 
     def _check_layers_fit(self) -> None:
         if self.device_memory is None:
