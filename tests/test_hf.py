@@ -188,6 +188,18 @@ def test_tied_training_close_to_plain_hf(family: str, budget: bool) -> None:
     assert_weights_close(got, want, RTOL)
 
 
+@pytest.mark.parametrize("family", ENCODERS)
+def test_encoder_positions_and_token_types_as_hf(family: str) -> None:
+    """Token ids equal to the padding index (RoBERTa numbers positions after it and gives
+    padding tokens the padding position) and no token_type_ids (zeros): still HF's logits."""
+    model = _model(family, tied=True)
+    pad = model.config.pad_token_id
+    x = torch.randint(2, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    x[0, 3] = x[1, 0] = pad
+    with torch.no_grad():
+        assert torch.equal(_compose(model, x), model(x).logits)
+
+
 def test_unsupported_architecture_says_how_to_declare_chain() -> None:
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                                   num_attention_heads=4, intermediate_size=64)
