@@ -1,16 +1,19 @@
-"""Hugging Face ``transformers`` causal LMs as harmony chains, without user code.
+"""Hugging Face ``transformers`` language models as harmony chains, without user code.
 
 :func:`hf_chain` splits a ``*ForCausalLM`` model into an embedding layer, one layer per decoder
 block and a head (final norm + LM head) whose composition computes ``model(input_ids).logits``
 for unpadded ``input_ids`` (no ``attention_mask``, no cache). The layers are small wrappers that
 hold the model's own submodules, so parameters are shared with the model and its
 ``state_dict()`` keys are unchanged. They compute what the Hugging Face forward computes
-between those submodules: position ids, rotary embeddings, OPT's learned positions, and the
-causal (or sliding-window) mask, which each block rebuilds from its input's shape with the
-library's own mask function (so ``config._attn_implementation``, eager or sdpa, is honoured).
+between those submodules: position ids, rotary embeddings, OPT's and GPT-2's learned
+positions, and the causal (or sliding-window) mask, which each block rebuilds from its input's
+shape with the library's own mask function (so ``config._attn_implementation``, eager or sdpa,
+is honoured).
 
 Supported: Llama-style models (``model.embed_tokens``, ``model.layers``, ``model.norm``,
-``model.rotary_emb``: Llama, Mistral, Qwen2 and others sharing that layout), OPT and GPT-NeoX.
+``model.rotary_emb``: Llama, Mistral, Qwen2 and others sharing that layout), OPT, GPT-NeoX and
+GPT-2; and the encoder masked LMs BERT and RoBERTa (:mod:`harmony.hf_encoders`). An LM head
+tied to the embeddings stays tied: the Trainer trains it as one parameter (harmony/tied.py).
 Anything else raises ``ValueError`` saying how to declare the chain by hand.
 
 This module never imports ``transformers`` unless it is handed a ``transformers`` model.
@@ -215,11 +218,19 @@ def _check_config(model: nn.Module) -> Any:
 
 
 def hf_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers of a Hugging Face causal LM, in order, as ``(name, layer)`` pairs.
+    """The layers of a Hugging Face causal LM (or BERT/RoBERTa masked LM), in order, as
+    ``(name, layer)`` pairs.
 
     The first layer takes ``input_ids`` (batch, seq) and the last returns the logits, equal to
     ``model(input_ids).logits`` (no padding, no cache). Names are the model's module paths
     (``model.layers.0``), plus ``embed`` and ``head`` for the ends.
+
+    Example::
+
+        layers = hf_chain(GPT2LMHeadModel(config))   # [("embed", ...), ("transformer.h.0",
+        h = input_ids                                #   ...), ..., ("head", ...)]
+        for _, layer in layers:
+            h = layer(*h) if isinstance(h, tuple) else layer(h)   # h: the logits
 
     Raises:
         ValueError: an architecture this function does not know; the message says how to
