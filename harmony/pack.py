@@ -66,6 +66,7 @@ class Pack:
     k_bytes: int = 0
     home_m: torch.Tensor | None = None  # mixed precision: fp32 masters (None: in W, or on NVMe)
     grad_sink: torch.Tensor | None = None  # mixed precision: the fp32 G being accumulated
+    untrained: frozenset[int] = frozenset()  # ids of tied copies another pack updates
 
     @property
     def m_key(self) -> str:
@@ -84,11 +85,15 @@ class Pack:
               home_tier: Tier,
               factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
               k_estimate: int, store: NvmeStore | None = None,
-              precision: Precision | None = None) -> Pack:
+              precision: Precision | None = None,
+              untrained: frozenset[int] = frozenset()) -> Pack:
         """Move the layers' weights into a flat buffer at ``home`` and build the optimizer.
 
         ``k_estimate`` counts the optimizer state and, in mixed precision, the fp32 masters
-        (allocated here, so only the rest is charged as an estimate)."""
+        (allocated here, so only the rest is charged as an estimate). ``untrained``: ids of
+        trainable parameters the optimizer must not hold (copies of tied weights that another
+        pack updates, see harmony/tied.py); they still get gradients.
+        """
         layout = Layout(layers, precision.dtype_of if precision is not None else None)
         home_w: torch.Tensor | None
         home_m: torch.Tensor | None = None
@@ -129,15 +134,17 @@ class Pack:
             masters = [nn.Parameter(e.view(home_w) if home_w is not None
                                     else torch.empty(0, dtype=e.dtype))
                        for e in layout.trainable]
-        # A pack without trainable parameters (activations, frozen layers) has nothing to
-        # update: optimizers refuse an empty parameter list, so it gets a stand-in.
-        opt = factory(list(masters)) if masters else NothingToTrain()
+        # A pack with nothing of its own to train (activations, frozen layers, only copies of
+        # tied weights) gets a stand-in: optimizers refuse an empty parameter list.
+        owned = [m for m, e in zip(masters, layout.trainable) if id(e.tensor) not in untrained]
+        opt = factory(owned) if owned else NothingToTrain()
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory returned {type(opt).__name__}; it must return "
                             "a torch.optim.Optimizer built over the parameters it is given")
         home_tier.charge(k_estimate, f"optimizer state of pack {index}")
         pack = Pack(index, first_layer, layers, layout, home, home_tier, home_w, masters, opt,
-                    k_estimate, [False] * len(layout.trainable), store=store, home_m=home_m)
+                    k_estimate, [False] * len(layout.trainable), store=store, home_m=home_m,
+                    untrained=untrained)
         for i, e in enumerate(layout.trainable):
             pack.hooks.append(e.tensor.register_post_accumulate_grad_hook(  # type: ignore[union-attr]
                 lambda _p, i=i: pack._mark(i)))
@@ -152,10 +159,12 @@ class Pack:
             e.tensor.grad = None
 
     def refresh_weights(self, flat: torch.Tensor) -> None:
-        """Mixed precision: copy the masters, rounded to the compute dtype, into W ``flat``."""
+        """Mixed precision: copy the masters, rounded to the compute dtype, into W ``flat``
+        (not the copies of tied weights: their owner's update writes those)."""
         with torch.no_grad():
             for m, e in zip(self.masters, self.layout.trainable):
-                e.view(flat).copy_(m)
+                if id(e.tensor) not in self.untrained:
+                    e.view(flat).copy_(m)
 
     # -- NVMe homes ---------------------------------------------------------------------------
     def bind_masters(self, flat: torch.Tensor | None) -> None:

@@ -19,6 +19,7 @@ from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
 from harmony.precision import GradientOverflow, Precision, unscale_
 from harmony.rng import layer_rng
+from harmony.tied import TiedWeights
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
@@ -93,6 +94,7 @@ class Runtime:
         self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
+        self.ties: TiedWeights | None = None  # parameters used by several packs (harmony/tied.py)
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
         # Mixed precision (the trainer's Precision, whose loss scale it updates after each
         # step): compute runs under its autocast; fp16 scales the loss and unscales and checks
@@ -125,6 +127,8 @@ class Runtime:
         self.forwarded: set[tuple[int, int]] = set()  # (pack, micro-batch) forwards run
         self.updated: list[int] = []  # packs whose update ran in this step
         self.stage_early = updates_after_backward(schedule.tasks)
+        if self.ties is not None:  # refuses a schedule updating an owner too early
+            self.ties.start(schedule)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
@@ -173,6 +177,8 @@ class Runtime:
         for m, hm in self.staged_m.values():
             self.tiers[Loc.HOST].release(m, after=hm)
         self.staged_m.clear()
+        if self.ties is not None:
+            self.ties.abandon(self)
         for pack in self.packs:
             pack.grad_sink = None
             pack.got_grad = [False] * len(pack.got_grad)
@@ -467,6 +473,8 @@ class Runtime:
                     out, single = self._run_layers(p, m, value, slot.single)  # type: ignore[arg-type]
             else:
                 leaf = self._leaf(p, value)
+                if p == 0:  # the graph outlives X0.m's device buffer, which goes back to the pool
+                    leaf = tuple(t.clone() for t in leaf)
                 with torch.enable_grad():
                     out, single = self._run_layers(p, m, leaf, slot.single)
                 s = self.sizes.s[p][m]
@@ -555,8 +563,12 @@ class Runtime:
         if not self.updated and self.precision.scaling:
             self._unscale()
         if not self.updated and self.clip is not None:
+            if self.ties is not None:  # the norm counts a tied gradient once, summed
+                self.ties.merge_all(self)
             self._clip_gradients(*self.clip)
         self.updated.append(p)
+        if self.ties is not None:  # an owner sums the sharers' gradients; a sharer keeps its own
+            self.ties.before_update(self, p)
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]
         loc = self.placement.update_loc(p)
@@ -583,6 +595,9 @@ class Runtime:
         if pack.layout.mixed:
             assert pack.home_w is not None
             pack.refresh_weights(pack.home_w)
+        if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
+            assert pack.home_w is not None
+            self.ties.after_update(self, p, pack.home_w)
         pack.settle_optimizer_bytes()
         self.grads.discard(p)
 
@@ -677,6 +692,8 @@ class Runtime:
         if pack.layout.mixed:
             pack.refresh_weights(w)
             host.release(m, after=self._nvme_write(pack.m_key, m, name, "K"))
+        if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
+            self.ties.after_update(self, p, w)
         hw = self._nvme_write(pack.w_key, w, name, "W")
         hk = self._nvme_write(pack.k_key, k, name, "K")
         pack.bind_masters(None)

@@ -23,6 +23,7 @@ from harmony.precision import GradientOverflow, Precision
 from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
+from harmony.tied import Tie, TiedWeights, retie, shared_parameters, untie
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
@@ -159,6 +160,16 @@ class Trainer:
         self.stats = Stats()
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._check_shared_parameters()
+        # The model's parameters with each tied one once, as clip_grad_norm_ sees them; kept
+        # before the packs are built, since untie() gives sharing packs copies of their own.
+        self._params = list(self.chain.model.parameters())
+        self._ties: list[Tie] = []
+        # A tensor under several keys names its optimizer state by its first key, whichever
+        # packs the plan makes (so checkpoints load across plans).
+        keys: dict[int, list[str]] = {}
+        for k, v in self.chain.model.state_dict(keep_vars=True).items():
+            keys.setdefault(id(v), []).append(k)
+        self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
                       if nvme_dir is not None else None)
@@ -190,15 +201,8 @@ class Trainer:
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
-        owner: dict[int, int] = {}
-        for i, layout in enumerate(self._layer_layouts):
-            for e in layout.entries:
-                j = owner.setdefault(id(e.tensor), i)
-                if j != i:
-                    raise ValueError(
-                        f"{e.name!r} of layer {i} ({self.chain.names[i]}) is shared with layer "
-                        f"{j} ({self.chain.names[j]}); tied weights across layers are not "
-                        "supported yet: untie them or put both users in one layer")
+        # Parameters shared across layers are tied weights (harmony/tied.py); buffers are refused.
+        shared_parameters(self._layer_layouts, self.chain.names)
 
     def _check_layers_fit(self) -> None:
         if self.device_memory is None:
@@ -312,22 +316,29 @@ class Trainer:
         self._profile(x, y)
         chosen = self._plan_for(sizes, fixed=self._fixed)
         placement = chosen.placement
+        # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
+        self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds)
+        if self._ties:
+            self._layer_layouts = [Layout([m]) for m in self.chain.layers]
         packs = []
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
                                     self.optimizer_factory, chosen.sizes.k[p], self.store,
-                                    self.precision))
+                                    self.precision,
+                                    untrained=TiedWeights.untrained(self._ties, p)))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
+        if self._ties:
+            self._runtime.ties = TiedWeights(self._ties, packs)
         if self.clip_grad_norm is not None:
             # The norm is taken over the gradients in the model's parameter order, as
             # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
             where = {id(e.tensor): (p, i) for p, pack in enumerate(packs)
                      for i, e in enumerate(pack.layout.trainable)}
             self._runtime.clip = (self.clip_grad_norm, [
-                where[id(q)] for q in self.chain.model.parameters() if id(q) in where])
+                where[id(q)] for q in self._params if id(q) in where])
         self._plans[key] = chosen
         if self.lr_scheduler_factory is not None:
             # Built before a loaded state is applied: building one sets the learning rate to
@@ -370,6 +381,8 @@ class Trainer:
         self._runtime = None
         self._plans.clear()
         self.lr_schedulers = []
+        retie(self._ties)  # the new packs split tied weights afresh
+        self._ties = []
         with torch.no_grad():
             for k, v in self.chain.model.state_dict(keep_vars=True).items():
                 v.data = weights[k].to(v.device)
@@ -452,6 +465,9 @@ class Trainer:
             flat, masters = pack.home_weights(), pack.master_weights()
             for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
                 found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
+        for tie in self._ties:  # a tied weight's copies show the owner's master
+            for sharer in tie.sharers:
+                found[id(sharer.copy)] = found[id(tie.master)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out = {}
@@ -594,6 +610,7 @@ class Trainer:
 
     def _param_keys(self, pack: Pack) -> dict[int, str]:
         key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
+        key_of.update(self._first_key)
         return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
 
     def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
@@ -679,6 +696,7 @@ class Trainer:
             tier.clear_cache()
         if self.store is not None:
             self.store.close()
+        retie(self._ties)  # the model's modules share their parameters again
 
     def __enter__(self) -> Trainer:
         return self

@@ -9,7 +9,12 @@ import torch
 
 import harmony
 from harmony.trainer import Trainer
-from tests.models import TinyTransformer, cross_entropy_tokens, training_state_bytes
+from tests.models import (
+    TinyTransformer,
+    assert_weights_close,
+    cross_entropy_tokens,
+    training_state_bytes,
+)
 
 
 def _adamw(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -74,3 +79,42 @@ def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatc
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_tied_weights_survive_new_packs(monkeypatch) -> None:
+    """Re-homing re-ties the model and splits the tied weight afresh for the new packs."""
+    rehomed: list[int] = []
+    original = Trainer._rehome
+
+    def spy(self: Trainer, *args: object) -> object:
+        rehomed.append(self.step_count)
+        return original(self, *args)  # type: ignore[arg-type]
+
+    def tied() -> TinyTransformer:
+        model = TinyTransformer(length=16)
+        model.head.out.weight = model.embed.tok.weight
+        return model
+
+    def adamw(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(ps, lr=1e-2, eps=1e-3)  # (eps: see tests/test_tied.py)
+
+    monkeypatch.setattr(Trainer, "_rehome", spy)
+    batches = _batches()
+    model = tied()
+    state = training_state_bytes(model, 8)
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=adamw, micro_batch_size=2,
+                         device_memory=state // 2) as t:
+        for x, y in batches:
+            t.step(x, y)
+        assert rehomed
+        got = t.state_dict()
+    assert model.head.out.weight is model.embed.tok.weight  # close() re-tied the model
+    ref = tied()
+    opt = adamw(list(ref.parameters()))
+    for x, y in batches:
+        for xm, ym in zip(x.split(2), y.split(2)):
+            (cross_entropy_tokens(ref(xm), ym) * (ym.shape[0] / y.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(got["embed.tok.weight"], got["head.out.weight"])
+    assert_weights_close(got, {k: v.detach() for k, v in ref.state_dict().items()}, 1e-5)
