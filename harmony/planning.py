@@ -12,6 +12,7 @@ that fits both budgets, the one with the lowest predicted step time wins.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harmony.profile import LayerProfile, scaled
@@ -22,6 +23,8 @@ from schedules.schedule import Schedule
 from schedules.simulate import SimResult, Sizes, Times, simulate
 from schedules.task import Loc
 from swap.tier import fmt_bytes
+
+Tied = tuple[tuple[int, ...], int]  # (layers using one weight, bytes of its gradient)
 
 
 class InfeasiblePlan(ValueError):
@@ -60,21 +63,35 @@ class Plan:
 
 
 def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
-               micro_batches: list[int], k_ratio: float) -> Sizes:
-    """Bytes of every value of a step for these pack boundaries and micro-batch sizes."""
+               micro_batches: list[int], k_ratio: float,
+               tied: Sequence[Tied] = ()) -> Sizes:
+    """Bytes of every value of a step for these pack boundaries and micro-batch sizes.
+
+    ``tied``: weights used by several layers. Each pack using one holds it (a copy in the
+    packs after the first); only the first pack's optimizer holds state for it, and each
+    later pack's gradient of it may be held until the first pack's update (``Sizes.held``).
+    """
+    pack_of = [p for p, (a, b) in enumerate(bounds) for _ in range(a, b)]
+    untrained = [0] * len(bounds)  # gradient bytes of tied copies, per pack
+    held = []
+    for layers_using, nbytes in tied:
+        packs = sorted({pack_of[i] for i in layers_using})
+        for sharer in packs[1:]:
+            untrained[sharer] += nbytes
+            held.append((sharer, packs[0], nbytes))
     w, g, k, x, d, s, work = [], [], [], [], [], [], []
     for p, (a, b) in enumerate(bounds):
         layers = profiles[a:b]
         w.append(sum(lp.w_bytes for lp in layers))
         g.append(sum(lp.g_bytes for lp in layers))
-        k.append(int(math.ceil(k_ratio * g[-1])))
+        k.append(int(math.ceil(k_ratio * max(g[-1] - untrained[p], 0))))
         saved = sum(lp.saved_bytes for lp in layers)
         peak_out = max(lp.out_bytes for lp in layers)
         x.append([scaled(layers[0].in_bytes, n) for n in micro_batches])
         d.append([scaled(layers[0].in_grad_bytes, n) if p else 0 for n in micro_batches])
         s.append([scaled(saved, n) for n in micro_batches])
         work.append([scaled(saved + 2 * peak_out, n) for n in micro_batches])
-    return Sizes(w, g, k, x, d, s, work)
+    return Sizes(w, g, k, x, d, s, work, tuple(held))
 
 
 def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
@@ -118,7 +135,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          bandwidth: dict[str, float], upd_s_per_byte: float = 1e-9,
          prefetch: int | None = None,
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
-         nvme: bool = False, deferred_updates: bool = False) -> Plan:
+         nvme: bool = False, deferred_updates: bool = False,
+         tied: Sequence[Tied] = ()) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -131,6 +149,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         fixed: keep these pack bounds and placement (re-planning a later step's shapes).
         nvme: whether an NVMe tier exists (then W, K and X may live there).
         deferred_updates: updates after the last backward (global-norm gradient clipping).
+        tied: weights used by several layers: (the layers using one, its gradient bytes).
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
@@ -189,7 +208,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     for group in options:
         best: Plan | None = None
         for bounds, placement in group:
-            sizes = pack_sizes(profiles, bounds, micro_batches, k_ratio)
+            sizes = pack_sizes(profiles, bounds, micro_batches, k_ratio, tied)
             times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
             may_fit = _may_fit(sizes, placement, device_budget, host_budget)
             for pf in prefetches:

@@ -475,7 +475,7 @@ def plan_to_json(p: Plan) -> dict[str, Any]:
                          "placement": s.placement.to_json(), "tasks": str(s)},
             "sizes": {f: [list(v) if isinstance(v, (list, tuple)) else v
                           for v in getattr(p.sizes, f)]
-                      for f in ("w", "g", "k", "x", "d", "s", "work")},
+                      for f in ("w", "g", "k", "x", "d", "s", "work", "held")},
             "predicted": _sim_to_json(p.predicted)}
 
 
@@ -487,7 +487,8 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
                               placement=Placement.from_json(s["placement"]),
                               prefetch=s["prefetch"])
     z = data["sizes"]
-    sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")))
+    sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")),
+                  held=tuple(tuple(h) for h in z.get("held", ())))  # type: ignore[misc]
     return Plan(tuple((a, b) for a, b in data["bounds"]), schedule, sizes,
                 _sim_from_json(data["predicted"]))
 

@@ -202,7 +202,13 @@ class Trainer:
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
         # Parameters shared across layers are tied weights (harmony/tied.py); buffers are refused.
-        shared_parameters(self._layer_layouts, self.chain.names)
+        # The planner gets, per tied weight, the layers using it and its gradient's bytes.
+        shared = shared_parameters(self._layer_layouts, self.chain.names)
+        self._tied: list[tuple[tuple[int, ...], int]] = []
+        for tid, layers in shared.items():
+            e = next(e for e in self._layer_layouts[layers[0]].entries if id(e.tensor) == tid)
+            if e.trainable:
+                self._tied.append((tuple(layers), e.shape.numel() * e.master_dtype.itemsize))
 
     def _check_layers_fit(self) -> None:
         if self.device_memory is None:
@@ -309,7 +315,8 @@ class Trainer:
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
                     self.host_memory, k_ratio, _bandwidth(self.device),
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
-                    deferred_updates=self.clip_grad_norm is not None or self.precision.scaling)
+                    deferred_updates=self.clip_grad_norm is not None or self.precision.scaling,
+                    tied=self._tied)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
@@ -319,7 +326,8 @@ class Trainer:
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
         self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds)
         if self._ties:
-            self._layer_layouts = [Layout([m]) for m in self.chain.layers]
+            self._layer_layouts = [Layout([m], self.precision.dtype_of)
+                                   for m in self.chain.layers]
         packs = []
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
@@ -386,6 +394,8 @@ class Trainer:
         with torch.no_grad():
             for k, v in self.chain.model.state_dict(keep_vars=True).items():
                 v.data = weights[k].to(v.device)
+        # (after the values are back: a layout takes each tensor's shape)
+        self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._pending_optimizer = optimizer_state
         self._pending_scheduler = scheduler_state
         self._fixed = None

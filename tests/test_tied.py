@@ -317,3 +317,24 @@ def test_gradient_kept_for_the_owner_is_charged_to_its_tier(tmp_path: Path, home
         ties.before_update = spy  # type: ignore[method-assign]
         t.step(*batches[1])
     assert seen == [tied_bytes, -1]
+
+
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
+def test_plan_counts_the_held_gradient(tmp_path: Path, schedule: str) -> None:
+    """The planner knows the head keeps its gradient of the tied weight until the embedding's
+    update, and that only the embedding's optimizer holds state for it: the predicted peaks
+    cover what the tiers held, within a few percent."""
+    with _trainer(tmp_path, "budget", schedule, _adamw) as t:
+        t.step(*_batches(1)[0])
+        for tier in t.tiers.values():
+            tier.reset_peak()
+        t.step(*_batches(2)[1])
+        plan = t.plan
+        assert plan is not None
+        owner, sharer = 0, len(plan.bounds) - 1
+        tied_bytes = tied_transformer().embed.tok.weight.numel() * 4
+        assert plan.sizes.held == ((sharer, owner, tied_bytes),)
+        for loc, tier in t.tiers.items():
+            predicted = plan.predicted.peak.get(loc, 0)
+            assert tier.peak <= predicted * 1.05 + 1024, (loc, tier.peak, predicted)
+            assert tier.peak >= predicted * 0.9, (loc, tier.peak, predicted)
