@@ -1,7 +1,8 @@
 """Train a Hugging Face causal LM with harmony, on the bundled text, from a config.
 
 The model is built from a config (no download): a preset name (``llama``, ``mistral``,
-``qwen2``, ``opt``, ``gpt-neox``: small models of that family) or a ``config.json`` path. Text
+``qwen2``, ``opt``, ``gpt-neox``, ``gpt2``: small models of that family; GPT-2's LM head is tied
+to its token embedding) or a ``config.json`` path. Text
 is the bundled Shakespeare as bytes (vocabulary 256). The device budget defaults to a third of
 the training state, so harmony swaps packs of decoder blocks every step. At the end it writes
 the loss curve (``--plot``) and the weights in a folder ``from_pretrained`` loads (``--export``).
@@ -42,6 +43,8 @@ PRESETS = {
     "opt": ("OPTConfig", {"ffn_dim": 256, "word_embed_proj_dim": 128, "dropout": 0.0,
                           "num_attention_heads": 4}),
     "gpt-neox": ("GPTNeoXConfig", {}),
+    "gpt2": ("GPT2Config", {"n_inner": 256, "tie_word_embeddings": True, "bos_token_id": 0,
+                            "eos_token_id": 0}),
 }
 
 
@@ -60,7 +63,6 @@ def build(name: str) -> torch.nn.Module:
     elif Path(name).is_file():
         data = json.loads(Path(name).read_text())
         config = transformers.AutoConfig.for_model(**data)
-        config.tie_word_embeddings = False
         config.use_cache = False
     else:
         sys.exit(f"finetune_hf.py: --model {name!r} is neither a preset ({', '.join(PRESETS)}) "

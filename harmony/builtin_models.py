@@ -21,9 +21,9 @@ cross-entropy loss, and a function that makes one micro-batch of token ids. Buil
 | llama-13b | 40 x 5120 | 40 | SwiGLU 13824 | 13.0B |
 | llama-70b | 80 x 8192 | 64 (8) | SwiGLU 28672 | 69.0B |
 
-GPT-2 ties its LM head to the token embedding; harmony does not support weights shared across
-layers yet, so the head here is separate (as in the Harmony paper's profiles, whose GPT-2 medium
-and XL have exactly these 406.3M and 1.638B parameters). Attention is
+GPT-2 ties its LM head to the token embedding; the head here is separate, as in the Harmony
+paper's profiles, whose GPT-2 medium and XL have exactly these 406.3M and 1.638B parameters
+(harmony trains tied weights too: see harmony/tied.py). Attention is
 ``F.scaled_dot_product_attention`` with ``is_causal=True`` (a fused kernel: no [T, T] matrix is
 kept for backward). Llama's grouped-query attention repeats each key/value head for its group
 before the kernel, as the reference code does. No dropout.

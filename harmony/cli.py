@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--nvme-dir", default=None, metavar="DIR",
                      help="allow NVMe placements (the directory is not touched)")
     rep.add_argument("--schedule", choices=sorted(GENERATORS), default="harmony")
+    rep.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                     help="W and activations in this dtype (bf16/fp16: fp32 gradients, and "
+                          "K holds fp32 master weights besides the optimizer state)")
     rep.add_argument("--prefetch", type=int, default=None, metavar="K",
                      help="force a prefetch depth (default: the planner's choice)")
     rep.add_argument("--bandwidth", type=_bandwidth, action="append", default=[],
@@ -162,11 +165,12 @@ def _report(args: argparse.Namespace) -> int:
         print(format_measured(step))
         return _plot(lambda: plot_measured(step, args.plot), args.plot)
     if args.measure_layers is not None:
-        profile = measure_profile(args.model, args.micro_batch_size, args.seq_len)
+        profile = measure_profile(args.model, args.micro_batch_size, args.seq_len,
+                                  args.precision)
         args.measure_layers.write_text(json.dumps(profile.to_json(), indent=1))
     else:
         profile = load_profile(args.model, args.micro_batch_size, args.seq_len,
-                               args.device_flops)
+                               args.device_flops, args.precision)
     if args.update_rate:
         profile.upd_s_per_byte = 1.0 / args.update_rate
     try:

@@ -1,16 +1,19 @@
-"""Hugging Face ``transformers`` causal LMs as harmony chains, without user code.
+"""Hugging Face ``transformers`` language models as harmony chains, without user code.
 
 :func:`hf_chain` splits a ``*ForCausalLM`` model into an embedding layer, one layer per decoder
 block and a head (final norm + LM head) whose composition computes ``model(input_ids).logits``
 for unpadded ``input_ids`` (no ``attention_mask``, no cache). The layers are small wrappers that
 hold the model's own submodules, so parameters are shared with the model and its
 ``state_dict()`` keys are unchanged. They compute what the Hugging Face forward computes
-between those submodules: position ids, rotary embeddings, OPT's learned positions, and the
-causal (or sliding-window) mask, which each block rebuilds from its input's shape with the
-library's own mask function (so ``config._attn_implementation``, eager or sdpa, is honoured).
+between those submodules: position ids, rotary embeddings, OPT's and GPT-2's learned
+positions, and the causal (or sliding-window) mask, which each block rebuilds from its input's
+shape with the library's own mask function (so ``config._attn_implementation``, eager or sdpa,
+is honoured).
 
 Supported: Llama-style models (``model.embed_tokens``, ``model.layers``, ``model.norm``,
-``model.rotary_emb``: Llama, Mistral, Qwen2 and others sharing that layout), OPT and GPT-NeoX.
+``model.rotary_emb``: Llama, Mistral, Qwen2 and others sharing that layout), OPT, GPT-NeoX and
+GPT-2; and the encoder masked LMs BERT and RoBERTa (:mod:`harmony.hf_encoders`). An LM head
+tied to the embeddings stays tied: the Trainer trains it as one parameter (harmony/tied.py).
 Anything else raises ``ValueError`` saying how to declare the chain by hand.
 
 This module never imports ``transformers`` unless it is handed a ``transformers`` model.
@@ -157,6 +160,38 @@ class _OptBlock(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+class _Gpt2Embed(nn.Module):
+    """input_ids -> hidden: GPT-2's token + learned position embeddings, then dropout."""
+
+    def __init__(self, transformer: Any) -> None:
+        super().__init__()
+        self.wte: nn.Module = transformer.wte
+        self.wpe: nn.Module = transformer.wpe
+        self.drop: nn.Module = transformer.drop
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = self.wte(input_ids)
+        pos = self.wpe(_positions(embeds))
+        return self.drop(embeds + pos.to(embeds.device))
+
+
+class _Gpt2Block(nn.Module):
+    """hidden -> hidden: one GPT-2 block with the causal mask rebuilt from the shape."""
+
+    def __init__(self, block: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.block = block
+        self._config = config
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from transformers import masking_utils
+
+        pos = _positions(hidden)
+        mask = _mask_fn_call(masking_utils.create_causal_mask, self._config, hidden, pos)
+        out = self.block(hidden, attention_mask=mask, position_ids=pos)
+        return out[0] if isinstance(out, tuple) else out
+
+
 def _sliding(config: Any, i: int) -> bool:
     """Whether layer ``i`` uses a sliding-window mask, as the model's own forward decides."""
     types = getattr(config, "layer_types", None)
@@ -183,11 +218,19 @@ def _check_config(model: nn.Module) -> Any:
 
 
 def hf_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers of a Hugging Face causal LM, in order, as ``(name, layer)`` pairs.
+    """The layers of a Hugging Face causal LM (or BERT/RoBERTa masked LM), in order, as
+    ``(name, layer)`` pairs.
 
     The first layer takes ``input_ids`` (batch, seq) and the last returns the logits, equal to
     ``model(input_ids).logits`` (no padding, no cache). Names are the model's module paths
     (``model.layers.0``), plus ``embed`` and ``head`` for the ends.
+
+    Example::
+
+        layers = hf_chain(GPT2LMHeadModel(config))   # [("embed", ...), ("transformer.h.0",
+        h = input_ids                                #   ...), ..., ("head", ...)]
+        for _, layer in layers:
+            h = layer(*h) if isinstance(h, tuple) else layer(h)   # h: the logits
 
     Raises:
         ValueError: an architecture this function does not know; the message says how to
@@ -222,6 +265,18 @@ def hf_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
                 *((f"gpt_neox.layers.{i}", _RotaryBlock(b, config, False))
                   for i, b in enumerate(neox.layers)),
                 ("head", _Head(neox.final_layer_norm, lm_head))]
+    gpt2: Any = getattr(m, "transformer", None)
+    if _has(m, "lm_head") and type(gpt2).__name__ == "GPT2Model":
+        # GPT-2: learned positions; lm_head tied to wte by default (see harmony/tied.py).
+        config = _check_config(model)
+        return [("embed", _Gpt2Embed(gpt2)),
+                *((f"transformer.h.{i}", _Gpt2Block(b, config)) for i, b in enumerate(gpt2.h)),
+                ("head", _Head(gpt2.ln_f, lm_head))]
+    from harmony.hf_encoders import encoder_chain  # BERT, RoBERTa
+
+    layers = encoder_chain(model)
+    if layers is not None:
+        return layers
     raise ValueError(f"harmony cannot split the Hugging Face model {name} into layers "
                      "automatically (supported: Llama-layout causal LMs such as Llama, Mistral "
-                     f"and Qwen2; OPT; GPT-NeoX); {_HOW_TO}")
+                     f"and Qwen2; OPT; GPT-NeoX; GPT-2; BERT and RoBERTa masked LMs); {_HOW_TO}")

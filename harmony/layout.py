@@ -3,10 +3,16 @@
 A pack's weights move as one flat buffer (one copy per swap, one file per pack on NVMe). Trainable
 parameters come first, so their gradients use the same offsets in a shorter flat buffer; then
 frozen parameters, then buffers.
+
+With mixed precision (see :mod:`harmony.precision`) an entry's weight dtype in the flat buffer
+(``dtype``, the compute dtype) may differ from its own (``master_dtype``); gradients and master
+weights then use a second layout of the trainable entries in ``master_dtype`` (``g_offset``).
+In fp32 both layouts coincide.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +34,10 @@ class Entry:
     tensor: torch.Tensor  # the Parameter or buffer object itself (its identity never changes)
     offset: int
     shape: torch.Size
-    dtype: torch.dtype
+    dtype: torch.dtype    # in the flat weight buffer (the compute dtype)
     trainable: bool
+    master_dtype: torch.dtype  # the tensor's own dtype: of its gradient and master copy
+    g_offset: int         # offset in the flat gradient (and master-weight) buffer
 
     @property
     def nbytes(self) -> int:
@@ -39,16 +47,30 @@ class Entry:
         """This entry's view of a flat uint8 buffer laid out like the pack."""
         return flat[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
 
+    def gview(self, flat: torch.Tensor) -> torch.Tensor:
+        """This trainable entry's view of a flat gradient or master-weight buffer."""
+        n = self.shape.numel() * self.master_dtype.itemsize
+        return flat[self.g_offset:self.g_offset + n].view(self.master_dtype).view(self.shape)
+
 
 class Layout:
     """Offsets of every parameter and buffer of some layers in one flat buffer.
 
+    Args:
+        layers: the modules whose parameters and buffers are laid out.
+        dtype_of: ``(module, name, tensor, trainable) -> dtype`` of an entry in the flat weight
+            buffer (default: the tensor's own); see :func:`harmony.precision.Precision.dtype_of`.
+
     Attributes:
         entries: parameters (trainable first, then frozen) then buffers, each once.
-        w_bytes: size of the flat weight buffer. g_bytes: size of the trainable prefix.
+        w_bytes: size of the flat weight buffer. g_bytes: size of the flat gradient buffer
+            (the trainable prefix in fp32; the trainable entries in their own dtype otherwise).
+        mixed: some trainable entry is held in a dtype other than its own.
     """
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __init__(self, layers: list[nn.Module],
+                 dtype_of: Callable[[nn.Module, str, torch.Tensor, bool], torch.dtype] | None
+                 = None) -> None:
         seen: set[int] = set()
         params: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
         buffers: list[tuple[nn.Module, str, torch.Tensor, bool]] = []
@@ -65,19 +87,29 @@ class Layout:
         params.sort(key=lambda e: not e[3])  # stable: trainable first
         self.entries: list[Entry] = []
         offset = 0
-        self.g_bytes = 0
+        g_offset = 0
         for mod, name, t, trainable in params + buffers:
-            self.entries.append(Entry(mod, name, t, offset, t.shape, t.dtype, trainable))
-            offset = _align(offset + t.numel() * t.element_size())
+            dtype = t.dtype if dtype_of is None else dtype_of(mod, name, t, trainable)
+            self.entries.append(Entry(mod, name, t, offset, t.shape, dtype, trainable, t.dtype,
+                                      g_offset))
+            offset = _align(offset + t.numel() * dtype.itemsize)
             if trainable:
-                self.g_bytes = offset
+                g_offset = _align(g_offset + t.numel() * t.element_size())
         self.w_bytes = offset
+        self.g_bytes = g_offset
         self.trainable = [e for e in self.entries if e.trainable]
+        self.buffers = [e for e in self.entries if not isinstance(e.tensor, nn.Parameter)]
+        self.mixed = any(e.dtype != e.master_dtype for e in self.trainable)
 
     def pack_into(self, flat: torch.Tensor) -> None:
         """Copy the entries' current values into ``flat``."""
         for e in self.entries:
             e.view(flat).copy_(e.tensor.detach())
+
+    def pack_masters(self, flat: torch.Tensor) -> None:
+        """Copy the trainable entries' current values, in their own dtype, into ``flat``."""
+        for e in self.trainable:
+            e.gview(flat).copy_(e.tensor.detach())
 
     def bind(self, flat: torch.Tensor | None) -> None:
         """Point every entry's ``.data`` at its view of ``flat`` (None: at an empty tensor)."""

@@ -44,6 +44,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 
 from harmony.chain import Chain, as_tuple, call
 from harmony.layout import Layout
+from harmony.precision import Precision
 from harmony.profile import LayerProfile, backward_saved_bytes
 
 GPU_FLOPS = 100e12   # default: a data-centre GPU's sustained dense FLOP/s
@@ -82,6 +83,8 @@ class ModelProfile:
         params: parameters per layer. micro_batch_size: the samples it was profiled at.
         k_ratio: optimizer-state bytes per gradient byte (2.0 for Adam(W) in fp32).
         upd_s_per_byte: seconds per gradient byte of the optimizer update where K lives.
+        precision: what W, G and activation bytes were profiled in (``"fp32"``, ``"bf16"``,
+            ``"fp16"``); in mixed precision K also holds fp32 masters (see ``k_total``).
     """
 
     name: str
@@ -93,17 +96,23 @@ class ModelProfile:
     upd_s_per_byte: float = 1e-9
     seq_len: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
 
     @property
     def names(self) -> list[str]:
         return [lp.name for lp in self.layers]
+
+    @property
+    def k_total(self) -> float:
+        """K bytes per G byte: optimizer state, plus the fp32 masters in mixed precision."""
+        return Precision.parse(self.precision).k_ratio(self.k_ratio)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": "harmony-profile/1", "name": self.name, "source": self.source,
                 "micro_batch_size": self.micro_batch_size, "k_ratio": self.k_ratio,
                 "upd_s_per_byte": self.upd_s_per_byte, "seq_len": self.seq_len,
                 "params": self.params, "layers": [asdict(lp) for lp in self.layers],
-                "extra": self.extra}
+                "extra": self.extra, "precision": self.precision}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ModelProfile:
@@ -115,7 +124,7 @@ class ModelProfile:
                             [LayerProfile(**lp) for lp in data["layers"]], list(data["params"]),
                             int(data["micro_batch_size"]), float(data["k_ratio"]),
                             float(data["upd_s_per_byte"]), data.get("seq_len"),
-                            dict(data.get("extra", {})))
+                            dict(data.get("extra", {})), str(data.get("precision", "fp32")))
 
 
 class FusedAttention(TorchFunctionMode):
@@ -219,7 +228,8 @@ def _to_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
 
 def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                  loss_fn: Callable[..., torch.Tensor],
-                 device_flops: float = GPU_FLOPS, reuse: bool = True) -> list[LayerProfile]:
+                 device_flops: float = GPU_FLOPS, reuse: bool = True,
+                 precision: Precision | None = None) -> list[LayerProfile]:
     """Profile every layer of ``chain`` on meta tensors: sizes exact, times from FLOPs.
 
     Mirrors :func:`harmony.profile.profile_layers` (same fields, per sample, same accounting of
@@ -235,6 +245,11 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
             and dtypes) only once. Anything that prints differently counts as different, so
             a false match needs two layers that look alike in every attribute yet compute
             differently.
+        precision: mixed precision profiles W in its dtypes (fp32 G) and stands in for autocast,
+            which does not act on meta tensors: each layer's floating-point inputs are cast to
+            the compute dtype (as autocast casts a matmul's operands) and the loss runs on an
+            fp32 copy of the output (autocast runs losses in fp32). Layers whose ops autocast
+            would keep in fp32 internally are estimated in the compute dtype.
 
     Raises:
         ValueError: a parameter, buffer or input not on the meta device (build the model under
@@ -250,6 +265,14 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                              "its example inputs under `with torch.device('meta'):` so nothing "
                              "is allocated")
     samples = value[0].shape[0]
+    mixed = precision is not None and precision.mixed
+    if mixed:
+        assert precision is not None
+        dtype_of, low = precision.dtype_of, precision.compute_dtype
+        inner_loss = loss_fn
+
+        def loss_fn(out: Any, target: torch.Tensor) -> torch.Tensor:
+            return inner_loss(out.float() if out.is_floating_point() else out, target)
     out: list[LayerProfile] = []
     n = len(chain)
     seen: dict[tuple[Any, ...], tuple[LayerProfile, tuple[torch.Tensor, ...]]] = {}
@@ -263,16 +286,23 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                 value = tuple(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
                                                   device="meta") for t in outs)
                 continue
-            layout = Layout([layer])
+            layout = Layout([layer], dtype_of if mixed else None)
+            homes = [e.tensor.data for e in layout.entries]
+            if mixed:  # W in its dtypes; the layer's float inputs in the compute dtype
+                for e in layout.entries:
+                    e.tensor.data = e.tensor.data.to(e.dtype)
+            run = tuple(t.to(low) if mixed and t.is_floating_point() else t for t in value)
             with torch.no_grad(), FlopCount() as fc:
-                out_value = as_tuple(call(layer, value), f"layer {name!r}")
+                out_value = as_tuple(call(layer, run), f"layer {name!r}")
             fwd_flops = fc.flops
 
             with FlopCount() as fc:
-                saved = backward_saved_bytes(layer, value, layout, loss_fn, targets,
+                saved = backward_saved_bytes(layer, run, layout, loss_fn, targets,
                                              last=i == n - 1, name=name,
                                              storage_key=_storage_key)
             bwd_flops = fc.flops
+            for e, h in zip(layout.entries, homes):
+                e.tensor.data = h
             out.append(LayerProfile(
                 name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
                 in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,
@@ -287,7 +317,8 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
 
 
 def profile_on_meta(spec: ModelSpec, micro_batch_size: int, device_flops: float = GPU_FLOPS,
-                    upd_s_per_byte: float = 1e-9, k_ratio: float = 2.0) -> ModelProfile:
+                    upd_s_per_byte: float = 1e-9, k_ratio: float = 2.0,
+                    precision: str = "fp32") -> ModelProfile:
     """:func:`meta_profile` of a :class:`ModelSpec` built on the meta device.
 
     Args:
@@ -296,6 +327,7 @@ def profile_on_meta(spec: ModelSpec, micro_batch_size: int, device_flops: float 
         device_flops: sustained FLOP/s of the device (``GPU_FLOPS``, ``CPU_FLOPS`` or measured).
         upd_s_per_byte, k_ratio: carried into the result for the planner (defaults: Adam(W)
             in fp32, updated at 1 GB/s of gradients).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`meta_profile`).
 
     Raises:
         ValueError: as :func:`meta_profile`, or a ``micro_batch_size`` below 1.
@@ -306,7 +338,9 @@ def profile_on_meta(spec: ModelSpec, micro_batch_size: int, device_flops: float 
     chain = Chain(spec.model)
     with torch.device("meta"):
         inputs, targets = spec.example_inputs(micro_batch_size)
-    layers = meta_profile(chain, inputs, targets, spec.loss_fn, device_flops)
+    layers = meta_profile(chain, inputs, targets, spec.loss_fn, device_flops,
+                          precision=Precision.parse(precision))
     params = [sum(p.numel() for p in layer.parameters()) for layer in chain.layers]
     return ModelProfile(spec.name, f"meta-device estimate, times at {device_flops:.3g} FLOP/s",
-                        layers, params, micro_batch_size, k_ratio, upd_s_per_byte, spec.seq_len)
+                        layers, params, micro_batch_size, k_ratio, upd_s_per_byte, spec.seq_len,
+                        precision=precision)

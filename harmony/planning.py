@@ -1,8 +1,10 @@
 """Choosing packs and placement from budgets (greedy; the cost-model planner refines this).
 
 Candidates are tried from the cheapest placement in traffic to the most frugal in device
-memory: everything on the device; weights and optimizer state on the host with activations on
-the device; then activations on the host too. For each, pack counts from few to many and
+memory: everything on the device; some packs wholly on the device and the others' weights and
+optimizer state on the host; all of them on the host with activations on the device; then
+activations on the host too; with an NVMe tier, the same again with NVMe in place of the host
+(first keeping the packs that fit on the host). For each, pack counts from few to many and
 prefetch depths 1 and 0 are lowered and simulated; among the candidates of the first placement
 that fits both budgets, the one with the lowest predicted step time wins.
 """
@@ -10,6 +12,7 @@ that fits both budgets, the one with the lowest predicted step time wins.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from harmony.profile import LayerProfile, scaled
@@ -21,6 +24,8 @@ from schedules.schedule import Schedule
 from schedules.simulate import SimResult, Sizes, Times, simulate
 from schedules.task import Loc
 from swap.tier import fmt_bytes
+
+Tied = tuple[tuple[int, ...], int]  # (layers using one weight, bytes of its gradient)
 
 
 class InfeasiblePlan(ValueError):
@@ -59,21 +64,35 @@ class Plan:
 
 
 def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
-               micro_batches: list[int], k_ratio: float) -> Sizes:
-    """Bytes of every value of a step for these pack boundaries and micro-batch sizes."""
+               micro_batches: list[int], k_ratio: float,
+               tied: Sequence[Tied] = ()) -> Sizes:
+    """Bytes of every value of a step for these pack boundaries and micro-batch sizes.
+
+    ``tied``: weights used by several layers. Each pack using one holds it (a copy in the
+    packs after the first); only the first pack's optimizer holds state for it, and each
+    later pack's gradient of it may be held until the first pack's update (``Sizes.held``).
+    """
+    pack_of = [p for p, (a, b) in enumerate(bounds) for _ in range(a, b)]
+    untrained = [0] * len(bounds)  # gradient bytes of tied copies, per pack
+    held = []
+    for layers_using, nbytes in tied:
+        packs = sorted({pack_of[i] for i in layers_using})
+        for sharer in packs[1:]:
+            untrained[sharer] += nbytes
+            held.append((sharer, packs[0], nbytes))
     w, g, k, x, d, s, work = [], [], [], [], [], [], []
     for p, (a, b) in enumerate(bounds):
         layers = profiles[a:b]
         w.append(sum(lp.w_bytes for lp in layers))
         g.append(sum(lp.g_bytes for lp in layers))
-        k.append(int(math.ceil(k_ratio * g[-1])))
+        k.append(int(math.ceil(k_ratio * max(g[-1] - untrained[p], 0))))
         saved = sum(lp.saved_bytes for lp in layers)
         peak_out = max(lp.out_bytes for lp in layers)
         x.append([scaled(layers[0].in_bytes, n) for n in micro_batches])
         d.append([scaled(layers[0].in_grad_bytes, n) if p else 0 for n in micro_batches])
         s.append([scaled(saved, n) for n in micro_batches])
         work.append([scaled(saved + 2 * peak_out, n) for n in micro_batches])
-    return Sizes(w, g, k, x, d, s, work)
+    return Sizes(w, g, k, x, d, s, work, tuple(held))
 
 
 def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
@@ -119,8 +138,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          bandwidth: dict[str, float], upd_s_per_byte: float = 1e-9,
          prefetch: int | None = None,
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
-         nvme: bool = False, deferred_updates: bool = False, ranks: int = 1,
-         local_ranks: int = 1) -> Plan:
+         nvme: bool = False, deferred_updates: bool = False,
+         tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -133,6 +152,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         fixed: keep these pack bounds and placement (re-planning a later step's shapes).
         nvme: whether an NVMe tier exists (then W, K and X may live there).
         deferred_updates: updates after the last backward (global-norm gradient clipping).
+        tied: weights used by several layers: (the layers using one, its gradient bytes).
         ranks, local_ranks: data-parallel ranks in all and on this machine (see
             :mod:`schedules.data_parallel`): with ranks > 1 the schedules all-reduce each
             pack's gradients (at ``bandwidth["allreduce"]``, default
@@ -180,6 +200,12 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         if nvme:
             tiers += [(Loc.NVME, Loc.DEVICE), (Loc.NVME, Loc.HOST), (Loc.NVME, Loc.NVME)]
         for wk, x in tiers:
+            if wk is Loc.HOST and device_budget is not None:
+                # Before every pack leaves the device: keep as many as fit resident (they
+                # move nothing and update on the device), the others on the host.
+                options.append([(b, _resident_placement(b, keep, x)) for b in bound_options
+                                for keep in _resident_sets(profiles, b, k_ratio,
+                                                           device_budget)])
             options.append([(b, Placement.uniform(len(b), wk, x)) for b in bound_options])
             if nvme and wk is Loc.NVME and host_budget is not None:
                 # Before everything goes to NVMe: keep as many packs on the host as fit.
@@ -192,10 +218,13 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     for group in options:
         best: Plan | None = None
         for bounds, placement in group:
-            sizes = pack_sizes(profiles, bounds, micro_batches, k_ratio)
+            sizes = pack_sizes(profiles, bounds, micro_batches, k_ratio, tied)
             times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
             may_fit = _may_fit(sizes, placement, device_budget, host_budget)
             for pf in prefetches:
+                if tried and pf == 0 and len(prefetches) > 1 and tried[-1] is not None \
+                        and fits(tried[-1][0]):
+                    continue  # prefetching fits: not prefetching only waits longer
                 if not may_fit:
                     # The simulator charges every W and K at its home before the first task,
                     # so this candidate cannot fit: lower and simulate it only if nothing fits.
@@ -244,6 +273,40 @@ def _split_placement(bounds: tuple[tuple[int, int], ...], on_host: int, x: Loc) 
     n = len(bounds)
     wk = tuple(Loc.NVME if p < n - on_host else Loc.HOST for p in range(n))
     return Placement(wk, wk, (x,) * n)
+
+
+def _resident_placement(bounds: tuple[tuple[int, int], ...], keep: frozenset[int],
+                        x: Loc) -> Placement:
+    """Packs in ``keep`` wholly on the device; the others' W and K on the host, X at ``x``."""
+    wk = tuple(Loc.DEVICE if p in keep else Loc.HOST for p in range(len(bounds)))
+    xs = tuple(Loc.DEVICE if p in keep else x for p in range(len(bounds)))
+    return Placement(wk, wk, xs)
+
+
+def _resident_sets(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
+                   k_ratio: float, device_budget: int) -> list[frozenset[int]]:
+    """A few sets of packs whose W, G and K could stay on the device within a half or three
+    quarters of its budget (the rest is left for the swapped packs and the activations): the
+    last packs first (their updates come first), or the largest first (the most bytes kept off
+    the link). The simulator decides which, if any, fits best."""
+    n = len(bounds)
+    if n < 2:
+        return []
+    state = [sum(lp.w_bytes + lp.g_bytes + k_ratio * lp.g_bytes for lp in profiles[a:b])
+             for a, b in bounds]
+
+    def take(order: list[int], room: float) -> frozenset[int]:
+        kept: set[int] = set()
+        for p in order:
+            if state[p] <= room:
+                kept.add(p)
+                room -= state[p]
+        return frozenset(kept)
+
+    last_first, largest_first = list(reversed(range(n))), sorted(range(n), key=lambda p: -state[p])
+    sets = {take(last_first, device_budget * 0.5), take(last_first, device_budget * 0.75),
+            take(largest_first, device_budget * 0.75)}
+    return [s for s in sets if 0 < len(s) < n]
 
 
 def _host_pack_counts(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],

@@ -1,22 +1,27 @@
 """Measuring layers: bytes of weights, boundary activations, saved activations, and time.
 
-The profile runs each layer once on one micro-batch (on the compute device, one layer's
-weights at a time, so it fits wherever training fits) and records per-sample sizes, which the
-planner scales to every micro-batch size.
+The profile runs each layer on one micro-batch (on the compute device, one layer's weights at a
+time, so it fits wherever training fits): once to warm up and measure sizes, then a few timed
+runs. It records per-sample sizes and times, which the planner scales to every micro-batch
+size.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from harmony.chain import Chain, as_tuple, call, checked_loss
 from harmony.layout import Layout
+from harmony.precision import Precision
 from harmony.rng import layer_rng
 
 
@@ -42,12 +47,16 @@ def _nbytes(value: tuple[torch.Tensor, ...], floating_only: bool = False) -> int
 
 def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tensor, ...],
                    targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
-                   device: torch.device) -> list[LayerProfile]:
-    """Run every layer once on ``inputs`` (one micro-batch) and measure it.
+                   device: torch.device,
+                   precision: Precision | None = None) -> list[LayerProfile]:
+    """Run every layer on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
-    more device memory than one layer. Generator states are restored afterwards.
+    more device memory than one layer. Generator states are restored afterwards. With a mixed
+    ``precision``, weights take their dtypes in ``layouts`` and the layers run under its
+    autocast, so activation bytes are those of training.
     """
+    autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
     value = tuple(t.to(device) for t in inputs)
     out: list[LayerProfile] = []
@@ -55,21 +64,20 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
     for i, (name, layer, layout) in enumerate(zip(chain.names, chain.layers, layouts)):
         homes = [e.tensor.data for e in layout.entries]
         for e in layout.entries:
-            e.tensor.data = e.tensor.data.to(device)
+            # Buffers are copied even on the same device: the profile's forward passes must
+            # not change running statistics the training run will use.
+            e.tensor.data = e.tensor.data.to(device, e.dtype,
+                                             copy=not isinstance(e.tensor, nn.Parameter))
         try:
-            with layer_rng(0, 0, 0, i, device):
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    result = call(layer, value)
-                _sync(device)
-                fwd = time.perf_counter() - t0
-            out_value = as_tuple(result, f"layer {name!r}")
-            with layer_rng(0, 0, 0, i, device):
-                t0 = time.perf_counter()
-                saved = backward_saved_bytes(layer, value, layout, loss_fn, targets.to(device),
-                                             last=i == n - 1, name=name)
-                _sync(device)
-                bwd = time.perf_counter() - t0
+            # The first run of each pass warms up (allocator, lazy initialisation, kernel
+            # selection) and gives the values; the time is the median of the timed repeats,
+            # so one slow run on a busy machine does not skew the plan.
+            forward = partial(_forward, layer, value, i, device, autocast)
+            backward = partial(_backward, layer, value, layout, loss_fn, targets.to(device),
+                               i, i == n - 1, name, device, autocast)
+            out_value = as_tuple(forward(), f"layer {name!r}")
+            saved = backward()
+            fwd, bwd = _typical(forward, device), _typical(backward, device)
         finally:
             for e, h in zip(layout.entries, homes):
                 e.tensor.data = h
@@ -139,6 +147,34 @@ def optimizer_state_ratio(factory: Callable[[list[nn.Parameter]], torch.optim.Op
 def scaled(per_sample: float, samples: int) -> int:
     """Bytes for ``samples`` samples, rounded up."""
     return int(math.ceil(per_sample * samples))
+
+
+def _forward(layer: nn.Module, value: tuple[torch.Tensor, ...], index: int,
+             device: torch.device, autocast: Callable[[torch.device], Any]) -> object:
+    with layer_rng(0, 0, 0, index, device), torch.no_grad(), autocast(device):
+        return call(layer, value)
+
+
+def _backward(layer: nn.Module, value: tuple[torch.Tensor, ...], layout: Layout,
+              loss_fn: Callable[..., torch.Tensor], targets: torch.Tensor, index: int,
+              last: bool, name: str, device: torch.device,
+              autocast: Callable[[torch.device], Any]) -> int:
+    with layer_rng(0, 0, 0, index, device), autocast(device):
+        return backward_saved_bytes(layer, value, layout, loss_fn, targets, last=last, name=name)
+
+
+REPEATS = 3  # timed runs per layer and pass, after the warm-up run
+
+
+def _typical(run: Callable[[], object], device: torch.device, repeats: int = REPEATS) -> float:
+    """The median of ``repeats`` timed runs of ``run``, seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _sync(device: torch.device) -> None:

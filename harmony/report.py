@@ -44,6 +44,7 @@ from harmony.chain import Chain
 from harmony.layout import Layout
 from harmony.meta import GPU_FLOPS, ModelProfile, ModelSpec, profile_on_meta
 from harmony.planning import NVME_BANDWIDTH, Plan, pack_times, plan
+from harmony.precision import Precision
 from harmony.profile import profile_layers, scaled
 from schedules.generators import generate
 from schedules.lower import lower
@@ -149,17 +150,34 @@ def _on_path(folder: Path) -> Iterator[None]:
 
 
 def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
-                 device_flops: float = GPU_FLOPS) -> ModelProfile:
+                 device_flops: float = GPU_FLOPS, precision: str = "fp32") -> ModelProfile:
     """The profile of ``model`` at ``micro_batch_size``, without allocating the model.
 
     ``model``: ``paper:NAME`` (the paper's measured profiles), a ``.json`` file written by
     ``harmony report ... --run FILE`` or ``--json FILE`` or by :meth:`ModelProfile.to_json`, or
     anything
-    :func:`load_spec` takes (built on the meta device and profiled there).
+    :func:`load_spec` takes (built on the meta device and profiled there). ``precision``
+    (``"fp32"``, ``"bf16"``, ``"fp16"``): the dtypes W, G and activations are profiled in;
+    profiles from files keep the precision they were made in, which must match.
 
     Raises:
-        ValueError: as :func:`load_spec` and :func:`harmony.paper_profiles.load`.
+        ValueError: as :func:`load_spec` and :func:`harmony.paper_profiles.load`; an unknown
+            precision, or a profile file made in another precision.
     """
+    Precision.parse(precision)  # ValueError naming the choices
+    if model.startswith("paper:") or model.endswith(".json"):
+        prof = _load_profile_file(model, micro_batch_size, seq_len)
+        if prof.precision != precision:
+            raise ValueError(f"{model} was profiled in {prof.precision}, not {precision}; "
+                             f"pass --precision {prof.precision}, or profile the model itself "
+                             f"in {precision}")
+        return prof
+    with torch.device("meta"):
+        spec = load_spec(model, seq_len)
+    return profile_on_meta(spec, micro_batch_size, device_flops, precision=precision)
+
+
+def _load_profile_file(model: str, micro_batch_size: int, seq_len: int | None) -> ModelProfile:
     if model.startswith("paper:"):
         if seq_len not in (None, paper_profiles.SEQ_LEN):
             raise ValueError(f"paper profiles are measured at seq_len={paper_profiles.SEQ_LEN};"
@@ -174,15 +192,15 @@ def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
             prof.extra["profiled_micro_batch_size"] = prof.micro_batch_size
             prof.micro_batch_size = micro_batch_size
         return prof
-    with torch.device("meta"):
-        spec = load_spec(model, seq_len)
-    return profile_on_meta(spec, micro_batch_size, device_flops)
+    raise ValueError(f"{model!r} is not a profile file")
 
 
 def measure_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
-                    ) -> ModelProfile:
+                    precision: str = "fp32") -> ModelProfile:
     """Build ``model`` for real on the CPU and measure every layer with
-    :func:`harmony.profile.profile_layers` (this allocates the whole model)."""
+    :func:`harmony.profile.profile_layers` (this allocates the whole model), in ``precision``
+    (W in its dtypes, layers under autocast)."""
+    prec = Precision.parse(precision)
     if model.startswith("paper:") or model.endswith(".json"):
         raise ValueError(f"--run measures a model by running it; {model!r} is a profile "
                          "already. Give a built-in name or path/to/file.py:function")
@@ -191,11 +209,11 @@ def measure_profile(model: str, micro_batch_size: int, seq_len: int | None = Non
     chain = Chain(spec.model)
     inputs, targets = spec.example_inputs(micro_batch_size)
     value = inputs if isinstance(inputs, tuple) else (inputs,)
-    layers = profile_layers(chain, [Layout([m]) for m in chain.layers], value, targets,
-                            spec.loss_fn, torch.device("cpu"))
+    layers = profile_layers(chain, [Layout([m], prec.dtype_of) for m in chain.layers], value,
+                            targets, spec.loss_fn, torch.device("cpu"), prec)
     params = [sum(p.numel() for p in m.parameters()) for m in chain.layers]
     return ModelProfile(spec.name, "measured on cpu (harmony.profile.profile_layers)", layers,
-                        params, micro_batch_size, seq_len=spec.seq_len)
+                        params, micro_batch_size, seq_len=spec.seq_len, precision=precision)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -249,7 +267,7 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
     """
     mbs = micro_batch_sizes(batch_size, profile.micro_batch_size)
     bw = {**NVME_BANDWIDTH, **DEFAULT_BANDWIDTH, **(bandwidth or {})}
-    chosen = plan(profile.layers, schedule, mbs, device_memory, host_memory, profile.k_ratio,
+    chosen = plan(profile.layers, schedule, mbs, device_memory, host_memory, profile.k_total,
                   bw, upd_s_per_byte=profile.upd_s_per_byte, prefetch=prefetch, nvme=nvme)
     times = pack_times(profile.layers, chosen.bounds, mbs, profile.upd_s_per_byte, bw)
     P, M = len(chosen.bounds), len(mbs)
@@ -319,7 +337,7 @@ def _table(rows: list[list[str] | str], right: set[int]) -> list[str]:
 def layer_rows(profile: ModelProfile) -> list[list[str] | str]:
     """The per-layer table's rows (header first); runs of three or more identical layers show
     their first and last row around one summary row."""
-    u, k = profile.micro_batch_size, profile.k_ratio
+    u, k = profile.micro_batch_size, profile.k_total  # K: fp32 masters too, if mixed
     header = ["#", "layer", "params", "W", "G", "K", "X in", "saved", "fwd", "bwd"]
 
     def row(i: int) -> list[str]:
@@ -376,7 +394,10 @@ def format_report(r: Report) -> str:
                                    for name in (used_links or list(DEFAULT_BANDWIDTH))),
              "",
              f"layers (X in, saved: activation bytes per micro-batch of {u}; fwd, bwd: seconds "
-             f"per micro-batch, bwd including the recompute; K = {prof.k_ratio:.2f} x G)"]
+             f"per micro-batch, bwd including the recompute; K = {prof.k_total:.2f} x G)"]
+    if prof.precision != "fp32":
+        lines.append(f"precision {prof.precision}: W and activations in {prof.precision} "
+                     "(norm weights fp32), G fp32, K = fp32 master weights + optimizer state")
     lines += _table(layer_rows(prof), right={0, 2, 3, 4, 5, 6, 7, 8, 9})
     lines += ["", "plan", *("  " + line for line in pl.describe(prof.names).splitlines())]
 
@@ -454,7 +475,7 @@ def plan_to_json(p: Plan) -> dict[str, Any]:
                          "placement": s.placement.to_json(), "tasks": str(s)},
             "sizes": {f: [list(v) if isinstance(v, (list, tuple)) else v
                           for v in getattr(p.sizes, f)]
-                      for f in ("w", "g", "k", "x", "d", "s", "work")},
+                      for f in ("w", "g", "k", "x", "d", "s", "work", "held")},
             "predicted": _sim_to_json(p.predicted)}
 
 
@@ -466,7 +487,8 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
                               placement=Placement.from_json(s["placement"]),
                               prefetch=s["prefetch"])
     z = data["sizes"]
-    sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")))
+    sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")),
+                  held=tuple(tuple(h) for h in z.get("held", ())))  # type: ignore[misc]
     return Plan(tuple((a, b) for a, b in data["bounds"]), schedule, sizes,
                 _sim_from_json(data["predicted"]))
 
@@ -480,6 +502,7 @@ def report_to_json(r: Report) -> dict[str, Any]:
             "batch_size": r.batch_size, "micro_batches": r.micro_batches,
             "budgets": {"device": r.device_memory, "host": r.host_memory, "nvme": r.nvme},
             "bandwidth": r.bandwidth, "k_ratio": r.profile.k_ratio,
+            "precision": r.profile.precision,
             "upd_s_per_byte": r.profile.upd_s_per_byte,
             "plan": plan_to_json(r.plan),
             "baseline": {"schedule": "per-microbatch", **_sim_to_json(r.baseline)},

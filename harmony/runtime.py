@@ -15,12 +15,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.pack import Pack
+from harmony.precision import GradientOverflow, Precision, unscale_
 
 if TYPE_CHECKING:
     from harmony.data_parallel import DataParallel
 from harmony.rng import layer_rng
+from harmony.tied import TiedWeights
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
@@ -95,10 +98,19 @@ class Runtime:
         self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
+        self.ties: TiedWeights | None = None  # parameters used by several packs (harmony/tied.py)
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
+        # Mixed precision (the trainer's Precision, whose loss scale it updates after each
+        # step): compute runs under its autocast; fp16 scales the loss and unscales and checks
+        # every gradient before the first update.
+        self.precision = Precision()
+        # pack -> host copy of its fp32 masters being read from NVMe (mixed precision)
+        self.staged_m: dict[int, tuple[torch.Tensor, Handle]] = {}
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
         self.w_ready: dict[int, Handle] = {}
+        # NVMe packs: buffers this step's forward changed, until the update writes them
+        self.new_buffers: dict[int, list[torch.Tensor]] = {}
         # When a list, every task appends what it did: its text, start and end (seconds since
         # the step began) and the bytes each tier held after it (Trainer.record_step).
         self.record: list[dict[str, object]] | None = None
@@ -120,8 +132,11 @@ class Runtime:
         self.placement = schedule.placement
         self.loss = torch.zeros((), dtype=torch.float64)
         self.grads: set[int] = set()
+        self.forwarded: set[tuple[int, int]] = set()  # (pack, micro-batch) forwards run
         self.updated: list[int] = []  # packs whose update ran in this step
         self.stage_early = updates_after_backward(schedule.tasks)
+        if self.ties is not None:  # refuses a schedule updating an owner too early
+            self.ties.start(schedule)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
@@ -168,7 +183,14 @@ class Runtime:
             else:
                 self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
         self.staged.clear()
+        self.new_buffers.clear()
+        for m, hm in self.staged_m.values():
+            self.tiers[Loc.HOST].release(m, after=hm)
+        self.staged_m.clear()
+        if self.ties is not None:
+            self.ties.abandon(self)
         for pack in self.packs:
+            pack.grad_sink = None
             pack.got_grad = [False] * len(pack.got_grad)
             for e in pack.layout.trainable:
                 e.tensor.grad = None
@@ -254,6 +276,20 @@ class Runtime:
         handle = self.w_ready.pop(p, None)
         if handle is not None:
             self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
+            if p in self.new_buffers:  # the file has the buffers of before this step's forward
+                restore_buffers(self.packs[p].layout, self.new_buffers[p], self.w_dev[p])
+
+    def _keep_buffers(self, p: int) -> None:
+        """Make the buffer updates of a forward count: carry them from the device copy of the
+        weights to the home copy (an NVMe pack keeps them in host memory until its update
+        writes its weights)."""
+        pack = self.packs[p]
+        if not pack.layout.buffers or pack.home is Loc.DEVICE:  # (bound to the home copy)
+            return
+        if pack.home_w is not None:
+            copy_buffers(pack.layout, self.w_dev[p], pack.home_w)
+        else:
+            self.new_buffers[p] = buffer_values(pack.layout, self.w_dev[p])
 
     # -- activations and gradients ----------------------------------------------------------
     def _home(self, ref: Ref) -> Loc:
@@ -372,6 +408,9 @@ class Runtime:
         return self.values.setdefault(Ref(Kind.G, p), Slot())
 
     def _bind_grads(self, p: int, flat: torch.Tensor | None) -> None:
+        if self.packs[p].layout.mixed:  # gradients are added into flat in fp32 (Pack._mark)
+            self.packs[p].grad_sink = flat
+            return
         for e in self.packs[p].layout.trainable:
             e.tensor.grad = None if flat is None else e.view(flat)
 
@@ -428,7 +467,8 @@ class Runtime:
         out: object = value[0] if single else value
         for j, layer in enumerate(pack.layers):
             idx = pack.first_layer + j
-            with layer_rng(self.seed, self.step, m + self.mb_offset, idx, self.device):
+            with layer_rng(self.seed, self.step, m + self.mb_offset, idx, self.device), \
+                    self.precision.autocast(self.device):
                 out = call(layer, value)
             value = as_tuple(out, f"layer {idx} ({type(layer).__name__})")
         return out, not isinstance(out, tuple)
@@ -450,6 +490,8 @@ class Runtime:
                     out, single = self._run_layers(p, m, value, slot.single)  # type: ignore[arg-type]
             else:
                 leaf = self._leaf(p, value)
+                if p == 0:  # the graph outlives X0.m's device buffer, which goes back to the pool
+                    leaf = tuple(t.clone() for t in leaf)
                 with torch.enable_grad():
                     out, single = self._run_layers(p, m, leaf, slot.single)
                 s = self.sizes.s[p][m]
@@ -458,6 +500,8 @@ class Runtime:
                     dev=leaf, dev_charged=s, outputs=as_tuple(out, f"pack {p}"))
         finally:
             self.dev.uncharge(work)
+        self.forwarded.add((p, m))
+        self._keep_buffers(p)
         self._produce(Ref(Kind.X, p + 1, m), as_tuple(out, f"pack {p}"), single)
 
     @staticmethod
@@ -481,6 +525,12 @@ class Runtime:
         x_ref = Ref(Kind.X, p, m)
         work = self._work(p, m)
         self.dev.charge(work, f"working memory of B{p}.{m}")
+        # A recompute must not update the buffers a second time; they are restored only after
+        # this micro-batch's backward, which may have saved them (see harmony.buffers).
+        rerun = Ref(Kind.S, p, m) not in self.values and (p, m) in self.forwarded
+        frozen = contextlib.ExitStack()
+        if rerun:
+            frozen.enter_context(buffers_unchanged(self.packs[p].layout))
         try:
             s_slot = self.values.get(Ref(Kind.S, p, m))
             if s_slot is not None:
@@ -492,11 +542,17 @@ class Runtime:
                 leaf = self._leaf(p, value)
                 with torch.enable_grad():
                     out, _ = self._run_layers(p, m, leaf, self.values[x_ref].single)
+                if not rerun:  # this was the micro-batch's only forward
+                    self._keep_buffers(p)
                 if last:
                     target = self.data.targets[m].to(self.device, non_blocking=True)
-                    loss = checked_loss(self.loss_fn, out, target)
+                    with self.precision.autocast(self.device):
+                        loss = checked_loss(self.loss_fn, out, target)
                     weighted = loss * self.data.weights[m]
-                    weighted.backward()
+                    if self.precision.scaling:  # fp16: unscaled before the first update
+                        (weighted * self.precision.scale).backward()
+                    else:
+                        weighted.backward()
                     self.loss += weighted.detach().double().cpu()
                 else:
                     outs = as_tuple(out, f"pack {p}")
@@ -512,6 +568,7 @@ class Runtime:
                 self._produce(Ref(Kind.D, p, m), d, False)
         finally:
             self.dev.uncharge(work)
+            frozen.close()
         self.grads.add(p)
 
     def _update(self, task: Task) -> None:
@@ -522,16 +579,25 @@ class Runtime:
             # Every micro-batch's loss is known before the first update in the generated
             # schedules, so refusing here leaves every weight as it was.
             raise NonFiniteLoss(self.step, float(self.loss))
+        if not self.updated and self.precision.scaling:
+            self._unscale()
         if not self.updated and self.clip is not None:
+            if self.ties is not None:  # the norm counts a tied gradient once, summed
+                self.ties.merge_all(self)
             self._clip_gradients(*self.clip)
         self.updated.append(p)
+        if self.ties is not None:  # an owner sums the sharers' gradients; a sharer keeps its own
+            self.ties.before_update(self, p)
         pack = self.packs[p]
         slot = self.values[Ref(Kind.G, p)]
         loc = self.placement.update_loc(p)
         self._wait_allreduce(p)
         if pack.home is Loc.NVME:
             return self._update_from_nvme(p)
-        if loc is Loc.DEVICE:
+        if pack.layout.mixed:  # the fp32 masters step on the fp32 gradients
+            for master, g in zip(pack.masters, self._grad_views(p)):
+                master.grad = g
+        elif loc is Loc.DEVICE:
             for e, got in zip(pack.layout.trainable, pack.got_grad):
                 if not got:
                     e.tensor.grad = None
@@ -542,10 +608,16 @@ class Runtime:
                 slot.home_ready = None
             flat = slot.home[0]
             for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
-                master.grad = e.view(flat) if got else None
+                master.grad = e.gview(flat) if got else None
         pack.optimizer.step()
         for master in pack.masters:
             master.grad = None
+        if pack.layout.mixed:
+            assert pack.home_w is not None
+            pack.refresh_weights(pack.home_w)
+        if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
+            assert pack.home_w is not None
+            self.ties.after_update(self, p, pack.home_w)
         pack.settle_optimizer_bytes()
         self.grads.discard(p)
 
@@ -563,12 +635,19 @@ class Runtime:
                 slot.home_ready = None
             flat = slot.home[0] if slot.home is not None else None
         assert flat is not None, f"G{p} is not where its update runs"
-        return [e.view(flat) if got else None
+        return [e.gview(flat) if got else None
                 for e, got in zip(pack.layout.trainable, pack.got_grad)]
 
     def _wait_allreduce(self, p: int) -> None:
         if self.comm is not None:
             self.comm.wait(p)
+
+    def _unscale(self) -> None:
+        """fp16: divide every gradient by the loss scale; raise if any overflowed."""
+        grads = [g for p in range(len(self.packs)) for g in self._grad_views(p) if g is not None]
+        if unscale_(grads, self.precision.scale):
+            raise GradientOverflow(f"step {self.step}: a gradient overflowed at loss scale "
+                                   f"{self.precision.scale:g}; the step is skipped")
 
     def _clip_gradients(self, max_norm: float, order: list[tuple[int, int]]) -> None:
         """Scale every pack's gradients as clip_grad_norm_ over the whole model would.
@@ -591,8 +670,11 @@ class Runtime:
         pack = self.packs[p]
         host = self.tiers[Loc.HOST]
         name = link(Loc.NVME, Loc.HOST)
-        w = host.allocate(pack.layout.w_bytes, f"master weights of pack {p}")
+        w = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
         hw = self._nvme_read(pack.w_key, w, name, "W")
+        if pack.layout.mixed:  # the fp32 masters are part of K; W is refreshed from them
+            m = host.allocate(pack.layout.g_bytes, f"master weights of pack {p}")
+            self.staged_m[p] = (m, self._nvme_read(pack.m_key, m, name, "K"))
         k, hk = None, None
         if pack.k_layout is not None:
             k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
@@ -608,16 +690,19 @@ class Runtime:
         if p not in self.staged:  # a deferred update: its inputs are read now
             self._stage(p)
         w, hw, k, hk = self.staged.pop(p)
-        for h in (hw, hk, slot.home_ready):
+        m, hm = self.staged_m.pop(p, (w, None))  # fp32: the masters are W
+        for h in (hw, hk, hm, slot.home_ready):
             if h is not None:
                 self.engine.synchronize(h, link(Loc.NVME, Loc.HOST))
         slot.home_ready = None
         assert slot.home is not None and slot.home[0] is not None
-        pack.bind_masters(w)
+        if p in self.new_buffers:
+            restore_buffers(pack.layout, self.new_buffers.pop(p), w)
+        pack.bind_masters(m)
         if k is not None:
             pack.bind_state(k)
         for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
-            master.grad = e.view(slot.home[0]) if got else None
+            master.grad = e.gview(slot.home[0]) if got else None
         pack.optimizer.step()
         for master in pack.masters:
             master.grad = None
@@ -629,6 +714,11 @@ class Runtime:
         pack.settle_optimizer_bytes()
         # Written behind: the host copies go back to the pool when the writes are done.
         name = link(Loc.HOST, Loc.NVME)
+        if pack.layout.mixed:
+            pack.refresh_weights(w)
+            host.release(m, after=self._nvme_write(pack.m_key, m, name, "K"))
+        if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
+            self.ties.after_update(self, p, w)
         hw = self._nvme_write(pack.w_key, w, name, "W")
         hk = self._nvme_write(pack.k_key, k, name, "K")
         pack.bind_masters(None)

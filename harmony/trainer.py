@@ -20,9 +20,11 @@ from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.planning import InfeasiblePlan, Plan, plan
+from harmony.precision import GradientOverflow, Precision
 from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
+from harmony.tied import Tie, TiedWeights, retie, shared_parameters, untie
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
@@ -75,6 +77,13 @@ class Trainer:
         nonfinite: what a NaN or infinite batch loss does: ``"raise"`` :class:`NonFiniteLoss`,
             or ``"skip"`` the step (no weight changes, ``step_count`` stays, the NaN is
             returned and ``stats.skipped_steps`` counts it).
+        precision: ``"fp32"`` (the default: exact), ``"bf16"`` or ``"fp16"``, or a
+            :class:`harmony.precision.Precision` (fp16's loss-scaling settings): weights compute
+            and move in the low dtype under ``torch.autocast``, gradients accumulate in fp32, and
+            fp32 master weights live with the optimizer state; :meth:`state_dict` gives the
+            masters. fp16 skips (and counts in ``stats.skipped_steps``) steps whose gradients
+            overflow; its current loss scale is ``trainer.precision.scale`` (the trainer keeps
+            its own copy of a given Precision). See :mod:`harmony.precision`.
         parallel: None (or ``"none"``): one process. ``"data"``: data parallelism over the
             ranks of the default ``torch.distributed`` group (initialized from torchrun's
             environment when there is none; NCCL on CUDA, gloo on CPU). As with DDP, each rank
@@ -108,6 +117,7 @@ class Trainer:
                  plan: Plan | str | os.PathLike[str] | None = None,
                  clip_grad_norm: float | None = None,
                  lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+                 precision: str | Precision = "fp32",
                  parallel: str | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
@@ -139,6 +149,8 @@ class Trainer:
         self._dp = DataParallel.create(parallel, self.device)
         if self._dp is not None:
             self.device = self._dp.device  # "cuda" -> this rank's GPU
+        self.precision = Precision.parse(precision)  # ValueError naming the choices
+        self.precision.check_device(self.device)
         self.device_memory = parse_bytes(device_memory, "device_memory")
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
@@ -159,8 +171,18 @@ class Trainer:
         self.seed = seed
         self.step_count = 0
         self.stats = Stats()
-        self._layer_layouts = [Layout([m]) for m in self.chain.layers]
+        self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._check_shared_parameters()
+        # The model's parameters with each tied one once, as clip_grad_norm_ sees them; kept
+        # before the packs are built, since untie() gives sharing packs copies of their own.
+        self._params = list(self.chain.model.parameters())
+        self._ties: list[Tie] = []
+        # A tensor under several keys names its optimizer state by its first key, whichever
+        # packs the plan makes (so checkpoints load across plans).
+        keys: dict[int, list[str]] = {}
+        for k, v in self.chain.model.state_dict(keep_vars=True).items():
+            keys.setdefault(id(v), []).append(k)
+        self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
                       if nvme_dir is not None else None)
@@ -192,15 +214,14 @@ class Trainer:
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
-        owner: dict[int, int] = {}
-        for i, layout in enumerate(self._layer_layouts):
-            for e in layout.entries:
-                j = owner.setdefault(id(e.tensor), i)
-                if j != i:
-                    raise ValueError(
-                        f"{e.name!r} of layer {i} ({self.chain.names[i]}) is shared with layer "
-                        f"{j} ({self.chain.names[j]}); tied weights across layers are not "
-                        "supported yet: untie them or put both users in one layer")
+        # Parameters shared across layers are tied weights (harmony/tied.py); buffers are refused.
+        # The planner gets, per tied weight, the layers using it and its gradient's bytes.
+        shared = shared_parameters(self._layer_layouts, self.chain.names)
+        self._tied: list[tuple[tuple[int, ...], int]] = []
+        for tid, layers in shared.items():
+            e = next(e for e in self._layer_layouts[layers[0]].entries if id(e.tensor) == tid)
+            if e.trainable:
+                self._tied.append((tuple(layers), e.shape.numel() * e.master_dtype.itemsize))
 
     def _check_layers_fit(self) -> None:
         if self.device_memory is None:
@@ -268,6 +289,10 @@ class Trainer:
             loss = self._runtime.run(plan_.schedule, plan_.sizes,
                                      StepData(micro_inputs, micro_targets, weights, single),
                                      self.step_count, self.stats.seconds)
+        except GradientOverflow:  # fp16: nothing was updated; retry later at a lower scale
+            self.precision.update_scale(overflow=True)
+            self.stats.skipped_steps += 1
+            return float(self._runtime.loss)
         except NonFiniteLoss as err:
             if self.nonfinite == "skip":
                 self.stats.skipped_steps += 1
@@ -280,6 +305,7 @@ class Trainer:
                     f"updating packs {self._runtime.updated}; the weights are no longer those "
                     "of one consistent step: load() a checkpoint before training on")
             raise
+        self.precision.update_scale(overflow=False)
         self.step_count += 1
         for scheduler in self.lr_schedulers:
             scheduler.step()
@@ -298,7 +324,7 @@ class Trainer:
             pack.layout.bind(pack.home_weights())
         try:
             self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
-                                            self.loss_fn, self.device)
+                                            self.loss_fn, self.device, self.precision)
         finally:
             for pack in away:
                 pack.layout.bind(None)
@@ -311,14 +337,17 @@ class Trainer:
 
     def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
         assert self._profiles is not None
+        # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
+        # checks every gradient for overflow before any update, as clipping needs every one.
+        k_ratio = self.precision.k_ratio(self._k_ratio)
         bandwidth, ranks, local_ranks = _bandwidth(self.device), 1, 1
         if self._dp is not None:  # all-reduce rate; ranks sharing this machine's links
             bandwidth, ranks, local_ranks = self._dp.planning(bandwidth)
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
-                    self.host_memory, self._k_ratio, bandwidth,
+                    self.host_memory, k_ratio, bandwidth,
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
-                    deferred_updates=self.clip_grad_norm is not None, ranks=ranks,
-                    local_ranks=local_ranks)
+                    deferred_updates=self.clip_grad_norm is not None or self.precision.scaling,
+                    tied=self._tied, ranks=ranks, local_ranks=local_ranks)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
@@ -329,20 +358,30 @@ class Trainer:
             if agreed is not None:
                 chosen = self._plan_for(sizes, fixed=agreed)
         placement = chosen.placement
+        # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
+        self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds)
+        if self._ties:
+            self._layer_layouts = [Layout([m], self.precision.dtype_of)
+                                   for m in self.chain.layers]
         packs = []
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
-                                    self.optimizer_factory, chosen.sizes.k[p], self.store))
+                                    self.optimizer_factory, chosen.sizes.k[p], self.store,
+                                    self.precision,
+                                    untrained=TiedWeights.untrained(self._ties, p)))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
+        self._runtime.precision = self.precision
+        if self._ties:
+            self._runtime.ties = TiedWeights(self._ties, packs)
         if self.clip_grad_norm is not None:
             # The norm is taken over the gradients in the model's parameter order, as
             # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
             where = {id(e.tensor): (p, i) for p, pack in enumerate(packs)
                      for i, e in enumerate(pack.layout.trainable)}
             self._runtime.clip = (self.clip_grad_norm, [
-                where[id(q)] for q in self.chain.model.parameters() if id(q) in where])
+                where[id(q)] for q in self._params if id(q) in where])
         self._plans[key] = chosen
         if self.lr_scheduler_factory is not None:
             # Built before a loaded state is applied: building one sets the learning rate to
@@ -358,9 +397,50 @@ class Trainer:
         if shapes != next(iter(self._plans))[1:]:
             self._profile(x, y)  # new per-sample shapes: sizes per sample changed
         fixed = (self._plan.bounds, self._plan.placement)
-        chosen = self._plan_for(sizes, fixed=fixed)
+        try:
+            chosen = self._plan_for(sizes, fixed=fixed)
+        except InfeasiblePlan:
+            # These shapes need more room than the packs built for the first ones leave
+            # (say, longer sequences after packs were kept resident): plan afresh and move
+            # the training state to the new packs' homes.
+            return self._rehome(x, y, sizes, key)
         self._plans[key] = chosen
         return chosen
+
+    def _rehome(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
+                key: tuple[Any, ...]) -> Plan:
+        """Rebuild the packs from a fresh plan for these shapes, keeping weights, optimizer
+        and scheduler state (the same keyed hand-over as save/load, in memory)."""
+        assert self._runtime is not None
+        weights = self.state_dict()
+        optimizer_state = self._optimizer_state()
+        scheduler_state = self._scheduler_state()
+        try:
+            self._plan_for_fresh(x, y, sizes)  # raises before anything changes if none fits
+        finally:
+            self._profiles = None
+        for pack in self._runtime.packs:
+            pack.release()
+        self._runtime = None
+        self._plans.clear()
+        self.lr_schedulers = []
+        retie(self._ties)  # the new packs split tied weights afresh
+        self._ties = []
+        with torch.no_grad():
+            for k, v in self.chain.model.state_dict(keep_vars=True).items():
+                v.data = weights[k].to(v.device)
+        # (after the values are back: a layout takes each tensor's shape)
+        self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
+        self._pending_optimizer = optimizer_state
+        self._pending_scheduler = scheduler_state
+        self._fixed = None
+        self._first_plan(x, y, sizes, key)
+        return self._plans[key]
+
+    def _plan_for_fresh(self, x: tuple[torch.Tensor, ...], y: torch.Tensor,
+                        sizes: list[int]) -> Plan:
+        self._profile(x, y)
+        return self._plan_for(sizes)
 
     def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
                     targets: torch.Tensor, path: str | os.PathLike[str]) -> float:
@@ -427,9 +507,12 @@ class Trainer:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
         found: dict[int, torch.Tensor] = {}
         for pack in self._runtime.packs:
-            flat = pack.home_weights()
-            for e in pack.layout.entries:
-                found[id(e.tensor)] = e.view(flat)
+            flat, masters = pack.home_weights(), pack.master_weights()
+            for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
+                found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
+        for tie in self._ties:  # a tied weight's copies show the owner's master
+            for sharer in tie.sharers:
+                found[id(sharer.copy)] = found[id(tie.master)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         out = {}
@@ -462,6 +545,7 @@ class Trainer:
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
                 "lr_scheduler": self._scheduler_state(),
+                "precision": self.precision.state_dict(),
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
@@ -477,29 +561,36 @@ class Trainer:
         """
         weights, opt_tensors, meta = checkpoint.load(path)
         current = self.chain.model.state_dict(keep_vars=True)
+        # What each key holds at full precision (a parameter may be bound to a W view in the
+        # compute dtype, or to an empty tensor while its pack is away).
+        own = {id(e.tensor): (e.shape, e.master_dtype) for layout in self._layer_layouts
+               for e in layout.entries}
         missing, extra = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
         if missing or extra:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} is of another model: missing {missing[:5]}, unexpected "
                 f"{extra[:5]}")
         for k, v in current.items():
-            if weights[k].shape != v.shape or weights[k].dtype != v.dtype:
+            shape, dtype = own.get(id(v), (v.shape, v.dtype))
+            if weights[k].shape != shape or weights[k].dtype != dtype:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
-                    f"{weights[k].dtype} there, {tuple(v.shape)} {v.dtype} here")
+                    f"{weights[k].dtype} there, {tuple(shape)} {dtype} here")
         homes, flats = self._home_views()
         with torch.no_grad():
             for k, v in current.items():
-                (homes.get(id(v), v)).copy_(weights[k])
-        for pack, flat in flats:  # weights that live on NVMe go back to their file
+                for home in homes.get(id(v), [v]):
+                    home.copy_(weights[k])
+        for key, flat in flats:  # weights that live on NVMe go back to their file
             assert self.store is not None
-            self.store.write(pack.w_key, flat).synchronize()
+            self.store.write(key, flat).synchronize()
         self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
                                    meta["optimizer_groups"])
         self._pending_scheduler = meta.get("lr_scheduler")
         if self._runtime is not None:
             self._apply_optimizer_state()
             self._apply_scheduler_state()
+        self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
         self.step_count = int(meta["step_count"])
         self._broken = None
 
@@ -522,16 +613,25 @@ class Trainer:
             config.to_json_file(out / "config.json")
         return out
 
-    def _home_views(self) -> tuple[dict[int, torch.Tensor], list[tuple[Pack, torch.Tensor]]]:
-        """Views of every weight's home copy, and the flat copies read from NVMe."""
+    def _home_views(self) -> tuple[dict[int, list[torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+        """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
+        and the flat copies read from NVMe with their files."""
         if self._runtime is None:
             return {}, []
-        views, flats = {}, []
+        views: dict[int, list[torch.Tensor]] = {}
+        flats = []
         for pack in self._runtime.packs:
             flat = pack.home_weights()
             if pack.home_w is None:
-                flats.append((pack, flat))
-            views.update({id(e.tensor): e.view(flat) for e in pack.layout.entries})
+                flats.append((pack.w_key, flat))
+            for e in pack.layout.entries:
+                views[id(e.tensor)] = [e.view(flat)]
+            if pack.layout.mixed:
+                masters = pack.master_weights()
+                if pack.home_m is None:
+                    flats.append((pack.m_key, masters))
+                for e in pack.layout.trainable:
+                    views[id(e.tensor)].append(e.gview(masters))
         return views, flats
 
     @contextlib.contextmanager
@@ -541,7 +641,7 @@ class Trainer:
             yield
             return
         assert self.store is not None
-        flat = pack.home_weights()
+        flat = pack.master_weights()
         pack.bind_masters(flat)
         k = None
         if pack.k_layout is not None:
@@ -563,6 +663,7 @@ class Trainer:
 
     def _param_keys(self, pack: Pack) -> dict[int, str]:
         key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
+        key_of.update(self._first_key)
         return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
 
     def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
@@ -648,6 +749,7 @@ class Trainer:
             tier.clear_cache()
         if self.store is not None:
             self.store.close()
+        retie(self._ties)  # the model's modules share their parameters again
         if self._dp is not None:
             self._dp.close()
 

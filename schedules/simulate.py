@@ -42,6 +42,9 @@ class Sizes:
     d: Sequence[Sequence[int]]
     s: Sequence[Sequence[int]]
     work: Sequence[Sequence[int]]
+    # Tied weights: (sharer pack, owner pack, bytes) for each sharer's gradient of a tied
+    # weight, held where the sharer's update runs from its update until the owner's.
+    held: Sequence[tuple[int, int, int]] = ()
 
     def of(self, ref: Ref) -> int:
         if ref.kind is Kind.W:
@@ -144,6 +147,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         link_free[name] = begin + n / times.bandwidth[name]
         return link_free[name]
 
+    updated: set[int] = set()
+    holding: list[tuple[int, Loc, int]] = []  # (owner, tier, bytes) of held tied gradients
     for t in schedule.tasks:
         if t.op.is_compute:
             p = t.pack
@@ -183,6 +188,15 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                 grads.add(t.pack)
             elif t.op is Op.UPD:
                 grads.discard(t.pack)
+                updated.add(p)
+                for sharer, owner, n in sizes.held:
+                    if sharer == p and owner not in updated:
+                        charge(placement.update_loc(sharer), n)
+                        holding.append((owner, placement.update_loc(sharer), n))
+                    elif owner == p:
+                        for held in [h for h in holding if h[0] == p]:
+                            holding.remove(held)
+                            used[held[1]] -= held[2]
                 if nvme_k:  # written behind: the host copies are released when the writes end
                     name = link(Loc.HOST, Loc.NVME)
                     transfer(name, Kind.W, sizes.w[p], clock)

@@ -73,6 +73,13 @@ class TinyTransformer(nn.Module):
         return x
 
 
+def tied_transformer(dropout: float = 0.0) -> TinyTransformer:
+    """TinyTransformer whose head's projection is the token embedding (tied weights)."""
+    model = TinyTransformer(dropout=dropout)
+    model.head.out.weight = model.embed.tok.weight
+    return model
+
+
 class Split(nn.Module):
     """x -> (a, b, mask): a tuple boundary holding a non-float tensor."""
 
@@ -162,3 +169,18 @@ def training_state_bytes(model: nn.Module, state_per_param: int) -> int:
     """W + G + K bytes of an fp32 model whose optimizer keeps ``state_per_param`` bytes/param."""
     n = sum(p.numel() for p in model.parameters())
     return n * (8 + state_per_param)
+
+
+def assert_weights_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                         rtol: float, floor: float = 1e-3) -> None:
+    """Per tensor, ``max|got - want| <= rtol * max(max|want|, floor)``.
+
+    The floor covers tensors that stay within rounding noise of zero, such as attention key
+    biases (their gradient is zero in exact arithmetic: softmax ignores a shift), for which a
+    relative comparison would compare noise with noise: they are held to ``rtol * floor``.
+    """
+    assert got.keys() == want.keys()
+    for k in want:
+        err = float((got[k] - want[k]).abs().max())
+        scale = max(float(want[k].abs().max()), floor)
+        assert err <= rtol * scale, (k, err, scale)

@@ -55,10 +55,11 @@ def test_empty_and_undecomposable_models() -> None:
         harmony.Trainer([nn.Linear(2, 2), "relu"], LOSS)  # type: ignore[list-item]
 
 
-def test_tied_weights_across_layers_refused() -> None:
-    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
-    b.weight = a.weight
-    with pytest.raises(ValueError, match="shared with layer 0"):
+def test_buffers_shared_across_layers_refused() -> None:
+    """Tied parameters are supported (tests/test_tied.py); a shared buffer is not."""
+    a, b = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    b.running_mean = a.running_mean
+    with pytest.raises(ValueError, match="buffer 'running_mean' of layer 1 .* shared with layer 0"):
         harmony.Trainer(nn.Sequential(a, b), LOSS)
 
 

@@ -80,12 +80,39 @@ def test_swapping_equals_pytorch(model: str, opt: str, batch: str, schedule: str
     with trainer:
         plan = trainer.plan
         assert plan is not None
-        assert all(loc is Loc.HOST for loc in plan.placement.w), plan.describe(trainer.chain.names)
+        assert Loc.HOST in plan.placement.w, plan.describe(trainer.chain.names)
+        if budget == "tightest":
+            assert all(loc is Loc.HOST for loc in plan.placement.w)
         assert len(plan.bounds) > 1
         assert 0 < trainer.stats.peak_bytes["device"] <= limit
         if budget == "tightest" and schedule == "harmony" and BATCHES[batch][0] > BATCHES[batch][1]:
             assert plan.placement.x[-1] is Loc.HOST, plan.describe(trainer.chain.names)
         _assert_same(got, _reference(model, opt, batch))
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
+def test_some_packs_resident_others_swapped_equals_pytorch(model: str, schedule: str) -> None:
+    """A budget that holds part of the training state keeps some packs wholly on the device
+    (no weight traffic) while the others swap; the result is still plain PyTorch's."""
+    limit = int(training_state_bytes(MODELS[model][0](0.0), OPTIMIZERS["adamw"][1]) * 0.75)
+    trainer, got = _train(model, "adamw", "three", schedule, limit)
+    with trainer:
+        plan = trainer.plan
+        assert plan is not None
+        assert {Loc.DEVICE, Loc.HOST} <= set(plan.placement.w), plan.describe(trainer.chain.names)
+        assert 0 < trainer.stats.peak_bytes["device"] <= limit
+        swapped = sum(plan.sizes.w[p] for p, loc in enumerate(plan.placement.w)
+                      if loc is Loc.HOST)
+        # only the swapped packs' weights cross the link: once or twice each per step
+        # (harmony), per micro-batch (the baseline)
+        w_moved = plan.predicted.bytes_by_kind[("host->device", "W")]
+        loads = 2 if schedule == "harmony" else 2 * plan.schedule.micro_batches
+        assert swapped <= w_moved <= loads * swapped
+        steps = len(_batches(model, BATCHES["three"][0]))
+        assert trainer.stats.bytes_moved["host->device"] == \
+            steps * plan.predicted.bytes_moved["host->device"]
+        _assert_same(got, _reference(model, "adamw", "three"))
 
 
 def _least_device_memory(model: str, opt: str, batch: str, schedule: str) -> int:
@@ -114,7 +141,8 @@ def test_passed_through_tensors_survive_buffer_reuse(repeat: int) -> None:
 @pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
 def test_changing_shapes_between_steps(schedule: str) -> None:
     """Sequence length and batch size change from step to step: each new shape re-plans on
-    the same packs (re-profiling with the weights brought home), still exact."""
+    the same packs (re-profiling with the weights brought home), or, when those packs leave
+    too little room, on new packs the training state moves to; still exact."""
     from tests.models import TinyTransformer, cross_entropy_tokens
 
     def make() -> torch.nn.Module:
@@ -128,7 +156,8 @@ def test_changing_shapes_between_steps(schedule: str) -> None:
                          micro_batch_size=2, device_memory=budget, schedule=schedule) as t:
         for b in batches:
             t.step(*b)
-        assert t.plan is not None and t.plan.placement.w[0] is Loc.HOST
+            assert t.plan is not None and Loc.HOST in t.plan.placement.w
+            assert t.stats.peak_bytes["device"] <= budget
         got = t.state_dict()
     want = reference_train(make(), cross_entropy_tokens, OPTIMIZERS["adamw"][0], batches, 2)
     _assert_same(got, want)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import finetune_hf  # noqa: E402
 
 
-@pytest.mark.parametrize("model", ["llama", "opt"])
+@pytest.mark.parametrize("model", ["llama", "opt", "gpt2"])  # gpt2: a tied LM head
 def test_finetune_hf_trains_plots_and_exports(tmp_path: Path, model: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     png, out = tmp_path / "loss.png", tmp_path / "export"
@@ -26,6 +26,8 @@ def test_finetune_hf_trains_plots_and_exports(tmp_path: Path, model: str,
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in loaded.parameters()) > 0
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    if model == "gpt2":
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
 def test_unknown_model_is_refused() -> None:

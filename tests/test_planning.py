@@ -59,3 +59,19 @@ def test_packs_that_fit_the_host_stay_there_the_rest_go_to_nvme() -> None:
     n = len(p.placement.w)
     on_host = [p.placement.w[i] is Loc.HOST for i in range(n)]
     assert on_host == sorted(on_host)  # the last packs (updated first) are the host's
+
+
+def test_room_on_the_device_keeps_some_packs_resident() -> None:
+    """Between "everything fits" and "nothing stays": the packs that fit stay on the device
+    (no weight traffic, update on the device); the plan moves fewer bytes than moving all."""
+    layers = _layers(8)
+    everything = plan(layers, "harmony", [4, 4], None, None, 2.0, BW).predicted.peak[Loc.DEVICE]
+    budget = int(everything * 0.6)
+    p = plan(layers, "harmony", [4, 4], budget, None, 2.0, BW)
+    assert {Loc.DEVICE, Loc.HOST} <= set(p.placement.w)
+    assert p.predicted.peak[Loc.DEVICE] <= budget
+    all_moved = plan(layers, "harmony", [4, 4], int(everything * 0.15), None, 2.0, BW)
+    assert set(all_moved.placement.w) == {Loc.HOST}
+    resident = sum(p.sizes.w[i] for i, loc in enumerate(p.placement.w) if loc is Loc.DEVICE)
+    assert p.predicted.bytes_moved["host->device"] <= \
+        all_moved.predicted.bytes_moved["host->device"] - resident

@@ -135,8 +135,8 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_nvme_dir_allows_nvme_and_creates_nothing(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    args = [*TINY, "--device-memory", "400KiB", "--host-memory", "250KiB"]
-    assert main(args) == 2  # W and K (360KiB) cannot all live on the host
+    args = [*TINY, "--device-memory", "250KiB", "--host-memory", "250KiB"]
+    assert main(args) == 2  # W and K (360KiB) fit neither the host nor the device
     capsys.readouterr()
     nvme = tmp_path / "nvme"
     assert main([*args, "--nvme-dir", str(nvme), "--json", str(tmp_path / "p.json")]) == 0

@@ -231,3 +231,24 @@ def test_everything_on_the_device_moves_only_the_input() -> None:
     r = simulate(s, sizes)
     assert r.bytes_moved == {"host->device": 2 * sum(sizes.x[0])}
     assert r.peak[H] == 0 and r.peak[N] == 0
+
+
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
+@pytest.mark.parametrize("home", [Loc.DEVICE, Loc.HOST])
+def test_tied_gradient_held_from_sharer_update_to_owner_update(schedule: str,
+                                                                home: Loc) -> None:
+    """A sharer's gradient of a tied weight is charged where its update runs from that update
+    until the owner's; when the owner updates first nothing is held."""
+    packs, mbs, n = 3, 2, 1000
+    sizes = Sizes([100] * packs, [50] * packs, [100] * packs, zeros(packs, mbs),
+                  zeros(packs, mbs), zeros(packs, mbs), zeros(packs, mbs))
+    tied = Sizes(*(getattr(sizes, f) for f in ("w", "g", "k", "x", "d", "s", "work")),
+                 held=((2, 0, n),))
+    s = lower(GENERATORS[schedule](packs, mbs), Placement.uniform(packs, home), 1)
+    plain, held = simulate(s, sizes).timeline, simulate(s, tied).timeline
+    upd = [i for i, t in enumerate(s.tasks) if str(t) in ("U0", "U2")]
+    first, last = upd
+    owner_first = str(s.tasks[first]) == "U0"
+    for i, (a, b) in enumerate(zip(plain, held)):
+        extra = 0 if owner_first or not first <= i < last else n
+        assert b[home] - a[home] == extra, (i, s.tasks[i])

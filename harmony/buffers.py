@@ -1,0 +1,54 @@
+"""Module buffers a forward pass changes (BatchNorm's running statistics and counters).
+
+A layer's buffers live in its pack's flat weights, so a forward that updates them in place
+updates whichever copy the layer is bound to: the device copy while the pack is swapped in, or
+the home copy of a resident pack. Plain PyTorch updates them once per micro-batch's forward;
+harmony must do the same although it may run a pack's forward twice (recompute in backward)
+and although device copies of weights are never written back. So:
+
+* after a forward whose changes must count, :func:`copy_buffers` carries the buffers from the
+  device copy to the home copy (or to a host copy kept until an NVMe pack's update writes them);
+* a recompute runs under :func:`buffers_unchanged`, which restores them afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from harmony.layout import Layout
+
+
+@contextlib.contextmanager
+def buffers_unchanged(layout: Layout) -> Iterator[None]:
+    """Restore the layout's buffers to their values on entry when the body ends."""
+    if not layout.buffers:
+        yield
+        return
+    saved = [e.tensor.detach().clone() for e in layout.buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for e, value in zip(layout.buffers, saved):
+                e.tensor.copy_(value)
+
+
+def copy_buffers(layout: Layout, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy the buffers' bytes from flat weights ``src`` to flat weights ``dst`` (same layout;
+    any devices; synchronous: buffers are small)."""
+    for e in layout.buffers:
+        e.view(dst).copy_(e.view(src))
+
+
+def buffer_values(layout: Layout, src: torch.Tensor) -> list[torch.Tensor]:
+    """CPU copies of the buffers held in flat weights ``src``."""
+    return [e.view(src).to("cpu", copy=True) for e in layout.buffers]
+
+
+def restore_buffers(layout: Layout, values: list[torch.Tensor], dst: torch.Tensor) -> None:
+    """Write :func:`buffer_values` back into flat weights ``dst``."""
+    for e, v in zip(layout.buffers, values):
+        e.view(dst).copy_(v)

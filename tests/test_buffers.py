@@ -1,0 +1,74 @@
+"""Buffers a forward changes (BatchNorm's running statistics) are updated once per
+micro-batch, as in plain PyTorch, whatever the schedule recomputes and wherever the pack
+lives (harmony.buffers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import harmony
+from harmony.planning import Plan
+from schedules.placement import Placement
+from schedules.task import Loc
+from tests.models import reference_train
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32),
+                         nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 3))
+
+
+def _opt(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(ps, lr=1e-2)
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(3)]
+
+
+def _plan_with(schedule: str, w: Loc, x: Loc) -> Plan:
+    """Three packs of the model with W and K at ``w`` and activations at ``x``."""
+    with harmony.Trainer(_model(), nn.functional.cross_entropy, micro_batch_size=4,
+                         device_memory=12000, schedule=schedule) as t:
+        t.step(*_batches()[0])
+        p = t.plan
+    assert p is not None and len(p.bounds) > 1
+    placement = Placement.uniform(len(p.bounds), w, x)
+    return Plan(p.bounds, p.schedule.with_tasks(list(p.schedule.tasks), placement, 0), p.sizes,
+                p.predicted)
+
+
+@pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
+@pytest.mark.parametrize("w,x", [(Loc.DEVICE, Loc.DEVICE), (Loc.HOST, Loc.DEVICE),
+                                 (Loc.HOST, Loc.HOST), (Loc.NVME, Loc.HOST)])
+def test_running_statistics_equal_pytorch(schedule: str, w: Loc, x: Loc,
+                                          tmp_path: Path) -> None:
+    batches = _batches()
+    want = reference_train(_model(), nn.functional.cross_entropy, _opt, batches, 4)
+    with harmony.Trainer(_model(), nn.functional.cross_entropy, optimizer=_opt,
+                         micro_batch_size=4, plan=_plan_with(schedule, w, x),
+                         nvme_dir=tmp_path if w is Loc.NVME else None) as t:
+        for b in batches:
+            t.step(*b)
+        assert t.plan is not None and t.plan.placement.w[0] is w
+        assert t.plan.schedule.recompute  # the forward runs twice: once must not count
+        got = t.state_dict()
+    assert int(got["1.num_batches_tracked"]) == 2 * len(batches)
+    for k in want:
+        assert torch.equal(got[k], want[k]), (k, got[k], want[k])
+
+
+def test_profiling_leaves_running_statistics_alone() -> None:
+    """The first step profiles every layer (several forward passes) before training."""
+    with harmony.Trainer(_model(), nn.functional.cross_entropy, micro_batch_size=8,
+                         schedule="resident") as t:
+        t.step(*_batches()[0])
+        got = t.state_dict()
+    assert int(got["1.num_batches_tracked"]) == 1

@@ -1,0 +1,120 @@
+"""Re-planning onto new packs when a step's shapes no longer fit the packs built for the
+first ones: weights, optimizer state and scheduler state move, and training stays exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import harmony
+from harmony.trainer import Trainer
+from tests.models import (
+    TinyTransformer,
+    assert_weights_close,
+    cross_entropy_tokens,
+    training_state_bytes,
+)
+
+
+def _adamw(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(ps, lr=1e-2)
+
+
+def _sched(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randint(0, 11, (n, t), generator=g) for n, t in ((4, 4), (4, 4), (4, 16), (4, 8))]
+    return [(x, x.roll(-1, 1)) for x in xs]
+
+
+def _reference(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    net = TinyTransformer(length=16)
+    opt = _adamw(list(net.parameters()))
+    sched = _sched(opt)
+    for x, y in batches:
+        for xm, ym in zip(x.split(2), y.split(2)):
+            (cross_entropy_tokens(net(xm), ym) * (ym.shape[0] / y.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatch) -> None:
+    rehomed: list[tuple[str, ...]] = []
+    original = Trainer._rehome
+
+    def spy(self: Trainer, *args: object) -> object:
+        assert self.plan is not None
+        rehomed.append(tuple(loc.value for loc in self.plan.placement.w))
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "_rehome", spy)
+    batches = _batches()
+    model = TinyTransformer(length=16)
+    state = training_state_bytes(model, 8)
+    # Short sequences first: the plan keeps part of the state on the device and the host;
+    # sequences four times longer then need the room for activations.
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
+                         device_memory=state // 3, host_memory=state // 2, nvme_dir=tmp_path,
+                         lr_scheduler=_sched) as t:
+        for x, y in batches:
+            t.step(x, y)
+            assert t.stats.peak_bytes["device"] <= state // 3
+            assert t.stats.peak_bytes["host"] <= state // 2
+        assert rehomed, "the longer sequences were expected to need new packs"
+        assert {s.get_last_lr()[0] for s in t.lr_schedulers} == {1e-2 / 5}
+        got = t.state_dict()
+        assert t.store is not None
+        nvme_packs = [p for p, loc in enumerate(t.plan.placement.w) if loc.value == "nvme"]
+        assert nvme_packs
+        # the old packs' files are gone: one weight and one state file per NVMe pack now
+        assert sorted(t.store.keys()) == sorted(
+            f"pack{p}.{k}" for p in nvme_packs for k in ("W", "K"))
+    want = _reference(batches)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_tied_weights_survive_new_packs(monkeypatch) -> None:
+    """Re-homing re-ties the model and splits the tied weight afresh for the new packs."""
+    rehomed: list[int] = []
+    original = Trainer._rehome
+
+    def spy(self: Trainer, *args: object) -> object:
+        rehomed.append(self.step_count)
+        return original(self, *args)  # type: ignore[arg-type]
+
+    def tied() -> TinyTransformer:
+        model = TinyTransformer(length=16)
+        model.head.out.weight = model.embed.tok.weight
+        return model
+
+    def adamw(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(ps, lr=1e-2, eps=1e-3)  # (eps: see tests/test_tied.py)
+
+    monkeypatch.setattr(Trainer, "_rehome", spy)
+    batches = _batches()
+    model = tied()
+    state = training_state_bytes(model, 8)
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=adamw, micro_batch_size=2,
+                         device_memory=state // 2) as t:
+        for x, y in batches:
+            t.step(x, y)
+        assert rehomed
+        got = t.state_dict()
+    assert model.head.out.weight is model.embed.tok.weight  # close() re-tied the model
+    ref = tied()
+    opt = adamw(list(ref.parameters()))
+    for x, y in batches:
+        for xm, ym in zip(x.split(2), y.split(2)):
+            (cross_entropy_tokens(ref(xm), ym) * (ym.shape[0] / y.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(got["embed.tok.weight"], got["head.out.weight"])
+    assert_weights_close(got, {k: v.detach() for k, v in ref.state_dict().items()}, 1e-5)
