@@ -54,7 +54,7 @@ def make_trainer(args: argparse.Namespace, parallel: str | None) -> harmony.Trai
                            host_memory=total // 2 if args.nvme else None,
                            nvme_dir=None if nvme is None else str(nvme),
                            clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel,
-                           nonfinite=args.nonfinite)
+                           nonfinite=args.nonfinite, precision=args.precision)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +73,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--linger", type=float, default=0.0)
     p.add_argument("--hang-at", type=int, default=None)
     p.add_argument("--nvme", action="store_true")
+    p.add_argument("--precision", default="fp32")
     p.add_argument("--nonfinite", default="raise")
     p.add_argument("--nan-at", type=int, default=None,
                    help="rank 1's loss is NaN in this step (of the batches)")

@@ -46,9 +46,15 @@ def _run(tmp_path: Path, argv: list[str]) -> tuple[list[dict], dict[str, torch.T
     """The ranks' results, and one process's weights and losses on the global batches."""
     args = parse(["--out", str(tmp_path), *argv])
     shards = [int(s) for s in args.shards.split(",")]
-    with make_trainer(args, None) as one:
-        losses = [one.step(x, y) for x, y in global_batches(args.model, sum(shards), args.steps)]
-        want = one.state_dict()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks compute (kernels round differently per thread count)
+    try:
+        with make_trainer(args, None) as one:
+            losses = [one.step(x, y)
+                      for x, y in global_batches(args.model, sum(shards), args.steps)]
+            want = one.state_dict()
+    finally:
+        torch.set_num_threads(threads)
     codes = _launch(tmp_path, argv)
     assert codes == [0] * WORLD, [_log(tmp_path, r)[-3000:] for r in range(WORLD)]
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
@@ -73,6 +79,10 @@ CASES = {
     "mlp-on-device": ["--model", "mlp", "--shards", "6,6", "--mbs", "3", "--steps", "3"],
     # weights and optimizer state of some packs in NVMe files
     "nvme": ["--nvme", "--opt", "adamw", "--model", "mlp", "--steps", "3"],
+    # the token embedding tied to the head: the owner adds the sharer's all-reduced gradient
+    "tied-clip": ["--model", "tied", "--swap", "--clip", "0.5", "--steps", "3"],
+    # bf16 weights, fp32 gradients (reduced as fp32) and masters
+    "bf16-clip": ["--precision", "bf16", "--swap", "--clip", "0.5", "--steps", "3"],
 }
 
 
