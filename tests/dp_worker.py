@@ -27,7 +27,16 @@ from typing import Any
 import torch
 
 import harmony
-from tests.models import MODELS, training_state_bytes
+from tests.models import MODELS as SHARED_MODELS
+from tests.models import cross_entropy_tokens, tied_transformer, training_state_bytes
+
+# The shared test models, and a transformer whose head is tied to its token embedding (kept
+# out of tests/models.MODELS: tied gradients are summed in another order than plain autograd's,
+# so the bit-for-bit equivalence tests cover them separately).
+MODELS = {**SHARED_MODELS, "tied": (
+    tied_transformer, cross_entropy_tokens,
+    lambda n, g: (torch.randint(0, 11, (n, 8), generator=g),
+                  torch.randint(0, 11, (n, 8), generator=g)))}
 
 OPTIMIZERS = {
     "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), 4),
