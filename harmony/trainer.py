@@ -18,6 +18,7 @@ from harmony.chain import Chain
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
+from harmony.pipeline import Pipeline
 from harmony.planning import Plan, plan
 from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
@@ -74,6 +75,14 @@ class Trainer:
         nonfinite: what a NaN or infinite batch loss does: ``"raise"`` :class:`NonFiniteLoss`,
             or ``"skip"`` the step (no weight changes, ``step_count`` stays, the NaN is
             returned and ``stats.skipped_steps`` counts it).
+        parallel: ``"pipeline"``: run under ``torchrun`` with one process per stage; the packs
+            are split into contiguous stages, one per rank, and activations pass between
+            neighbouring ranks (see :mod:`harmony.pipeline`). Every rank calls :meth:`step`
+            with the same global batch (only the first stage reads the inputs, only the last
+            the targets) and gets the batch loss back; :meth:`state_dict` and :meth:`save`
+            are then collective (every rank calls them). None: one process.
+        stages: with ``parallel="pipeline"``, the ``[start, stop)`` layers of each rank's
+            stage, e.g. ``[(0, 6), (6, 12)]``; None balances packs by profiled compute time.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer; the message
@@ -99,7 +108,9 @@ class Trainer:
                  nvme_backend: str = "auto",
                  plan: Plan | str | os.PathLike[str] | None = None,
                  clip_grad_norm: float | None = None,
-                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None) -> None:
+                 lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+                 parallel: str | None = None,
+                 stages: Sequence[tuple[int, int]] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -121,6 +132,19 @@ class Trainer:
         self.nonfinite = nonfinite
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
+        # Pipeline parallelism: this rank's stage, its plan and its sends (harmony.pipeline).
+        self._pipeline: Pipeline | None = None
+        if parallel not in (None, "pipeline"):
+            raise ValueError(f"parallel={parallel!r} must be None or 'pipeline'")
+        if parallel is None and stages is not None:
+            raise ValueError(f"stages={stages!r} needs parallel='pipeline'")
+        if parallel == "pipeline":
+            if schedule != "harmony" or clip_grad_norm is not None:
+                raise ValueError(f"parallel='pipeline' runs schedule='harmony' without "
+                                 f"clip_grad_norm (got schedule={schedule!r}, clip_grad_norm="
+                                 f"{clip_grad_norm!r}); drop those arguments")
+            self._pipeline = Pipeline(device, stages)
+            device = self._pipeline.device  # "cuda" means this rank's GPU (LOCAL_RANK)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
@@ -236,10 +260,14 @@ class Trainer:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
         self._plan = plan_
         assert self._runtime is not None
+        data = StepData(micro_inputs, micro_targets, weights, single)
+        if self._pipeline is not None:  # later stages receive their inputs
+            data = self._pipeline.step_data(data)
         try:
-            loss = self._runtime.run(plan_.schedule, plan_.sizes,
-                                     StepData(micro_inputs, micro_targets, weights, single),
-                                     self.step_count, self.stats.seconds)
+            loss = self._runtime.run(plan_.schedule, plan_.sizes, data, self.step_count,
+                                     self.stats.seconds)
+            if self._pipeline is not None:
+                self._pipeline.finish()
         except NonFiniteLoss as err:
             if self.nonfinite == "skip":
                 self.stats.skipped_steps += 1
@@ -283,6 +311,8 @@ class Trainer:
 
     def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
         assert self._profiles is not None
+        if self._pipeline is not None:  # this rank's stage (harmony.pipeline)
+            return self._pipeline.plan(self, sizes)
         return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
                     self.host_memory, self._k_ratio, _bandwidth(self.device),
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
@@ -300,6 +330,8 @@ class Trainer:
                                     self.optimizer_factory, chosen.sizes.k[p], self.store))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
+        if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
+            self._pipeline.attach(self._runtime)
         if self.clip_grad_norm is not None:
             # The norm is taken over the gradients in the model's parameter order, as
             # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
@@ -400,6 +432,9 @@ class Trainer:
         for k, v in model_sd.items():
             src = found.get(id(v))
             out[k] = (src if src is not None else v.detach()).cpu().clone()
+        if self._pipeline is not None:  # each key from the rank that trains it (collective)
+            owned = {k for k, v in model_sd.items() if id(v) in found}
+            return self._pipeline.gather_state(out, owned)
         return out
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -414,6 +449,8 @@ class Trainer:
             OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
         """
         tensors, scalars, groups = self._optimizer_state()
+        if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
+            tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
@@ -421,7 +458,11 @@ class Trainer:
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
-        return checkpoint.save(path, self.step_count, self.state_dict(), tensors, meta)
+        weights = self.state_dict()
+        if self._pipeline is not None:
+            return self._pipeline.on_rank0(
+                lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
+        return checkpoint.save(path, self.step_count, weights, tensors, meta)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
@@ -570,7 +611,9 @@ class Trainer:
         if self._pending_optimizer is None:
             return
         tensors, scalars, groups = self._pending_optimizer
-        for i, pack in enumerate(self._runtime.packs):
+        # A pipeline rank's packs are the checkpoint's packs from its first one on.
+        offset = self._pipeline.first_pack if self._pipeline is not None else 0
+        for i, pack in enumerate(self._runtime.packs, start=offset):
             keys = self._param_keys(pack)
             order = [p for g in pack.optimizer.param_groups for p in g["params"]]
             state: dict[int, dict[str, Any]] = {}
@@ -604,6 +647,8 @@ class Trainer:
             tier.clear_cache()
         if self.store is not None:
             self.store.close()
+        if self._pipeline is not None:
+            self._pipeline.close()
 
     def __enter__(self) -> Trainer:
         return self

@@ -1,0 +1,96 @@
+"""One rank of a pipelined run, for tests/test_pipeline.py (forked, two per test).
+
+``run(rank, ranks, port, out, **options)`` joins a gloo group on 127.0.0.1:port (or lets the
+trainer start it from torchrun's environment variables when ``env_init``), trains the tiny
+transformer of tests/models.py with dropout for ``steps`` steps on batches drawn from a seeded
+generator, and writes ``out/rank<r>.pt``: the final ``state_dict()`` (collective: the whole
+model), the losses, the traffic counters, the rank's lowered schedule and sizes and its stage.
+With ``fail_at=(rank, step, layer)`` that rank's layer raises in that step's forward.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import harmony
+from tests.models import MODELS
+
+MODEL = "transformer"
+BATCH, MICRO = 6, 2
+
+
+def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [MODELS[MODEL][2](BATCH, g) for _ in range(steps)]
+
+
+def make_model(dropout: float) -> nn.Module:
+    return MODELS[MODEL][0](dropout)
+
+
+def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+
+class Boom(nn.Module):
+    """Wraps a layer; raises in the forward of step ``step`` (counted by the test's calls)."""
+
+    def __init__(self, layer: nn.Module, at_call: int) -> None:
+        super().__init__()
+        self.layer, self.calls, self.at_call = layer, 0, at_call
+
+    def forward(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.at_call:
+            raise RuntimeError("injected failure")
+        return self.layer(*args)
+
+
+def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: float = 0.1,
+        device_memory: int | None = None, stages: list[tuple[int, int]] | None = None,
+        env_init: bool = False, fail_at: tuple[int, int] | None = None,
+        timeout_s: float = 20.0, save: str | None = None) -> None:
+    torch.set_num_threads(1)
+    if env_init:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=ranks,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    model = make_model(dropout)
+    if fail_at is not None and fail_at[0] == rank:
+        layers = model.harmony_chain()
+        model.harmony_chain = lambda: [*layers[:-2], Boom(layers[-2], fail_at[1]), layers[-1]]
+    loss_fn = MODELS[MODEL][1]
+    try:
+        trainer = harmony.Trainer(model, loss_fn, optimizer=optimizer, micro_batch_size=MICRO,
+                                  device_memory=device_memory, parallel="pipeline",
+                                  stages=stages)
+        losses = [trainer.step(x, y) for x, y in batches(steps)]
+        state = trainer.state_dict()
+        if save is not None:
+            trainer.save(save)
+        pipe = trainer._pipeline
+        assert pipe is not None
+        torch.save({"state": state, "losses": losses, "bytes": dict(trainer.stats.bytes_moved),
+                    "schedule": str(pipe.schedule), "stage": pipe.stage, "stages": pipe.stages,
+                    "bounds": pipe.bounds, "placement": pipe.placement, "sizes": pipe.sizes,
+                    "micro_batches": pipe.schedule.micro_batches if pipe.schedule else 0,
+                    "steps": trainer.step_count},
+                   Path(out) / f"rank{rank}.pt")
+        trainer.close()
+    except BaseException:
+        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
