@@ -5,7 +5,9 @@ trainer start it from torchrun's environment variables when ``env_init``), train
 transformer of tests/models.py with dropout for ``steps`` steps on batches drawn from a seeded
 generator, and writes ``out/rank<r>.pt``: the final ``state_dict()`` (collective: the whole
 model), the losses, the traffic counters, the rank's lowered schedule and sizes and its stage.
-With ``fail_at=(rank, step, layer)`` that rank's layer raises in that step's forward.
+``load`` resumes from a checkpoint (training on from its step count), ``save`` writes one at
+the end.
+With ``fail_at=(rank, n)`` that rank's second-to-last layer raises on its n-th call.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 class Boom(nn.Module):
-    """Wraps a layer; raises in the forward of step ``step`` (counted by the test's calls)."""
+    """Wraps a layer; its ``at_call``-th call raises (profiling calls it too)."""
 
     def __init__(self, layer: nn.Module, at_call: int) -> None:
         super().__init__()
@@ -57,7 +59,7 @@ class Boom(nn.Module):
 def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: float = 0.1,
         device_memory: int | None = None, stages: list[tuple[int, int]] | None = None,
         env_init: bool = False, fail_at: tuple[int, int] | None = None,
-        timeout_s: float = 20.0, save: str | None = None) -> None:
+        timeout_s: float = 20.0, save: str | None = None, load: str | None = None) -> None:
     torch.set_num_threads(1)
     if env_init:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
@@ -75,17 +77,19 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
         trainer = harmony.Trainer(model, loss_fn, optimizer=optimizer, micro_batch_size=MICRO,
                                   device_memory=device_memory, parallel="pipeline",
                                   stages=stages)
-        losses = [trainer.step(x, y) for x, y in batches(steps)]
+        if load is not None:
+            trainer.load(load)
+        losses = [trainer.step(x, y) for x, y in batches(steps)[trainer.step_count:]]
         state = trainer.state_dict()
         if save is not None:
             trainer.save(save)
         pipe = trainer._pipeline
         assert pipe is not None
-        torch.save({"state": state, "losses": losses, "bytes": dict(trainer.stats.bytes_moved),
-                    "schedule": str(pipe.schedule), "stage": pipe.stage, "stages": pipe.stages,
-                    "bounds": pipe.bounds, "placement": pipe.placement, "sizes": pipe.sizes,
-                    "micro_batches": pipe.schedule.micro_batches if pipe.schedule else 0,
-                    "steps": trainer.step_count},
+        torch.save({"state": state, "losses": losses, "steps": trainer.step_count,
+                    "bytes": dict(trainer.stats.bytes_moved),
+                    "by_kind": dict(trainer.stats.bytes_by_kind), "schedule": pipe.schedule,
+                    "sizes": pipe.sizes, "stage": pipe.stage, "stages": pipe.stages,
+                    "bounds": pipe.bounds, "placement": pipe.placement},
                    Path(out) / f"rank{rank}.pt")
         trainer.close()
     except BaseException:
