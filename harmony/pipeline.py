@@ -218,7 +218,22 @@ class Pipeline:
         compute = stage_schedule(len(self.bounds), len(micro_batches), self.stages, self.rank)
         if first_time:
             given = trainer._fixed[1] if trainer._fixed is not None else None
-            lowered, predicted = self._place(trainer, compute, sizes, times, given)
+            placed: tuple[Schedule, SimResult] | InfeasiblePlan
+            try:
+                placed = self._place(trainer, compute, sizes, times, given)
+            except InfeasiblePlan as err:
+                placed = err
+            # Every rank goes on only if every rank's placement fits (else all raise the
+            # first failing rank's error, and a caller may retry with other budgets on all).
+            verdicts: list[Any] = [None] * self.ranks
+            mine = None if not isinstance(placed, InfeasiblePlan) else (
+                str(placed), placed.device_needed, placed.host_needed)
+            dist.all_gather_object(verdicts, mine)
+            failed = next((v for v in verdicts if v is not None), None)
+            if failed is not None:
+                raise InfeasiblePlan(*failed)
+            assert not isinstance(placed, InfeasiblePlan)
+            lowered, predicted = placed
         else:
             assert self.placement is not None and self.schedule is not None
             lowered = lower(compute, self.placement, self.schedule.prefetch or 0)
@@ -395,11 +410,9 @@ class Pipeline:
         return Path(result[0])
 
     def close(self) -> None:
-        """Wait for nothing more; end the process group if harmony started it."""
+        """Forget this step's sends. The process group stays: another trainer in this process
+        (say, one rebuilt with other budgets) joins it again; the process ends it on exit."""
         self.pending.clear()
-        if self.started and dist.is_initialized():
-            dist.destroy_process_group()
-            self.started = False
 
 
 def _header(value: tuple[torch.Tensor | None, ...], single: bool, loss: float) -> torch.Tensor:

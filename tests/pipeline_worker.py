@@ -57,7 +57,8 @@ class Boom(nn.Module):
 
 
 def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: float = 0.1,
-        device_memory: int | None = None, stages: list[tuple[int, int]] | None = None,
+        device_memory: int | None = None, host_memory: int | None = None,
+        stages: list[tuple[int, int]] | None = None,
         env_init: bool = False, fail_at: tuple[int, int] | None = None,
         timeout_s: float = 20.0, save: str | None = None, load: str | None = None) -> None:
     torch.set_num_threads(1)
@@ -75,7 +76,8 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
     loss_fn = MODELS[MODEL][1]
     try:
         trainer = harmony.Trainer(model, loss_fn, optimizer=optimizer, micro_batch_size=MICRO,
-                                  device_memory=device_memory, parallel="pipeline",
+                                  device_memory=device_memory, host_memory=host_memory,
+                                  parallel="pipeline",
                                   stages=stages)
         if load is not None:
             trainer.load(load)

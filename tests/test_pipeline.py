@@ -156,6 +156,18 @@ def test_save_on_rank0_holds_everything_and_every_rank_resumes(tmp_path: Path,
         assert torch.equal(v, want[k]), k
 
 
+def test_a_placement_that_fits_on_no_rank_but_one_stops_every_rank(tmp_path: Path) -> None:
+    # rank 0 holds the embedding alone (it fits anywhere); rank 1's four blocks fit neither the
+    # device budget nor the host budget
+    codes, _ = _launch(tmp_path, steps=1, stages=[(0, 1), (1, 5)], device_memory=200_000,
+                       host_memory=100_000)
+    assert codes == [1, 1]
+    for r in range(2):
+        err = (tmp_path / f"rank{r}.err").read_text()
+        assert "InfeasiblePlan: pipeline rank 1 (packs 1.." in err, err
+        assert "host_memory=97.66KiB" in err
+
+
 def test_a_failing_rank_stops_every_rank(tmp_path: Path) -> None:
     # rank 1's second-to-last layer raises on its 10th call: in the second or third step
     codes, seconds = _launch(tmp_path, steps=4, fail_at=(1, 10), timeout_s=20.0)
