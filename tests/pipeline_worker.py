@@ -7,13 +7,15 @@ generator, and writes ``out/rank<r>.pt``: the final ``state_dict()`` (collective
 model), the losses, the traffic counters, the rank's lowered schedule and sizes and its stage.
 ``load`` resumes from a checkpoint (training on from its step count), ``save`` writes one at
 the end.
-With ``fail_at=(rank, n)`` that rank's second-to-last layer raises on its n-th call.
+With ``fail_at=(rank, n)`` that rank's second-to-last layer raises on its n-th call (or, with
+``hang_s``, sleeps that long).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -43,23 +45,27 @@ def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 class Boom(nn.Module):
-    """Wraps a layer; its ``at_call``-th call raises (profiling calls it too)."""
+    """Wraps a layer; its ``at_call``-th call raises, or sleeps ``hang_s`` seconds (profiling
+    calls it too)."""
 
-    def __init__(self, layer: nn.Module, at_call: int) -> None:
+    def __init__(self, layer: nn.Module, at_call: int, hang_s: float) -> None:
         super().__init__()
-        self.layer, self.calls, self.at_call = layer, 0, at_call
+        self.layer, self.calls, self.at_call, self.hang_s = layer, 0, at_call, hang_s
 
     def forward(self, *args: Any) -> Any:
         self.calls += 1
         if self.calls == self.at_call:
-            raise RuntimeError("injected failure")
+            if self.hang_s:
+                time.sleep(self.hang_s)  # stuck, not dead: its peer must time out
+            else:
+                raise RuntimeError("injected failure")
         return self.layer(*args)
 
 
 def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: float = 0.1,
         device_memory: int | None = None, host_memory: int | None = None,
         stages: list[tuple[int, int]] | None = None,
-        env_init: bool = False, fail_at: tuple[int, int] | None = None,
+        env_init: bool = False, fail_at: tuple[int, int] | None = None, hang_s: float = 0.0,
         timeout_s: float = 20.0, save: str | None = None, load: str | None = None) -> None:
     torch.set_num_threads(1)
     if env_init:
@@ -72,7 +78,8 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
     model = make_model(dropout)
     if fail_at is not None and fail_at[0] == rank:
         layers = model.harmony_chain()
-        model.harmony_chain = lambda: [*layers[:-2], Boom(layers[-2], fail_at[1]), layers[-1]]
+        layers[-2] = Boom(layers[-2], fail_at[1], hang_s)
+        model.harmony_chain = lambda: layers
     loss_fn = MODELS[MODEL][1]
     try:
         trainer = harmony.Trainer(model, loss_fn, optimizer=optimizer, micro_batch_size=MICRO,

@@ -1,8 +1,10 @@
 """Pipelined harmony on two CPU processes (gloo): exactness against one process, failure,
 traffic against the simulator, and bad input.
 
-Each test forks two ranks running tests/pipeline_worker.py's ``run`` on a free port and joins
-them with a timeout (a hung rank is killed and the test fails, it never hangs).
+Each test starts two ranks running tests/pipeline_worker.py's ``run`` on a free port and joins
+them with a timeout (a hung rank is killed and the test fails, it never hangs). The ranks are
+forked from a fresh fork server that imported torch once, not from pytest's process: that one
+may hold threads of earlier tests' trainers, and a fork copies their locks held.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _free_port() -> int:
 def _launch(out: Path, ranks: int = 2, **options: Any) -> tuple[list[int | None], float]:
     """Run ``ranks`` forked ranks; returns their exit codes (None: killed after JOIN_S) and
     the seconds until the last one ended."""
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.pipeline_worker"])
     port = _free_port()
     procs = [ctx.Process(target=worker.run, args=(r, ranks, port, str(out)), kwargs=options)
              for r in range(ranks)]
@@ -83,8 +86,8 @@ def test_two_ranks_equal_one_process(tmp_path: Path, one_thread: None, budget: i
     steps, dropout = 3, 0.1
     codes, _ = _launch(tmp_path, steps=steps, dropout=dropout, device_memory=budget,
                        env_init=env_init)
-    ranks = _results(tmp_path)
     assert codes == [0, 0]
+    ranks = _results(tmp_path)
     want = _reference(steps, dropout)
     # The same operations in the same order as plain gradient accumulation (the boundary
     # activations and their gradients cross ranks unchanged): bit for bit.
@@ -177,6 +180,16 @@ def test_a_failing_rank_stops_every_rank(tmp_path: Path) -> None:
     assert "injected failure" in (tmp_path / "rank1.err").read_text()
     err0 = (tmp_path / "rank0.err").read_text()
     assert "pipeline rank 0" in err0 and "another rank" in err0, err0
+
+
+def test_a_stuck_rank_makes_its_peer_time_out(tmp_path: Path) -> None:
+    start = time.time()
+    codes, _ = _launch(tmp_path, steps=3, fail_at=(1, 10), hang_s=10.0, timeout_s=3.0)
+    assert codes[0] == 1 and codes[1] is not None and codes[1] != 0, codes
+    err0 = tmp_path / "rank0.err"
+    assert "pipeline rank 0" in err0.read_text()
+    # rank 0 gave up after the group's 3 s timeout, long before rank 1 woke up
+    assert err0.stat().st_mtime - start < 10.0
 
 
 def test_traffic_matches_the_simulator_per_rank(tmp_path: Path) -> None:
