@@ -15,8 +15,9 @@ calls them; ``state_dict()`` returns the whole model on every rank and rank 0 wr
 checkpoint; ``load()`` on every rank reads the whole checkpoint and keeps its stage's part.
 
 Messages: per value, a fixed-size int64 header (shapes, dtypes, whether the value is one tensor,
-and the loss so far) and then each tensor, with ``isend`` (waited for at the end of the step;
-compute goes on meanwhile) and a blocking ``recv``. Only payload bytes are counted in
+and the loss so far) and then each tensor, with ``isend`` (compute goes on meanwhile; the
+tensors are kept until their sends complete, all of them by the end of the step, and are not
+charged to the device budget meanwhile) and a blocking ``recv``. Only payload bytes are counted in
 ``stats.bytes_moved`` under ``"rank0->rank1"`` and the like, on both ends.
 
 Process group: an initialized ``torch.distributed`` group is used as it is; otherwise one is
@@ -127,7 +128,7 @@ class Pipeline:
         self.placement: Placement | None = None  # this rank's choice, every pack's entry
         self.schedule: Schedule | None = None  # this rank's lowered schedule, global packs
         self.sizes: Sizes | None = None  # every pack's sizes, for ``schedule``
-        self.pending: list[tuple[list[Any], tuple[torch.Tensor | None, ...]]] = []
+        self.pending: list[tuple[list[Any], tuple[torch.Tensor, ...]]] = []
 
     # -- which packs this rank runs -----------------------------------------------------------
     @property
@@ -340,11 +341,14 @@ class Pipeline:
                 value = runtime._read(ref)
                 single = runtime.values[ref].single
                 # D messages carry the loss so far: the last stage's is the batch loss
-                header = _header(value, single, float(runtime.loss))
+                header = _header(value, single, float(runtime.loss)).to(self.wire)
                 tensors = [t.detach().contiguous() for t in value if t is not None]
-                works = [dist.isend(header.to(self.wire), other)]
-                works += [dist.isend(t, other) for t in tensors]
-                self.pending.append((works, value))  # the sends read these until finish()
+                works = [dist.isend(header, other)] + [dist.isend(t, other) for t in tensors]
+                # The sends read these tensors until they complete: keep them until then (the
+                # schedule deletes the value right after this task). Finished sends let go.
+                self.pending = [(w, k) for w, k in self.pending
+                                if not all(x.is_completed() for x in w)]
+                self.pending.append((works, (header, *tensors)))
                 nbytes = sum(t.numel() * t.element_size() for t in tensors)
             else:
                 header = torch.empty(HEADER, dtype=torch.int64, device=self.wire)
@@ -410,8 +414,9 @@ class Pipeline:
         return Path(result[0])
 
     def close(self) -> None:
-        """Forget this step's sends. The process group stays: another trainer in this process
-        (say, one rebuilt with other budgets) joins it again; the process ends it on exit."""
+        """Forget this step's sends. The process group stays (even one harmony started):
+        another trainer in this process (say, one rebuilt with other budgets) joins it again;
+        the process ends it on exit."""
         self.pending.clear()
 
 
