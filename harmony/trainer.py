@@ -506,11 +506,14 @@ class Trainer:
         ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
         from Hugging Face transformers, ``path/config.json`` is written too, so
         ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
+        With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
         """
         st = checkpoint._safetensors()
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         weights = self.state_dict()  # fresh CPU copies: no two keys share memory
+        if self._pipeline is not None and self._pipeline.rank != 0:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".model.safetensors.tmp"
         st.save_file(weights, tmp, metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")

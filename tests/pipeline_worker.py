@@ -6,7 +6,7 @@ transformer of tests/models.py with dropout for ``steps`` steps on batches drawn
 generator, and writes ``out/rank<r>.pt``: the final ``state_dict()`` (collective: the whole
 model), the losses, the traffic counters, the rank's lowered schedule and sizes and its stage.
 ``load`` resumes from a checkpoint (training on from its step count), ``save`` writes one at
-the end.
+the end (and exports the weights to ``save + "-export"``).
 With ``fail_at=(rank, n)`` that rank's second-to-last layer raises on its n-th call (or, with
 ``hang_s``, sleeps that long).
 """
@@ -92,6 +92,7 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
         state = trainer.state_dict()
         if save is not None:
             trainer.save(save)
+            trainer.export(save + "-export")
         pipe = trainer._pipeline
         assert pipe is not None
         torch.save({"state": state, "losses": losses, "steps": trainer.step_count,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
 import harmony
@@ -141,6 +142,9 @@ def test_save_on_rank0_holds_everything_and_every_rank_resumes(tmp_path: Path,
     assert meta["step_count"] == 2
     for k, v in ranks[0]["state"].items():  # every stage's weights, from rank 0's file
         assert torch.equal(weights[k], v), k
+    exported = safetensors.torch.load_file(tmp_path / "ckpt-export" / "model.safetensors")
+    assert exported.keys() == weights.keys()
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
     params = [k for k, _ in worker.make_model(0.0).named_parameters()]
     assert {k.split("/")[0] for k in optimizer} == set(params)  # every stage's optimizer state
     codes, _ = _launch(resumed, steps=3, load=str(ckpt), device_memory=200_000)
