@@ -16,6 +16,8 @@ Run from the repository root (after ``pip install -e .``, or with ``PYTHONPATH=.
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py --device cuda --n-layer 8 \
         --n-embd 256 --block-size 128 --batch-size 64 --steps 1000
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --parallel pipeline
+        # one stage of packs per process (GPU with --device cuda); rank 0 prints
 
 The script prints the training-state size against the device budget and harmony's plan after the
 first step, shows loss, tokens/s and bytes moved per step while training, evaluates the
@@ -76,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "weights, optimizer state and activations live in files there")
     p.add_argument("--schedule", default="harmony",
                    choices=["harmony", "per-microbatch", "resident"])
+    p.add_argument("--parallel", choices=["pipeline"], default=None,
+                   help="'pipeline': under torchrun, each process trains a stage of the layers")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-every", type=int, default=50, help="steps between val evaluations")
     p.add_argument("--eval-batches", type=int, default=8, help="batches per loss estimate")
@@ -112,13 +116,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # harmony does not do yet.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1:
+    if world_size > 1 and args.parallel is None:
         if rank == 0:
             print(f"train_gpt.py: started as {world_size} processes, but multi-GPU training "
                   "lands in a later harmony version; run with --nproc_per_node=1",
                   file=sys.stderr)
         sys.exit(2)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
+    if args.parallel == "pipeline" and rank != 0:  # every rank trains; rank 0 reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        args.plot = ""
 
     # -- data and model -------------------------------------------------------------------------
     torch.manual_seed(args.seed)  # the model's initial weights
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    micro_batch_size=args.micro_batch_size, device=device,
                                    device_memory=budget, host_memory=args.host_memory,
                                    nvme_dir=args.nvme_dir, schedule=args.schedule,
-                                   seed=args.seed)
+                                   seed=args.seed, parallel=args.parallel)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
             sys.exit(f"train_gpt.py: {e}")
 

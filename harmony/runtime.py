@@ -110,6 +110,10 @@ class Runtime:
         # When a list, every task appends what it did: its text, start and end (seconds since
         # the step began) and the bytes each tier held after it (Trainer.record_step).
         self.record: list[dict[str, object]] | None = None
+        # Pipeline ranks (harmony.pipeline): ``comm`` runs SEND/RECV tasks; ``input_grad``:
+        # pack 0's input arrived from another rank, so its backward produces D0 to send back.
+        self.comm: Callable[[Runtime, Task], None] | None = None
+        self.input_grad = False
 
     @property
     def dev(self) -> Tier:
@@ -131,7 +135,8 @@ class Runtime:
             self.ties.start(schedule)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
-        phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
+        phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update", Op.SEND: "comm",
+                 Op.RECV: "comm"}
         begin = time.perf_counter()
         try:
             for task in schedule.tasks:
@@ -193,6 +198,9 @@ class Runtime:
             self._backward(task)
         elif op is Op.UPD:
             self._update(task)
+        elif op.is_comm:  # a pipeline rank's SEND/RECV (harmony.pipeline)
+            assert self.comm is not None, f"{task}: this runtime is not a pipeline rank"
+            self.comm(self, task)
         elif task.kind is Kind.W:
             if op is Op.SWAP_IN:
                 self._load_w(task.pack)
@@ -487,9 +495,8 @@ class Runtime:
         self._keep_buffers(p)
         self._produce(Ref(Kind.X, p + 1, m), as_tuple(out, f"pack {p}"), single)
 
-    @staticmethod
-    def _leaf(p: int, value: Value) -> tuple[torch.Tensor, ...]:
-        if p == 0:
+    def _leaf(self, p: int, value: Value) -> tuple[torch.Tensor, ...]:
+        if p == 0 and not self.input_grad:
             return tuple(t for t in value if t is not None)
         return tuple(t.detach().requires_grad_(t.is_floating_point())  # type: ignore[union-attr]
                      for t in value)
@@ -545,7 +552,7 @@ class Runtime:
                          if g is not None and o is not None and o.requires_grad]
                 if pairs:
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            if p > 0:
+            if p > 0 or self.input_grad:
                 assert leaf is not None
                 d = tuple(t.grad if t is not None else None for t in leaf)
                 self._produce(Ref(Kind.D, p, m), d, False)

@@ -18,6 +18,7 @@ from harmony.chain import Chain
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
+from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan, plan
 from harmony.precision import GradientOverflow, Precision
 from harmony.profile import optimizer_state_ratio, profile_layers
@@ -83,6 +84,14 @@ class Trainer:
             masters. fp16 skips (and counts in ``stats.skipped_steps``) steps whose gradients
             overflow; its current loss scale is ``trainer.precision.scale`` (the trainer keeps
             its own copy of a given Precision). See :mod:`harmony.precision`.
+        parallel: ``"pipeline"``: run under ``torchrun`` with one process per stage; the packs
+            are split into contiguous stages, one per rank, and activations pass between
+            neighbouring ranks (see :mod:`harmony.pipeline`). Every rank calls :meth:`step`
+            with the same global batch (only the first stage reads the inputs, only the last
+            the targets) and gets the batch loss back; :meth:`state_dict` and :meth:`save`
+            are then collective (every rank calls them). None: one process.
+        stages: with ``parallel="pipeline"``, the ``[start, stop)`` layers of each rank's
+            stage, e.g. ``[(0, 6), (6, 12)]``; None balances packs by profiled compute time.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer; the message
@@ -109,7 +118,9 @@ class Trainer:
                  plan: Plan | str | os.PathLike[str] | None = None,
                  clip_grad_norm: float | None = None,
                  lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-                 precision: str | Precision = "fp32") -> None:
+                 precision: str | Precision = "fp32",
+                 parallel: str | None = None,
+                 stages: Sequence[tuple[int, int]] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -131,6 +142,19 @@ class Trainer:
         self.nonfinite = nonfinite
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
+        # Pipeline parallelism: this rank's stage, its plan and its sends (harmony.pipeline).
+        self._pipeline: Pipeline | None = None
+        if parallel not in (None, "pipeline"):
+            raise ValueError(f"parallel={parallel!r} must be None or 'pipeline'")
+        if parallel is None and stages is not None:
+            raise ValueError(f"stages={stages!r} needs parallel='pipeline'")
+        if parallel == "pipeline":
+            if schedule != "harmony" or clip_grad_norm is not None:
+                raise ValueError(f"parallel='pipeline' runs schedule='harmony' without "
+                                 f"clip_grad_norm (got schedule={schedule!r}, clip_grad_norm="
+                                 f"{clip_grad_norm!r}); drop those arguments")
+            self._pipeline = Pipeline(device, stages)
+            device = self._pipeline.device  # "cuda" means this rank's GPU (LOCAL_RANK)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
@@ -160,6 +184,10 @@ class Trainer:
         self.stats = Stats()
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._check_shared_parameters()
+        if self._tied and self._pipeline is not None:
+            raise ValueError("parallel='pipeline' with tied weights (a parameter used by several "
+                             "layers, e.g. an embedding and an LM head) is not supported: the "
+                             "stages would each hold a copy; untie them or use parallel=None")
         # The model's parameters with each tied one once, as clip_grad_norm_ sees them; kept
         # before the packs are built, since untie() gives sharing packs copies of their own.
         self._params = list(self.chain.model.parameters())
@@ -257,10 +285,14 @@ class Trainer:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
         self._plan = plan_
         assert self._runtime is not None
+        data = StepData(micro_inputs, micro_targets, weights, single)
+        if self._pipeline is not None:  # later stages receive their inputs
+            data = self._pipeline.step_data(data)
         try:
-            loss = self._runtime.run(plan_.schedule, plan_.sizes,
-                                     StepData(micro_inputs, micro_targets, weights, single),
-                                     self.step_count, self.stats.seconds)
+            loss = self._runtime.run(plan_.schedule, plan_.sizes, data, self.step_count,
+                                     self.stats.seconds)
+            if self._pipeline is not None:
+                self._pipeline.finish()
         except GradientOverflow:  # fp16: nothing was updated; retry later at a lower scale
             self.precision.update_scale(overflow=True)
             self.stats.skipped_steps += 1
@@ -309,6 +341,8 @@ class Trainer:
 
     def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
         assert self._profiles is not None
+        if self._pipeline is not None:  # this rank's stage (harmony.pipeline)
+            return self._pipeline.plan(self, sizes)
         # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
         # checks every gradient for overflow before any update, as clipping needs every one.
         k_ratio = self.precision.k_ratio(self._k_ratio)
@@ -324,7 +358,9 @@ class Trainer:
         chosen = self._plan_for(sizes, fixed=self._fixed)
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
-        self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds)
+        # (None with pipeline stages, whose bounds cover only this rank's layers)
+        self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds) \
+            if self._tied else []
         if self._ties:
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
@@ -340,6 +376,8 @@ class Trainer:
         self._runtime.precision = self.precision
         if self._ties:
             self._runtime.ties = TiedWeights(self._ties, packs)
+        if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
+            self._pipeline.attach(self._runtime)
         if self.clip_grad_norm is not None:
             # The norm is taken over the gradients in the model's parameter order, as
             # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
@@ -365,6 +403,8 @@ class Trainer:
         try:
             chosen = self._plan_for(sizes, fixed=fixed)
         except InfeasiblePlan:
+            if self._pipeline is not None:  # (the stages are agreed between ranks once)
+                raise
             # These shapes need more room than the packs built for the first ones leave
             # (say, longer sequences after packs were kept resident): plan afresh and move
             # the training state to the new packs' homes.
@@ -484,6 +524,9 @@ class Trainer:
         for k, v in model_sd.items():
             src = found.get(id(v))
             out[k] = (src if src is not None else v.detach()).cpu().clone()
+        if self._pipeline is not None:  # each key from the rank that trains it (collective)
+            owned = {k for k, v in model_sd.items() if id(v) in found}
+            return self._pipeline.gather_state(out, owned)
         return out
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -498,6 +541,8 @@ class Trainer:
             OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
         """
         tensors, scalars, groups = self._optimizer_state()
+        if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
+            tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
@@ -506,7 +551,11 @@ class Trainer:
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
-        return checkpoint.save(path, self.step_count, self.state_dict(), tensors, meta)
+        weights = self.state_dict()
+        if self._pipeline is not None:
+            return self._pipeline.on_rank0(
+                lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
+        return checkpoint.save(path, self.step_count, weights, tensors, meta)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
@@ -557,11 +606,14 @@ class Trainer:
         ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
         from Hugging Face transformers, ``path/config.json`` is written too, so
         ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
+        With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
         """
         st = checkpoint._safetensors()
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         weights = self.state_dict()  # fresh CPU copies: no two keys share memory
+        if self._pipeline is not None and self._pipeline.rank != 0:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".model.safetensors.tmp"
         st.save_file(weights, tmp, metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")
@@ -672,7 +724,9 @@ class Trainer:
         if self._pending_optimizer is None:
             return
         tensors, scalars, groups = self._pending_optimizer
-        for i, pack in enumerate(self._runtime.packs):
+        # A pipeline rank's packs are the checkpoint's packs from its first one on.
+        offset = self._pipeline.first_pack if self._pipeline is not None else 0
+        for i, pack in enumerate(self._runtime.packs, start=offset):
             keys = self._param_keys(pack)
             order = [p for g in pack.optimizer.param_groups for p in g["params"]]
             state: dict[int, dict[str, Any]] = {}
@@ -707,6 +761,8 @@ class Trainer:
         if self.store is not None:
             self.store.close()
         retie(self._ties)  # the model's modules share their parameters again
+        if self._pipeline is not None:
+            self._pipeline.close()
 
     def __enter__(self) -> Trainer:
         return self
