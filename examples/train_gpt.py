@@ -16,6 +16,8 @@ Run from the repository root (after ``pip install -e .``, or with ``PYTHONPATH=.
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py --device cuda --n-layer 8 \
         --n-embd 256 --block-size 128 --batch-size 64 --steps 1000
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --parallel pipeline
+        # one stage of packs per process (GPU with --device cuda); rank 0 prints
 
 Data parallelism: with more than one process, every rank runs harmony on its share of each
 batch (``--batch-size`` stays the global batch: every rank draws the same batch and trains on
@@ -88,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "weights, optimizer state and activations live in files there")
     p.add_argument("--schedule", default="harmony",
                    choices=["harmony", "per-microbatch", "resident"])
+    p.add_argument("--parallel", choices=["data", "pipeline"], default=None,
+                   help="under torchrun: 'data' (the default with several processes) trains "
+                        "each rank on a slice of every batch; 'pipeline' each rank on a stage "
+                        "of the layers")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-every", type=int, default=50, help="steps between val evaluations")
     p.add_argument("--eval-batches", type=int, default=8, help="batches per loss estimate")
@@ -124,16 +130,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # variables describe, and each rank trains on its slice of every batch.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    parallel = "data" if world_size > 1 else None
-    if args.batch_size < world_size:
+    # Several processes train data-parallel unless --parallel says otherwise.
+    parallel = args.parallel or ("data" if world_size > 1 else None)
+    if parallel == "data" and args.batch_size < world_size:
         sys.exit(f"train_gpt.py: --batch-size {args.batch_size} leaves some of the "
                  f"{world_size} ranks without samples; use --batch-size >= {world_size}")
-    if rank != 0:  # one rank reports; the others' output would repeat it
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     device = f"cuda:{local_rank}" if args.device == "cuda" else args.device
+    if rank != 0:  # every rank trains; rank 0 reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        args.plot = ""
 
     def my_share(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of a global batch (sizes differ by at most one sample)."""
+        """This rank's slice of a global batch (sizes differ by at most one sample); a
+        pipeline rank takes the whole batch."""
+        if parallel != "data":
+            return x, y
         return x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
 
     # -- data and model -------------------------------------------------------------------------

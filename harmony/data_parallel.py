@@ -44,7 +44,7 @@ from schedules.data_parallel import ALLREDUCE_LINK, ring_bytes
 from schedules.placement import Placement
 from swap.stats import Stats
 
-PARALLEL_MODES = (None, "none", "data")
+PARALLEL_MODES = (None, "none", "data", "pipeline")  # "pipeline": harmony.pipeline
 
 
 class DataParallel:
@@ -73,9 +73,9 @@ class DataParallel:
                 or torchrun environment (the message says how to launch).
         """
         if parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel={parallel!r} is unknown; use None (one process) or "
-                             "'data' (data parallelism under torchrun)")
-        if parallel in (None, "none"):
+            raise ValueError(f"parallel={parallel!r} is unknown; use None (one process), 'data' "
+                             "or 'pipeline' (several processes under torchrun)")
+        if parallel != "data":
             return None
         device = hdist.local_device(device)
         return DataParallel(device, hdist.join(device, f"parallel={parallel!r}"))

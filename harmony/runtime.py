@@ -116,8 +116,12 @@ class Runtime:
         self.record: list[dict[str, object]] | None = None
         # Data parallelism (harmony.data_parallel): the rank's all-reduces, and the global
         # index of its first micro-batch (randomness follows global micro-batch indices).
-        self.comm: DataParallel | None = None
+        self.dp: DataParallel | None = None
         self.mb_offset = 0
+        # Pipeline ranks (harmony.pipeline): ``comm`` runs SEND/RECV tasks; ``input_grad``:
+        # pack 0's input arrived from another rank, so its backward produces D0 to send back.
+        self.comm: Callable[[Runtime, Task], None] | None = None
+        self.input_grad = False
 
     @property
     def dev(self) -> Tier:
@@ -139,7 +143,8 @@ class Runtime:
             self.ties.start(schedule)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
-        phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update"}
+        phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update", Op.SEND: "comm",
+                 Op.RECV: "comm"}
         begin = time.perf_counter()
         try:
             for task in schedule.tasks:
@@ -159,8 +164,8 @@ class Runtime:
             self.writes.clear()
         except BaseException:
             self.writes.clear()
-            if self.comm is not None:
-                self.comm.abandon()
+            if self.dp is not None:
+                self.dp.abandon()
             self.abandon()
             raise
         return float(self.loss)
@@ -204,11 +209,14 @@ class Runtime:
         elif op is Op.UPD:
             self._update(task)
         elif op is Op.ALLREDUCE:  # data parallelism: sum G over the ranks, asynchronously
-            assert self.comm is not None, f"{task} needs parallel='data'"
+            assert self.dp is not None, f"{task} needs parallel='data'"
             slot = self.values[task.ref]
             assert slot.dev is not None and slot.dev[0] is not None
-            self.comm.start(task.pack, slot.dev[0], self.packs[task.pack].layout.trainable,
+            self.dp.start(task.pack, slot.dev[0], self.packs[task.pack].layout.trainable,
                             self.engine.stats)
+        elif op.is_comm:  # a pipeline rank's SEND/RECV (harmony.pipeline)
+            assert self.comm is not None, f"{task}: this runtime is not a pipeline rank"
+            self.comm(self, task)
         elif task.kind is Kind.W:
             if op is Op.SWAP_IN:
                 self._load_w(task.pack)
@@ -504,9 +512,8 @@ class Runtime:
         self._keep_buffers(p)
         self._produce(Ref(Kind.X, p + 1, m), as_tuple(out, f"pack {p}"), single)
 
-    @staticmethod
-    def _leaf(p: int, value: Value) -> tuple[torch.Tensor, ...]:
-        if p == 0:
+    def _leaf(self, p: int, value: Value) -> tuple[torch.Tensor, ...]:
+        if p == 0 and not self.input_grad:
             return tuple(t for t in value if t is not None)
         return tuple(t.detach().requires_grad_(t.is_floating_point())  # type: ignore[union-attr]
                      for t in value)
@@ -562,7 +569,7 @@ class Runtime:
                          if g is not None and o is not None and o.requires_grad]
                 if pairs:
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            if p > 0:
+            if p > 0 or self.input_grad:
                 assert leaf is not None
                 d = tuple(t.grad if t is not None else None for t in leaf)
                 self._produce(Ref(Kind.D, p, m), d, False)
@@ -573,8 +580,8 @@ class Runtime:
 
     def _update(self, task: Task) -> None:
         p = task.pack
-        if not self.updated and self.comm is not None:
-            self.loss = self.comm.reduce_loss(self.loss)  # every rank decides on the same loss
+        if not self.updated and self.dp is not None:
+            self.loss = self.dp.reduce_loss(self.loss)  # every rank decides on the same loss
         if not self.updated and not torch.isfinite(self.loss):
             # Every micro-batch's loss is known before the first update in the generated
             # schedules, so refusing here leaves every weight as it was.
@@ -639,8 +646,8 @@ class Runtime:
                 for e, got in zip(pack.layout.trainable, pack.got_grad)]
 
     def _wait_allreduce(self, p: int) -> None:
-        if self.comm is not None:
-            self.comm.wait(p)
+        if self.dp is not None:
+            self.dp.wait(p)
 
     def _unscale(self) -> None:
         """fp16: divide every gradient by the loss scale; raise if any overflowed."""

@@ -19,6 +19,7 @@ from harmony.data_parallel import DataParallel
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
+from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan, plan
 from harmony.precision import GradientOverflow, Precision
 from harmony.profile import optimizer_state_ratio, profile_layers
@@ -91,6 +92,14 @@ class Trainer:
             step on all ranks' samples together (each sample's loss weighs 1 / global
             samples); ``device="cuda"`` means GPU ``LOCAL_RANK``; rank 0 writes checkpoints.
             See :mod:`harmony.data_parallel`.
+            ``"pipeline"``: run under ``torchrun`` with one process per stage; the packs
+            are split into contiguous stages, one per rank, and activations pass between
+            neighbouring ranks (see :mod:`harmony.pipeline`). Every rank calls :meth:`step`
+            with the same global batch (only the first stage reads the inputs, only the last
+            the targets) and gets the batch loss back; :meth:`state_dict` and :meth:`save`
+            are then collective (every rank calls them).
+        stages: with ``parallel="pipeline"``, the ``[start, stop)`` layers of each rank's
+            stage, e.g. ``[(0, 6), (6, 12)]``; None balances packs by profiled compute time.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer; the message
@@ -118,7 +127,8 @@ class Trainer:
                  clip_grad_norm: float | None = None,
                  lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
                  precision: str | Precision = "fp32",
-                 parallel: str | None = None) -> None:
+                 parallel: str | None = None,
+                 stages: Sequence[tuple[int, int]] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -140,6 +150,20 @@ class Trainer:
         self.nonfinite = nonfinite
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
+        # Pipeline parallelism: this rank's stage, its plan and its sends (harmony.pipeline).
+        self._pipeline: Pipeline | None = None
+        if parallel not in (None, "none", "data", "pipeline"):
+            raise ValueError(f"parallel={parallel!r} is unknown; use None (one process), 'data' "
+                             "or 'pipeline' (several processes under torchrun)")
+        if parallel != "pipeline" and stages is not None:
+            raise ValueError(f"stages={stages!r} needs parallel='pipeline'")
+        if parallel == "pipeline":
+            if schedule != "harmony" or clip_grad_norm is not None:
+                raise ValueError(f"parallel='pipeline' runs schedule='harmony' without "
+                                 f"clip_grad_norm (got schedule={schedule!r}, clip_grad_norm="
+                                 f"{clip_grad_norm!r}); drop those arguments")
+            self._pipeline = Pipeline(device, stages)
+            device = self._pipeline.device  # "cuda" means this rank's GPU (LOCAL_RANK)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available; use device='cpu'")
@@ -173,6 +197,10 @@ class Trainer:
         self.stats = Stats()
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._check_shared_parameters()
+        if self._tied and self._pipeline is not None:
+            raise ValueError("parallel='pipeline' with tied weights (a parameter used by several "
+                             "layers, e.g. an embedding and an LM head) is not supported: the "
+                             "stages would each hold a copy; untie them or use parallel=None")
         # The model's parameters with each tied one once, as clip_grad_norm_ sees them; kept
         # before the packs are built, since untie() gives sharing packs copies of their own.
         self._params = list(self.chain.model.parameters())
@@ -284,11 +312,15 @@ class Trainer:
         assert self._runtime is not None
         if self._dp is not None:  # global loss weights and micro-batch numbers; all-reduces
             weights, self._runtime.mb_offset = self._dp.loss_weights(sizes)
-            self._runtime.comm = self._dp
+            self._runtime.dp = self._dp
+        data = StepData(micro_inputs, micro_targets, weights, single)
+        if self._pipeline is not None:  # later stages receive their inputs
+            data = self._pipeline.step_data(data)
         try:
-            loss = self._runtime.run(plan_.schedule, plan_.sizes,
-                                     StepData(micro_inputs, micro_targets, weights, single),
-                                     self.step_count, self.stats.seconds)
+            loss = self._runtime.run(plan_.schedule, plan_.sizes, data, self.step_count,
+                                     self.stats.seconds)
+            if self._pipeline is not None:
+                self._pipeline.finish()
         except GradientOverflow:  # fp16: nothing was updated; retry later at a lower scale
             self.precision.update_scale(overflow=True)
             self.stats.skipped_steps += 1
@@ -337,6 +369,8 @@ class Trainer:
 
     def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
         assert self._profiles is not None
+        if self._pipeline is not None:  # this rank's stage (harmony.pipeline)
+            return self._pipeline.plan(self, sizes)
         # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
         # checks every gradient for overflow before any update, as clipping needs every one.
         k_ratio = self.precision.k_ratio(self._k_ratio)
@@ -359,7 +393,9 @@ class Trainer:
                 chosen = self._plan_for(sizes, fixed=agreed)
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
-        self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds)
+        # (None with pipeline stages, whose bounds cover only this rank's layers)
+        self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds) \
+            if self._tied else []
         if self._ties:
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
@@ -375,6 +411,8 @@ class Trainer:
         self._runtime.precision = self.precision
         if self._ties:
             self._runtime.ties = TiedWeights(self._ties, packs)
+        if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
+            self._pipeline.attach(self._runtime)
         if self.clip_grad_norm is not None:
             # The norm is taken over the gradients in the model's parameter order, as
             # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
@@ -400,6 +438,8 @@ class Trainer:
         try:
             chosen = self._plan_for(sizes, fixed=fixed)
         except InfeasiblePlan:
+            if self._pipeline is not None:  # (the stages are agreed between ranks once)
+                raise
             # These shapes need more room than the packs built for the first ones leave
             # (say, longer sequences after packs were kept resident): plan afresh and move
             # the training state to the new packs' homes.
@@ -519,6 +559,9 @@ class Trainer:
         for k, v in model_sd.items():
             src = found.get(id(v))
             out[k] = (src if src is not None else v.detach()).cpu().clone()
+        if self._pipeline is not None:  # each key from the rank that trains it (collective)
+            owned = {k for k, v in model_sd.items() if id(v) in found}
+            return self._pipeline.gather_state(out, owned)
         return out
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -541,6 +584,8 @@ class Trainer:
 
     def _save(self, path: str | os.PathLike[str]) -> Path:
         tensors, scalars, groups = self._optimizer_state()
+        if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
+            tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
@@ -549,7 +594,11 @@ class Trainer:
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
-        return checkpoint.save(path, self.step_count, self.state_dict(), tensors, meta)
+        weights = self.state_dict()
+        if self._pipeline is not None:
+            return self._pipeline.on_rank0(
+                lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
+        return checkpoint.save(path, self.step_count, weights, tensors, meta)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
@@ -600,11 +649,14 @@ class Trainer:
         ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
         from Hugging Face transformers, ``path/config.json`` is written too, so
         ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
+        With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
         """
         st = checkpoint._safetensors()
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
         weights = self.state_dict()  # fresh CPU copies: no two keys share memory
+        if self._pipeline is not None and self._pipeline.rank != 0:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".model.safetensors.tmp"
         st.save_file(weights, tmp, metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")
@@ -715,7 +767,9 @@ class Trainer:
         if self._pending_optimizer is None:
             return
         tensors, scalars, groups = self._pending_optimizer
-        for i, pack in enumerate(self._runtime.packs):
+        # A pipeline rank's packs are the checkpoint's packs from its first one on.
+        offset = self._pipeline.first_pack if self._pipeline is not None else 0
+        for i, pack in enumerate(self._runtime.packs, start=offset):
             keys = self._param_keys(pack)
             order = [p for g in pack.optimizer.param_groups for p in g["params"]]
             state: dict[int, dict[str, Any]] = {}
@@ -752,6 +806,8 @@ class Trainer:
         retie(self._ties)  # the model's modules share their parameters again
         if self._dp is not None:
             self._dp.close()
+        if self._pipeline is not None:
+            self._pipeline.close()
 
     def __enter__(self) -> Trainer:
         return self

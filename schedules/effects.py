@@ -10,6 +10,8 @@ For a schedule with P packs (the last pack, P-1, runs its forward inside its bac
               rewrites W p at home (a device copy becomes stale). With K on NVMe, W p's master
               and K p are read into host memory from the pack's first backward on, and written
               back after the update (see the simulator).
+    SEND X/D  reads the value on the device (a pipeline rank passes it to its neighbour)
+    RECV X/D  produces the value on the device
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from schedules.task import Kind, Loc, Op, Ref, Task
 
 @dataclass(frozen=True)
 class Effect:
-    """A compute task's reads (value, where it must be) and the values it creates on the device."""
+    """A compute (or SEND/RECV) task's reads (value, where it must be) and the values it
+    creates on the device."""
 
     reads: tuple[tuple[Ref, Loc], ...]
     produces: tuple[Ref, ...]
@@ -54,6 +57,10 @@ def effect(task: Task, packs: int, recompute: bool, placement: Placement,
         return Effect(tuple(reads), (*made, Ref(Kind.G, p)))
     if task.op is Op.UPD:
         return Effect(((Ref(Kind.G, p), placement.update_loc(p)),), ())
+    if task.op is Op.SEND:
+        return Effect(((task.ref, dev),), ())
+    if task.op is Op.RECV:
+        return Effect((), (task.ref,))
     raise ValueError(f"{task} is not a compute task")
 
 

@@ -42,16 +42,20 @@ def lower(schedule: Schedule, placement: Placement, prefetch: int = 1) -> Schedu
         raise ValueError(f"placement has {placement.packs} packs, schedule has {schedule.packs}")
     if prefetch < 0:
         raise ValueError(f"prefetch={prefetch} must be >= 0")
+    # Compute tasks, and a pipeline rank's SEND/RECV, which read and produce values like them.
     compute = list(schedule.tasks)
-    if any(not t.op.is_compute for t in compute):
+    if any(not (t.op.is_compute or t.op.is_comm) for t in compute):
         raise ValueError(f"schedule {schedule.name!r} is already lowered")
     n, packs = len(compute), schedule.packs
 
     run: list[int] = []
     run_start: list[int] = []
+    prev: int | None = None  # the pack of the last compute task: a SEND/RECV starts no run
     for i, t in enumerate(compute):
-        if i == 0 or t.pack != compute[i - 1].pack:
+        if i == 0 or (t.op.is_compute and prev is not None and t.pack != prev):
             run_start.append(i)
+        if t.op.is_compute:
+            prev = t.pack
         run.append(len(run_start) - 1)
 
     effects = []

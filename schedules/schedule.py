@@ -21,6 +21,9 @@ class Schedule:
             when forwards keep their autograd graph (S values) until their backward.
         placement: where values live; None for a compute-only schedule (before lowering).
         prefetch: the prefetch depth the lowering used (packs ahead), None before lowering.
+        stage: for one rank of a pipeline, the packs ``[first, stop)`` it runs (pack numbers
+            stay global: rank 1 of ``stage=(2, 4)`` runs F2.0, not F0.0); None: every pack.
+        rank: the pipeline rank this schedule is for (SEND/RECV peers are ``rank +- 1``).
 
     ``str(schedule)`` is the tasks' text form separated by spaces; :meth:`parse` reverses it.
     """
@@ -32,9 +35,17 @@ class Schedule:
     recompute: bool = True
     placement: Placement | None = None
     prefetch: int | None = None
+    stage: tuple[int, int] | None = None
+    rank: int = 0
 
     def __str__(self) -> str:
         return " ".join(str(t) for t in self.tasks)
+
+    @property
+    def local_packs(self) -> range:
+        """The packs this rank runs (all of them outside a pipeline)."""
+        first, stop = self.stage if self.stage is not None else (0, self.packs)
+        return range(first, stop)
 
     @property
     def lowered(self) -> bool:
@@ -46,19 +57,20 @@ class Schedule:
     def with_tasks(self, tasks: list[Task], placement: Placement | None, prefetch: int | None,
                    ) -> Schedule:
         return Schedule(self.name, self.packs, self.micro_batches, tuple(tasks), self.recompute,
-                        placement, prefetch)
+                        placement, prefetch, self.stage, self.rank)
 
     @staticmethod
     def parse(text: str, *, name: str = "custom", packs: int | None = None,
               micro_batches: int | None = None, recompute: bool = True,
-              placement: Placement | None = None, prefetch: int | None = None) -> Schedule:
+              placement: Placement | None = None, prefetch: int | None = None,
+              stage: tuple[int, int] | None = None, rank: int = 0) -> Schedule:
         """Build a schedule from its text form (counts default to the largest seen, plus one)."""
         tasks = tuple(Task.parse(word) for word in text.split())
         seen_p = 1 + max((t.pack for t in tasks), default=-1)
         seen_m = 1 + max((t.mb for t in tasks if t.mb is not None), default=-1)
         return Schedule(name, packs if packs is not None else seen_p,
                         micro_batches if micro_batches is not None else seen_m,
-                        tasks, recompute, placement, prefetch)
+                        tasks, recompute, placement, prefetch, stage, rank)
 
     def grid(self, mark: int | None = None, width: int = 24) -> str:
         """The tasks as a pack-by-time grid; ``mark`` (a task index) is shown as ``>task<``.

@@ -13,6 +13,11 @@ bytes while it runs) and released when freed. The input batch (X of pack 0) is t
 is not charged at its home. With data parallelism (``ranks`` > 1) an all-reduce ``&G p``
 moves :func:`schedules.data_parallel.ring_bytes` over the ``"allreduce"`` link once G p is
 ready, and whatever reads G p afterwards waits for it.
+
+A pipeline rank's schedule charges only its own packs' weights and optimizer state. Its SEND
+and RECV move the value's bytes over the link between the two ranks (``"rank0->rank1"``); a
+received value is charged on the device when the RECV is issued. This per-rank model assumes
+the sender is ready (it does not see the other ranks, so it shows no pipeline bubble).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 
 from schedules.data_parallel import ALLREDUCE_LINK, ring_bytes
 from schedules.effects import effect, updates_after_backward
+from schedules.pipeline import RANK_BANDWIDTH, peer_link
 from schedules.schedule import Schedule
 from schedules.task import Kind, Loc, Op, Ref
 
@@ -121,7 +127,7 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
     def home(ref: Ref) -> Loc:
         return placement.home(ref.kind, ref.pack)
 
-    for p in range(P):
+    for p in schedule.local_packs:
         for kind in (Kind.W, Kind.K):
             ref = Ref(kind, p)
             charge(home(ref), sizes.of(ref))
@@ -144,12 +150,28 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         if times is None:
             return 0.0
         begin = max(clock, link_free[name], after)
-        link_free[name] = begin + n / times.bandwidth[name]
+        if name.startswith("rank"):  # between pipeline ranks: a measured link, else assumed
+            bandwidth = times.bandwidth.get(name, times.bandwidth.get("rank->rank",
+                                                                      RANK_BANDWIDTH))
+        else:
+            bandwidth = times.bandwidth[name]
+        link_free[name] = begin + n / bandwidth
         return link_free[name]
 
     updated: set[int] = set()
     holding: list[tuple[int, Loc, int]] = []  # (owner, tier, bytes) of held tied gradients
     for t in schedule.tasks:
+        if t.op.is_comm:
+            ref = t.ref
+            n = sizes.of(ref)
+            if t.op is Op.RECV:
+                charge(Loc.DEVICE, n)
+                on_device.add(ref)
+                ready[(ref, Loc.DEVICE)] = transfer(peer_link(schedule.rank, t), ref.kind, n, 0.0)
+            else:  # sent behind: compute goes on while the bytes travel
+                transfer(peer_link(schedule.rank, t), ref.kind, n, ready[(ref, Loc.DEVICE)])
+            timeline.append(dict(used))
+            continue
         if t.op.is_compute:
             p = t.pack
             nvme_k = placement.k[p] is Loc.NVME

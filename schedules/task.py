@@ -12,6 +12,8 @@ tensor. The text form is short enough to print whole schedules on a line::
     ~W2    free the device copy (the home copy is valid, so nothing is copied)
     !X1.3  the value is dead: release every copy of it
     &G2    start summing pack 2's gradients over the data-parallel ranks (an all-reduce)
+    >X2.0  send pack 2's input for micro-batch 0 to the next rank (pipeline; D goes to the previous)
+    <D2.0  receive the gradient of pack 2's input for micro-batch 0 from the next rank
 
 >>> Task.parse("+X1.3")
 Task(op=<Op.SWAP_IN: '+'>, pack=1, mb=3, kind=<Kind.X: 'X'>)
@@ -37,10 +39,17 @@ class Op(enum.Enum):
     FREE = "~"
     DEL = "!"
     ALLREDUCE = "&"  # sum a value over the data-parallel ranks (see schedules.data_parallel)
+    SEND = ">"
+    RECV = "<"
 
     @property
     def is_compute(self) -> bool:
         return self in (Op.FWD, Op.BWD, Op.UPD)
+
+    @property
+    def is_comm(self) -> bool:
+        """A transfer between neighbouring pipeline ranks: X flows to the next rank, D back."""
+        return self in (Op.SEND, Op.RECV)
 
 
 class Kind(enum.Enum):
@@ -83,7 +92,7 @@ class Ref:
         return f"{self.kind.value}{self.pack}" + ("" if self.mb is None else f".{self.mb}")
 
 
-_TEXT = re.compile(r"^(?P<op>[FBU+\-~!&])(?P<kind>[WGKXDS]?)(?P<pack>\d+)(?:\.(?P<mb>\d+))?$")
+_TEXT = re.compile(r"^(?P<op>[FBU+\-~!&<>])(?P<kind>[WGKXDS]?)(?P<pack>\d+)(?:\.(?P<mb>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,7 @@ class Task:
         op: what to do.
         pack: the pack it applies to.
         mb: the micro-batch (FWD, BWD, and moves of per-micro-batch kinds), else None.
-        kind: the kind of tensor moved (SWAP_IN, SWAP_OUT, FREE, DEL), else None.
+        kind: the kind of tensor moved (SWAP_IN, SWAP_OUT, FREE, DEL, SEND, RECV), else None.
     """
 
     op: Op
@@ -118,6 +127,9 @@ class Task:
                 need = "needs a" if self.kind.per_micro_batch else "takes no"
                 raise ValueError(f"{self.op.name} {self.kind.value}{self.pack}: kind "
                                  f"{self.kind.value} {need} micro-batch")
+            if self.op.is_comm and self.kind not in (Kind.X, Kind.D):
+                raise ValueError(f"{self.op.name} {self.kind.value}{self.pack}: only activations "
+                                 "(X) and their gradients (D) pass between ranks")
 
     @property
     def ref(self) -> Ref:
@@ -141,7 +153,7 @@ class Task:
         m = _TEXT.match(text.strip())
         if m is None:
             raise ValueError(f"cannot parse task {text!r}: expected e.g. 'F2.0', 'B1.3', 'U0', "
-                             "'+W2', '-X1.0', '~W2', '!D1.0'")
+                             "'+W2', '-X1.0', '~W2', '!D1.0', '>X2.0', '<D2.0'")
         mb = None if m["mb"] is None else int(m["mb"])
         kind = Kind(m["kind"]) if m["kind"] else None
         try:

@@ -6,6 +6,13 @@ a FREE never drops the only valid copy, nothing is produced twice, every forward
 update runs exactly once and each update after its pack's last backward, and at the end nothing
 transient is alive and nothing with a home elsewhere is left on the device.
 
+A pipeline rank's schedule (``schedule.stage`` set) runs only its packs; it receives its first
+pack's inputs (X) from the previous rank and sends their gradients (D) back, and sends its last
+pack's outputs to the next rank and receives their gradients: each of those exactly once per
+micro-batch, a send only of a value on the device, a receive only of one that does not exist.
+Whether the ranks' sends and receives match is :func:`schedules.pipeline.validate_pipeline`'s
+business.
+
 On failure it raises :class:`ScheduleError` whose message ends with the grid, the bad task
 marked ``>like this<``.
 """
@@ -43,8 +50,16 @@ def validate(schedule: Schedule) -> None:
     def home(ref: Ref) -> Loc:
         return placement.home(ref.kind, ref.pack) if lowered else Loc.DEVICE
 
-    exists: set[Ref] = {Ref(Kind.X, 0, m) for m in range(M)}
-    exists |= {Ref(k, p) for p in range(P) for k in (Kind.W, Kind.K)}
+    local = schedule.local_packs
+    first, stop = local.start, local.stop
+    exists: set[Ref] = {Ref(Kind.X, 0, m) for m in range(M)} if first == 0 else set()
+    exists |= {Ref(k, p) for p in local for k in (Kind.W, Kind.K)}
+    # The values this rank passes to (or takes from) its neighbours: op -> refs, once each.
+    boundary = {Op.RECV: {Ref(Kind.X, first, m) for m in range(M) if first > 0}
+                | {Ref(Kind.D, stop, m) for m in range(M) if stop < P},
+                Op.SEND: {Ref(Kind.D, first, m) for m in range(M) if first > 0}
+                | {Ref(Kind.X, stop, m) for m in range(M) if stop < P}}
+    passed: dict[Op, set[Ref]] = {Op.RECV: set(), Op.SEND: set()}
     on_device = {r for r in exists if home(r) is Loc.DEVICE}
     home_valid = set(exists)
     done: set[Task] = set()
@@ -57,7 +72,29 @@ def validate(schedule: Schedule) -> None:
     for i, t in enumerate(schedule.tasks):
         if t.pack >= P or (t.mb is not None and t.mb >= M):
             fail(f"refers to pack/micro-batch outside {P} packs x {M} micro-batches", i)
+        if t.op.is_comm:
+            ref = t.ref
+            if ref not in boundary[t.op]:
+                fail(f"{ref} does not cross this rank's stage boundary (packs {first}..{stop - 1}"
+                     f" of {P}); a rank sends X{stop}/D{first} and receives X{first}/D{stop}", i)
+            if ref in passed[t.op]:
+                fail(f"{'sends' if t.op is Op.SEND else 'receives'} {ref} twice", i)
+            passed[t.op].add(ref)
+            if t.op is Op.RECV:
+                if ref in exists:
+                    fail(f"receives {ref}, which already exists", i)
+                exists.add(ref)
+                on_device.add(ref)
+                home_valid.discard(ref)
+            else:
+                if ref not in exists:
+                    fail(f"sends {ref}, which does not exist yet (or was deleted)", i)
+                if ref not in on_device:
+                    fail(f"sends {ref}, which is not on the device: add +{ref} before it", i)
+            continue
         if t.op.is_compute:
+            if t.pack not in local:
+                fail(f"pack {t.pack} is not on this rank's stage (packs {first}..{stop - 1})", i)
             if t in done:
                 fail("runs twice", i)
             done.add(t)
@@ -127,9 +164,11 @@ def validate(schedule: Schedule) -> None:
             on_device.discard(ref)
             home_valid.discard(ref)
 
-    expected = {Task(Op.FWD, p, m) for p in range(P - 1) for m in range(M)}
-    expected |= {Task(Op.BWD, p, m) for p in range(P) for m in range(M)}
-    expected |= {Task(Op.UPD, p) for p in range(P)}
+    expected = {Task(Op.FWD, p, m) for p in local if p < P - 1 for m in range(M)}
+    expected |= {Task(Op.BWD, p, m) for p in local for m in range(M)}
+    expected |= {Task(Op.UPD, p) for p in local}
+    expected |= {Task.move(op, ref) for op, refs in boundary.items() for ref in refs}
+    done |= {Task.move(op, ref) for op, refs in passed.items() for ref in refs}
     if missing := sorted(map(str, expected - done)):
         fail(f"never runs {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}", None)
     if lowered:

@@ -72,7 +72,8 @@ def test_task_module_doc_example() -> None:
 def tasks(draw: st.DrawFn) -> Task:
     op = draw(st.sampled_from(list(Op)))
     pack = draw(st.integers(0, 10_000))
-    kind = None if op.is_compute else draw(st.sampled_from(list(Kind)))
+    kinds = [Kind.X, Kind.D] if op.is_comm else list(Kind)  # only X and D cross ranks
+    kind = None if op.is_compute else draw(st.sampled_from(kinds))
     if op.is_compute:
         needs_mb = op is not Op.UPD
     else:
