@@ -20,16 +20,16 @@ tensors are kept until their sends complete, all of them by the end of the step,
 charged to the device budget meanwhile) and a blocking ``recv``. Only payload bytes are counted in
 ``stats.bytes_moved`` under ``"rank0->rank1"`` and the like, on both ends.
 
-Process group: an initialized ``torch.distributed`` group is used as it is; otherwise one is
-started from torchrun's environment (nccl on CUDA, gloo on CPU) with a timeout, so a rank whose
-peer died stops with an error instead of waiting forever.
+Process group (:mod:`harmony.dist`, shared with data parallelism): an initialized
+``torch.distributed`` group is used as it is; otherwise one is started from torchrun's
+environment (nccl on CUDA, gloo on CPU) with a timeout, so a rank whose peer died stops with an
+error instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import datetime
 import itertools
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from harmony.dist import join, local_device
 from harmony.planning import InfeasiblePlan, Plan, greedy_bounds, pack_sizes, pack_times, plan
 from harmony.runtime import StepData
 from schedules.lower import lower
@@ -55,40 +56,6 @@ if TYPE_CHECKING:
 HEADER = 128
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
           torch.int16, torch.int8, torch.uint8, torch.bool]
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
-
-
-def join(device: torch.device, timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-         ) -> tuple[int, int, bool]:
-    """This process's (rank, world size, whether harmony started the group).
-
-    Uses the initialized default group, else starts one from torchrun's environment (RANK,
-    WORLD_SIZE, MASTER_ADDR, MASTER_PORT): nccl for CUDA, gloo for CPU.
-
-    Raises:
-        ValueError: no group and no torchrun environment.
-
-    Example::
-
-        rank, ranks, started = join(torch.device("cpu"))
-    """
-    if not dist.is_available():
-        raise ValueError("parallel='pipeline' needs torch.distributed, which this PyTorch "
-                         "build lacks")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-               if k not in os.environ]
-    if missing:
-        raise ValueError(f"parallel='pipeline' runs one process per stage under torchrun, but "
-                         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set; "
-                         "start it with `torchrun --nproc-per-node 2 your_script.py` (or call "
-                         "torch.distributed.init_process_group first)")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), True
-
-
 class Pipeline:
     """One rank's part of a pipelined :class:`harmony.Trainer` (built by the trainer).
 
@@ -96,7 +63,8 @@ class Pipeline:
         device: the compute device (``"cuda"`` without an index becomes ``cuda:LOCAL_RANK``).
         stages: per rank, the ``[start, stop)`` layers of its stage; None: balance the packs
             by profiled compute time.
-        timeout: how long a receive may wait when harmony starts the process group.
+        timeout: how long a receive may wait when harmony starts the process group (default
+            ``HARMONY_DIST_TIMEOUT`` or 600 s, see :mod:`harmony.dist`).
 
     Raises:
         ValueError: no process group or torchrun environment, or bad ``stages``.
@@ -109,12 +77,12 @@ class Pipeline:
 
     def __init__(self, device: str | torch.device,
                  stages: Sequence[tuple[int, int]] | None = None,
-                 timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                 timeout: datetime.timedelta | None = None) -> None:
+        dev = local_device(torch.device(device))
         self.device = dev
-        self.rank, self.ranks, self.started = join(dev, timeout)
+        group = join(dev, "parallel='pipeline'",
+                     timeout.total_seconds() if timeout is not None else None)
+        self.rank, self.ranks, self.started = group.rank, group.world, group.owned
         if stages is not None:
             if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
                 raise ValueError(f"stages={stages!r} must be a list of (start, stop) layer "
