@@ -13,6 +13,7 @@ Run from the repository root (after ``pip install -e .``, or with ``PYTHONPATH=.
     mkdir -p /tmp/harmony-nvme && python examples/train_gpt.py --host-memory 4MiB \
         --nvme-dir /tmp/harmony-nvme      # training state 3x the host budget: NVMe files
     python examples/train_gpt.py --schedule resident --device-memory 64MiB  # no swapping
+    torchrun --standalone --nproc_per_node=1 examples/train_gpt.py --device cuda --precision bf16
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py --device cuda --n-layer 8 \
         --n-embd 256 --block-size 128 --batch-size 64 --steps 1000
@@ -37,7 +38,7 @@ validation loss every ``--eval-every`` steps, and ends with the final losses and
 
 What the defaults give (0.82M parameters, measured on a shared 2-core CPU): a 12.48MiB training
 state against a 4.16MiB device budget; a plan of 6 packs (embedding, 4 blocks, head) with W, K
-and stashed X on the host; val loss 4.19 -> 2.60 (step 50) -> 2.36 (step 200) in about 100 s;
+and stashed X on the host; val loss 4.19 -> 2.60 (step 50) -> 2.36 (step 200) in 50-100 s;
 per step 20.2MiB host->device (2x the weights, as harmony promises, plus activations) and
 13.1MiB back. ``--schedule per-microbatch`` reaches the same weights bit for bit, moving about
 3x the bytes. The default budget is a third of the training state; when activations (which grow
@@ -94,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="under torchrun: 'data' (the default with several processes) trains "
                         "each rank on a slice of every batch; 'pipeline' each rank on a stage "
                         "of the layers")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="compute dtype of the weights (bf16/fp16 keep fp32 masters and "
+                        "gradients; slow on CPUs without bf16 instructions)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-every", type=int, default=50, help="steps between val evaluations")
     p.add_argument("--eval-batches", type=int, default=8, help="batches per loss estimate")
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    micro_batch_size=args.micro_batch_size, device=device,
                                    device_memory=budget, host_memory=args.host_memory,
                                    nvme_dir=args.nvme_dir, schedule=args.schedule,
-                                   seed=args.seed, parallel=parallel)
+                                   seed=args.seed, parallel=parallel,
+                                   precision=args.precision)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
             sys.exit(f"train_gpt.py: {e}")
 
