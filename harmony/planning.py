@@ -12,7 +12,7 @@ that fits both budgets, the one with the lowest predicted step time wins.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from harmony.profile import LayerProfile, scaled
@@ -273,6 +273,29 @@ def _split_placement(bounds: tuple[tuple[int, int], ...], on_host: int, x: Loc) 
     n = len(bounds)
     wk = tuple(Loc.NVME if p < n - on_host else Loc.HOST for p in range(n))
     return Placement(wk, wk, (x,) * n)
+
+
+def largest_micro_batch(batch: int, plan_for: Callable[[list[int]], Plan]) -> tuple[int, Plan]:
+    """The largest micro-batch size whose split of ``batch`` samples ``plan_for`` can plan:
+    the batch itself, then powers of two below it, largest first (fewer, larger micro-batches
+    keep the device busier and, in the per-micro-batch schedule, move weights fewer times).
+
+    Raises:
+        InfeasiblePlan: not even micro-batches of one sample fit (the error of that size).
+
+    >>> largest_micro_batch(6, lambda sizes: sizes)[0]   # anything that plans: the batch
+    6
+    """
+    last: InfeasiblePlan | None = None
+    for u in sorted({batch} | {1 << i for i in range(batch.bit_length()) if 1 << i < batch},
+                    reverse=True):
+        sizes = [u] * (batch // u) + ([batch % u] if batch % u else [])
+        try:
+            return u, plan_for(sizes)
+        except InfeasiblePlan as err:
+            last = err
+    assert last is not None
+    raise last
 
 
 def _resident_placement(bounds: tuple[tuple[int, int], ...], keep: frozenset[int],

@@ -20,7 +20,7 @@ from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.pipeline import Pipeline
-from harmony.planning import InfeasiblePlan, Plan, plan
+from harmony.planning import InfeasiblePlan, Plan, largest_micro_batch, plan
 from harmony.precision import GradientOverflow, Precision
 from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
@@ -53,7 +53,9 @@ class Trainer:
             same update as one optimizer over the whole model). Default: AdamW(lr=1e-3).
         micro_batch_size: samples per micro-batch; a batch is split with ``torch.split`` (the
             last micro-batch may be smaller) and each micro-batch's loss is weighted by its share
-            of the samples, so a step equals one full-batch step.
+            of the samples, so a step equals one full-batch step. ``"auto"``: the largest size
+            (the batch, or a power of two below it) for which the planner finds a plan within
+            the budgets, chosen per batch shape (:attr:`micro_batch_size_used` tells which).
         device: the compute device, ``"cpu"`` or ``"cuda[:i]"``.
         device_memory, host_memory: budgets in bytes or strings such as ``"8GiB"``; None means
             no limit.
@@ -117,7 +119,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module | Sequence[nn.Module],
                  loss_fn: Callable[..., torch.Tensor],
-                 optimizer: OptimizerFactory | None = None, micro_batch_size: int = 1,
+                 optimizer: OptimizerFactory | None = None, micro_batch_size: int | str = 1,
                  device: str | torch.device = "cpu",
                  device_memory: int | str | None = None, host_memory: int | str | None = None,
                  nvme_dir: str | None = None, schedule: str = "harmony",
@@ -131,9 +133,10 @@ class Trainer:
                  stages: Sequence[tuple[int, int]] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
-        if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
-                or micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int")
+        if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
+                micro_batch_size, int) or micro_batch_size < 1):
+            raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int or "
+                             "'auto'")
         if schedule not in GENERATORS:
             raise ValueError(f"schedule={schedule!r} is unknown; "
                              f"choose one of {sorted(GENERATORS)}")
@@ -171,6 +174,11 @@ class Trainer:
             raise ValueError(f"device={device!r}: harmony runs on 'cpu' or 'cuda'")
         # Data parallelism (harmony/data_parallel.py); None for one process.
         self._dp = DataParallel.create(parallel, self.device)
+        if micro_batch_size == "auto" and parallel not in (None, "none"):
+            raise ValueError(f"micro_batch_size='auto' with parallel={parallel!r}: every rank "
+                             "must split its batch alike; give micro_batch_size as an int")
+        self._auto_sizes: dict[tuple[Any, ...], int] = {}  # batch shape -> chosen size
+        self.micro_batch_size_used: int | None = None
         if self._dp is not None:
             self.device = self._dp.device  # "cuda" -> this rank's GPU
         self.precision = Precision.parse(precision)  # ValueError naming the choices
@@ -293,8 +301,10 @@ class Trainer:
         if self._broken is not None:
             raise RuntimeError(self._broken)
         t0 = time.perf_counter()
-        micro_inputs, micro_targets, weights, single = split_batch(
-            inputs, targets, self.micro_batch_size)
+        mbs = self.micro_batch_size if isinstance(self.micro_batch_size, int) \
+            else self._auto_micro_batch_size(inputs, targets)
+        micro_inputs, micro_targets, weights, single = split_batch(inputs, targets, mbs)
+        self.micro_batch_size_used = mbs
         for name, t in [("inputs", x) for x in micro_inputs[0]] + [("targets", micro_targets[0])]:
             if t.device.type != "cpu" and t.device != self.device:
                 raise ValueError(f"{name} are on {t.device}, but this trainer computes on "
@@ -476,6 +486,17 @@ class Trainer:
         self._fixed = None
         self._first_plan(x, y, sizes, key)
         return self._plans[key]
+
+    def _auto_micro_batch_size(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
+                               targets: torch.Tensor) -> int:
+        """micro_batch_size='auto': the largest size with a plan, per batch shape."""
+        xs, ys, _, _ = split_batch(inputs, targets, 2)  # (2: BatchNorm needs two samples)
+        n = targets.shape[0]
+        key = (n,) + tuple((tuple(t.shape[1:]), t.dtype) for t in xs[0])
+        if key not in self._auto_sizes:
+            self._profile(xs[0], ys[0])  # sizes per sample; the plan scales them
+            self._auto_sizes[key], _ = largest_micro_batch(n, self._plan_for)
+        return self._auto_sizes[key]
 
     def _plan_for_fresh(self, x: tuple[torch.Tensor, ...], y: torch.Tensor,
                         sizes: list[int]) -> Plan:
