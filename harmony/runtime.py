@@ -118,6 +118,9 @@ class Runtime:
         # index of its first micro-batch (randomness follows global micro-batch indices).
         self.dp: DataParallel | None = None
         self.mb_offset = 0
+        # Sharded optimizer: the rank owning each pack's optimizer (None: every rank updates
+        # every pack). A rank steps only its packs and receives the others' weights.
+        self.owners: tuple[int, ...] | None = None
         # Pipeline ranks (harmony.pipeline): ``comm`` runs SEND/RECV tasks; ``input_grad``:
         # pack 0's input arrived from another rank, so its backward produces D0 to send back.
         self.comm: Callable[[Runtime, Task], None] | None = None
@@ -157,6 +160,8 @@ class Runtime:
                     self.record.append({
                         "task": str(task), "start": t0 - begin, "end": t1 - begin,
                         "bytes": {loc.value: tier.used for loc, tier in self.tiers.items()}})
+            if self.dp is not None:  # the weights other ranks updated (sharded optimizer)
+                self.dp.finish_broadcasts()
             # A step succeeds only once what it wrote behind is on disk: a failed write
             # surfaces here, not silently in a later step.
             for handle, name in self.writes:
@@ -214,6 +219,14 @@ class Runtime:
             assert slot.dev is not None and slot.dev[0] is not None
             self.dp.start(task.pack, slot.dev[0], self.packs[task.pack].layout.trainable,
                             self.engine.stats)
+        elif op is Op.REDUCE:  # sharded optimizer: sum G onto the pack's owner
+            assert self.dp is not None and self.owners is not None, f"{task} needs sharding"
+            slot = self.values[task.ref]
+            assert slot.dev is not None and slot.dev[0] is not None
+            self.dp.start_reduce(task.pack, self.owners[task.pack], slot.dev[0],
+                                 self.packs[task.pack].layout.trainable, self.engine.stats)
+        elif op is Op.BROADCAST:  # sharded optimizer: the owner's new W to every rank
+            self._broadcast_w(task.pack)
         elif op.is_comm:  # a pipeline rank's SEND/RECV (harmony.pipeline)
             assert self.comm is not None, f"{task}: this runtime is not a pipeline rank"
             self.comm(self, task)
@@ -234,6 +247,20 @@ class Runtime:
             self._drop(task.ref, home_too=True)
 
     # -- weights ----------------------------------------------------------------------------
+    def owns(self, p: int) -> bool:
+        """Whether this rank updates pack ``p`` (always, unless the optimizer is sharded)."""
+        return self.owners is None or self.dp is None or \
+            self.owners[p] == self.dp.group.rank
+
+    def _broadcast_w(self, p: int) -> None:
+        """Start sending pack ``p``'s updated home weights from its owner into every other
+        rank's home copy; the step waits for it before it ends."""
+        assert self.dp is not None and self.owners is not None
+        pack = self.packs[p]
+        if pack.home_w is None:
+            raise NotImplementedError("a sharded optimizer with weights on NVMe")
+        self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
+
     def _load_w(self, p: int) -> None:
         pack = self.packs[p]
         n = pack.layout.w_bytes
@@ -524,7 +551,7 @@ class Runtime:
         last = p == self.schedule.packs - 1
         self._wait_w(p)
         if p not in self.grads:
-            if self.packs[p].home is Loc.NVME and p in self.stage_early:
+            if self.packs[p].home is Loc.NVME and p in self.stage_early and self.owns(p):
                 self._stage(p)
             self._new_grad(p)
         else:
@@ -593,6 +620,10 @@ class Runtime:
                 self.ties.merge_all(self)
             self._clip_gradients(*self.clip)
         self.updated.append(p)
+        if not self.owns(p):  # sharded optimizer: the owner steps it and broadcasts W
+            self._wait_allreduce(p)
+            self.grads.discard(p)
+            return
         if self.ties is not None:  # an owner sums the sharers' gradients; a sharer keeps its own
             self.ties.before_update(self, p)
         pack = self.packs[p]
@@ -661,11 +692,17 @@ class Runtime:
 
         The schedule runs every update after the last backward, so all gradients exist here.
         """
-        views = {p: self._grad_views(p) for p in range(len(self.packs))}
-        grads = [g for p, i in order if (g := views[p][i]) is not None]
-        if not grads:
+        views = {p: self._grad_views(p) for p in range(len(self.packs)) if self.owns(p)}
+        grads = [g for p, i in order if p in views and (g := views[p][i]) is not None]
+        if self.owners is not None and self.dp is not None:
+            # Sharded optimizer: each rank holds the summed gradients of its own packs; the
+            # squares of their norms are summed over the ranks (float64) into the global norm.
+            square = sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in grads)
+            total = torch.tensor(self.dp.all_sum(square) ** 0.5, dtype=torch.float32)
+        elif not grads:
             return
-        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        else:
+            total = torch.nn.utils.get_total_norm(grads, 2.0)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for device in {g.device for g in grads}:
             torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))

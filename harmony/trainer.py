@@ -18,7 +18,7 @@ from harmony.chain import Chain
 from harmony.data_parallel import DataParallel
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
-from harmony.pack import Pack
+from harmony.pack import NothingToTrain, Pack
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan, plan
 from harmony.precision import GradientOverflow, Precision
@@ -128,7 +128,8 @@ class Trainer:
                  lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
                  precision: str | Precision = "fp32",
                  parallel: str | None = None,
-                 stages: Sequence[tuple[int, int]] | None = None) -> None:
+                 stages: Sequence[tuple[int, int]] | None = None,
+                 shard_optimizer: bool = False) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) \
@@ -157,6 +158,17 @@ class Trainer:
                              "or 'pipeline' (several processes under torchrun)")
         if parallel != "pipeline" and stages is not None:
             raise ValueError(f"stages={stages!r} needs parallel='pipeline'")
+        if not isinstance(shard_optimizer, bool):
+            raise ValueError(f"shard_optimizer={shard_optimizer!r} must be True or False")
+        if shard_optimizer and parallel != "data":
+            raise ValueError(f"shard_optimizer=True shards the optimizer state over data-parallel "
+                             f"ranks, but parallel={parallel!r}; pass parallel='data' (under "
+                             "torchrun) or drop shard_optimizer")
+        if shard_optimizer and (nvme_dir is not None or Precision.parse(precision).mixed):
+            raise ValueError(f"shard_optimizer=True does not support nvme_dir={nvme_dir!r} or "
+                             f"precision={precision!r} yet; use fp32 weights on the device or "
+                             "host, or shard_optimizer=False")
+        self.shard_optimizer = shard_optimizer
         if parallel == "pipeline":
             if schedule != "harmony" or clip_grad_norm is not None:
                 raise ValueError(f"parallel='pipeline' runs schedule='harmony' without "
@@ -170,7 +182,7 @@ class Trainer:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device={device!r}: harmony runs on 'cpu' or 'cuda'")
         # Data parallelism (harmony/data_parallel.py); None for one process.
-        self._dp = DataParallel.create(parallel, self.device)
+        self._dp = DataParallel.create(parallel, self.device, shard_optimizer)
         if self._dp is not None:
             self.device = self._dp.device  # "cuda" -> this rank's GPU
         self.precision = Precision.parse(precision)  # ValueError naming the choices
@@ -197,6 +209,10 @@ class Trainer:
         self.stats = Stats()
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._check_shared_parameters()
+        if self._tied and shard_optimizer:
+            raise ValueError("shard_optimizer=True with tied weights (a parameter used by several "
+                             "layers) is not supported: their gradients are summed across packs "
+                             "that different ranks would own; untie them or shard_optimizer=False")
         if self._tied and self._pipeline is not None:
             raise ValueError("parallel='pipeline' with tied weights (a parameter used by several "
                              "layers, e.g. an embedding and an LM head) is not supported: the "
@@ -237,6 +253,7 @@ class Trainer:
         self._k_ratio = 2.0
         self._pending_optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None \
             = None
+        self._gathered_scheduler: dict[str, Any] | None = None
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
 
@@ -381,7 +398,9 @@ class Trainer:
                     self.host_memory, k_ratio, bandwidth,
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
                     deferred_updates=self.clip_grad_norm is not None or self.precision.scaling,
-                    tied=self._tied, ranks=ranks, local_ranks=local_ranks)
+                    tied=self._tied, ranks=ranks, local_ranks=local_ranks,
+                    shard=self._dp.group.rank if self._dp is not None and self._dp.shard
+                    else None)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
@@ -400,15 +419,21 @@ class Trainer:
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
         packs = []
+        rank = self._dp.group.rank if self._dp is not None else 0
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
+            # Sharded optimizer: another rank owns this pack's optimizer state (and its K
+            # charge: the plan's K for it is 0 here); this rank only receives its weights.
+            factory = self.optimizer_factory if chosen.owners is None \
+                or chosen.owners[p] == rank else _not_mine
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
-                                    self.optimizer_factory, chosen.sizes.k[p], self.store,
+                                    factory, chosen.sizes.k[p], self.store,
                                     self.precision,
                                     untrained=TiedWeights.untrained(self._ties, p)))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
+        self._runtime.owners = chosen.owners
         if self._ties:
             self._runtime.ties = TiedWeights(self._ties, packs)
         if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
@@ -453,8 +478,10 @@ class Trainer:
         and scheduler state (the same keyed hand-over as save/load, in memory)."""
         assert self._runtime is not None
         weights = self.state_dict()
-        optimizer_state = self._optimizer_state()
-        scheduler_state = self._scheduler_state()
+        optimizer_state = self._full_optimizer_state() if self._dp is not None \
+            and self._dp.shard else self._optimizer_state()
+        scheduler_state = self._gathered_scheduler if self._dp is not None \
+            and self._dp.shard else self._scheduler_state()
         try:
             self._plan_for_fresh(x, y, sizes)  # raises before anything changes if none fits
         finally:
@@ -579,17 +606,38 @@ class Trainer:
             OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
         """
         if self._dp is not None:  # rank 0 writes; the others wait for its folder
-            return self._dp.save(lambda: self._save(path))
+            full = self._full_optimizer_state() if self._dp.shard else None
+            return self._dp.save(lambda: self._save(path, full))
         return self._save(path)
 
-    def _save(self, path: str | os.PathLike[str]) -> Path:
+    def _full_optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
+        """Every pack's optimizer state, gathered from the ranks owning them (sharded
+        optimizer; collective). The learning-rate scheduler's state comes from a rank that
+        owns a pack, and is kept for the checkpoint."""
+        assert self._dp is not None
         tensors, scalars, groups = self._optimizer_state()
+        if self._runtime is None:
+            return tensors, scalars, groups
+        mine = {p: groups[p] for p, pack in enumerate(self._runtime.packs)
+                if self._runtime.owns(p)}
+        scheduler = self._scheduler_state() if mine else None
+        tensors, scalars, all_groups, scheduler = self._dp.gather_optimizer(
+            tensors, scalars, mine, scheduler)
+        self._gathered_scheduler = scheduler
+        return tensors, scalars, all_groups
+
+    def _save(self, path: str | os.PathLike[str],
+              optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None = None,
+              ) -> Path:
+        tensors, scalars, groups = optimizer if optimizer is not None \
+            else self._optimizer_state()
         if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
             tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
-                "lr_scheduler": self._scheduler_state(),
+                "lr_scheduler": self._gathered_scheduler if optimizer is not None
+                else self._scheduler_state(),
                 "precision": self.precision.state_dict(),
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
@@ -746,7 +794,9 @@ class Trainer:
         """The learning-rate schedulers' state (the same for every pack) as JSON data."""
         if not self.lr_schedulers:
             return self._pending_scheduler
-        state = self.lr_schedulers[0].state_dict()
+        # (a scheduler of a pack this rank trains: a sharded optimizer's other packs have none)
+        state = next((s for s in self.lr_schedulers if s.optimizer.param_groups),
+                     self.lr_schedulers[0]).state_dict()
         try:
             json.dumps(state)
         except TypeError as err:
@@ -814,6 +864,11 @@ class Trainer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _not_mine(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer of a pack another rank owns (sharded optimizer): steps nothing."""
+    return NothingToTrain()
 
 
 def _load_plan(path: str | os.PathLike[str]) -> Plan:

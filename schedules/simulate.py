@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from schedules.data_parallel import ALLREDUCE_LINK, ring_bytes
+from schedules.data_parallel import ALLREDUCE_LINK, BROADCAST_LINK, REDUCE_LINK, ring_bytes
 from schedules.effects import effect, updates_after_backward
 from schedules.pipeline import RANK_BANDWIDTH, peer_link
 from schedules.schedule import Schedule
@@ -100,6 +100,9 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
 
     ``ranks``: data-parallel ranks the all-reduces (``&G p`` tasks) sum over; one rank's
     traffic and time are simulated (``times.bandwidth["allreduce"]`` is its all-reduce rate).
+    A sharded optimizer's reduce ``^G p`` moves G p's bytes (``"reduce"`` link) and its
+    broadcast ``*W p`` W p's bytes (``"broadcast"``), at the all-reduce rate unless
+    ``times.bandwidth`` names those links; its K sizes are 0 for packs this rank does not own.
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -153,6 +156,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         if name.startswith("rank"):  # between pipeline ranks: a measured link, else assumed
             bandwidth = times.bandwidth.get(name, times.bandwidth.get("rank->rank",
                                                                       RANK_BANDWIDTH))
+        elif name in (REDUCE_LINK, BROADCAST_LINK):  # the all-reduce's rate unless given
+            bandwidth = times.bandwidth.get(name, times.bandwidth[ALLREDUCE_LINK])
         else:
             bandwidth = times.bandwidth[name]
         link_free[name] = begin + n / bandwidth
@@ -231,6 +236,15 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             if t.op is Op.ALLREDUCE:  # in place on the device; readers wait for its end
                 at = (ref, Loc.DEVICE)
                 ready[at] = transfer(ALLREDUCE_LINK, ref.kind, ring_bytes(n, ranks), ready[at])
+                timeline.append(dict(used))
+                continue
+            if t.op is Op.REDUCE:  # onto the owner, in place on the device: G bytes
+                at = (ref, Loc.DEVICE)
+                ready[at] = transfer(REDUCE_LINK, ref.kind, n, ready[at])
+                timeline.append(dict(used))
+                continue
+            if t.op is Op.BROADCAST:  # the updated W from its owner, after the update
+                transfer(BROADCAST_LINK, ref.kind, n, clock)
                 timeline.append(dict(used))
                 continue
             if t.op is Op.SWAP_IN:
