@@ -149,14 +149,17 @@ class DataParallel:
                                 f"pack {p}'s weights")
         self.broadcasts[p] = (work, done)
 
+    def finish_broadcast(self, p: int) -> None:
+        """Wait for pack ``p``'s weight broadcast and run what follows it."""
+        work, done = self.broadcasts.pop(p)
+        self._collective(work.wait, f"pack {p}'s weights")
+        if done is not None:
+            done()
+
     def finish_broadcasts(self) -> None:
         """Wait for every weight broadcast of the step and run what follows each."""
         while self.broadcasts:
-            p = next(iter(self.broadcasts))
-            work, done = self.broadcasts.pop(p)
-            self._collective(work.wait, f"pack {p}'s weights")
-            if done is not None:
-                done()
+            self.finish_broadcast(next(iter(self.broadcasts)))
 
     def all_sum(self, value: float) -> float:
         """The sum of ``value`` over the ranks (float64). Collective."""

@@ -250,7 +250,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     continue
                 lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf,
                                    ranks, own is not None)
-                result = simulate(lowered, sizes, times, ranks)
+                result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
                 candidate = Plan(bounds, lowered, sizes, result, own)
                 tried.append((result, candidate))
                 if fits(result):
@@ -262,7 +262,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     for i, bounds, placement, pf, sizes, times, own in skipped:
         lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
                            own is not None)
-        result = simulate(lowered, sizes, times, ranks)
+        result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
         tried[i] = (result, Plan(bounds, lowered, sizes, result, own))
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut
@@ -286,6 +286,13 @@ def _lowered(schedule: str, packs: int, micro_batches: int, deferred_updates: bo
         return lower(compute, placement, prefetch)
     lowered = lower(lag_updates(compute), placement, prefetch)
     return add_reduce_broadcast(lowered) if sharded else add_allreduce(lowered)
+
+
+def _owned(own: tuple[int, ...] | None, shard: int | None) -> frozenset[int] | None:
+    """The packs rank ``shard`` updates (None: every pack)."""
+    if own is None:
+        return None
+    return frozenset(p for p, r in enumerate(own) if r == shard)
 
 
 def _sharded(sizes: Sizes, ranks: int, shard: int | None) -> tuple[Sizes, tuple[int, ...] | None]:

@@ -121,6 +121,8 @@ class Runtime:
         # Sharded optimizer: the rank owning each pack's optimizer (None: every rank updates
         # every pack). A rank steps only its packs and receives the others' weights.
         self.owners: tuple[int, ...] | None = None
+        # pack -> an NVMe pack's updated host weights and their write, until broadcast
+        self.sending: dict[int, tuple[torch.Tensor, Handle]] = {}
         # Pipeline ranks (harmony.pipeline): ``comm`` runs SEND/RECV tasks; ``input_grad``:
         # pack 0's input arrived from another rank, so its backward produces D0 to send back.
         self.comm: Callable[[Runtime, Task], None] | None = None
@@ -193,6 +195,9 @@ class Runtime:
             else:
                 self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
         self.staged.clear()
+        for w, hw in list(self.sending.values()):
+            self.tiers[Loc.HOST].release(w, after=hw)
+        self.sending.clear()
         self.new_buffers.clear()
         for m, hm in self.staged_m.values():
             self.tiers[Loc.HOST].release(m, after=hm)
@@ -257,9 +262,26 @@ class Runtime:
         rank's home copy; the step waits for it before it ends."""
         assert self.dp is not None and self.owners is not None
         pack = self.packs[p]
-        if pack.home_w is None:
-            raise NotImplementedError("a sharded optimizer with weights on NVMe")
-        self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
+        if pack.home_w is not None:
+            self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
+            return
+        # Weights on NVMe: the owner sends the host copy its update wrote; the others receive
+        # into host memory and write their file. Waited for here, so that the host copies
+        # go back to the pool at once (as the simulator assumes).
+        host = self.tiers[Loc.HOST]
+        if self.owns(p):
+            w, written = self.sending.pop(p)
+            self.dp.start_broadcast(p, self.owners[p], w, self.engine.stats,
+                                    lambda: host.release(w, after=written))
+        else:
+            buf = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
+
+            def write() -> None:
+                handle = self._nvme_write(pack.w_key, buf, link(Loc.HOST, Loc.NVME), "W")
+                host.release(buf, after=handle)
+
+            self.dp.start_broadcast(p, self.owners[p], buf, self.engine.stats, write)
+        self.dp.finish_broadcast(p)
 
     def _load_w(self, p: int) -> None:
         pack = self.packs[p]
@@ -767,6 +789,9 @@ class Runtime:
         hk = self._nvme_write(pack.k_key, k, name, "K")
         pack.bind_masters(None)
         pack.bind_state(None)
-        host.release(w, after=hw)
+        if self.owners is not None:  # sharded optimizer: released once *W p sent it
+            self.sending[p] = (w, hw)
+        else:
+            host.release(w, after=hw)
         host.release(k, after=hk)
         self.grads.discard(p)

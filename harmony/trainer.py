@@ -164,10 +164,9 @@ class Trainer:
             raise ValueError(f"shard_optimizer=True shards the optimizer state over data-parallel "
                              f"ranks, but parallel={parallel!r}; pass parallel='data' (under "
                              "torchrun) or drop shard_optimizer")
-        if shard_optimizer and (nvme_dir is not None or Precision.parse(precision).mixed):
-            raise ValueError(f"shard_optimizer=True does not support nvme_dir={nvme_dir!r} or "
-                             f"precision={precision!r} yet; use fp32 weights on the device or "
-                             "host, or shard_optimizer=False")
+        if shard_optimizer and Precision.parse(precision).mixed:
+            raise ValueError(f"shard_optimizer=True does not support precision={precision!r} "
+                             "yet; use precision='fp32' or shard_optimizer=False")
         self.shard_optimizer = shard_optimizer
         if parallel == "pipeline":
             if schedule != "harmony" or clip_grad_norm is not None:

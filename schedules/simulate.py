@@ -23,7 +23,7 @@ the sender is ready (it does not see the other ranks, so it shows no pipeline bu
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from schedules.data_parallel import ALLREDUCE_LINK, BROADCAST_LINK, REDUCE_LINK, ring_bytes
@@ -95,7 +95,7 @@ def link(src: Loc, dst: Loc) -> str:
 
 
 def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
-             ranks: int = 1) -> SimResult:
+             ranks: int = 1, owned: Collection[int] | None = None) -> SimResult:
     """Replay a lowered ``schedule`` with ``sizes`` (and ``times``, for a step time).
 
     ``ranks``: data-parallel ranks the all-reduces (``&G p`` tasks) sum over; one rank's
@@ -103,6 +103,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
     A sharded optimizer's reduce ``^G p`` moves G p's bytes (``"reduce"`` link) and its
     broadcast ``*W p`` W p's bytes (``"broadcast"``), at the all-reduce rate unless
     ``times.bandwidth`` names those links; its K sizes are 0 for packs this rank does not own.
+    ``owned``: the packs this rank updates (None: all); another rank's pack homed on NVMe
+    reads nothing for its update, and its broadcast weights are written to its file.
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -179,7 +181,7 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             continue
         if t.op.is_compute:
             p = t.pack
-            nvme_k = placement.k[p] is Loc.NVME
+            nvme_k = placement.k[p] is Loc.NVME and (owned is None or p in owned)
             if nvme_k and p not in staged and (
                     (t.op is Op.BWD and p not in grads and p in early) or t.op is Op.UPD):
                 # The update's inputs stream in from NVMe while the pack's backward runs
@@ -244,7 +246,12 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                 timeline.append(dict(used))
                 continue
             if t.op is Op.BROADCAST:  # the updated W from its owner, after the update
-                transfer(BROADCAST_LINK, ref.kind, n, clock)
+                arrived = transfer(BROADCAST_LINK, ref.kind, n, clock)
+                if owned is not None and ref.pack not in owned and h is Loc.NVME:
+                    # received into host memory, then written to the weights' file
+                    charge(Loc.HOST, n)
+                    transfer(link(Loc.HOST, Loc.NVME), ref.kind, n, arrived)
+                    used[Loc.HOST] -= n
                 timeline.append(dict(used))
                 continue
             if t.op is Op.SWAP_IN:
