@@ -23,6 +23,14 @@ is the step of one process on the concatenation of the ranks' batches (in rank o
   all-reduces fail at once instead of hanging (the group's timeout bounds a rank that stops
   without raising).
 
+* sharded optimizer (``shard_optimizer=True``): each pack has an owner rank
+  (:func:`schedules.data_parallel.owners`, balanced by optimizer-state bytes); its gradients
+  are reduced onto the owner (``^G p``) instead of all-reduced, only the owner steps it, and
+  the owner broadcasts the new weights (``*W p``, :meth:`DataParallel.start_broadcast`) into
+  the other ranks' home copies, waited for before the step ends; clipping all-reduces the
+  owners' summed squared norms (:meth:`DataParallel.all_sum`); checkpoints gather the shards
+  (:meth:`DataParallel.gather_optimizer`) so rank 0 writes the whole optimizer state.
+
 The results equal one process's up to rounding, not bit for bit: the all-reduce adds the
 ranks' partial sums of micro-batch gradients, where one process adds the micro-batch
 gradients one after the other.

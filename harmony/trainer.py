@@ -91,7 +91,7 @@ class Trainer:
             passes its own share of the batch to :meth:`step`, and a step equals one process's
             step on all ranks' samples together (each sample's loss weighs 1 / global
             samples); ``device="cuda"`` means GPU ``LOCAL_RANK``; rank 0 writes checkpoints.
-            See :mod:`harmony.data_parallel`.
+            See :mod:`harmony.data_parallel` (and ``shard_optimizer``).
             ``"pipeline"``: run under ``torchrun`` with one process per stage; the packs
             are split into contiguous stages, one per rank, and activations pass between
             neighbouring ranks (see :mod:`harmony.pipeline`). Every rank calls :meth:`step`
@@ -100,10 +100,19 @@ class Trainer:
             are then collective (every rank calls them).
         stages: with ``parallel="pipeline"``, the ``[start, stop)`` layers of each rank's
             stage, e.g. ``[(0, 6), (6, 12)]``; None balances packs by profiled compute time.
+        shard_optimizer: with ``parallel="data"``, give each pack one owner rank (balanced by
+            optimizer-state bytes): its gradients are reduced onto the owner, only the owner
+            holds and steps its optimizer state (and is charged for it: host memory for K
+            falls to about 1/N per rank), and it broadcasts the updated weights to the other
+            ranks before the step ends. Global-norm clipping sums the owners' squared norms
+            over the ranks; :meth:`save` gathers the whole optimizer state into the
+            checkpoint (loadable sharded or not). fp32 only, no tied weights, for now.
+            Default False (every rank holds every pack's state).
 
     Raises:
-        ValueError: a bad argument or a budget that cannot hold the largest layer; the message
-            names the value and what to change.
+        ValueError: a bad argument or a budget that cannot hold the largest layer (or
+            ``shard_optimizer=True`` without ``parallel="data"``); the message names the value
+            and what to change.
 
     Example::
 
