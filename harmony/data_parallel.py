@@ -153,9 +153,34 @@ class DataParallel:
         every other rank's ``buf``; ``done`` runs once they arrived (in
         :meth:`finish_broadcasts`). Counts the bytes on the ``"broadcast"`` link."""
         stats.count(BROADCAST_LINK, "W", buf.numel() * buf.element_size())
-        work = self._collective(partial(dist.broadcast, buf, src=owner, async_op=True),
+        target = buf
+        if self.group.backend == "nccl" and buf.device.type == "cpu":
+            # NCCL moves device memory only: a host copy travels through a device buffer
+            target = buf.to(self.device, non_blocking=True) if self.group.rank == owner \
+                else torch.empty_like(buf, device=self.device)
+
+            def back(then: Callable[[], None] | None = done) -> None:
+                if self.group.rank != owner:
+                    buf.copy_(target)
+                if then is not None:
+                    then()
+            done = back
+        work = self._collective(partial(dist.broadcast, target, src=owner, async_op=True),
                                 f"pack {p}'s weights")
         self.broadcasts[p] = (work, done)
+
+    def send_masters(self, p: int, flat: torch.Tensor) -> None:
+        """Send pack ``p``'s fp32 masters (this rank owns it) to every rank. Collective."""
+        self._broadcast_now(p, flat.clone(), self.group.rank)
+
+    def receive_masters(self, p: int, owner: int, nbytes: int) -> torch.Tensor:
+        """Pack ``p``'s fp32 masters from its ``owner`` (a flat uint8 CPU buffer). Collective."""
+        return self._broadcast_now(p, torch.empty(nbytes, dtype=torch.uint8), owner)
+
+    def _broadcast_now(self, p: int, buf: torch.Tensor, owner: int) -> torch.Tensor:
+        target = buf.to(self.device) if self.group.backend == "nccl" else buf
+        self._collective(lambda: dist.broadcast(target, src=owner), f"pack {p}'s masters")
+        return target.cpu()
 
     def finish_broadcast(self, p: int) -> None:
         """Wait for pack ``p``'s weight broadcast and run what follows it."""

@@ -704,8 +704,12 @@ class Runtime:
 
     def _unscale(self) -> None:
         """fp16: divide every gradient by the loss scale; raise if any overflowed."""
-        grads = [g for p in range(len(self.packs)) for g in self._grad_views(p) if g is not None]
-        if unscale_(grads, self.precision.scale):
+        grads = [g for p in range(len(self.packs)) if self.owns(p)
+                 for g in self._grad_views(p) if g is not None]
+        overflow = unscale_(grads, self.precision.scale)
+        if self.owners is not None and self.dp is not None:  # each rank checked its packs
+            overflow = self.dp.all_sum(float(overflow)) > 0
+        if overflow:
             raise GradientOverflow(f"step {self.step}: a gradient overflowed at loss scale "
                                    f"{self.precision.scale:g}; the step is skipped")
 

@@ -18,7 +18,7 @@ from harmony.chain import Chain
 from harmony.data_parallel import DataParallel
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
-from harmony.pack import NothingToTrain, Pack
+from harmony.pack import Pack
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan, plan
 from harmony.precision import GradientOverflow, Precision
@@ -105,9 +105,11 @@ class Trainer:
             holds and steps its optimizer state (and is charged for it: host memory for K
             falls to about 1/N per rank), and it broadcasts the updated weights to the other
             ranks before the step ends. Global-norm clipping sums the owners' squared norms
-            over the ranks; :meth:`save` gathers the whole optimizer state into the
-            checkpoint (loadable sharded or not). fp32 only, no tied weights, for now.
-            Default False (every rank holds every pack's state).
+            over the ranks (fp16's overflow check agrees likewise); :meth:`save` gathers the
+            whole optimizer state into the checkpoint (loadable sharded or not). In mixed
+            precision only the owner keeps a pack's fp32 masters, so :meth:`state_dict` is
+            collective then. Not with tied weights yet. Default False (every rank holds every
+            pack's state).
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer (or
@@ -173,9 +175,6 @@ class Trainer:
             raise ValueError(f"shard_optimizer=True shards the optimizer state over data-parallel "
                              f"ranks, but parallel={parallel!r}; pass parallel='data' (under "
                              "torchrun) or drop shard_optimizer")
-        if shard_optimizer and Precision.parse(precision).mixed:
-            raise ValueError(f"shard_optimizer=True does not support precision={precision!r} "
-                             "yet; use precision='fp32' or shard_optimizer=False")
         self.shard_optimizer = shard_optimizer
         if parallel == "pipeline":
             if schedule != "harmony" or clip_grad_norm is not None:
@@ -430,14 +429,13 @@ class Trainer:
         rank = self._dp.group.rank if self._dp is not None else 0
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
-            # Sharded optimizer: another rank owns this pack's optimizer state (and its K
-            # charge: the plan's K for it is 0 here); this rank only receives its weights.
-            factory = self.optimizer_factory if chosen.owners is None \
-                or chosen.owners[p] == rank else _not_mine
+            # Sharded optimizer: another rank may own this pack's optimizer state and masters
+            # (and their charge: the plan's K for it is 0 here); this rank receives its W.
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
-                                    factory, chosen.sizes.k[p], self.store,
+                                    self.optimizer_factory, chosen.sizes.k[p], self.store,
                                     self.precision,
-                                    untrained=TiedWeights.untrained(self._ties, p)))
+                                    untrained=TiedWeights.untrained(self._ties, p),
+                                    owned=chosen.owners is None or chosen.owners[p] == rank))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
@@ -582,7 +580,7 @@ class Trainer:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
         found: dict[int, torch.Tensor] = {}
         for pack in self._runtime.packs:
-            flat, masters = pack.home_weights(), pack.master_weights()
+            flat, masters = pack.home_weights(), self._masters(pack)
             for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
                 found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
         for tie in self._ties:  # a tied weight's copies show the owner's master
@@ -599,6 +597,18 @@ class Trainer:
             return self._pipeline.gather_state(out, owned)
         return out
 
+    def _masters(self, pack: Pack) -> torch.Tensor:
+        """``pack.master_weights()``; with a sharded optimizer in mixed precision, sent from
+        the rank owning the pack (collective: every rank calls it for every pack in order)."""
+        if pack.owned or not pack.layout.mixed:
+            masters = pack.master_weights()
+            if self._dp is not None and self._dp.shard and pack.layout.mixed:
+                self._dp.send_masters(pack.index, masters)
+            return masters
+        assert self._dp is not None and self._plan is not None and self._plan.owners
+        return self._dp.receive_masters(pack.index, self._plan.owners[pack.index],
+                                        pack.layout.g_bytes)
+
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the full training state under directory ``path``, atomically.
@@ -614,8 +624,11 @@ class Trainer:
             OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
         """
         if self._dp is not None:  # rank 0 writes; the others wait for its folder
-            full = self._full_optimizer_state() if self._dp.shard else None
-            return self._dp.save(lambda: self._save(path, full))
+            if not self._dp.shard:
+                return self._dp.save(lambda: self._save(path))
+            full = self._full_optimizer_state()
+            weights = self.state_dict()  # (collective in mixed precision: the masters)
+            return self._dp.save(lambda: self._save(path, full, weights))
         return self._save(path)
 
     def _full_optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
@@ -636,7 +649,7 @@ class Trainer:
 
     def _save(self, path: str | os.PathLike[str],
               optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None = None,
-              ) -> Path:
+              weights: dict[str, torch.Tensor] | None = None) -> Path:
         tensors, scalars, groups = optimizer if optimizer is not None \
             else self._optimizer_state()
         if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
@@ -650,7 +663,8 @@ class Trainer:
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
-        weights = self.state_dict()
+        if weights is None:
+            weights = self.state_dict()
         if self._pipeline is not None:
             return self._pipeline.on_rank0(
                 lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
@@ -734,7 +748,7 @@ class Trainer:
                 flats.append((pack.w_key, flat))
             for e in pack.layout.entries:
                 views[id(e.tensor)] = [e.view(flat)]
-            if pack.layout.mixed:
+            if pack.layout.mixed and pack.owned:  # (another rank's pack: it has the masters)
                 masters = pack.master_weights()
                 if pack.home_m is None:
                     flats.append((pack.m_key, masters))
@@ -745,7 +759,7 @@ class Trainer:
     @contextlib.contextmanager
     def _state_in_memory(self, pack: Pack, write_back: bool) -> Iterator[None]:
         """Bind an NVMe pack's masters and optimizer state to host copies for the body."""
-        if pack.home is not Loc.NVME:
+        if pack.home is not Loc.NVME or not pack.owned:
             yield
             return
         assert self.store is not None
@@ -872,11 +886,6 @@ class Trainer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _not_mine(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The optimizer of a pack another rank owns (sharded optimizer): steps nothing."""
-    return NothingToTrain()
 
 
 def _load_plan(path: str | os.PathLike[str]) -> Plan:

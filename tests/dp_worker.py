@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
         "trains": [bool(p.optimizer.param_groups) for p in packs],
         "k_planned": list(trainer.plan.sizes.k),
         "host_peak_predicted": trainer.plan.predicted.peak.get(Loc.HOST, 0),
-        "homes": [p.home.value for p in packs]}
+        "homes": [p.home.value for p in packs],
+        "masters": [p.home_m is not None for p in packs]}
     ckpt = trainer.save(Path(args.out) / "ckpt")
     with make_trainer(args, "data") as fresh:
         fresh.load(ckpt)

@@ -31,6 +31,10 @@ CASES = {
     # weights and optimizer state of some packs in NVMe files (the owner's update writes
     # them; the other ranks write the weights they receive)
     "nvme": ["--model", "mlp", "--opt", "adamw", "--nvme"],
+    # bf16 weights; the fp32 masters live with the optimizer state, on the owner only
+    "bf16-clip": ["--precision", "bf16", "--swap", "--clip", "0.5"],
+    # fp16: every rank checks its own packs' gradients for overflow, and all agree
+    "fp16": ["--model", "mlp", "--precision", "fp16", "--swap"],
 }
 MORE = ["--steps", "3", "--more", "2"]  # 3 steps, then 2 more after the checkpoint
 
@@ -87,9 +91,12 @@ def test_each_rank_holds_only_its_packs_optimizer_state(runs: dict[str, Any]) ->
                 assert s["k_charged"][p] == full[p], (rank, p)
                 if s["homes"][p] != "nvme":  # (on NVMe the state is in a file between steps)
                     assert s["k_real"][p] == full[p], (rank, p)
+                if runs["case"] in ("bf16-clip", "fp16") and s["trains"][p] \
+                        and s["homes"][p] != "nvme":
+                    assert s["masters"][p], (rank, p)  # the fp32 masters
             else:  # no state and no charge; its optimizer steps nothing
                 assert s["k_charged"][p] == s["k_real"][p] == s["k_planned"][p] == 0, (rank, p)
-                assert not s["trains"][p]
+                assert not s["trains"][p] and not s["masters"][p]
         per_rank.append(sum(s["k_charged"]))
     # together the ranks hold the state once; each about half of it (balanced by bytes)
     assert sum(per_rank) == sum(full)
