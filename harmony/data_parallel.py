@@ -27,7 +27,8 @@ is the step of one process on the concatenation of the ranks' batches (in rank o
   (:func:`schedules.data_parallel.owners`, balanced by optimizer-state bytes); its gradients
   are reduced onto the owner (``^G p``) instead of all-reduced, only the owner steps it, and
   the owner broadcasts the new weights (``*W p``, :meth:`DataParallel.start_broadcast`) into
-  the other ranks' home copies, waited for before the step ends; clipping all-reduces the
+  the other ranks' home copies, waited for by the next use of the pack's weights (its load in
+  the next step, or the trainer reading weights between steps); clipping all-reduces the
   owners' summed squared norms (:meth:`DataParallel.all_sum`); checkpoints gather the shards
   (:meth:`DataParallel.gather_optimizer`) so rank 0 writes the whole optimizer state.
 
@@ -244,11 +245,14 @@ class DataParallel:
         """End the all-reduces of a failed or skipped step before their gradient buffers go
         back to the pool (a late sum must not land in a reused buffer). Errors are dropped:
         the step already failed, and a broken group fails them at once."""
-        for works in [*self.pending.values(), *([w] for w, _ in self.broadcasts.values())]:
+        for works in self.pending.values():
             for work in works:
                 with contextlib.suppress(Exception):
                     work.wait()
         self.pending.clear()
+        for p in list(self.broadcasts):  # (the last step's weights: they still arrive)
+            with contextlib.suppress(Exception):
+                self.finish_broadcast(p)
         self.broadcasts.clear()
 
     # -- planning ---------------------------------------------------------------------------

@@ -162,8 +162,6 @@ class Runtime:
                     self.record.append({
                         "task": str(task), "start": t0 - begin, "end": t1 - begin,
                         "bytes": {loc.value: tier.used for loc, tier in self.tiers.items()}})
-            if self.dp is not None:  # the weights other ranks updated (sharded optimizer)
-                self.dp.finish_broadcasts()
             # A step succeeds only once what it wrote behind is on disk: a failed write
             # surfaces here, not silently in a later step.
             for handle, name in self.writes:
@@ -259,7 +257,8 @@ class Runtime:
 
     def _broadcast_w(self, p: int) -> None:
         """Start sending pack ``p``'s updated home weights from its owner into every other
-        rank's home copy; the step waits for it before it ends."""
+        rank's home copy; the next use of the pack's weights waits for it (:meth:`_w_arrived`;
+        the trainer waits for all before it reads or writes weights between steps)."""
         assert self.dp is not None and self.owners is not None
         pack = self.packs[p]
         if pack.home_w is not None:
@@ -283,7 +282,15 @@ class Runtime:
             self.dp.start_broadcast(p, self.owners[p], buf, self.engine.stats, write)
         self.dp.finish_broadcast(p)
 
+    def _w_arrived(self, p: int) -> None:
+        """Sharded optimizer: wait until pack ``p``'s weights of the last update are in the
+        home copy (the broadcast of another rank's update, or this rank's own send before
+        its update overwrites them). A no-op otherwise."""
+        if self.dp is not None and p in self.dp.broadcasts:
+            self.dp.finish_broadcast(p)
+
     def _load_w(self, p: int) -> None:
+        self._w_arrived(p)
         pack = self.packs[p]
         n = pack.layout.w_bytes
         buf = self.dev.allocate(n, f"weights of pack {p}")
@@ -330,6 +337,7 @@ class Runtime:
         return handle
 
     def _wait_w(self, p: int) -> None:
+        self._w_arrived(p)  # (weights homed on the device are read in place)
         handle = self.w_ready.pop(p, None)
         if handle is not None:
             self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
@@ -646,6 +654,7 @@ class Runtime:
             self._wait_allreduce(p)
             self.grads.discard(p)
             return
+        self._w_arrived(p)  # the last step's send of these weights, before they change
         if self.ties is not None:  # an owner sums the sharers' gradients; a sharer keeps its own
             self.ties.before_update(self, p)
         pack = self.packs[p]

@@ -372,6 +372,7 @@ class Trainer:
         return loss
 
     def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        self._weights_arrived()
         # Between steps, the layers of packs homed off the device hold empty tensors: give
         # them their home weights while the profile runs (new input shapes re-profile).
         away = [] if self._runtime is None else [
@@ -575,6 +576,7 @@ class Trainer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors."""
+        self._weights_arrived()
         model_sd = self.chain.model.state_dict(keep_vars=True)
         if self._runtime is None:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
@@ -608,6 +610,12 @@ class Trainer:
         assert self._dp is not None and self._plan is not None and self._plan.owners
         return self._dp.receive_masters(pack.index, self._plan.owners[pack.index],
                                         pack.layout.g_bytes)
+
+    def _weights_arrived(self) -> None:
+        """Sharded optimizer: wait for the weight broadcasts of the last step (each step's
+        broadcasts are otherwise waited for by the next use of the pack's weights)."""
+        if self._dp is not None:
+            self._dp.finish_broadcasts()
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -738,6 +746,7 @@ class Trainer:
     def _home_views(self) -> tuple[dict[int, list[torch.Tensor]], list[tuple[str, torch.Tensor]]]:
         """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
         and the flat copies read from NVMe with their files."""
+        self._weights_arrived()
         if self._runtime is None:
             return {}, []
         views: dict[int, list[torch.Tensor]] = {}
@@ -866,6 +875,8 @@ class Trainer:
         """Free buffers and stop copy threads; idempotent."""
         if self._closed:
             return
+        with contextlib.suppress(Exception):  # (a broken group fails them at once)
+            self._weights_arrived()
         self._closed = True
         self._engine.close()
         if self._runtime is not None:

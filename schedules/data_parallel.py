@@ -174,7 +174,7 @@ def add_reduce_broadcast(schedule: Schedule) -> Schedule:
     the rank owning its optimizer (``^G p``, where ``&G p`` would be), only that rank steps it,
     and the new weights go from the owner to every rank (``*W p``, right after ``U p``). Every
     rank runs the same tasks (on a rank that does not own pack p, ``U p`` steps nothing); the
-    broadcasts are waited for before the step ends.
+    next use of W p waits for its broadcast (the simulator counts it within the step).
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
