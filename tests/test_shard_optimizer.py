@@ -18,9 +18,14 @@ import torch
 import harmony
 from harmony import checkpoint
 from harmony.planning import InfeasiblePlan, plan
-from schedules.data_parallel import owners
+from schedules.data_parallel import add_reduce_broadcast, lag_updates, owners
+from schedules.generators import generate
+from schedules.lower import lower
 from schedules.placement import Placement
+from schedules.schedule import Schedule
+from schedules.simulate import Sizes, simulate
 from schedules.task import Loc, Op
+from schedules.validate import ScheduleError, validate
 from tests.dp_worker import global_batches, make_trainer, parse
 from tests.test_data_parallel import WORLD, _launch, _log, _rel, _run, pytestmark  # noqa: F401
 from tests.test_dp_schedules import _profiles
@@ -189,3 +194,36 @@ def test_shard_optimizer_needs_parallel_data() -> None:
                             shard_optimizer=True)
     with pytest.raises(ValueError, match=r"shard_optimizer='yes' must be True or False"):
         harmony.Trainer(model, torch.nn.functional.mse_loss, shard_optimizer="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["harmony", "harmony-clip", "per-microbatch"])
+@pytest.mark.parametrize("wk", [Loc.DEVICE, Loc.HOST, Loc.NVME])
+def test_reduce_and_broadcast_tasks_are_valid_and_counted(name: str, wk: Loc) -> None:
+    packs, mbs = 4, 2
+    compute = generate(name.removesuffix("-clip"), packs, mbs, name.endswith("-clip"))
+    s = add_reduce_broadcast(lower(lag_updates(compute), Placement.uniform(packs, wk, Loc.HOST),
+                                   1))
+    validate(s)
+    assert Schedule.parse(str(s)).tasks == s.tasks  # the text form round-trips
+    tasks = list(s.tasks)
+    for p in range(packs):
+        reduce = [i for i, t in enumerate(tasks) if t.op is Op.REDUCE and t.pack == p]
+        bcast = [i for i, t in enumerate(tasks) if t.op is Op.BROADCAST and t.pack == p]
+        upd = [i for i, t in enumerate(tasks) if t.op is Op.UPD and t.pack == p]
+        assert len(reduce) == len(bcast) == len(upd) == 1
+        assert bcast[0] == upd[0] + 1 and reduce[0] < upd[0]
+    assert not any(t.op is Op.ALLREDUCE for t in tasks)
+    g, w = 1 << 10, 3 << 10
+    z = [[64] * mbs for _ in range(packs)]
+    sizes = Sizes([w] * packs, [g] * packs, [2 * g] * packs, z, z, z, z)
+    mine = frozenset({0, 3})
+    r = simulate(s, sizes, None, 2, mine)
+    assert r.bytes_moved["reduce"] == packs * g and r.bytes_moved["broadcast"] == packs * w
+    if wk is Loc.NVME:  # the other ranks' packs: received weights go to their files
+        assert r.bytes_moved["host->nvme"] == len(mine) * (w + 2 * g) + (packs - len(mine)) * w
+    # a broadcast before the pack's update is refused
+    bad = list(tasks)
+    i = next(i for i, t in enumerate(bad) if t.op is Op.BROADCAST)
+    bad.insert(i - 1, bad.pop(i))
+    with pytest.raises(ScheduleError, match=r"broadcasts W\d+ before U\d+"):
+        validate(s.with_tasks(bad, s.placement, s.prefetch))
