@@ -23,6 +23,15 @@ is the step of one process on the concatenation of the ranks' batches (in rank o
   all-reduces fail at once instead of hanging (the group's timeout bounds a rank that stops
   without raising).
 
+* sharded optimizer (``shard_optimizer=True``): each pack has an owner rank
+  (:func:`schedules.data_parallel.owners`, balanced by optimizer-state bytes); its gradients
+  are reduced onto the owner (``^G p``) instead of all-reduced, only the owner steps it, and
+  the owner broadcasts the new weights (``*W p``, :meth:`DataParallel.start_broadcast`) into
+  the other ranks' home copies, waited for by the next use of the pack's weights (its load in
+  the next step, or the trainer reading weights between steps); clipping all-reduces the
+  owners' summed squared norms (:meth:`DataParallel.all_sum`); checkpoints gather the shards
+  (:meth:`DataParallel.gather_optimizer`) so rank 0 writes the whole optimizer state.
+
 The results equal one process's up to rounding, not bit for bit: the all-reduce adds the
 ranks' partial sums of micro-batch gradients, where one process adds the micro-batch
 gradients one after the other.
@@ -40,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from harmony import dist as hdist
-from schedules.data_parallel import ALLREDUCE_LINK, ring_bytes
+from schedules.data_parallel import ALLREDUCE_LINK, BROADCAST_LINK, REDUCE_LINK, ring_bytes
 from schedules.placement import Placement
 from swap.stats import Stats
 
@@ -58,14 +67,17 @@ class DataParallel:
         weights, offset = dp.loss_weights([4, 4])   # this rank's micro-batch sizes
     """
 
-    def __init__(self, device: torch.device, group: hdist.Group) -> None:
-        self.device, self.group = device, group
+    def __init__(self, device: torch.device, group: hdist.Group, shard: bool = False) -> None:
+        self.device, self.group, self.shard = device, group, shard
         self.pending: dict[int, list[Any]] = {}  # pack -> its all-reduces' work handles
+        # pack -> its weights' broadcast and what to run once it arrived (sharded optimizer)
+        self.broadcasts: dict[int, tuple[Any, Callable[[], None] | None]] = {}
         self.failed: str | None = None
         self._bandwidth: float | None = None
 
     @staticmethod
-    def create(parallel: str | None, device: torch.device) -> DataParallel | None:
+    def create(parallel: str | None, device: torch.device,
+               shard: bool = False) -> DataParallel | None:
         """The data-parallel helper for ``Trainer(parallel=...)``, or None for one process.
 
         Raises:
@@ -78,7 +90,7 @@ class DataParallel:
         if parallel != "data":
             return None
         device = hdist.local_device(device)
-        return DataParallel(device, hdist.join(device, f"parallel={parallel!r}"))
+        return DataParallel(device, hdist.join(device, f"parallel={parallel!r}"), shard)
 
     # -- the step ---------------------------------------------------------------------------
     def loss_weights(self, sizes: list[int]) -> tuple[list[float], int]:
@@ -108,6 +120,20 @@ class DataParallel:
         """
         nbytes = flat.numel() * flat.element_size()
         stats.count(ALLREDUCE_LINK, "G", ring_bytes(nbytes, self.group.world))
+        self.pending[p] = self._sum(p, flat, entries, dist.all_reduce)
+
+    def start_reduce(self, p: int, owner: int, flat: torch.Tensor, entries: list[Any],
+                     stats: Stats) -> None:
+        """Start summing pack ``p``'s gradients onto rank ``owner`` (sharded optimizer), in
+        place; only the owner's ``flat`` holds the sum afterwards. Counts the gradient's
+        bytes on the ``"reduce"`` link. :meth:`wait` must run before anything reads ``flat``.
+        """
+        stats.count(REDUCE_LINK, "G", flat.numel() * flat.element_size())
+        self.pending[p] = self._sum(p, flat, entries, partial(dist.reduce, dst=owner))
+
+    def _sum(self, p: int, flat: torch.Tensor, entries: list[Any],
+             collective: Callable[..., Any]) -> list[Any]:
+        nbytes = flat.numel() * flat.element_size()
         # Gradients are kept in the master dtype where an entry has one (mixed precision
         # keeps fp32 gradients of low-precision weights), else in the weights' dtype.
         dtypes = {getattr(e, "master_dtype", e.dtype) for e in entries}
@@ -118,9 +144,91 @@ class DataParallel:
             tensors = [getattr(e, "gview", e.view)(flat) for e in entries]
         works = []
         for t in tensors:
-            works.append(self._collective(partial(dist.all_reduce, t, async_op=True),
+            works.append(self._collective(partial(collective, t, async_op=True),
                                           f"pack {p}'s gradients"))
-        self.pending[p] = works
+        return works
+
+    def start_broadcast(self, p: int, owner: int, buf: torch.Tensor, stats: Stats,
+                        done: Callable[[], None] | None = None) -> None:
+        """Start sending pack ``p``'s weights ``buf`` (flat uint8) from rank ``owner`` into
+        every other rank's ``buf``; ``done`` runs once they arrived (in
+        :meth:`finish_broadcasts`). Counts the bytes on the ``"broadcast"`` link."""
+        stats.count(BROADCAST_LINK, "W", buf.numel() * buf.element_size())
+        target = buf
+        if self.group.backend == "nccl" and buf.device.type == "cpu":
+            # NCCL moves device memory only: a host copy travels through a device buffer
+            target = buf.to(self.device, non_blocking=True) if self.group.rank == owner \
+                else torch.empty_like(buf, device=self.device)
+
+            def back(then: Callable[[], None] | None = done) -> None:
+                if self.group.rank != owner:
+                    buf.copy_(target)
+                if then is not None:
+                    then()
+            done = back
+        work = self._collective(partial(dist.broadcast, target, src=owner, async_op=True),
+                                f"pack {p}'s weights")
+        self.broadcasts[p] = (work, done)
+
+    def send_masters(self, p: int, flat: torch.Tensor) -> None:
+        """Send pack ``p``'s fp32 masters (this rank owns it) to every rank. Collective."""
+        self._broadcast_now(p, flat.clone(), self.group.rank)
+
+    def receive_masters(self, p: int, owner: int, nbytes: int) -> torch.Tensor:
+        """Pack ``p``'s fp32 masters from its ``owner`` (a flat uint8 CPU buffer). Collective."""
+        return self._broadcast_now(p, torch.empty(nbytes, dtype=torch.uint8), owner)
+
+    def _broadcast_now(self, p: int, buf: torch.Tensor, owner: int) -> torch.Tensor:
+        target = buf.to(self.device) if self.group.backend == "nccl" else buf
+        self._collective(lambda: dist.broadcast(target, src=owner), f"pack {p}'s masters")
+        return target.cpu()
+
+    def finish_broadcast(self, p: int) -> None:
+        """Wait for pack ``p``'s weight broadcast and run what follows it."""
+        work, done = self.broadcasts.pop(p)
+        self._collective(work.wait, f"pack {p}'s weights")
+        if done is not None:
+            done()
+
+    def finish_broadcasts(self) -> None:
+        """Wait for every weight broadcast of the step and run what follows each."""
+        while self.broadcasts:
+            self.finish_broadcast(next(iter(self.broadcasts)))
+
+    def all_sum(self, value: float) -> float:
+        """The sum of ``value`` over the ranks (float64). Collective."""
+        buf = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self._collective(lambda: dist.all_reduce(buf), "a sum")
+        return float(buf.item())
+
+    def gather_optimizer(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any],
+                         groups: dict[int, Any], scheduler: Any,
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any], Any]:
+        """Every rank's shard of the optimizer state merged, on every rank (sharded
+        optimizer). Collective.
+
+        Args:
+            tensors, scalars: this rank's state tensors and scalars by ``key/name``.
+            groups: this rank's packs' parameter-group settings by pack index.
+            scheduler: this rank's learning-rate scheduler state (None if it owns no pack).
+
+        Returns:
+            all tensors (on the CPU), all scalars, every pack's groups in pack order, and the
+            first rank's non-None scheduler state.
+        """
+        mine = ({k: v.cpu() for k, v in tensors.items()}, scalars, groups, scheduler)
+        everyone: list[Any] = [None] * self.group.world
+        self._collective(lambda: dist.all_gather_object(everyone, mine), "the optimizer state")
+        all_t: dict[str, torch.Tensor] = {}
+        all_s: dict[str, Any] = {}
+        all_g: dict[int, Any] = {}
+        sched = None
+        for t, s, g, sc in everyone:
+            all_t.update(t)
+            all_s.update(s)
+            all_g.update(g)
+            sched = sched if sched is not None else sc
+        return all_t, all_s, [all_g[i] for i in sorted(all_g)], sched
 
     def wait(self, p: int) -> None:
         """Wait for pack ``p``'s all-reduce, if one is running (a no-op otherwise)."""
@@ -142,6 +250,10 @@ class DataParallel:
                 with contextlib.suppress(Exception):
                     work.wait()
         self.pending.clear()
+        for p in list(self.broadcasts):  # (the last step's weights: they still arrive)
+            with contextlib.suppress(Exception):
+                self.finish_broadcast(p)
+        self.broadcasts.clear()
 
     # -- planning ---------------------------------------------------------------------------
     def planning(self, bandwidth: dict[str, float]) -> tuple[dict[str, float], int, int]:
@@ -198,12 +310,14 @@ class DataParallel:
                            f"({type(err).__name__}: {err}); the process group is gone, so this "
                            "trainer cannot step again: restart the job from a checkpoint")
             self.pending.clear()
+            self.broadcasts.clear()
             hdist.abort(self.group)
             raise
 
     def close(self) -> None:
         """Drop pending all-reduces; the group stays for other trainers of this process."""
         self.pending.clear()
+        self.broadcasts.clear()
 
     def _collective(self, fn: Callable[[], Any], what: str) -> Any:
         try:

@@ -67,6 +67,7 @@ class Pack:
     home_m: torch.Tensor | None = None  # mixed precision: fp32 masters (None: in W, or on NVMe)
     grad_sink: torch.Tensor | None = None  # mixed precision: the fp32 G being accumulated
     untrained: frozenset[int] = frozenset()  # ids of tied copies another pack updates
+    owned: bool = True  # False: another data-parallel rank owns its optimizer (and masters)
 
     @property
     def m_key(self) -> str:
@@ -86,18 +87,22 @@ class Pack:
               factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
               k_estimate: int, store: NvmeStore | None = None,
               precision: Precision | None = None,
-              untrained: frozenset[int] = frozenset()) -> Pack:
+              untrained: frozenset[int] = frozenset(), owned: bool = True) -> Pack:
         """Move the layers' weights into a flat buffer at ``home`` and build the optimizer.
 
         ``k_estimate`` counts the optimizer state and, in mixed precision, the fp32 masters
         (allocated here, so only the rest is charged as an estimate). ``untrained``: ids of
         trainable parameters the optimizer must not hold (copies of tied weights that another
-        pack updates, see harmony/tied.py); they still get gradients.
+        pack updates, see harmony/tied.py); they still get gradients. ``owned`` False: another
+        data-parallel rank owns this pack's optimizer (sharded optimizer), so no optimizer
+        state and, in mixed precision, no fp32 masters are kept here.
         """
         layout = Layout(layers, precision.dtype_of if precision is not None else None)
         home_w: torch.Tensor | None
         home_m: torch.Tensor | None = None
-        if layout.mixed:  # fp32 masters, from the fp32 weights before they are rebound
+        if layout.mixed and not owned:  # another rank keeps the masters
+            k_estimate = 0
+        elif layout.mixed:  # fp32 masters, from the fp32 weights before they are rebound
             if home is Loc.NVME:
                 if store is None:
                     raise ValueError(f"pack {index} is placed on NVMe but there is no nvme_dir")
@@ -135,16 +140,17 @@ class Pack:
                                     else torch.empty(0, dtype=e.dtype))
                        for e in layout.trainable]
         # A pack with nothing of its own to train (activations, frozen layers, only copies of
-        # tied weights) gets a stand-in: optimizers refuse an empty parameter list.
-        owned = [m for m, e in zip(masters, layout.trainable) if id(e.tensor) not in untrained]
-        opt = factory(owned) if owned else NothingToTrain()
+        # tied weights, another rank's pack) gets a stand-in: optimizers refuse an empty
+        # parameter list.
+        mine = [m for m, e in zip(masters, layout.trainable) if id(e.tensor) not in untrained]
+        opt = factory(mine) if mine and owned else NothingToTrain()
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"optimizer factory returned {type(opt).__name__}; it must return "
                             "a torch.optim.Optimizer built over the parameters it is given")
         home_tier.charge(k_estimate, f"optimizer state of pack {index}")
         pack = Pack(index, first_layer, layers, layout, home, home_tier, home_w, masters, opt,
                     k_estimate, [False] * len(layout.trainable), store=store, home_m=home_m,
-                    untrained=untrained)
+                    untrained=untrained, owned=owned)
         for i, e in enumerate(layout.trainable):
             pack.hooks.append(e.tensor.register_post_accumulate_grad_hook(  # type: ignore[union-attr]
                 lambda _p, i=i: pack._mark(i)))
@@ -245,7 +251,7 @@ class Pack:
             self.home_w = None
         else:
             self.home_tier.uncharge(self.layout.w_bytes)
-        if self.layout.mixed:  # the fp32 masters: a buffer at home, or a file
+        if self.layout.mixed and self.owned:  # the fp32 masters: a buffer at home, or a file
             if self.home_m is not None:
                 self.home_tier.release(self.home_m)
                 self.home_m = None

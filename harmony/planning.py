@@ -11,12 +11,20 @@ that fits both budgets, the one with the lowest predicted step time wins.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from harmony.profile import LayerProfile, scaled
-from schedules.data_parallel import ALLREDUCE_LINK, add_allreduce, lag_updates, shared_bandwidth
+from schedules.data_parallel import (
+    ALLREDUCE_LINK,
+    add_allreduce,
+    add_reduce_broadcast,
+    lag_updates,
+    owners,
+    shared_bandwidth,
+)
 from schedules.generators import generate
 from schedules.lower import lower
 from schedules.placement import Placement
@@ -45,6 +53,8 @@ class Plan:
     schedule: Schedule                    # lowered
     sizes: Sizes
     predicted: SimResult
+    # Sharded optimizer: the rank owning each pack's optimizer state (None: every rank)
+    owners: tuple[int, ...] | None = None
 
     @property
     def placement(self) -> Placement:
@@ -139,7 +149,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          prefetch: int | None = None,
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
          nvme: bool = False, deferred_updates: bool = False,
-         tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1) -> Plan:
+         tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1,
+         shard: int | None = None) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -158,6 +169,10 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             pack's gradients (at ``bandwidth["allreduce"]``, default
             :data:`ALLREDUCE_BANDWIDTH`), and this machine's ranks share its host and NVMe
             links.
+        shard: this rank, when the optimizer state is sharded over the ranks (ranks > 1): each
+            pack's owner (:func:`schedules.data_parallel.owners`, by K bytes) alone holds its
+            K, so K is charged only for this rank's packs; the schedules reduce G to the owner
+            and broadcast W from it (:func:`schedules.data_parallel.add_reduce_broadcast`).
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
@@ -214,11 +229,13 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                                                                host_budget)])
 
     tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
-    skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times]] = []
+    skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times,
+                        tuple[int, ...] | None]] = []
     for group in options:
         best: Plan | None = None
         for bounds, placement in group:
-            sizes = pack_sizes(profiles, bounds, micro_batches, k_ratio, tied)
+            sizes, own = _sharded(pack_sizes(profiles, bounds, micro_batches, k_ratio, tied),
+                                  ranks, shard)
             times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
             may_fit = _may_fit(sizes, placement, device_budget, host_budget)
             for pf in prefetches:
@@ -228,13 +245,13 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                 if not may_fit:
                     # The simulator charges every W and K at its home before the first task,
                     # so this candidate cannot fit: lower and simulate it only if nothing fits.
-                    skipped.append((len(tried), bounds, placement, pf, sizes, times))
+                    skipped.append((len(tried), bounds, placement, pf, sizes, times, own))
                     tried.append(None)
                     continue
                 lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf,
-                                   ranks)
-                result = simulate(lowered, sizes, times, ranks)
-                candidate = Plan(bounds, lowered, sizes, result)
+                                   ranks, own is not None)
+                result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
+                candidate = Plan(bounds, lowered, sizes, result, own)
                 tried.append((result, candidate))
                 if fits(result):
                     assert result.step_time is not None
@@ -242,10 +259,11 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                         best = candidate
         if best is not None:
             return best
-    for i, bounds, placement, pf, sizes, times in skipped:
-        lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks)
-        result = simulate(lowered, sizes, times, ranks)
-        tried[i] = (result, Plan(bounds, lowered, sizes, result))
+    for i, bounds, placement, pf, sizes, times, own in skipped:
+        lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
+                           own is not None)
+        result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
+        tried[i] = (result, Plan(bounds, lowered, sizes, result, own))
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut
         assert entry is not None
@@ -259,12 +277,32 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
 
 
 def _lowered(schedule: str, packs: int, micro_batches: int, deferred_updates: bool,
-             placement: Placement, prefetch: int, ranks: int) -> Schedule:
-    """The lowered schedule one rank runs (with all-reduces when ``ranks`` > 1)."""
+             placement: Placement, prefetch: int, ranks: int,
+             sharded: bool = False) -> Schedule:
+    """The lowered schedule one rank runs (with all-reduces when ``ranks`` > 1; with reduces
+    to the owners and broadcasts from them when the optimizer is ``sharded``)."""
     compute = generate(schedule, packs, micro_batches, deferred_updates)
     if ranks == 1:
         return lower(compute, placement, prefetch)
-    return add_allreduce(lower(lag_updates(compute), placement, prefetch))
+    lowered = lower(lag_updates(compute), placement, prefetch)
+    return add_reduce_broadcast(lowered) if sharded else add_allreduce(lowered)
+
+
+def _owned(own: tuple[int, ...] | None, shard: int | None) -> frozenset[int] | None:
+    """The packs rank ``shard`` updates (None: every pack)."""
+    if own is None:
+        return None
+    return frozenset(p for p, r in enumerate(own) if r == shard)
+
+
+def _sharded(sizes: Sizes, ranks: int, shard: int | None) -> tuple[Sizes, tuple[int, ...] | None]:
+    """``sizes`` with K only for the packs rank ``shard`` owns, and every pack's owner (the
+    sizes unchanged and None without sharding)."""
+    if shard is None or ranks == 1:
+        return sizes, None
+    own = owners(list(sizes.k), ranks)
+    k = [n if own[p] == shard else 0 for p, n in enumerate(sizes.k)]
+    return dataclasses.replace(sizes, k=k), own
 
 
 def _split_placement(bounds: tuple[tuple[int, int], ...], on_host: int, x: Loc) -> Placement:

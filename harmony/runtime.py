@@ -118,6 +118,11 @@ class Runtime:
         # index of its first micro-batch (randomness follows global micro-batch indices).
         self.dp: DataParallel | None = None
         self.mb_offset = 0
+        # Sharded optimizer: the rank owning each pack's optimizer (None: every rank updates
+        # every pack). A rank steps only its packs and receives the others' weights.
+        self.owners: tuple[int, ...] | None = None
+        # pack -> an NVMe pack's updated host weights and their write, until broadcast
+        self.sending: dict[int, tuple[torch.Tensor, Handle]] = {}
         # Pipeline ranks (harmony.pipeline): ``comm`` runs SEND/RECV tasks; ``input_grad``:
         # pack 0's input arrived from another rank, so its backward produces D0 to send back.
         self.comm: Callable[[Runtime, Task], None] | None = None
@@ -188,6 +193,9 @@ class Runtime:
             else:
                 self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
         self.staged.clear()
+        for w, hw in list(self.sending.values()):
+            self.tiers[Loc.HOST].release(w, after=hw)
+        self.sending.clear()
         self.new_buffers.clear()
         for m, hm in self.staged_m.values():
             self.tiers[Loc.HOST].release(m, after=hm)
@@ -214,6 +222,14 @@ class Runtime:
             assert slot.dev is not None and slot.dev[0] is not None
             self.dp.start(task.pack, slot.dev[0], self.packs[task.pack].layout.trainable,
                             self.engine.stats)
+        elif op is Op.REDUCE:  # sharded optimizer: sum G onto the pack's owner
+            assert self.dp is not None and self.owners is not None, f"{task} needs sharding"
+            slot = self.values[task.ref]
+            assert slot.dev is not None and slot.dev[0] is not None
+            self.dp.start_reduce(task.pack, self.owners[task.pack], slot.dev[0],
+                                 self.packs[task.pack].layout.trainable, self.engine.stats)
+        elif op is Op.BROADCAST:  # sharded optimizer: the owner's new W to every rank
+            self._broadcast_w(task.pack)
         elif op.is_comm:  # a pipeline rank's SEND/RECV (harmony.pipeline)
             assert self.comm is not None, f"{task}: this runtime is not a pipeline rank"
             self.comm(self, task)
@@ -234,7 +250,47 @@ class Runtime:
             self._drop(task.ref, home_too=True)
 
     # -- weights ----------------------------------------------------------------------------
+    def owns(self, p: int) -> bool:
+        """Whether this rank updates pack ``p`` (always, unless the optimizer is sharded)."""
+        return self.owners is None or self.dp is None or \
+            self.owners[p] == self.dp.group.rank
+
+    def _broadcast_w(self, p: int) -> None:
+        """Start sending pack ``p``'s updated home weights from its owner into every other
+        rank's home copy; the next use of the pack's weights waits for it (:meth:`_w_arrived`;
+        the trainer waits for all before it reads or writes weights between steps)."""
+        assert self.dp is not None and self.owners is not None
+        pack = self.packs[p]
+        if pack.home_w is not None:
+            self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
+            return
+        # Weights on NVMe: the owner sends the host copy its update wrote; the others receive
+        # into host memory and write their file. Waited for here, so that the host copies
+        # go back to the pool at once (as the simulator assumes).
+        host = self.tiers[Loc.HOST]
+        if self.owns(p):
+            w, written = self.sending.pop(p)
+            self.dp.start_broadcast(p, self.owners[p], w, self.engine.stats,
+                                    lambda: host.release(w, after=written))
+        else:
+            buf = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
+
+            def write() -> None:
+                handle = self._nvme_write(pack.w_key, buf, link(Loc.HOST, Loc.NVME), "W")
+                host.release(buf, after=handle)
+
+            self.dp.start_broadcast(p, self.owners[p], buf, self.engine.stats, write)
+        self.dp.finish_broadcast(p)
+
+    def _w_arrived(self, p: int) -> None:
+        """Sharded optimizer: wait until pack ``p``'s weights of the last update are in the
+        home copy (the broadcast of another rank's update, or this rank's own send before
+        its update overwrites them). A no-op otherwise."""
+        if self.dp is not None and p in self.dp.broadcasts:
+            self.dp.finish_broadcast(p)
+
     def _load_w(self, p: int) -> None:
+        self._w_arrived(p)
         pack = self.packs[p]
         n = pack.layout.w_bytes
         buf = self.dev.allocate(n, f"weights of pack {p}")
@@ -281,6 +337,7 @@ class Runtime:
         return handle
 
     def _wait_w(self, p: int) -> None:
+        self._w_arrived(p)  # (weights homed on the device are read in place)
         handle = self.w_ready.pop(p, None)
         if handle is not None:
             self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
@@ -524,7 +581,7 @@ class Runtime:
         last = p == self.schedule.packs - 1
         self._wait_w(p)
         if p not in self.grads:
-            if self.packs[p].home is Loc.NVME and p in self.stage_early:
+            if self.packs[p].home is Loc.NVME and p in self.stage_early and self.owns(p):
                 self._stage(p)
             self._new_grad(p)
         else:
@@ -593,6 +650,11 @@ class Runtime:
                 self.ties.merge_all(self)
             self._clip_gradients(*self.clip)
         self.updated.append(p)
+        if not self.owns(p):  # sharded optimizer: the owner steps it and broadcasts W
+            self._wait_allreduce(p)
+            self.grads.discard(p)
+            return
+        self._w_arrived(p)  # the last step's send of these weights, before they change
         if self.ties is not None:  # an owner sums the sharers' gradients; a sharer keeps its own
             self.ties.before_update(self, p)
         pack = self.packs[p]
@@ -651,8 +713,12 @@ class Runtime:
 
     def _unscale(self) -> None:
         """fp16: divide every gradient by the loss scale; raise if any overflowed."""
-        grads = [g for p in range(len(self.packs)) for g in self._grad_views(p) if g is not None]
-        if unscale_(grads, self.precision.scale):
+        grads = [g for p in range(len(self.packs)) if self.owns(p)
+                 for g in self._grad_views(p) if g is not None]
+        overflow = unscale_(grads, self.precision.scale)
+        if self.owners is not None and self.dp is not None:  # each rank checked its packs
+            overflow = self.dp.all_sum(float(overflow)) > 0
+        if overflow:
             raise GradientOverflow(f"step {self.step}: a gradient overflowed at loss scale "
                                    f"{self.precision.scale:g}; the step is skipped")
 
@@ -661,11 +727,17 @@ class Runtime:
 
         The schedule runs every update after the last backward, so all gradients exist here.
         """
-        views = {p: self._grad_views(p) for p in range(len(self.packs))}
-        grads = [g for p, i in order if (g := views[p][i]) is not None]
-        if not grads:
+        views = {p: self._grad_views(p) for p in range(len(self.packs)) if self.owns(p)}
+        grads = [g for p, i in order if p in views and (g := views[p][i]) is not None]
+        if self.owners is not None and self.dp is not None:
+            # Sharded optimizer: each rank holds the summed gradients of its own packs; the
+            # squares of their norms are summed over the ranks (float64) into the global norm.
+            square = sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in grads)
+            total = torch.tensor(self.dp.all_sum(square) ** 0.5, dtype=torch.float32)
+        elif not grads:
             return
-        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        else:
+            total = torch.nn.utils.get_total_norm(grads, 2.0)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for device in {g.device for g in grads}:
             torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
@@ -730,6 +802,9 @@ class Runtime:
         hk = self._nvme_write(pack.k_key, k, name, "K")
         pack.bind_masters(None)
         pack.bind_state(None)
-        host.release(w, after=hw)
+        if self.owners is not None:  # sharded optimizer: released once *W p sent it
+            self.sending[p] = (w, hw)
+        else:
+            host.release(w, after=hw)
         host.release(k, after=hk)
         self.grads.discard(p)

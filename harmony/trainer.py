@@ -93,7 +93,7 @@ class Trainer:
             passes its own share of the batch to :meth:`step`, and a step equals one process's
             step on all ranks' samples together (each sample's loss weighs 1 / global
             samples); ``device="cuda"`` means GPU ``LOCAL_RANK``; rank 0 writes checkpoints.
-            See :mod:`harmony.data_parallel`.
+            See :mod:`harmony.data_parallel` (and ``shard_optimizer``).
             ``"pipeline"``: run under ``torchrun`` with one process per stage; the packs
             are split into contiguous stages, one per rank, and activations pass between
             neighbouring ranks (see :mod:`harmony.pipeline`). Every rank calls :meth:`step`
@@ -102,10 +102,21 @@ class Trainer:
             are then collective (every rank calls them).
         stages: with ``parallel="pipeline"``, the ``[start, stop)`` layers of each rank's
             stage, e.g. ``[(0, 6), (6, 12)]``; None balances packs by profiled compute time.
+        shard_optimizer: with ``parallel="data"``, give each pack one owner rank (balanced by
+            optimizer-state bytes): its gradients are reduced onto the owner, only the owner
+            holds and steps its optimizer state (and is charged for it: host memory for K
+            falls to about 1/N per rank), and it broadcasts the updated weights to the other
+            ranks before the step ends. Global-norm clipping sums the owners' squared norms
+            over the ranks (fp16's overflow check agrees likewise); :meth:`save` gathers the
+            whole optimizer state into the checkpoint (loadable sharded or not). In mixed
+            precision only the owner keeps a pack's fp32 masters, so :meth:`state_dict` is
+            collective then. Not with tied weights yet. Default False (every rank holds every
+            pack's state).
 
     Raises:
-        ValueError: a bad argument or a budget that cannot hold the largest layer; the message
-            names the value and what to change.
+        ValueError: a bad argument or a budget that cannot hold the largest layer (or
+            ``shard_optimizer=True`` without ``parallel="data"``); the message names the value
+            and what to change.
 
     Example::
 
@@ -130,7 +141,8 @@ class Trainer:
                  lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
                  precision: str | Precision = "fp32",
                  parallel: str | None = None,
-                 stages: Sequence[tuple[int, int]] | None = None) -> None:
+                 stages: Sequence[tuple[int, int]] | None = None,
+                 shard_optimizer: bool = False) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
@@ -160,6 +172,13 @@ class Trainer:
                              "or 'pipeline' (several processes under torchrun)")
         if parallel != "pipeline" and stages is not None:
             raise ValueError(f"stages={stages!r} needs parallel='pipeline'")
+        if not isinstance(shard_optimizer, bool):
+            raise ValueError(f"shard_optimizer={shard_optimizer!r} must be True or False")
+        if shard_optimizer and parallel != "data":
+            raise ValueError(f"shard_optimizer=True shards the optimizer state over data-parallel "
+                             f"ranks, but parallel={parallel!r}; pass parallel='data' (under "
+                             "torchrun) or drop shard_optimizer")
+        self.shard_optimizer = shard_optimizer
         if parallel == "pipeline":
             if schedule != "harmony" or clip_grad_norm is not None:
                 raise ValueError(f"parallel='pipeline' runs schedule='harmony' without "
@@ -173,7 +192,7 @@ class Trainer:
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device={device!r}: harmony runs on 'cpu' or 'cuda'")
         # Data parallelism (harmony/data_parallel.py); None for one process.
-        self._dp = DataParallel.create(parallel, self.device)
+        self._dp = DataParallel.create(parallel, self.device, shard_optimizer)
         if micro_batch_size == "auto" and parallel not in (None, "none"):
             raise ValueError(f"micro_batch_size='auto' with parallel={parallel!r}: every rank "
                              "must split its batch alike; give micro_batch_size as an int")
@@ -205,6 +224,10 @@ class Trainer:
         self.stats = Stats()
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
         self._check_shared_parameters()
+        if self._tied and shard_optimizer:
+            raise ValueError("shard_optimizer=True with tied weights (a parameter used by several "
+                             "layers) is not supported: their gradients are summed across packs "
+                             "that different ranks would own; untie them or shard_optimizer=False")
         if self._tied and self._pipeline is not None:
             raise ValueError("parallel='pipeline' with tied weights (a parameter used by several "
                              "layers, e.g. an embedding and an LM head) is not supported: the "
@@ -245,6 +268,7 @@ class Trainer:
         self._k_ratio = 2.0
         self._pending_optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None \
             = None
+        self._gathered_scheduler: dict[str, Any] | None = None
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
 
@@ -358,6 +382,7 @@ class Trainer:
         return loss
 
     def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        self._weights_arrived()
         # Between steps, the layers of packs homed off the device hold empty tensors: give
         # them their home weights while the profile runs (new input shapes re-profile).
         away = [] if self._runtime is None else [
@@ -391,7 +416,9 @@ class Trainer:
                     self.host_memory, k_ratio, bandwidth,
                     prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
                     deferred_updates=self.clip_grad_norm is not None or self.precision.scaling,
-                    tied=self._tied, ranks=ranks, local_ranks=local_ranks)
+                    tied=self._tied, ranks=ranks, local_ranks=local_ranks,
+                    shard=self._dp.group.rank if self._dp is not None and self._dp.shard
+                    else None)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...]) -> None:
@@ -410,15 +437,20 @@ class Trainer:
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
         packs = []
+        rank = self._dp.group.rank if self._dp is not None else 0
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
+            # Sharded optimizer: another rank may own this pack's optimizer state and masters
+            # (and their charge: the plan's K for it is 0 here); this rank receives its W.
             packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
                                     self.optimizer_factory, chosen.sizes.k[p], self.store,
                                     self.precision,
-                                    untrained=TiedWeights.untrained(self._ties, p)))
+                                    untrained=TiedWeights.untrained(self._ties, p),
+                                    owned=chosen.owners is None or chosen.owners[p] == rank))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
+        self._runtime.owners = chosen.owners
         if self._ties:
             self._runtime.ties = TiedWeights(self._ties, packs)
         if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
@@ -463,8 +495,10 @@ class Trainer:
         and scheduler state (the same keyed hand-over as save/load, in memory)."""
         assert self._runtime is not None
         weights = self.state_dict()
-        optimizer_state = self._optimizer_state()
-        scheduler_state = self._scheduler_state()
+        optimizer_state = self._full_optimizer_state() if self._dp is not None \
+            and self._dp.shard else self._optimizer_state()
+        scheduler_state = self._gathered_scheduler if self._dp is not None \
+            and self._dp.shard else self._scheduler_state()
         try:
             self._plan_for_fresh(x, y, sizes)  # raises before anything changes if none fits
         finally:
@@ -563,12 +597,13 @@ class Trainer:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors."""
+        self._weights_arrived()
         model_sd = self.chain.model.state_dict(keep_vars=True)
         if self._runtime is None:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
         found: dict[int, torch.Tensor] = {}
         for pack in self._runtime.packs:
-            flat, masters = pack.home_weights(), pack.master_weights()
+            flat, masters = pack.home_weights(), self._masters(pack)
             for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
                 found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
         for tie in self._ties:  # a tied weight's copies show the owner's master
@@ -585,6 +620,24 @@ class Trainer:
             return self._pipeline.gather_state(out, owned)
         return out
 
+    def _masters(self, pack: Pack) -> torch.Tensor:
+        """``pack.master_weights()``; with a sharded optimizer in mixed precision, sent from
+        the rank owning the pack (collective: every rank calls it for every pack in order)."""
+        if pack.owned or not pack.layout.mixed:
+            masters = pack.master_weights()
+            if self._dp is not None and self._dp.shard and pack.layout.mixed:
+                self._dp.send_masters(pack.index, masters)
+            return masters
+        assert self._dp is not None and self._plan is not None and self._plan.owners
+        return self._dp.receive_masters(pack.index, self._plan.owners[pack.index],
+                                        pack.layout.g_bytes)
+
+    def _weights_arrived(self) -> None:
+        """Sharded optimizer: wait for the weight broadcasts of the last step (each step's
+        broadcasts are otherwise waited for by the next use of the pack's weights)."""
+        if self._dp is not None:
+            self._dp.finish_broadcasts()
+
     # -- checkpoints ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the full training state under directory ``path``, atomically.
@@ -600,22 +653,47 @@ class Trainer:
             OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
         """
         if self._dp is not None:  # rank 0 writes; the others wait for its folder
-            return self._dp.save(lambda: self._save(path))
+            if not self._dp.shard:
+                return self._dp.save(lambda: self._save(path))
+            full = self._full_optimizer_state()
+            weights = self.state_dict()  # (collective in mixed precision: the masters)
+            return self._dp.save(lambda: self._save(path, full, weights))
         return self._save(path)
 
-    def _save(self, path: str | os.PathLike[str]) -> Path:
+    def _full_optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
+        """Every pack's optimizer state, gathered from the ranks owning them (sharded
+        optimizer; collective). The learning-rate scheduler's state comes from a rank that
+        owns a pack, and is kept for the checkpoint."""
+        assert self._dp is not None
         tensors, scalars, groups = self._optimizer_state()
+        if self._runtime is None:
+            return tensors, scalars, groups
+        mine = {p: groups[p] for p, pack in enumerate(self._runtime.packs)
+                if self._runtime.owns(p)}
+        scheduler = self._scheduler_state() if mine else None
+        tensors, scalars, all_groups, scheduler = self._dp.gather_optimizer(
+            tensors, scalars, mine, scheduler)
+        self._gathered_scheduler = scheduler
+        return tensors, scalars, all_groups
+
+    def _save(self, path: str | os.PathLike[str],
+              optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None = None,
+              weights: dict[str, torch.Tensor] | None = None) -> Path:
+        tensors, scalars, groups = optimizer if optimizer is not None \
+            else self._optimizer_state()
         if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
             tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
-                "lr_scheduler": self._scheduler_state(),
+                "lr_scheduler": self._gathered_scheduler if optimizer is not None
+                else self._scheduler_state(),
                 "precision": self.precision.state_dict(),
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json()}}
-        weights = self.state_dict()
+        if weights is None:
+            weights = self.state_dict()
         if self._pipeline is not None:
             return self._pipeline.on_rank0(
                 lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
@@ -689,6 +767,7 @@ class Trainer:
     def _home_views(self) -> tuple[dict[int, list[torch.Tensor]], list[tuple[str, torch.Tensor]]]:
         """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
         and the flat copies read from NVMe with their files."""
+        self._weights_arrived()
         if self._runtime is None:
             return {}, []
         views: dict[int, list[torch.Tensor]] = {}
@@ -699,7 +778,7 @@ class Trainer:
                 flats.append((pack.w_key, flat))
             for e in pack.layout.entries:
                 views[id(e.tensor)] = [e.view(flat)]
-            if pack.layout.mixed:
+            if pack.layout.mixed and pack.owned:  # (another rank's pack: it has the masters)
                 masters = pack.master_weights()
                 if pack.home_m is None:
                     flats.append((pack.m_key, masters))
@@ -710,7 +789,7 @@ class Trainer:
     @contextlib.contextmanager
     def _state_in_memory(self, pack: Pack, write_back: bool) -> Iterator[None]:
         """Bind an NVMe pack's masters and optimizer state to host copies for the body."""
-        if pack.home is not Loc.NVME:
+        if pack.home is not Loc.NVME or not pack.owned:
             yield
             return
         assert self.store is not None
@@ -767,7 +846,9 @@ class Trainer:
         """The learning-rate schedulers' state (the same for every pack) as JSON data."""
         if not self.lr_schedulers:
             return self._pending_scheduler
-        state = self.lr_schedulers[0].state_dict()
+        # (a scheduler of a pack this rank trains: a sharded optimizer's other packs have none)
+        state = next((s for s in self.lr_schedulers if s.optimizer.param_groups),
+                     self.lr_schedulers[0]).state_dict()
         try:
             json.dumps(state)
         except TypeError as err:
@@ -815,6 +896,8 @@ class Trainer:
         """Free buffers and stop copy threads; idempotent."""
         if self._closed:
             return
+        with contextlib.suppress(Exception):  # (a broken group fails them at once)
+            self._weights_arrived()
         self._closed = True
         self._engine.close()
         if self._runtime is not None:

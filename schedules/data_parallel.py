@@ -15,9 +15,16 @@ next pack's backward so its all-reduce has that backward to hide behind; :func:`
 all-reduce had that time (a gradient written back to the host right after its backward would
 make the copy wait for the all-reduce at once).
 
-Cost model: a ring all-reduce of ``g`` bytes sends and receives ``2 (N-1) / N * g`` bytes per
-rank (:func:`ring_bytes`), on the ``"allreduce"`` link; ranks on one machine share its host link
-and NVMe drive (:func:`shared_bandwidth`).
+Sharded optimizer (:func:`add_reduce_broadcast`): each pack has one owner rank
+(:func:`owners`); its gradient is reduced onto the owner (``^G p``) instead of all-reduced, only
+the owner updates it, and the owner broadcasts the new weights (``*W p``) after ``U p``::
+
+    sharded          ... B2.0 B2.1 ^G2 | B1.0 B1.1 ^G1 U2 *W2 | B0.0 B0.1 ^G0 U1 *W1 U0 *W0
+
+Cost model: a reduce moves the gradient's bytes per rank (``"reduce"`` link), a broadcast the
+weights' bytes (``"broadcast"`` link). A ring all-reduce of ``g`` bytes sends and receives
+``2 (N-1) / N * g`` bytes per rank (:func:`ring_bytes`), on the ``"allreduce"`` link; ranks on
+one machine share its host link and NVMe drive (:func:`shared_bandwidth`).
 """
 
 from __future__ import annotations
@@ -136,3 +143,53 @@ def _just_reduced(out: list[Task], p: int) -> bool:
         if t.op.is_compute:
             return False
     return False
+
+
+# -- the sharded optimizer --------------------------------------------------------------------
+REDUCE_LINK = "reduce"
+BROADCAST_LINK = "broadcast"
+
+
+def owners(k_bytes: list[int] | tuple[int, ...], ranks: int) -> tuple[int, ...]:
+    """The rank that owns each pack's optimizer state, balancing the state's bytes: packs in
+    order of decreasing bytes (ties: the lower pack) each go to the rank holding the fewest
+    bytes so far (ties: the lower rank). Deterministic, so every rank computes the same.
+
+    >>> owners([4, 1, 3, 2], 2)
+    (0, 0, 1, 1)
+    """
+    if ranks < 1:
+        raise ValueError(f"ranks={ranks} must be >= 1")
+    load = [0] * ranks
+    out = [0] * len(k_bytes)
+    for p in sorted(range(len(k_bytes)), key=lambda p: (-k_bytes[p], p)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        out[p] = r
+        load[r] += k_bytes[p]
+    return tuple(out)
+
+
+def add_reduce_broadcast(schedule: Schedule) -> Schedule:
+    """The sharded-optimizer form of :func:`add_allreduce`: each pack's gradient is summed onto
+    the rank owning its optimizer (``^G p``, where ``&G p`` would be), only that rank steps it,
+    and the new weights go from the owner to every rank (``*W p``, right after ``U p``). Every
+    rank runs the same tasks (on a rank that does not own pack p, ``U p`` steps nothing); the
+    next use of W p waits for its broadcast (the simulator counts it within the step).
+
+    >>> from schedules.generators import harmony
+    >>> from schedules.lower import lower
+    >>> from schedules.placement import Placement
+    >>> from schedules.task import Loc
+    >>> s = lower(lag_updates(harmony(2, 1)), Placement.uniform(2, Loc.DEVICE))
+    >>> str(add_reduce_broadcast(s))
+    '+X0.0 F0.0 B1.0 ^G1 !X1.0 B0.0 ^G0 !X0.0 !D1.0 U1 *W1 !G1 U0 *W0 !G0'
+    """
+    out: list[Task] = []
+    for t in add_allreduce(schedule).tasks:
+        if t.op is Op.ALLREDUCE:
+            out.append(Task(Op.REDUCE, t.pack, kind=t.kind))
+            continue
+        out.append(t)
+        if t.op is Op.UPD:
+            out.append(Task(Op.BROADCAST, t.pack, kind=Kind.W))
+    return schedule.with_tasks(out, schedule.placement, schedule.prefetch)

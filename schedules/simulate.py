@@ -23,10 +23,10 @@ the sender is ready (it does not see the other ranks, so it shows no pipeline bu
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from schedules.data_parallel import ALLREDUCE_LINK, ring_bytes
+from schedules.data_parallel import ALLREDUCE_LINK, BROADCAST_LINK, REDUCE_LINK, ring_bytes
 from schedules.effects import effect, updates_after_backward
 from schedules.pipeline import RANK_BANDWIDTH, peer_link
 from schedules.schedule import Schedule
@@ -95,11 +95,16 @@ def link(src: Loc, dst: Loc) -> str:
 
 
 def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
-             ranks: int = 1) -> SimResult:
+             ranks: int = 1, owned: Collection[int] | None = None) -> SimResult:
     """Replay a lowered ``schedule`` with ``sizes`` (and ``times``, for a step time).
 
     ``ranks``: data-parallel ranks the all-reduces (``&G p`` tasks) sum over; one rank's
     traffic and time are simulated (``times.bandwidth["allreduce"]`` is its all-reduce rate).
+    A sharded optimizer's reduce ``^G p`` moves G p's bytes (``"reduce"`` link) and its
+    broadcast ``*W p`` W p's bytes (``"broadcast"``), at the all-reduce rate unless
+    ``times.bandwidth`` names those links; its K sizes are 0 for packs this rank does not own.
+    ``owned``: the packs this rank updates (None: all); another rank's pack homed on NVMe
+    reads nothing for its update, and its broadcast weights are written to its file.
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -153,6 +158,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         if name.startswith("rank"):  # between pipeline ranks: a measured link, else assumed
             bandwidth = times.bandwidth.get(name, times.bandwidth.get("rank->rank",
                                                                       RANK_BANDWIDTH))
+        elif name in (REDUCE_LINK, BROADCAST_LINK):  # the all-reduce's rate unless given
+            bandwidth = times.bandwidth.get(name, times.bandwidth[ALLREDUCE_LINK])
         else:
             bandwidth = times.bandwidth[name]
         link_free[name] = begin + n / bandwidth
@@ -174,7 +181,7 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             continue
         if t.op.is_compute:
             p = t.pack
-            nvme_k = placement.k[p] is Loc.NVME
+            nvme_k = placement.k[p] is Loc.NVME and (owned is None or p in owned)
             if nvme_k and p not in staged and (
                     (t.op is Op.BWD and p not in grads and p in early) or t.op is Op.UPD):
                 # The update's inputs stream in from NVMe while the pack's backward runs
@@ -231,6 +238,20 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             if t.op is Op.ALLREDUCE:  # in place on the device; readers wait for its end
                 at = (ref, Loc.DEVICE)
                 ready[at] = transfer(ALLREDUCE_LINK, ref.kind, ring_bytes(n, ranks), ready[at])
+                timeline.append(dict(used))
+                continue
+            if t.op is Op.REDUCE:  # onto the owner, in place on the device: G bytes
+                at = (ref, Loc.DEVICE)
+                ready[at] = transfer(REDUCE_LINK, ref.kind, n, ready[at])
+                timeline.append(dict(used))
+                continue
+            if t.op is Op.BROADCAST:  # the updated W from its owner, after the update
+                arrived = transfer(BROADCAST_LINK, ref.kind, n, clock)
+                if owned is not None and ref.pack not in owned and h is Loc.NVME:
+                    # received into host memory, then written to the weights' file
+                    charge(Loc.HOST, n)
+                    transfer(link(Loc.HOST, Loc.NVME), ref.kind, n, arrived)
+                    used[Loc.HOST] -= n
                 timeline.append(dict(used))
                 continue
             if t.op is Op.SWAP_IN:

@@ -12,6 +12,8 @@ tensor. The text form is short enough to print whole schedules on a line::
     ~W2    free the device copy (the home copy is valid, so nothing is copied)
     !X1.3  the value is dead: release every copy of it
     &G2    start summing pack 2's gradients over the data-parallel ranks (an all-reduce)
+    ^G2    start summing pack 2's gradients onto the rank that owns its optimizer (a reduce)
+    *W2    start sending pack 2's updated weights from their owner to every rank (a broadcast)
     >X2.0  send pack 2's input for micro-batch 0 to the next rank (pipeline; D goes to the previous)
     <D2.0  receive the gradient of pack 2's input for micro-batch 0 from the next rank
 
@@ -39,6 +41,8 @@ class Op(enum.Enum):
     FREE = "~"
     DEL = "!"
     ALLREDUCE = "&"  # sum a value over the data-parallel ranks (see schedules.data_parallel)
+    REDUCE = "^"  # sum a value onto the rank owning the pack's optimizer (sharded optimizer)
+    BROADCAST = "*"  # send a value from the rank owning the pack to every rank
     SEND = ">"
     RECV = "<"
 
@@ -92,7 +96,7 @@ class Ref:
         return f"{self.kind.value}{self.pack}" + ("" if self.mb is None else f".{self.mb}")
 
 
-_TEXT = re.compile(r"^(?P<op>[FBU+\-~!&<>])(?P<kind>[WGKXDS]?)(?P<pack>\d+)(?:\.(?P<mb>\d+))?$")
+_TEXT = re.compile(r"^(?P<op>[FBU+\-~!&^*<>])(?P<kind>[WGKXDS]?)(?P<pack>\d+)(?:\.(?P<mb>\d+))?$")
 
 
 @dataclass(frozen=True)

@@ -134,9 +134,13 @@ def validate(schedule: Schedule) -> None:
         ref = t.ref
         if ref not in exists:
             fail(f"{ref} does not exist", i)
-        if t.op is Op.ALLREDUCE:  # summed in place where it is: on the device
+        if t.op in (Op.ALLREDUCE, Op.REDUCE):  # summed in place where it is: on the device
             if ref not in on_device:
-                fail(f"{ref} must be on the device to be all-reduced", i)
+                fail(f"{ref} must be on the device to be reduced", i)
+            continue
+        if t.op is Op.BROADCAST:  # the owner's updated weights, into every rank's home copy
+            if ref.kind is not Kind.W or Task(Op.UPD, ref.pack) not in done:
+                fail(f"broadcasts {ref} before U{ref.pack} updated it", i)
             continue
         if t.op is Op.SWAP_IN:
             if home(ref) is Loc.DEVICE:

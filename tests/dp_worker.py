@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 import harmony
+from schedules.task import Loc
 from tests.models import MODELS as SHARED_MODELS
 from tests.models import cross_entropy_tokens, tied_transformer, training_state_bytes
 
@@ -63,7 +64,8 @@ def make_trainer(args: argparse.Namespace, parallel: str | None) -> harmony.Trai
                            host_memory=total // 2 if args.nvme else None,
                            nvme_dir=None if nvme is None else str(nvme),
                            clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel,
-                           nonfinite=args.nonfinite, precision=args.precision)
+                           nonfinite=args.nonfinite, precision=args.precision,
+                           shard_optimizer=args.shard and parallel == "data")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +86,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nvme", action="store_true")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--nonfinite", default="raise")
+    p.add_argument("--shard", action="store_true", help="shard_optimizer=True")
+    p.add_argument("--more", type=int, default=0,
+                   help="steps after the checkpoint, by the trainer and by one loading it")
     p.add_argument("--nan-at", type=int, default=None,
                    help="rank 1's loss is NaN in this step (of the batches)")
     return p.parse_args(argv)
@@ -142,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ["RANK"])
     shards = [int(s) for s in args.shards.split(",")]
     start = sum(shards[:rank])
-    batches = global_batches(args.model, sum(shards), args.steps)
+    batches = global_batches(args.model, sum(shards), args.steps + args.more)
+    extra, batches = batches[args.steps:], batches[:args.steps]
+    mine = slice(start, start + shards[rank])
     trainer = make_trainer(args, "data")
     if args.fail_at is not None and rank == 1:
         def boom(module: torch.nn.Module, inputs: object) -> None:
@@ -169,7 +176,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for batch_index[0], (x, y) in enumerate(batches):
             before = dict(trainer.stats.bytes_moved)
-            mine = slice(start, start + shards[rank])
             losses.append(trainer.step(x[mine], y[mine]))
     except Exception as err:
         print(f"FAILED {time.time()} {type(err).__name__}: {err}", flush=True)
@@ -180,15 +186,34 @@ def main(argv: list[str] | None = None) -> None:
         raise
     assert trainer.plan is not None
     last = {k: v - before.get(k, 0) for k, v in trainer.stats.bytes_moved.items()}
+    assert trainer._runtime is not None
+    packs = trainer._runtime.packs
+    shard = {  # what each rank holds of the optimizer
+        "owners": trainer.plan.owners,
+        "k_charged": [p.k_charged for p in packs],
+        "k_real": [sum(t.numel() * t.element_size() for s in p.optimizer.state.values()
+                       for t in s.values() if isinstance(t, torch.Tensor)) for p in packs],
+        "trains": [bool(p.optimizer.param_groups) for p in packs],
+        "k_planned": list(trainer.plan.sizes.k),
+        "host_peak_predicted": trainer.plan.predicted.peak.get(Loc.HOST, 0),
+        "homes": [p.home.value for p in packs],
+        "masters": [p.home_m is not None for p in packs]}
     ckpt = trainer.save(Path(args.out) / "ckpt")
     with make_trainer(args, "data") as fresh:
         fresh.load(ckpt)
         loaded = fresh.state_dict()
         loaded_steps = fresh.step_count
+        # training goes on alike in the trainer that saved and the one that loaded
+        for x, y in extra:
+            trainer.step(x[mine], y[mine])
+        for x, y in extra:
+            fresh.step(x[mine], y[mine])
+        more = fresh.state_dict()
     torch.save({"state": trainer.state_dict(), "losses": losses, "bytes": last,
                 "predicted": dict(trainer.plan.predicted.bytes_moved),
-                "g_bytes": sum(trainer.plan.sizes.g),
+                "g_bytes": sum(trainer.plan.sizes.g), "w_bytes": sum(trainer.plan.sizes.w),
                 "packs": len(trainer.plan.bounds), "loaded": loaded, "loaded_steps": loaded_steps,
+                "shard": shard, "more": more, "ckpt": str(ckpt),
                 "skipped": trainer.stats.skipped_steps, "steps": trainer.step_count,
                 "nvme": "nvme" in {loc.value for loc in trainer.plan.placement.w},
                 "schedule": str(trainer.plan.schedule)},
