@@ -26,6 +26,7 @@ its slice, so N processes reach the weights one process reaches, up to rounding)
 gradients are all-reduced (gloo on CPU, NCCL on GPUs). Only rank 0 prints::
 
     torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --steps 50   # CPU, gloo
+    torchrun --standalone --nproc_per_node=2 examples/train_gpt.py --steps 50 --shard-optimizer
     torchrun --standalone --nproc_per_node=8 examples/train_gpt.py --device cuda --n-layer 8 \
         --n-embd 256 --block-size 128 --batch-size 64 --steps 1000             # 8 GPUs, NCCL
     # two machines, 8 GPUs each: the same command on both (HOST: the first machine's address)
@@ -95,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="under torchrun: 'data' (the default with several processes) trains "
                         "each rank on a slice of every batch; 'pipeline' each rank on a stage "
                         "of the layers")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="data parallel: each pack's optimizer state on one rank only")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="compute dtype of the weights (bf16/fp16 keep fp32 masters and "
                         "gradients; slow on CPUs without bf16 instructions)")
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    device_memory=budget, host_memory=args.host_memory,
                                    nvme_dir=args.nvme_dir, schedule=args.schedule,
                                    seed=args.seed, parallel=parallel,
+                                   shard_optimizer=args.shard_optimizer,
                                    precision=args.precision)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
             sys.exit(f"train_gpt.py: {e}")
