@@ -98,33 +98,32 @@ class Pack:
         state and, in mixed precision, no fp32 masters are kept here.
         """
         layout = Layout(layers, precision.dtype_of if precision is not None else None)
-        home_w: torch.Tensor | None
+        if home is Loc.NVME and store is None:
+            raise ValueError(f"pack {index} is placed on NVMe but there is no nvme_dir")
+
+        def at_home(key: str, nbytes: int, fill: Callable[[torch.Tensor], None],
+                    what: str) -> torch.Tensor | None:
+            """A flat buffer at home filled by ``fill``; on NVMe, the file ``key`` (None)."""
+            if home is not Loc.NVME:
+                buf = home_tier.allocate(nbytes, what)
+                fill(buf)
+                return buf
+            assert store is not None
+            staging = torch.empty(nbytes, dtype=torch.uint8)
+            fill(staging)
+            store.write(key, staging).synchronize()
+            home_tier.charge(nbytes, what)
+            return None
+
         home_m: torch.Tensor | None = None
         if layout.mixed and not owned:  # another rank keeps the masters
             k_estimate = 0
         elif layout.mixed:  # fp32 masters, from the fp32 weights before they are rebound
-            if home is Loc.NVME:
-                if store is None:
-                    raise ValueError(f"pack {index} is placed on NVMe but there is no nvme_dir")
-                staging = torch.empty(layout.g_bytes, dtype=torch.uint8)
-                layout.pack_masters(staging)
-                store.write(f"pack{index}.M", staging).synchronize()
-                home_tier.charge(layout.g_bytes, f"master weights of pack {index}")
-            else:
-                home_m = home_tier.allocate(layout.g_bytes, f"master weights of pack {index}")
-                layout.pack_masters(home_m)
+            home_m = at_home(f"pack{index}.M", layout.g_bytes, layout.pack_masters,
+                             f"master weights of pack {index}")
             k_estimate = max(0, k_estimate - layout.g_bytes)
-        if home is Loc.NVME:
-            if store is None:
-                raise ValueError(f"pack {index} is placed on NVMe but there is no nvme_dir")
-            staging = torch.empty(layout.w_bytes, dtype=torch.uint8)
-            layout.pack_into(staging)
-            store.write(f"pack{index}.W", staging).synchronize()
-            home_tier.charge(layout.w_bytes, f"weights of pack {index}")
-            home_w = None
-        else:
-            home_w = home_tier.allocate(layout.w_bytes, f"weights of pack {index}")
-            layout.pack_into(home_w)
+        home_w = at_home(f"pack{index}.W", layout.w_bytes, layout.pack_into,
+                         f"weights of pack {index}")
         if layout.mixed:
             layout.bind(home_w if home is Loc.DEVICE else None)
             masters = [nn.Parameter(e.gview(home_m) if home_m is not None
