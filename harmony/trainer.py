@@ -421,9 +421,11 @@ class Trainer:
                     else None)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
-                    key: tuple[Any, ...]) -> None:
-        self._profile(x, y)
-        chosen = self._plan_for(sizes, fixed=self._fixed)
+                    key: tuple[Any, ...], chosen: Plan | None = None) -> None:
+        """Profile, plan (unless ``chosen`` is given) and build the packs and the runtime."""
+        if chosen is None:
+            self._profile(x, y)
+            chosen = self._plan_for(sizes, fixed=self._fixed)
         if self._dp is not None:  # every rank runs rank 0's packs, so all-reduces pair up
             agreed = self._dp.agree(chosen.bounds, chosen.placement)
             if agreed is not None:
@@ -499,10 +501,13 @@ class Trainer:
             and self._dp.shard else self._optimizer_state()
         scheduler_state = self._gathered_scheduler if self._dp is not None \
             and self._dp.shard else self._scheduler_state()
-        try:
-            self._plan_for_fresh(x, y, sizes)  # raises before anything changes if none fits
-        finally:
-            self._profiles = None
+        profiles = self._profiles
+        try:  # raises before anything changes if nothing fits
+            self._profile(x, y)
+            chosen = self._plan_for(sizes)
+        except BaseException:
+            self._profiles = profiles  # (the packs stay those of the first shapes)
+            raise
         for pack in self._runtime.packs:
             pack.release()
         self._runtime = None
@@ -518,7 +523,7 @@ class Trainer:
         self._pending_optimizer = optimizer_state
         self._pending_scheduler = scheduler_state
         self._fixed = None
-        self._first_plan(x, y, sizes, key)
+        self._first_plan(x, y, sizes, key, chosen)
         return self._plans[key]
 
     def _auto_micro_batch_size(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -531,11 +536,6 @@ class Trainer:
             self._profile(xs[0], ys[0])  # sizes per sample; the plan scales them
             self._auto_sizes[key], _ = largest_micro_batch(n, self._plan_for)
         return self._auto_sizes[key]
-
-    def _plan_for_fresh(self, x: tuple[torch.Tensor, ...], y: torch.Tensor,
-                        sizes: list[int]) -> Plan:
-        self._profile(x, y)
-        return self._plan_for(sizes)
 
     def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
                     targets: torch.Tensor, path: str | os.PathLike[str]) -> float:

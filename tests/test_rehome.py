@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import harmony
@@ -118,3 +119,40 @@ def test_tied_weights_survive_new_packs(monkeypatch) -> None:
         opt.zero_grad()
     assert torch.equal(got["embed.tok.weight"], got["head.out.weight"])
     assert_weights_close(got, {k: v.detach() for k, v in ref.state_dict().items()}, 1e-5)
+
+
+def test_shapes_that_fit_no_plan_leave_the_trainer_as_it_was() -> None:
+    """A batch no plan can hold is refused before anything changes; the trainer then goes on
+    with other batch sizes of the first shapes (planned from the first shapes' profile)."""
+    def least(seq: int) -> int:
+        t = harmony.Trainer(TinyTransformer(length=16), cross_entropy_tokens, optimizer=_adamw,
+                            micro_batch_size=2, device_memory=1 << 30)
+        t.device_memory = 1  # past the construction-time check
+        x = torch.zeros(4, seq, dtype=torch.long)
+        with t, pytest.raises(harmony.InfeasiblePlan) as err:
+            t.step(x, x)
+        return err.value.device_needed
+
+    budget = (least(4) + least(16)) // 2
+    assert least(4) <= budget < least(16)
+    g = torch.Generator().manual_seed(6)
+    fits = [torch.randint(0, 11, (n, 4), generator=g) for n in (4, 6)]
+    too_long = torch.randint(0, 11, (4, 16), generator=g)
+    with harmony.Trainer(TinyTransformer(length=16), cross_entropy_tokens, optimizer=_adamw,
+                         micro_batch_size=2, device_memory=budget) as t:
+        t.step(fits[0], fits[0].roll(-1, 1))
+        with pytest.raises(harmony.InfeasiblePlan):
+            t.step(too_long, too_long.roll(-1, 1))
+        t.step(fits[1], fits[1].roll(-1, 1))  # a new batch size of the first shapes
+        assert t.step_count == 2
+        got = t.state_dict()
+    net = TinyTransformer(length=16)
+    opt = _adamw(list(net.parameters()))
+    for x in fits:
+        y = x.roll(-1, 1)
+        for xm, ym in zip(x.split(2), y.split(2)):
+            (cross_entropy_tokens(net(xm), ym) * (ym.shape[0] / y.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in net.state_dict().items():
+        assert torch.equal(got[k], v), k
