@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def micro_batch_sizes(batch_size: int, micro_batch_size: int) -> list[int]:
+    """The sizes ``torch.split`` cuts a batch into: ``(10, 4) -> [4, 4, 2]``."""
+    for name, v in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive int")
+    sizes = [micro_batch_size] * (batch_size // micro_batch_size)
+    return sizes + ([batch_size % micro_batch_size] if batch_size % micro_batch_size else [])
+
+
 def split_batch(inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor,
                 micro_batch_size: int,
                 ) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor], list[float], bool]:

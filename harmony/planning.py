@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from harmony.microbatch import micro_batch_sizes
 from harmony.profile import LayerProfile, scaled
 from schedules.data_parallel import (
     ALLREDUCE_LINK,
@@ -327,9 +328,8 @@ def largest_micro_batch(batch: int, plan_for: Callable[[list[int]], Plan]) -> tu
     last: InfeasiblePlan | None = None
     for u in sorted({batch} | {1 << i for i in range(batch.bit_length()) if 1 << i < batch},
                     reverse=True):
-        sizes = [u] * (batch // u) + ([batch % u] if batch % u else [])
         try:
-            return u, plan_for(sizes)
+            return u, plan_for(micro_batch_sizes(batch, u))
         except InfeasiblePlan as err:
             last = err
     assert last is not None

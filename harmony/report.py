@@ -43,6 +43,7 @@ from harmony import builtin_models, paper_profiles
 from harmony.chain import Chain
 from harmony.layout import Layout
 from harmony.meta import GPU_FLOPS, ModelProfile, ModelSpec, profile_on_meta
+from harmony.microbatch import micro_batch_sizes
 from harmony.planning import NVME_BANDWIDTH, Plan, pack_times, plan
 from harmony.precision import Precision
 from harmony.profile import profile_layers, scaled
@@ -63,15 +64,6 @@ _TIERS = (Loc.DEVICE, Loc.HOST, Loc.NVME)
 
 
 # -- where profiles come from ----------------------------------------------------------------
-
-def micro_batch_sizes(batch_size: int, micro_batch_size: int) -> list[int]:
-    """The sizes ``torch.split`` cuts a batch into: ``(10, 4) -> [4, 4, 2]``."""
-    for name, v in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive int")
-    sizes = [micro_batch_size] * (batch_size // micro_batch_size)
-    return sizes + ([batch_size % micro_batch_size] if batch_size % micro_batch_size else [])
-
 
 def _default_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.flatten(0, -2), target.flatten())
