@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,7 @@ class Trainer:
             raise ValueError(f"micro_batch_size='auto' with parallel={parallel!r}: every rank "
                              "must split its batch alike; give micro_batch_size as an int")
         self._auto_sizes: dict[tuple[Any, ...], int] = {}  # batch shape -> chosen size
+        self._auto_plan: Plan | None = None  # the first step's, found choosing the size
         self.micro_batch_size_used: int | None = None
         if self._dp is not None:
             self.device = self._dp.device  # "cuda" -> this rank's GPU
@@ -337,8 +339,9 @@ class Trainer:
         sizes = [x[0].shape[0] for x in micro_inputs]
         key = (tuple(sizes),) + tuple(
             (tuple(t.shape[1:]), t.dtype) for t in micro_inputs[0])
-        if self._runtime is None:
-            self._first_plan(micro_inputs[0], micro_targets[0], sizes, key)
+        if self._runtime is None:  # (micro_batch_size='auto' planned this batch already)
+            self._first_plan(micro_inputs[0], micro_targets[0], sizes, key, self._auto_plan)
+            self._auto_plan = None
         plan_ = self._plans.get(key)
         if plan_ is None:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
@@ -534,7 +537,10 @@ class Trainer:
         key = (n,) + tuple((tuple(t.shape[1:]), t.dtype) for t in xs[0])
         if key not in self._auto_sizes:
             self._profile(xs[0], ys[0])  # sizes per sample; the plan scales them
-            self._auto_sizes[key], _ = largest_micro_batch(n, self._plan_for)
+            self._auto_sizes[key], chosen = largest_micro_batch(
+                n, partial(self._plan_for, fixed=self._fixed))
+            if self._runtime is None:  # the first step builds its packs from this plan
+                self._auto_plan = chosen
         return self._auto_sizes[key]
 
     def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],

@@ -30,17 +30,28 @@ def _least_device_memory(mbs: int) -> int:
 
 
 @pytest.mark.parametrize("budget", ["none", "between"])
-def test_auto_takes_the_largest_size_that_fits_and_stays_exact(budget: str) -> None:
+def test_auto_takes_the_largest_size_that_fits_and_stays_exact(
+        budget: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    profiled: list[int] = []
+    original = harmony.Trainer._profile
+
+    def spy(self: harmony.Trainer, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
+        profiled.append(y.shape[0])
+        original(self, x, y)
+
+
     factory, loss_fn, _ = MODELS["transformer"]
     limit = None
     if budget == "between":  # micro-batches of 4 fit, of 8 (and 12) do not
         limit = (_least_device_memory(4) + _least_device_memory(8)) // 2
         assert _least_device_memory(4) <= limit < _least_device_memory(8)
     batches = _batches()
+    monkeypatch.setattr(harmony.Trainer, "_profile", spy)
     with harmony.Trainer(factory(0.0), loss_fn, optimizer=_adamw, micro_batch_size="auto",
                          device_memory=limit) as t:
         for x, y in batches:
             t.step(x, y)
+        assert profiled == [2]  # once, on two samples: the first step builds from that plan
         want_size = 12 if limit is None else 4
         assert t.micro_batch_size_used == want_size
         assert t.plan is not None and t.plan.schedule.micro_batches == 12 // want_size
