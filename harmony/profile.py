@@ -48,13 +48,16 @@ def _nbytes(value: tuple[torch.Tensor, ...], floating_only: bool = False) -> int
 def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tensor, ...],
                    targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
                    device: torch.device,
-                   precision: Precision | None = None) -> list[LayerProfile]:
+                   precision: Precision | None = None,
+                   changed: set[int] | None = None) -> list[LayerProfile]:
     """Run every layer on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
     more device memory than one layer. Generator states are restored afterwards. With a mixed
     ``precision``, weights take their dtypes in ``layouts`` and the layers run under its
-    autocast, so activation bytes are those of training.
+    autocast, so activation bytes are those of training. ``changed``, if given, receives the
+    ids of the buffers a forward or backward changes (BatchNorm's running statistics), which the
+    runtime must then carry and restore (:mod:`harmony.buffers`).
     """
     autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
@@ -78,6 +81,10 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             out_value = as_tuple(forward(), f"layer {name!r}")
             saved = backward()
             fwd, bwd = _typical(forward, device), _typical(backward, device)
+            if changed is not None:  # buffers the runs changed (on the profile's copies)
+                changed.update(id(e.tensor) for e, h in zip(layout.entries, homes)
+                               if not isinstance(e.tensor, nn.Parameter) and not torch.equal(
+                                   e.tensor.data, h.to(e.tensor.device, e.tensor.dtype)))
         finally:
             for e, h in zip(layout.entries, homes):
                 e.tensor.data = h

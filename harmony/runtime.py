@@ -17,6 +17,7 @@ import torch
 
 from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
 from harmony.chain import as_tuple, call, checked_loss
+from harmony.layout import Entry
 from harmony.pack import Pack
 from harmony.precision import GradientOverflow, Precision, unscale_
 
@@ -111,6 +112,8 @@ class Runtime:
         self.w_ready: dict[int, Handle] = {}
         # NVMe packs: buffers this step's forward changed, until the update writes them
         self.new_buffers: dict[int, list[torch.Tensor]] = {}
+        # ids of the buffers a forward changes (the profile finds them); None: every buffer
+        self.changing: set[int] | None = None
         # When a list, every task appends what it did: its text, start and end (seconds since
         # the step began) and the bytes each tier held after it (Trainer.record_step).
         self.record: list[dict[str, object]] | None = None
@@ -342,19 +345,27 @@ class Runtime:
         if handle is not None:
             self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
             if p in self.new_buffers:  # the file has the buffers of before this step's forward
-                restore_buffers(self.packs[p].layout, self.new_buffers[p], self.w_dev[p])
+                restore_buffers(self._changing(p), self.new_buffers[p], self.w_dev[p])
+
+    def _changing(self, p: int) -> list[Entry]:
+        """Pack ``p``'s buffers that a forward changes (all of them if nobody said)."""
+        buffers = self.packs[p].layout.buffers
+        if self.changing is None:
+            return buffers
+        return [e for e in buffers if id(e.tensor) in self.changing]
 
     def _keep_buffers(self, p: int) -> None:
         """Make the buffer updates of a forward count: carry them from the device copy of the
         weights to the home copy (an NVMe pack keeps them in host memory until its update
         writes its weights)."""
         pack = self.packs[p]
-        if not pack.layout.buffers or pack.home is Loc.DEVICE:  # (bound to the home copy)
+        buffers = self._changing(p)
+        if not buffers or pack.home is Loc.DEVICE:  # (bound to the home copy)
             return
         if pack.home_w is not None:
-            copy_buffers(pack.layout, self.w_dev[p], pack.home_w)
+            copy_buffers(buffers, self.w_dev[p], pack.home_w)
         else:
-            self.new_buffers[p] = buffer_values(pack.layout, self.w_dev[p])
+            self.new_buffers[p] = buffer_values(buffers, self.w_dev[p])
 
     # -- activations and gradients ----------------------------------------------------------
     def _home(self, ref: Ref) -> Loc:
@@ -594,7 +605,7 @@ class Runtime:
         rerun = Ref(Kind.S, p, m) not in self.values and (p, m) in self.forwarded
         frozen = contextlib.ExitStack()
         if rerun:
-            frozen.enter_context(buffers_unchanged(self.packs[p].layout))
+            frozen.enter_context(buffers_unchanged(self._changing(p)))
         try:
             s_slot = self.values.get(Ref(Kind.S, p, m))
             if s_slot is not None:
@@ -776,7 +787,7 @@ class Runtime:
         slot.home_ready = None
         assert slot.home is not None and slot.home[0] is not None
         if p in self.new_buffers:
-            restore_buffers(pack.layout, self.new_buffers.pop(p), w)
+            restore_buffers(self._changing(p), self.new_buffers.pop(p), w)
         pack.bind_masters(m)
         if k is not None:
             pack.bind_state(k)

@@ -199,6 +199,7 @@ class Trainer:
                              "must split its batch alike; give micro_batch_size as an int")
         self._auto_sizes: dict[tuple[Any, ...], int] = {}  # batch shape -> chosen size
         self._auto_plan: Plan | None = None  # the first step's, found choosing the size
+        self._changing: set[int] = set()  # buffers a forward changes (found by the profile)
         self.micro_batch_size_used: int | None = None
         if self._dp is not None:
             self.device = self._dp.device  # "cuda" -> this rank's GPU
@@ -394,7 +395,8 @@ class Trainer:
             pack.layout.bind(pack.home_weights())
         try:
             self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
-                                            self.loss_fn, self.device, self.precision)
+                                            self.loss_fn, self.device, self.precision,
+                                            changed=self._changing)
         finally:
             for pack in away:
                 pack.layout.bind(None)
@@ -455,6 +457,7 @@ class Trainer:
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
+        self._runtime.changing = self._changing  # (grows if later shapes are profiled)
         self._runtime.owners = chosen.owners
         if self._ties:
             self._runtime.ties = TiedWeights(self._ties, packs)

@@ -72,3 +72,33 @@ def test_profiling_leaves_running_statistics_alone() -> None:
         t.step(*_batches()[0])
         got = t.state_dict()
     assert int(got["1.num_batches_tracked"]) == 1
+
+
+class _Scaled(nn.Module):
+    """A layer with a buffer no forward changes (like position ids or a causal mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 32)
+        self.register_buffer("scale", torch.full((32,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+def test_only_buffers_a_forward_changes_are_carried() -> None:
+    """The profile tells the runtime which buffers change, so constant ones cost nothing per
+    micro-batch (no copy home after each forward, no snapshot around each recompute)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), _Scaled(), nn.Tanh(),
+                          nn.Linear(32, 3))
+    with harmony.Trainer(model, nn.functional.cross_entropy, micro_batch_size=4,
+                         device_memory=16000) as t:
+        t.step(*_batches()[0])
+        assert t.plan is not None and len(t.plan.bounds) > 1  # (packs swap)
+        rt = t._runtime
+        assert rt is not None and rt.changing is not None
+        carried = {e.name for p in range(len(rt.packs)) for e in rt._changing(p)}
+        every = {e.name for pack in rt.packs for e in pack.layout.buffers}
+    assert carried == {"running_mean", "running_var", "num_batches_tracked"}
+    assert "scale" in every
