@@ -4,6 +4,8 @@ simulation and the runtime share.
 For a schedule with P packs (the last pack, P-1, runs its forward inside its backward):
 
     FWD p m   reads W p, X p.m on the device; produces X p+1.m (and S p.m without recompute)
+    FWD p m-l a forward group: reads W p and X p.m .. X p.l; produces X p+1.m .. X p+1.l
+              (only with recompute: a forward without it keeps a graph per micro-batch)
     BWD p m   reads W p, X p.m, D p+1.m (p < P-1), S p.m (no recompute, p < P-1) and G p
               (from the second backward of p in the step on); produces D p.m (p > 0) and G p
     UPD p     reads G p where the update runs (the device if K p lives there, else the host);
@@ -40,10 +42,14 @@ def effect(task: Task, packs: int, recompute: bool, placement: Placement,
     if task.op is Op.FWD:
         if p >= packs - 1:
             raise ValueError(f"{task}: the last pack's forward is fused into its backward")
-        produces = [Ref(Kind.X, p + 1, m)]
+        if task.last is not None and not recompute:
+            raise ValueError(f"{task}: a forward group needs a schedule that recomputes in "
+                             "backward (without recompute each micro-batch keeps its own graph)")
+        produces = [Ref(Kind.X, p + 1, i) for i in task.mbs]
         if not recompute:
             produces.append(Ref(Kind.S, p, m))
-        return Effect(((Ref(Kind.W, p), dev), (Ref(Kind.X, p, m), dev)), tuple(produces))
+        inputs = tuple((Ref(Kind.X, p, i), dev) for i in task.mbs)
+        return Effect(((Ref(Kind.W, p), dev), *inputs), tuple(produces))
     if task.op is Op.BWD:
         reads = [(Ref(Kind.W, p), dev), (Ref(Kind.X, p, m), dev)]
         if p < packs - 1:

@@ -48,6 +48,11 @@ class Schedule:
         return range(first, stop)
 
     @property
+    def forward_group(self) -> int:
+        """The most micro-batches one forward task covers (1: a forward per micro-batch)."""
+        return max((len(t.mbs) for t in self.tasks if t.op is Op.FWD), default=1)
+
+    @property
     def lowered(self) -> bool:
         return self.placement is not None
 
@@ -67,7 +72,7 @@ class Schedule:
         """Build a schedule from its text form (counts default to the largest seen, plus one)."""
         tasks = tuple(Task.parse(word) for word in text.split())
         seen_p = 1 + max((t.pack for t in tasks), default=-1)
-        seen_m = 1 + max((t.mb for t in tasks if t.mb is not None), default=-1)
+        seen_m = 1 + max((t.mbs[-1] for t in tasks if t.mb is not None), default=-1)
         return Schedule(name, packs if packs is not None else seen_p,
                         micro_batches if micro_batches is not None else seen_m,
                         tasks, recompute, placement, prefetch, stage, rank)

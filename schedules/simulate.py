@@ -9,10 +9,12 @@ duration (an update whose optimizer state is off the device runs on the host the
 data move starts when issued and its link is free (each link is a FIFO queue, like a copy
 stream), and takes bytes / bandwidth. Memory is charged when a value appears on a tier (a
 swap-in is charged when issued, compute outputs when the task runs, plus the task's working
-bytes while it runs) and released when freed. The input batch (X of pack 0) is the caller's and
-is not charged at its home. With data parallelism (``ranks`` > 1) an all-reduce ``&G p``
-moves :func:`schedules.data_parallel.ring_bytes` over the ``"allreduce"`` link once G p is
-ready, and whatever reads G p afterwards waits for it.
+bytes while it runs) and released when freed. A forward group (``F1.0-3``) runs as one task
+that reads and makes every micro-batch's value, for its own time and working bytes
+(:meth:`Times.forward`, :meth:`Sizes.forward_work`). The input batch (X of pack 0) is the
+caller's and is not charged at its home. With data parallelism (``ranks`` > 1) an
+all-reduce ``&G p`` moves :func:`schedules.data_parallel.ring_bytes` over the
+``"allreduce"`` link once G p is ready, and whatever reads G p afterwards waits for it.
 
 A pipeline rank's schedule charges only its own packs' weights and optimizer state. Its SEND
 and RECV move the value's bytes over the link between the two ranks (``"rank0->rank1"``); a
@@ -23,7 +25,7 @@ the sender is ready (it does not see the other ranks, so it shows no pipeline bu
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from schedules.data_parallel import ALLREDUCE_LINK, BROADCAST_LINK, REDUCE_LINK, ring_bytes
@@ -38,7 +40,8 @@ class Sizes:
     """Bytes of every value of a step, per pack (and per micro-batch for X, D, S, work).
 
     ``work[p][m]`` is the transient working memory of FWD/BWD of pack p on micro-batch m
-    (activations alive inside the pack while it computes), charged only while the task runs.
+    (activations alive inside the pack while it computes), charged only while the task runs;
+    a forward group's is :meth:`forward_work`.
     """
 
     w: Sequence[int]
@@ -63,15 +66,38 @@ class Sizes:
         table = {Kind.X: self.x, Kind.D: self.d, Kind.S: self.s}[ref.kind]
         return table[ref.pack][ref.mb]
 
+    def forward_work(self, pack: int, mbs: Sequence[int]) -> int:
+        """Working bytes of one forward of ``pack`` over micro-batches ``mbs``: the layers'
+        working memory at the group's samples (working memory grows with the samples, so it
+        is the sum of the micro-batches'), and for a group of several, the input their inputs
+        are concatenated into."""
+        work = sum(self.work[pack][m] for m in mbs)
+        return work + (sum(self.x[pack][m] for m in mbs) if len(mbs) > 1 else 0)
+
 
 @dataclass(frozen=True)
 class Times:
-    """Seconds per compute task and bytes per second per link (``"host->device"``, ...)."""
+    """Seconds per compute task and bytes per second per link (``"host->device"``, ...).
+
+    ``fwd_group[(p, first, last)]``: seconds of one forward of pack p over micro-batches
+    first..last together (a forward group); a group not listed takes as long as its
+    micro-batches' forwards one after the other.
+    """
 
     fwd: Sequence[Sequence[float]]
     bwd: Sequence[Sequence[float]]
     upd: Sequence[float]
     bandwidth: dict[str, float]
+    fwd_group: Mapping[tuple[int, int, int], float] = field(default_factory=dict)
+
+    def forward(self, pack: int, mbs: Sequence[int]) -> float:
+        """Seconds of one forward of ``pack`` over micro-batches ``mbs`` (consecutive)."""
+        if len(mbs) == 1:
+            return self.fwd[pack][mbs[0]]
+        key = (pack, mbs[0], mbs[-1])
+        if key in self.fwd_group:
+            return self.fwd_group[key]
+        return sum(self.fwd[pack][m] for m in mbs)
 
 
 @dataclass
@@ -194,7 +220,10 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             start = max([clock] + [ready[(r, loc)] for r, loc in e.reads])
             if t.op is Op.UPD and nvme_k:
                 start = max(start, staged.pop(p, 0.0))
-            work = sizes.work[t.pack][t.mb] if t.mb is not None else 0
+            if t.op is Op.FWD:
+                work = sizes.forward_work(p, t.mbs)
+            else:
+                work = sizes.work[p][t.mb] if t.mb is not None else 0
             charge(Loc.DEVICE, work)
             for ref in e.produces:
                 charge(Loc.DEVICE, sizes.of(ref))
@@ -202,8 +231,7 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             used[Loc.DEVICE] -= work
             if times is not None:
                 if t.op is Op.FWD:
-                    assert t.mb is not None
-                    clock = start + times.fwd[t.pack][t.mb]
+                    clock = start + times.forward(p, t.mbs)
                 elif t.op is Op.BWD:
                     assert t.mb is not None
                     clock = start + times.bwd[t.pack][t.mb]

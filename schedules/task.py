@@ -4,6 +4,7 @@ A task is an op on a pack, optionally for one micro-batch and, for data movement
 tensor. The text form is short enough to print whole schedules on a line::
 
     F2.0   forward of pack 2 over micro-batch 0
+    F1.0-3 one forward of pack 1 over micro-batches 0 to 3 together (a forward group)
     B2.0   backward of pack 2 over micro-batch 0 (recomputing its forward first)
     U2     optimizer update of pack 2
     +W2    swap in:  copy pack 2's weights from their home to the device
@@ -96,7 +97,8 @@ class Ref:
         return f"{self.kind.value}{self.pack}" + ("" if self.mb is None else f".{self.mb}")
 
 
-_TEXT = re.compile(r"^(?P<op>[FBU+\-~!&^*<>])(?P<kind>[WGKXDS]?)(?P<pack>\d+)(?:\.(?P<mb>\d+))?$")
+_TEXT = re.compile(r"^(?P<op>[FBU+\-~!&^*<>])(?P<kind>[WGKXDS]?)(?P<pack>\d+)"
+                   r"(?:\.(?P<mb>\d+)(?:-(?P<last>\d+))?)?$")
 
 
 @dataclass(frozen=True)
@@ -108,16 +110,30 @@ class Task:
         pack: the pack it applies to.
         mb: the micro-batch (FWD, BWD, and moves of per-micro-batch kinds), else None.
         kind: the kind of tensor moved (SWAP_IN, SWAP_OUT, FREE, DEL, SEND, RECV), else None.
+        last: a forward over a group of consecutive micro-batches ``mb..last`` (run as one
+            call over their samples together), else None. Only FWD tasks group, and a group
+            has at least two micro-batches (``F1.0-0`` is written ``F1.0``).
+
+    >>> Task.parse("F1.0-3").mbs
+    range(0, 4)
     """
 
     op: Op
     pack: int
     mb: int | None = None
     kind: Kind | None = None
+    last: int | None = None
 
     def __post_init__(self) -> None:
         if self.pack < 0 or (self.mb is not None and self.mb < 0):
             raise ValueError(f"task {self!r}: pack and micro-batch must be >= 0")
+        if self.last is not None:
+            if self.op is not Op.FWD or self.mb is None:
+                raise ValueError(f"{self.op.name} of pack {self.pack}: only a forward runs over "
+                                 f"a group of micro-batches (got last={self.last})")
+            if self.last <= self.mb:
+                raise ValueError(f"FWD of pack {self.pack}: a group of micro-batches "
+                                 f"{self.mb}..{self.last} must end after it starts")
         if self.op.is_compute:
             if self.kind is not None:
                 raise ValueError(f"compute task {self.op.name} takes no kind, got {self.kind}")
@@ -136,6 +152,14 @@ class Task:
                                  "(X) and their gradients (D) pass between ranks")
 
     @property
+    def mbs(self) -> range:
+        """The micro-batches the task covers: one, several for a forward group, none for an
+        update or a move of a weight, gradient or optimizer state."""
+        if self.mb is None:
+            return range(0)
+        return range(self.mb, (self.mb if self.last is None else self.last) + 1)
+
+    @property
     def ref(self) -> Ref:
         """The value a data-movement task acts on."""
         if self.kind is None:
@@ -149,18 +173,25 @@ class Task:
     def __str__(self) -> str:
         kind = "" if self.kind is None else self.kind.value
         mb = "" if self.mb is None else f".{self.mb}"
-        return f"{self.op.value}{kind}{self.pack}{mb}"
+        group = "" if self.last is None else f"-{self.last}"
+        return f"{self.op.value}{kind}{self.pack}{mb}{group}"
+
+    def __repr__(self) -> str:
+        group = "" if self.last is None else f", last={self.last}"
+        return (f"Task(op={self.op!r}, pack={self.pack}, mb={self.mb}, kind={self.kind!r}"
+                f"{group})")
 
     @staticmethod
     def parse(text: str) -> Task:
         """Parse the text form (``str(task)``); raises ValueError naming the text."""
         m = _TEXT.match(text.strip())
         if m is None:
-            raise ValueError(f"cannot parse task {text!r}: expected e.g. 'F2.0', 'B1.3', 'U0', "
-                             "'+W2', '-X1.0', '~W2', '!D1.0', '>X2.0', '<D2.0'")
+            raise ValueError(f"cannot parse task {text!r}: expected e.g. 'F2.0', 'F1.0-3', "
+                             "'B1.3', 'U0', '+W2', '-X1.0', '~W2', '!D1.0', '>X2.0', '<D2.0'")
         mb = None if m["mb"] is None else int(m["mb"])
+        last = None if m["last"] is None else int(m["last"])
         kind = Kind(m["kind"]) if m["kind"] else None
         try:
-            return Task(Op(m["op"]), int(m["pack"]), mb, kind)
+            return Task(Op(m["op"]), int(m["pack"]), mb, kind, last)
         except ValueError as err:
             raise ValueError(f"task {text!r}: {err}") from None

@@ -4,7 +4,8 @@ It replays the schedule on a model of where every value is (device copy, home co
 each task's preconditions: compute reads what is on the device, a swap-in has a valid home copy,
 a FREE never drops the only valid copy, nothing is produced twice, every forward, backward and
 update runs exactly once and each update after its pack's last backward, and at the end nothing
-transient is alive and nothing with a home elsewhere is left on the device.
+transient is alive and nothing with a home elsewhere is left on the device. A forward group
+(``F1.0-3``) counts as the forward of each of its micro-batches.
 
 A pipeline rank's schedule (``schedule.stage`` set) runs only its packs; it receives its first
 pack's inputs (X) from the previous rank and sends their gradients (D) back, and sends its last
@@ -63,6 +64,7 @@ def validate(schedule: Schedule) -> None:
     on_device = {r for r in exists if home(r) is Loc.DEVICE}
     home_valid = set(exists)
     done: set[Task] = set()
+    forwarded: set[tuple[int, int]] = set()  # (pack, micro-batch): forward groups count each
     grads: set[int] = set()
     bwd_left = {p: M for p in range(P)}
 
@@ -70,7 +72,7 @@ def validate(schedule: Schedule) -> None:
         raise ScheduleError(msg, schedule, i)
 
     for i, t in enumerate(schedule.tasks):
-        if t.pack >= P or (t.mb is not None and t.mb >= M):
+        if t.pack >= P or (t.mb is not None and t.mbs[-1] >= M):
             fail(f"refers to pack/micro-batch outside {P} packs x {M} micro-batches", i)
         if t.op.is_comm:
             ref = t.ref
@@ -95,7 +97,11 @@ def validate(schedule: Schedule) -> None:
         if t.op.is_compute:
             if t.pack not in local:
                 fail(f"pack {t.pack} is not on this rank's stage (packs {first}..{stop - 1})", i)
-            if t in done:
+            if t.op is Op.FWD:
+                if twice := [m for m in t.mbs if (t.pack, m) in forwarded]:
+                    fail(f"runs the forward of micro-batch {twice[0]} twice", i)
+                forwarded.update((t.pack, m) for m in t.mbs)
+            elif t in done:
                 fail("runs twice", i)
             done.add(t)
             if t.op is Op.UPD and bwd_left[t.pack]:
@@ -173,6 +179,7 @@ def validate(schedule: Schedule) -> None:
     expected |= {Task(Op.UPD, p) for p in local}
     expected |= {Task.move(op, ref) for op, refs in boundary.items() for ref in refs}
     done |= {Task.move(op, ref) for op, refs in passed.items() for ref in refs}
+    done = {t for t in done if t.op is not Op.FWD} | {Task(Op.FWD, p, m) for p, m in forwarded}
     if missing := sorted(map(str, expected - done)):
         fail(f"never runs {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}", None)
     if lowered:

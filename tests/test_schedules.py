@@ -38,6 +38,8 @@ MOVES = [Op.SWAP_IN, Op.SWAP_OUT, Op.FREE, Op.DEL]
     ("+D4.1", Task(Op.SWAP_IN, 4, 1, Kind.D)),
     ("!S0.7", Task(Op.DEL, 0, 7, Kind.S)),
     ("B12.345", Task(Op.BWD, 12, 345)),
+    ("F1.0-3", Task(Op.FWD, 1, 0, last=3)),
+    ("F7.12-13", Task(Op.FWD, 7, 12, last=13)),
 ])
 def test_task_text(text: str, task: Task) -> None:
     assert str(task) == text
@@ -80,7 +82,11 @@ def tasks(draw: st.DrawFn) -> Task:
         assert kind is not None
         needs_mb = kind.per_micro_batch
     mb = draw(st.integers(0, 10_000)) if needs_mb else None
-    return Task(op, pack, mb, kind)
+    last = None
+    if op is Op.FWD and draw(st.booleans()):
+        assert mb is not None
+        last = mb + draw(st.integers(1, 100))
+    return Task(op, pack, mb, kind, last)
 
 
 @given(tasks())
@@ -92,18 +98,20 @@ def test_random_task_round_trips(task: Task) -> None:
 @given(st.lists(tasks(), max_size=30))
 def test_random_schedule_round_trips(ts: list[Task]) -> None:
     s = Schedule("custom", 1 + max((t.pack for t in ts), default=-1),
-                 1 + max((t.mb for t in ts if t.mb is not None), default=-1), tuple(ts))
+                 1 + max((t.mbs[-1] for t in ts if t.mb is not None), default=-1), tuple(ts))
     assert Schedule.parse(str(s)) == s
 
 
 @pytest.mark.parametrize("text", ["", "F", "Z1", "F1.", "+W", "W2", "F-1.0", "F1.0.0", "B 1.0",
-                                  "+Q1", "++W1", "U2 U3", "f1.0"])
+                                  "+Q1", "++W1", "U2 U3", "f1.0", "F1-3", "F1.0-", "F1.0-2-3",
+                                  "U1-2"])
 def test_parse_error_names_the_text(text: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"cannot parse task {text!r}")):
         Task.parse(text)
 
 
-@pytest.mark.parametrize("text", ["U2.0", "F1", "B0", "+X1", "!D2", "+W1.0", "-K0.0"])
+@pytest.mark.parametrize("text", ["U2.0", "F1", "B0", "+X1", "!D2", "+W1.0", "-K0.0", "B1.0-3",
+                                  "+X1.0-3", "F1.3-3", "F1.3-2"])
 def test_parse_of_an_invalid_task_raises(text: str) -> None:
     with pytest.raises(ValueError):
         Task.parse(text)
@@ -136,10 +144,26 @@ def test_schedule_parse_error_names_the_bad_word() -> None:
     (lambda: Task(Op.UPD, -3), "pack and micro-batch must be >= 0"),
     (lambda: Task(Op.BWD, 0, -1), "pack and micro-batch must be >= 0"),
     (lambda: Task(Op.DEL, -1, 0, Kind.X), "pack and micro-batch must be >= 0"),
+    (lambda: Task(Op.BWD, 1, 0, last=3), "only a forward runs over a group"),
+    (lambda: Task(Op.SWAP_IN, 1, 0, Kind.X, 2), "only a forward runs over a group"),
+    (lambda: Task(Op.UPD, 1, last=2), "only a forward runs over a group"),
+    (lambda: Task(Op.FWD, 1, 2, last=2), "micro-batches 2..2 must end after it starts"),
+    (lambda: Task(Op.FWD, 1, 4, last=1), "micro-batches 4..1 must end after it starts"),
 ])
 def test_invalid_task_raises(make, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_forward_group_covers_its_micro_batches() -> None:
+    assert Task.parse("F1.2-5").mbs == range(2, 6)
+    assert Task(Op.BWD, 1, 3).mbs == range(3, 4)
+    assert Task(Op.UPD, 1).mbs == range(0)
+    assert repr(Task.parse("F1.0-3")) == "Task(op=<Op.FWD: 'F'>, pack=1, mb=0, kind=None, last=3)"
+    # a schedule's micro-batch count covers the groups' last micro-batches
+    assert Schedule.parse("F0.0-4 B1.0").micro_batches == 5
+    assert Schedule.parse("F0.0-4 F1.0 F1.1").forward_group == 5
+    assert harmony(3, 4).forward_group == 1
 
 
 def test_compute_task_has_no_ref() -> None:
@@ -294,6 +318,47 @@ def test_harmony_updates_just_in_time() -> None:
     for p in range(4):
         i = tasks.index(Task(Op.UPD, p))
         assert tasks[i - 1] == Task(Op.BWD, p, 2)
+
+
+def test_harmony_forward_groups_text() -> None:
+    assert str(harmony(3, 4, group=2)) == (
+        "F0.0-1 F0.2-3 F1.0-1 F1.2-3 B2.0 B2.1 B2.2 B2.3 U2 B1.0 B1.1 B1.2 B1.3 U1 "
+        "B0.0 B0.1 B0.2 B0.3 U0")
+    # the last group may be shorter; packs not in `grouped` run a forward per micro-batch
+    assert str(harmony(3, 5, group=2, grouped={1})) == (
+        "F0.0 F0.1 F0.2 F0.3 F0.4 F1.0-1 F1.2-3 F1.4 B2.0 B2.1 B2.2 B2.3 B2.4 U2 "
+        "B1.0 B1.1 B1.2 B1.3 B1.4 U1 B0.0 B0.1 B0.2 B0.3 B0.4 U0")
+    assert str(harmony(2, 3, group=8)) == "F0.0-2 B1.0 B1.1 B1.2 U1 B0.0 B0.1 B0.2 U0"
+    assert str(harmony(2, 3, group=1)) == str(harmony(2, 3))
+    assert str(harmony(2, 2, True, group=2)) == "F0.0-1 B1.0 B1.1 B0.0 B0.1 U1 U0"
+    assert " ".join(map(str, generators.forwards(1, 5, 2))) == "F1.0-1 F1.2-3 F1.4"
+
+
+@pytest.mark.parametrize("packs", [1, 2, 3, 4])
+@pytest.mark.parametrize("micro_batches", [1, 2, 3, 5])
+@pytest.mark.parametrize("group", [1, 2, 3, 8])
+def test_forward_groups_cover_every_micro_batch_once(packs: int, micro_batches: int,
+                                                    group: int) -> None:
+    s = generate("harmony", packs, micro_batches, group=group)
+    covered = Counter((t.pack, m) for t in s.tasks if t.op is Op.FWD for m in t.mbs)
+    assert covered == Counter((p, m) for p in range(packs - 1) for m in range(micro_batches))
+    assert all(len(t.mbs) <= group for t in s.tasks if t.op is Op.FWD)
+    assert s.forward_group == (min(group, micro_batches) if packs > 1 else 1)
+    validate(s)
+
+
+@pytest.mark.parametrize("name", ["per-microbatch", "resident"])
+def test_only_harmony_groups_forwards(name: str) -> None:
+    with pytest.raises(ValueError, match=f"schedule {name!r} runs a forward per micro-batch "
+                                         r"\(group=2\); forward groups need schedule='harmony'"):
+        generate(name, 3, 4, group=2)
+    assert generate(name, 3, 4, group=1) == generate(name, 3, 4)
+
+
+@pytest.mark.parametrize("group", [0, -1, 1.5, True])
+def test_bad_forward_group(group: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"group={group!r} must be a positive int")):
+        harmony(3, 4, group=group)  # type: ignore[arg-type]
 
 
 def test_unknown_schedule_lists_the_names() -> None:

@@ -14,7 +14,7 @@ from schedules.lower import lower
 from schedules.placement import Placement
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, Times, link, simulate
-from schedules.task import Kind, Loc, Ref
+from schedules.task import Kind, Loc, Op, Ref
 
 H, D, N = Loc.HOST, Loc.DEVICE, Loc.NVME
 LINKS = [link(a, b) for a in Loc for b in Loc if a is not b]
@@ -116,6 +116,58 @@ def test_nvme_optimizer_state_by_hand() -> None:
     assert r.peak == {D: 10 + 20 + 5, H: 10 + 40 + 5, N: 10 + 40}
     assert [u[H] for u in r.timeline] == [0, 0, 50, 50, 50, 55, 5, 0]
     assert r.timeline[-1] == {D: 0, H: 0, N: 50}
+
+
+def test_forward_group_time_and_peak_by_hand() -> None:
+    """A forward over two micro-batches takes its own time and holds both inputs, its working
+    memory at both micro-batches' samples, the concatenated input and both outputs at once."""
+    s = lower(harmony(2, 3, group=2), Placement.uniform(2, D), prefetch=0)
+    assert str(s).startswith("+X0.0 +X0.1 F0.0-1 ~X0.0 ~X0.1 +X0.2 F0.2 ~X0.2 B1.0 ")
+    sizes = Sizes([10, 20], [1, 2], [0, 0], [[100, 100, 50], [30, 30, 15]], [[0] * 3, [7, 7, 4]],
+                  zeros(2, 3), [[1000, 1000, 500], [2000, 2000, 1000]])
+    assert sizes.forward_work(0, range(0, 2)) == 1000 + 1000 + 100 + 100
+    assert sizes.forward_work(0, range(2, 3)) == 500  # one micro-batch: nothing concatenated
+    r = simulate(s, sizes)
+    # W0 + W1, X0.0 and X0.1, the group's work (2200), X1.0 and X1.1 made
+    assert r.peak[D] == 30 + 200 + 2200 + 60
+    assert [u[D] for u in r.timeline][:5] == [130, 230, 290, 190, 90]
+    fwd = [[1.0, 1.0, 0.5], [0.0, 0.0, 0.0]]
+    bw = {"host->device": 1e12, "device->host": 1e12}
+    grouped = Times(fwd, [[2.0] * 3, [3.0] * 3], [0.5, 0.5], bw, {(0, 0, 1): 1.5})
+    assert grouped.forward(0, range(0, 2)) == 1.5 and grouped.forward(0, range(2, 3)) == 0.5
+    # F0.0-1 1.5 + F0.2 0.5 + B1.* 9 + U1 0.5 + B0.* 6 + U0 0.5
+    assert simulate(s, sizes, grouped).step_time == pytest.approx(18.0)
+    # a group without a time of its own takes its micro-batches' time
+    plain = Times(fwd, grouped.bwd, grouped.upd, bw)
+    assert plain.forward(0, range(0, 2)) == 2.0
+    assert simulate(s, sizes, plain).step_time == pytest.approx(18.5)
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_forward_group_model_bounds(group: int) -> None:
+    """Every grouped harmony schedule, every placement: the step is no shorter than its
+    compute (each forward group counted once, at its own time) and, with infinite bandwidth,
+    exactly that long; it ends with only W and K at home."""
+    rng = random.Random(group)
+    for where in sorted(PLACEMENTS):
+        for packs, mbs in ((2, 3), (3, 4), (4, 5)):
+            for prefetch in (0, 1):
+                s = lower(harmony(packs, mbs, group=group), PLACEMENTS[where](packs), prefetch)
+                sizes, times = random_case(rng, packs, mbs)
+                groups = {(t.pack, t.mbs[0], t.mbs[-1]): rng.uniform(0.1, 1)
+                          for t in s.tasks if t.op is Op.FWD and len(t.mbs) > 1}
+                assert groups
+                times = Times(times.fwd, times.bwd, times.upd, times.bandwidth, groups)
+                compute = (sum(times.forward(t.pack, t.mbs) for t in s.tasks if t.op is Op.FWD)
+                           + sum(map(sum, times.bwd)) + sum(times.upd))
+                r = simulate(s, sizes, times)
+                assert r.step_time is not None and r.step_time >= compute - 1e-9
+                fast = Times(times.fwd, times.bwd, times.upd, dict.fromkeys(LINKS, math.inf),
+                             groups)
+                assert simulate(s, sizes, fast).step_time == pytest.approx(compute)
+                home = {loc: sum(sizes.w[p] + sizes.k[p] for p in range(packs)
+                                 if s.placement.w[p] is loc) for loc in Loc}
+                assert r.timeline[-1] == home
 
 
 def test_simulate_doc_example() -> None:

@@ -206,6 +206,62 @@ def _every_lowering():
             for prefetch in (0, 1):
                 for packs, mbs in ((2, 2), (3, 1)):
                     yield lower(gen(packs, mbs), where(packs, H), prefetch)
+    for where in (Placement.uniform, lambda p, loc: Placement.uniform(p, loc, D)):
+        for prefetch in (0, 1):  # forward groups: one of two, one of two and one alone
+            yield lower(harmony(3, 3, group=2), where(3, H), prefetch)
+
+
+# -- forward groups ----------------------------------------------------------------------------
+
+# lower(harmony(2, 3, group=2), Placement.uniform(2, HOST), prefetch=0)
+GROUPED = ("+W0 +X0.0 +X0.1 F0.0-1 ~X0.0 ~X0.1 -X1.0 -X1.1 +X0.2 F0.2 ~W0 ~X0.2 -X1.2 "
+           "+W1 +X1.0 B1.0 !X1.0 -D1.0 +X1.1 B1.1 !X1.1 -D1.1 +X1.2 B1.2 ~W1 !X1.2 -G1 -D1.2 "
+           "U1 !G1 +W0 +X0.0 +D1.0 B0.0 !X0.0 !D1.0 +X0.1 +D1.1 B0.1 !X0.1 !D1.1 "
+           "+X0.2 +D1.2 B0.2 ~W0 !X0.2 !D1.2 -G0 U0 !G0")
+
+
+def grouped() -> Schedule:
+    return Schedule.parse(GROUPED, name="harmony", packs=2, micro_batches=3,
+                          placement=Placement.uniform(2, H), prefetch=0)
+
+
+def test_a_lowered_forward_group_is_valid() -> None:
+    s = lower(harmony(2, 3, group=2), Placement.uniform(2, H), prefetch=0)
+    assert str(s) == GROUPED
+    validate(s)
+    validate(harmony(4, 5, group=3))
+
+
+def test_forward_group_overlapping_another_forward() -> None:
+    s = edit(harmony(2, 3, group=2), "F0.2", "F0.1-2")
+    expect_error(s, "runs the forward of micro-batch 1 twice", "F0.1-2")
+    expect_error(edit(grouped(), "F0.2", "F0.1"), "runs the forward of micro-batch 1 twice",
+                 "F0.1")
+
+
+def test_forward_group_missing_a_micro_batch() -> None:
+    expect_error(edit(harmony(2, 3, group=2), "F0.0-1", "F0.0"),
+                 "needs X1.1, which does not exist yet (or was deleted)", "B1.1")
+
+
+def test_forward_group_needs_every_input_on_the_device() -> None:
+    expect_error(edit(grouped(), "+X0.1", None),
+                 "needs X0.1 on the device; its home is host: add +X0.1 before it", "F0.0-1")
+
+
+def test_forward_group_past_the_last_micro_batch() -> None:
+    expect_error(edit(harmony(2, 3), "F0.2", "F0.2-3"),
+                 "refers to pack/micro-batch outside 2 packs x 3 micro-batches", "F0.2-3")
+
+
+def test_forward_group_without_recompute() -> None:
+    s = Schedule.parse("F0.0-1 B1.0 B0.0 B1.1 B0.1 U0 U1", recompute=False)
+    expect_error(s, "F0.0-1: a forward group needs a schedule that recomputes", "F0.0-1")
+
+
+def test_forward_group_of_the_last_pack() -> None:
+    s = Schedule.parse("F0.0-1 F1.0-1 B1.0 B1.1 B0.0 B0.1 U1 U0", packs=2)
+    expect_error(s, "F1.0-1: the last pack's forward is fused into its backward", "F1.0-1")
 
 
 def test_every_single_removal_or_duplication_is_caught() -> None:
