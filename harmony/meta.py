@@ -19,6 +19,11 @@ path, which would save the [T, T] attention matrix for backward. Real runs pick 
 log-sum-exp, so the profile routes such calls to the fused kernel's meta implementation, and
 the saved bytes match a real run on CPU.
 
+Whether a layer may run one forward over several micro-batches at once (a forward group) cannot
+be measured on meta tensors either; the meta profile tells what the shapes and the operators
+show (:class:`SampleMixing`): a layer whose forward runs a random operator (dropout) or batch
+norm in training mode, or passes a tensor without the samples along dim 0, cannot group.
+
 >>> from harmony.builtin_models import build
 >>> with torch.device("meta"):
 ...     spec = build("gpt-tiny")
@@ -190,6 +195,48 @@ class FlopCount(TorchDispatchMode):
         return out
 
 
+class SampleMixing(TorchDispatchMode):
+    """Notes, in ``why_not``, the first operator run under it that rules out running a layer
+    over several micro-batches at once: one that draws random numbers (tagged
+    ``nondeterministic_seeded``: dropout), or batch norm in training mode over ``samples``
+    along dim 0 (its statistics mix the micro-batches). The real profiler
+    (:func:`harmony.profile.profile_layers`) measures this instead of looking."""
+
+    def __init__(self, samples: int) -> None:
+        super().__init__()
+        self.samples, self.why_not = samples, ""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.why_not:
+            names = [a.name for a in func._schema.arguments]
+            given = {**dict(zip(names, args)), **kwargs}
+            if torch.Tag.nondeterministic_seeded in func.tags and given.get("dropout_p", 1) \
+                    and given.get("train", True) and given.get("p", 1):
+                # (fused attention and dropout kernels draw only with a dropout probability)
+                self.why_not = f"draws random numbers in its forward ({func._overloadpacket})"
+            elif "batch_norm" in func._schema.name:
+                x = given.get("input")
+                if given.get("training") and isinstance(x, torch.Tensor) and x.dim() \
+                        and x.shape[0] == self.samples:
+                    self.why_not = ("treats the samples of a micro-batch together (batch norm "
+                                    "in training mode)")
+        return func(*args, **kwargs)
+
+
+def batch_first(value: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...],
+                samples: int) -> str:
+    """Why a layer taking ``value`` and giving ``out`` cannot group because of their shapes:
+    a tensor without the ``samples`` along dim 0 ("" when every tensor has them)."""
+    for what, values in (("input", value), ("output", out)):
+        for j, t in enumerate(values):
+            if t.dim() == 0 or t.shape[0] != samples:
+                return (f"passes a tensor without the samples along dim 0 ({what} {j} of shape "
+                        f"{tuple(t.shape)} in a micro-batch of {samples})")
+    return ""
+
+
 def _storage_key(t: torch.Tensor) -> int:
     # Meta storages have no address (data_ptr() is 0 for all); the StorageImpl's identity tells
     # views of one storage apart from distinct storages, as data_ptr() does on a real device.
@@ -292,7 +339,7 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                 for e in layout.entries:
                     e.tensor.data = e.tensor.data.to(e.dtype)
             run = tuple(t.to(low) if mixed and t.is_floating_point() else t for t in value)
-            with torch.no_grad(), FlopCount() as fc:
+            with torch.no_grad(), FlopCount() as fc, SampleMixing(samples) as mixing:
                 out_value = as_tuple(call(layer, run), f"layer {name!r}")
             fwd_flops = fc.flops
 
@@ -309,7 +356,8 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                 saved_bytes=saved / samples,
                 out_bytes=_nbytes(out_value) / samples,
                 fwd_s=fwd_flops / device_flops / samples,
-                bwd_s=bwd_flops / device_flops / samples))
+                bwd_s=bwd_flops / device_flops / samples, samples=samples,
+                no_group=mixing.why_not or batch_first(value, out_value, samples)))
             value = tuple(t.detach() for t in out_value)
             if key is not None:
                 seen[key] = (out[-1], value)

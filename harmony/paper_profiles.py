@@ -17,13 +17,16 @@ How the paper's fields map, at micro-batch size ``u`` (LayerProfile values are p
 | ``out_bytes`` | ``X[u]`` of layer ``l + 1`` / ``u``; the loss layer's output is a 4-byte scalar |
 | ``saved_bytes`` | ``mem_bwd[u] - (W + B) - W - 2 X[u] - 3 out[u]``, at least 0, / ``u`` (*) |
 | ``fwd_s``, ``bwd_s`` | ``t_fwd_gpu[u] / u``, ``t_bwd_gpu_incl_recompute[u] / u`` |
+| ``fwd_group_s`` | ``t_fwd_gpu[v] / v`` at ``v = min(2u, largest profiled)`` (``group_samples``) |
 
 (*) so that a one-layer pack's simulated backward peak (weights, gradients, input and its
 gradient, output gradient, working bytes ``saved + 2 out``) equals the measured ``mem_bwd``.
 
 The optimizer-state ratio is ``sum K / sum W`` (2.0: Adam) and the update speed is
 ``sum t_upd_cpu / sum W`` seconds per gradient byte. Micro-batch sizes between two profiled ones
-are interpolated linearly; sizes beyond the profiled range are refused.
+are interpolated linearly; sizes beyond the profiled range are refused. The profiles say
+nothing about randomness or batch statistics, so every layer counts as able to run a forward
+over several micro-batches at once (``no_group`` empty), as the paper's system ran them.
 
 >>> prof = load("gpt2_medium", micro_batch_size=2)
 >>> len(prof.layers), prof.layers[1].name, prof.k_ratio
@@ -92,6 +95,9 @@ def load(name: str, micro_batch_size: int) -> ModelProfile:
     raw = data["layers"]
     R = len(raw)
     x = [_at(lay["X"], u, "activations", model) for lay in raw]
+    # The forward of a group of micro-batches: timed at twice the samples where profiled.
+    fwd_sizes = [int(k) for k in raw[0]["t_fwd_gpu"]]
+    big = min(2 * u, max(fwd_sizes))
     layers, params = [], []
     for i, lay in enumerate(raw):
         w_bytes, g_bytes = int(lay["W"]) + int(lay["B"]), int(lay["W"])
@@ -102,7 +108,9 @@ def load(name: str, micro_batch_size: int) -> ModelProfile:
             name=_layer_name(i, R), w_bytes=w_bytes, g_bytes=g_bytes, in_bytes=x[i] / u,
             in_grad_bytes=0.0 if i == 0 else x[i] / u, saved_bytes=saved / u,
             out_bytes=out / u, fwd_s=_at(lay["t_fwd_gpu"], u, "forward", model) / u,
-            bwd_s=_at(lay["t_bwd_gpu_incl_recompute"], u, "backward", model) / u))
+            bwd_s=_at(lay["t_bwd_gpu_incl_recompute"], u, "backward", model) / u,
+            samples=u, fwd_group_s=_at(lay["t_fwd_gpu"], big, "forward", model) / big
+            if big > u else None, group_samples=big if big > u else 0))
         params.append(int(lay["W"]) // 4)  # fp32
     total_w = sum(int(lay["W"]) for lay in raw)
     k_ratio = sum(int(lay["K"]) for lay in raw) / total_w

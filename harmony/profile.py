@@ -4,6 +4,22 @@ The profile runs each layer on one micro-batch (on the compute device, one layer
 time, so it fits wherever training fits): once to warm up and measure sizes, then a few timed
 runs. It records per-sample sizes and times, which the planner scales to every micro-batch
 size.
+
+Given a second micro-batch, it also finds out whether each layer may run one forward over
+several micro-batches at once (a forward group, see :mod:`schedules.generators`) with the same
+result as one forward per micro-batch, and how long such a forward takes (larger forwards use
+a device better, so time per sample is not constant). A layer may not group when its forward
+
+* draws random numbers (its generator's state moved: dropout), since a recompute in backward
+  runs per micro-batch and must draw what the forward drew;
+* changes its buffers (BatchNorm's running statistics), which plain PyTorch updates once per
+  micro-batch;
+* passes a tensor that does not hold the samples along dim 0 (a shared mask), or treats the
+  samples of a micro-batch together: its output on the two micro-batches concatenated differs
+  from its outputs on each, concatenated, by more than rounding (BatchNorm in training mode).
+
+:attr:`LayerProfile.no_group` says which, in words (:data:`UNCHECKED` without a second
+micro-batch).
 """
 
 from __future__ import annotations
@@ -38,6 +54,16 @@ class LayerProfile:
     out_bytes: float      # per sample: the layer's output value
     fwd_s: float          # per sample: forward without grad
     bwd_s: float          # per sample: forward with grad plus backward
+    samples: int = 0      # the samples per micro-batch these were measured at (0: unknown)
+    # per sample: one forward without grad over group_samples samples (a forward group of
+    # several micro-batches); None when not measured
+    fwd_group_s: float | None = None
+    group_samples: int = 0
+    no_group: str = ""    # why the layer cannot run one forward over several micro-batches
+
+
+# LayerProfile.no_group of a layer profiled without a second micro-batch to check it on.
+UNCHECKED = "was not checked for forward groups (the profile saw one micro-batch)"
 
 
 def _nbytes(value: tuple[torch.Tensor, ...], floating_only: bool = False) -> int:
@@ -49,7 +75,8 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
                    targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
                    device: torch.device,
                    precision: Precision | None = None,
-                   changed: set[int] | None = None) -> list[LayerProfile]:
+                   changed: set[int] | None = None,
+                   group_inputs: tuple[torch.Tensor, ...] | None = None) -> list[LayerProfile]:
     """Run every layer on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
@@ -57,11 +84,14 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
     ``precision``, weights take their dtypes in ``layouts`` and the layers run under its
     autocast, so activation bytes are those of training. ``changed``, if given, receives the
     ids of the buffers a forward or backward changes (BatchNorm's running statistics), which the
-    runtime must then carry and restore (:mod:`harmony.buffers`).
+    runtime must then carry and restore (:mod:`harmony.buffers`). ``group_inputs``, the next
+    micro-batch's inputs, if given: each layer is also checked for forward groups and timed
+    over both micro-batches at once (``no_group``, ``fwd_group_s``; see the module docstring).
     """
     autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
     value = tuple(t.to(device) for t in inputs)
+    other = None if group_inputs is None else tuple(t.to(device) for t in group_inputs)
     out: list[LayerProfile] = []
     n = len(chain)
     for i, (name, layer, layout) in enumerate(zip(chain.names, chain.layers, layouts)):
@@ -81,6 +111,10 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             out_value = as_tuple(forward(), f"layer {name!r}")
             saved = backward()
             fwd, bwd = _typical(forward, device), _typical(backward, device)
+            check = Grouping(UNCHECKED, None, None)
+            if other is not None:
+                check = _group_check(layer, layout, value, other, out_value, i, device,
+                                     autocast)
             if changed is not None:  # buffers the runs changed (on the profile's copies)
                 changed.update(id(e.tensor) for e, h in zip(layout.entries, homes)
                                if not isinstance(e.tensor, nn.Parameter) and not torch.equal(
@@ -92,9 +126,100 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
             in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,
             saved_bytes=saved / samples, out_bytes=_nbytes(out_value) / samples,
-            fwd_s=fwd / samples, bwd_s=bwd / samples))
+            fwd_s=fwd / samples, bwd_s=bwd / samples, samples=samples,
+            fwd_group_s=None if check.seconds is None else check.seconds / check.samples,
+            group_samples=check.samples, no_group=check.why_not))
         value = tuple(t.detach() for t in out_value)
+        other = None if check.other is None else tuple(t.detach() for t in check.other)
     return out
+
+
+@dataclass
+class Grouping:
+    """What :func:`_group_check` found: why the layer cannot group ("" when it can), the
+    seconds of one forward over both micro-batches at once and their samples (when it can),
+    and its output on the second micro-batch (None when there is none)."""
+
+    why_not: str
+    seconds: float | None
+    other: tuple[torch.Tensor, ...] | None
+    samples: int = 0
+
+
+def _group_check(layer: nn.Module, layout: Layout, value: tuple[torch.Tensor, ...],
+                 other: tuple[torch.Tensor, ...], out: tuple[torch.Tensor, ...], index: int,
+                 device: torch.device, autocast: Callable[[torch.device], Any]) -> Grouping:
+    """Whether ``layer`` may run one forward over micro-batches ``value`` and ``other``
+    together (``out``: its output on ``value``); see the module docstring."""
+    buffers = [e.tensor for e in layout.entries if not isinstance(e.tensor, nn.Parameter)]
+    before = [b.detach().clone() for b in buffers]
+    with layer_rng(0, 0, 1, index, device), torch.no_grad(), autocast(device):
+        state = _rng_state(device)
+        try:
+            out_other = as_tuple(call(layer, other), f"layer {index}")
+        except Exception as err:  # (a second micro-batch of another size, say)
+            return Grouping(f"fails on a second micro-batch ({type(err).__name__}: {err})",
+                            None, None)
+        draws = not all(torch.equal(a, b) for a, b in zip(state, _rng_state(device)))
+    if draws:
+        return Grouping("draws random numbers in its forward (dropout)", None, out_other)
+    if any(not torch.equal(b, was) for b, was in zip(buffers, before)):
+        return Grouping("changes its buffers in its forward (running statistics)", None,
+                        out_other)
+    n, n_other = value[0].shape[0], other[0].shape[0]
+    for what, values, samples in (("input", value, n), ("input", other, n_other),
+                                  ("output", out, n), ("output", out_other, n_other)):
+        for j, t in enumerate(values):
+            if t.dim() == 0 or t.shape[0] != samples:
+                return Grouping(f"passes a tensor without the samples along dim 0 ({what} {j} "
+                                f"of shape {tuple(t.shape)} in a micro-batch of {samples})",
+                                None, out_other)
+    both = tuple(torch.cat([a, b]) for a, b in zip(value, other))
+
+    def forward() -> tuple[torch.Tensor, ...]:
+        with layer_rng(0, 0, 0, index, device), torch.no_grad(), autocast(device):
+            return as_tuple(call(layer, both), f"layer {index}")
+
+    try:
+        together = forward()
+    except Exception as err:
+        return Grouping(f"fails on two micro-batches at once ({type(err).__name__}: {err})",
+                        None, out_other)
+    for j, (t, a, b) in enumerate(zip(together, out, out_other)):
+        want = torch.cat([a, b])
+        if t.shape != want.shape or t.dtype != want.dtype:
+            return Grouping(f"gives output {j} of shape {tuple(t.shape)} on two micro-batches "
+                            f"at once, not {tuple(want.shape)}", None, out_other)
+        if not t.is_floating_point() or not t.numel():
+            if not torch.equal(t, want):
+                return Grouping(f"treats the samples of a micro-batch together: its output {j}"
+                                " on two micro-batches at once differs from its outputs on each",
+                                None, out_other)
+            continue
+        scale = max(float(want.abs().max()), 1e-30)
+        diff = float((t - want).abs().max()) / scale
+        if not diff <= group_tolerance(t.dtype):  # (NaN fails too)
+            return Grouping(f"treats the samples of a micro-batch together (as BatchNorm in "
+                            f"training mode does): its output {j} on two micro-batches at "
+                            f"once differs from its outputs on each by {diff:.1e} of its "
+                            "largest value", None, out_other)
+    return Grouping("", _typical(forward, device), out_other, n + n_other)
+
+
+def group_tolerance(dtype: torch.dtype) -> float:
+    """How far (relative to its largest value) a layer's output on two micro-batches at once
+    may differ from its outputs on each and still count as equal up to rounding: matrix
+    products over more rows round differently (about 1e-7 relative in fp32), while a layer
+    that mixes samples differs by a sizeable fraction of its values."""
+    return max(1e-5, 8 * torch.finfo(dtype).eps)
+
+
+def _rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The generators' states a layer on ``device`` draws from."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 def backward_saved_bytes(layer: nn.Module, value: tuple[torch.Tensor, ...], layout: Layout,
