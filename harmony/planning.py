@@ -7,6 +7,14 @@ activations on the host too; with an NVMe tier, the same again with NVMe in plac
 (first keeping the packs that fit on the host). For each, pack counts from few to many and
 prefetch depths 1 and 0 are lowered and simulated; among the candidates of the first placement
 that fits both budgets, the one with the lowest predicted step time wins.
+
+Forward groups (``forward_group``, :mod:`harmony.groups`): a given group size is planned like
+any other setting. Asked to choose (``forward_group=None``), the planner takes the plan it
+would take with a forward per micro-batch and tries, on that placement's fastest few
+candidates only, forward groups of 2, 4, ... up to every micro-batch; one wins only if it fits
+the budgets and is predicted faster. Grouping only adds device memory (a larger forward's
+working bytes and its concatenated input), so no placement that did not fit without groups
+fits with them.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from harmony.groups import group_sizes, grouped_packs, pack_forward_seconds, ungrouped
 from harmony.microbatch import micro_batch_sizes
 from harmony.profile import LayerProfile, scaled
 from schedules.data_parallel import (
@@ -56,6 +65,10 @@ class Plan:
     predicted: SimResult
     # Sharded optimizer: the rank owning each pack's optimizer state (None: every rank)
     owners: tuple[int, ...] | None = None
+    # Micro-batches per forward task in the packs that may group (1: a forward per
+    # micro-batch), and the packs that may not: (pack, its first layer that cannot, why).
+    forward_group: int = 1
+    ungrouped: tuple[tuple[int, int, str], ...] = ()
 
     @property
     def placement(self) -> Placement:
@@ -69,9 +82,22 @@ class Plan:
             lines.append(f"  pack {p}: layers {a}..{b - 1} ({names[a]}..{names[b - 1]}), "
                          f"W {fmt_bytes(self.sizes.w[p])} at {self.placement.w[p].value}, "
                          f"X at {self.placement.x[p].value}")
+        if self.forward_group > 1:
+            lines += self._describe_groups(names)
         peaks = ", ".join(f"{k.value} {fmt_bytes(v)}" for k, v in self.predicted.peak.items())
         lines.append(f"  predicted peak: {peaks}")
         return "\n".join(lines)
+
+    def _describe_groups(self, names: list[str]) -> list[str]:
+        g = self.forward_group
+        grouped = sorted({t.pack for t in self.schedule.tasks if len(t.mbs) > 1})
+        lines = [f"  forward groups of {g} micro-batches: "
+                 + (f"packs {', '.join(map(str, grouped))}" if grouped else "no pack")]
+        if len(self.bounds) == 1:
+            lines[-1] += " (the only pack runs its forward inside its backward)"
+        lines += [f"    pack {p} one micro-batch at a time: layer {i} ({names[i]!r}) {why}"
+                  for p, i, why in self.ungrouped]
+        return lines
 
 
 def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
@@ -108,12 +134,23 @@ def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
 
 def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
                micro_batches: list[int], upd_s_per_byte: float,
-               bandwidth: dict[str, float]) -> Times:
-    fwd = [[sum(lp.fwd_s for lp in profiles[a:b]) * n for n in micro_batches] for a, b in bounds]
+               bandwidth: dict[str, float], forward_group: int = 1) -> Times:
+    """Seconds of every compute task, and the links' bandwidths; with ``forward_group`` > 1
+    also of every pack's forward over each group of that many micro-batches
+    (:func:`harmony.groups.pack_forward_seconds`)."""
+    fwd = [[pack_forward_seconds(profiles[a:b], n) for n in micro_batches] for a, b in bounds]
     bwd = [[sum(lp.bwd_s for lp in profiles[a:b]) * n for n in micro_batches] for a, b in bounds]
     upd = [sum(lp.g_bytes for lp in profiles[a:b]) * upd_s_per_byte for a, b in bounds]
     links = {**NVME_BANDWIDTH, **bandwidth}
-    return Times(fwd, bwd, upd, links)
+    groups = {}
+    M = len(micro_batches)
+    for p, (a, b) in enumerate(bounds):
+        for first in range(0, M if forward_group > 1 else 0, forward_group):
+            last = min(first + forward_group, M) - 1
+            if last > first:
+                groups[(p, first, last)] = pack_forward_seconds(
+                    profiles[a:b], sum(micro_batches[first:last + 1]))
+    return Times(fwd, bwd, upd, links, groups)
 
 
 # Assumed all-reduce bytes/s per rank until measured (the trainer measures it).
@@ -151,7 +188,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
          nvme: bool = False, deferred_updates: bool = False,
          tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1,
-         shard: int | None = None) -> Plan:
+         shard: int | None = None, forward_group: int | None = 1) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -174,11 +211,19 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             pack's owner (:func:`schedules.data_parallel.owners`, by K bytes) alone holds its
             K, so K is charged only for this rank's packs; the schedules reduce G to the owner
             and broadcast W from it (:func:`schedules.data_parallel.add_reduce_broadcast`).
+        forward_group: micro-batches per forward task in the packs whose layers may group
+            (``harmony`` only; :mod:`harmony.groups`); None: choose (see the module
+            docstring).
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
+        ValueError: a forward group that is not a positive int, or one with another schedule.
     """
     L, M = len(profiles), len(micro_batches)
+    if forward_group is not None and (isinstance(forward_group, bool) or not isinstance(
+            forward_group, int) or forward_group < 1):
+        raise ValueError(f"forward_group={forward_group!r} must be a positive int or None")
+    group = forward_group or 1
     bandwidth = shared_bandwidth({**NVME_BANDWIDTH, ALLREDUCE_LINK: ALLREDUCE_BANDWIDTH,
                                   **bandwidth}, local_ranks)
     weights = [lp.w_bytes for lp in profiles]
@@ -229,15 +274,27 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                                     for j in _host_pack_counts(profiles, b, k_ratio,
                                                                host_budget)])
 
+    def lowered_plan(bounds: tuple[tuple[int, int], ...], placement: Placement, pf: int,
+                     sizes: Sizes, times: Times, own: tuple[int, ...] | None,
+                     g: int) -> Plan:
+        packs = grouped_packs(profiles, bounds) if g > 1 else frozenset()
+        lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
+                           own is not None, g, packs)
+        result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
+        return Plan(bounds, lowered, sizes, result, own, g,
+                    ungrouped(profiles, bounds) if g > 1 else ())
+
     tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
     skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times,
                         tuple[int, ...] | None]] = []
-    for group in options:
+    for candidates in options:
         best: Plan | None = None
-        for bounds, placement in group:
+        fitting: list[Plan] = []
+        for bounds, placement in candidates:
             sizes, own = _sharded(pack_sizes(profiles, bounds, micro_batches, k_ratio, tied),
                                   ranks, shard)
-            times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
+            times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth,
+                               group)
             may_fit = _may_fit(sizes, placement, device_budget, host_budget)
             for pf in prefetches:
                 if tried and pf == 0 and len(prefetches) > 1 and tried[-1] is not None \
@@ -249,22 +306,39 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     skipped.append((len(tried), bounds, placement, pf, sizes, times, own))
                     tried.append(None)
                     continue
-                lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf,
-                                   ranks, own is not None)
-                result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
-                candidate = Plan(bounds, lowered, sizes, result, own)
+                candidate = lowered_plan(bounds, placement, pf, sizes, times, own, group)
+                result = candidate.predicted
                 tried.append((result, candidate))
                 if fits(result):
                     assert result.step_time is not None
+                    fitting.append(candidate)
                     if best is None or result.step_time < (best.predicted.step_time or 0.0):
                         best = candidate
+        if best is not None and forward_group is None and schedule == "harmony":
+            # Forward groups on the fastest few candidates (grouping adds device memory
+            # only, so the placement stays the first that fits).
+            fitting.sort(key=lambda c: c.predicted.step_time or 0.0)
+            for c in fitting[:GROUP_CANDIDATES]:
+                if not grouped_packs(profiles, c.bounds):
+                    continue
+                assert c.schedule.placement is not None and c.schedule.prefetch is not None
+                previous = c.predicted.step_time or 0.0
+                for g in group_sizes(M):
+                    times = pack_times(profiles, c.bounds, micro_batches, upd_s_per_byte,
+                                       bandwidth, g)
+                    grouped = lowered_plan(c.bounds, c.schedule.placement,
+                                           c.schedule.prefetch, c.sizes, times, c.owners, g)
+                    step = grouped.predicted.step_time or 0.0
+                    if not fits(grouped.predicted) or step >= previous:
+                        break  # larger groups need more memory still, and gain less
+                    previous = step
+                    if step < (best.predicted.step_time or 0.0):
+                        best = grouped
         if best is not None:
             return best
     for i, bounds, placement, pf, sizes, times, own in skipped:
-        lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
-                           own is not None)
-        result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
-        tried[i] = (result, Plan(bounds, lowered, sizes, result, own))
+        candidate = lowered_plan(bounds, placement, pf, sizes, times, own, group)
+        tried[i] = (candidate.predicted, candidate)
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut
         assert entry is not None
@@ -277,12 +351,18 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                          peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0))
 
 
+# How many of the fastest candidates the planner tries forward groups on, when it chooses.
+GROUP_CANDIDATES = 6
+
+
 def _lowered(schedule: str, packs: int, micro_batches: int, deferred_updates: bool,
              placement: Placement, prefetch: int, ranks: int,
-             sharded: bool = False) -> Schedule:
+             sharded: bool = False, group: int = 1,
+             grouped: frozenset[int] = frozenset()) -> Schedule:
     """The lowered schedule one rank runs (with all-reduces when ``ranks`` > 1; with reduces
-    to the owners and broadcasts from them when the optimizer is ``sharded``)."""
-    compute = generate(schedule, packs, micro_batches, deferred_updates)
+    to the owners and broadcasts from them when the optimizer is ``sharded``); forwards of
+    the packs ``grouped`` in groups of ``group`` micro-batches."""
+    compute = generate(schedule, packs, micro_batches, deferred_updates, group, grouped)
     if ranks == 1:
         return lower(compute, placement, prefetch)
     lowered = lower(lag_updates(compute), placement, prefetch)
@@ -412,7 +492,10 @@ def _infeasible(smallest: Plan, profiles: list[LayerProfile], micro_batches: lis
             f"({lp.name!r}) alone needs {fmt_bytes(need)} (weights {fmt_bytes(lp.w_bytes)}, "
             f"gradients {fmt_bytes(lp.g_bytes)}, activations "
             f"{fmt_bytes(need - lp.w_bytes - lp.g_bytes)}). Use device_memory>={fmt_bytes(dev)} "
-            "or a smaller micro_batch_size")
+            "or a smaller micro_batch_size"
+            + (f" (or forward groups of fewer than {smallest.forward_group} micro-batches: a "
+               "forward group holds the working memory of all its micro-batches at once)"
+               if smallest.forward_group > 1 else ""))
     if host_budget is not None and host > host_budget:
         if nvme:
             parts.append(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from harmony.planning import InfeasiblePlan, greedy_bounds, plan
+from harmony.planning import InfeasiblePlan, greedy_bounds, pack_times, plan
 from harmony.profile import LayerProfile
+from schedules.placement import Placement
 from schedules.task import Kind, Loc, Op
+from schedules.validate import validate
 
 BW = {"host->device": 1e9, "device->host": 1e9}
 
@@ -75,3 +77,89 @@ def test_room_on_the_device_keeps_some_packs_resident() -> None:
     resident = sum(p.sizes.w[i] for i, loc in enumerate(p.placement.w) if loc is Loc.DEVICE)
     assert p.predicted.bytes_moved["host->device"] <= \
         all_moved.predicted.bytes_moved["host->device"] - resident
+
+
+# -- forward groups --------------------------------------------------------------------------
+
+def _grouping_layers(n: int = 6, why: dict[int, str] | None = None) -> list[LayerProfile]:
+    """Layers whose forward over two micro-batches of 4 takes much less than twice one's:
+    most of a forward's time is a cost per call (as on a GPU at small sizes)."""
+    why = why or {}
+    return [LayerProfile(f"l{i}", 1000, 1000, 40.0, 40.0, 100.0, 40.0, 1e-3, 3e-4, samples=4,
+                         fwd_group_s=0.6e-3, group_samples=8, no_group=why.get(i, ""))
+            for i in range(n)]
+
+
+def test_choosing_forward_groups_is_faster_and_within_budget() -> None:
+    layers, mbs = _grouping_layers(), [4] * 8
+    everything = plan(layers, "harmony", mbs, None, None, 2.0, BW).predicted.peak[Loc.DEVICE]
+    budget = everything // 2
+    single = plan(layers, "harmony", mbs, budget, None, 2.0, BW)
+    chosen = plan(layers, "harmony", mbs, budget, None, 2.0, BW, forward_group=None)
+    assert single.forward_group == 1 and chosen.forward_group > 1
+    assert chosen.predicted.step_time is not None and single.predicted.step_time is not None
+    assert chosen.predicted.step_time < single.predicted.step_time
+    assert chosen.predicted.peak[Loc.DEVICE] <= budget
+    assert chosen.placement == single.placement  # (grouping only adds device memory)
+    fwd = [t for t in chosen.schedule.tasks if t.op is Op.FWD]
+    assert all(len(t.mbs) == min(chosen.forward_group, 8 - t.mbs[0]) for t in fwd)
+    validate(chosen.schedule)
+
+
+def test_no_faster_groups_no_groups() -> None:
+    """Profiles without a timing of larger forwards (meta estimates: time per sample is
+    constant) predict no gain: the planner keeps a forward per micro-batch."""
+    layers = _layers()
+    budget = plan(layers, "harmony", [4] * 4, None, None, 2.0, BW).predicted.peak[Loc.DEVICE] // 2
+    chosen = plan(layers, "harmony", [4] * 4, budget, None, 2.0, BW, forward_group=None)
+    assert chosen.forward_group == 1
+    assert all(len(t.mbs) == 1 for t in chosen.schedule.tasks if t.op is Op.FWD)
+
+
+def test_unlimited_memory_with_chosen_groups_gives_the_resident_plan() -> None:
+    p = plan(_grouping_layers(), "harmony", [4] * 8, None, None, 2.0, BW, forward_group=None)
+    assert all(loc is Loc.DEVICE for v in (p.placement.w, p.placement.k, p.placement.x)
+               for loc in v)
+    assert len(p.bounds) == 1  # one pack: its forward runs inside its backward
+
+
+def test_packs_whose_layers_cannot_group_run_per_micro_batch() -> None:
+    layers = _grouping_layers(6, {2: "draws random numbers in its forward (dropout)"})
+    p = plan(layers, "harmony", [4] * 4, None, None, 2.0, BW, fixed=(
+        ((0, 2), (2, 4), (4, 6)), Placement.uniform(3, Loc.HOST)), forward_group=2)
+    fwd = " ".join(str(t) for t in p.schedule.tasks if t.op is Op.FWD)
+    assert fwd == "F0.0-1 F0.2-3 F1.0 F1.1 F1.2 F1.3"
+    assert p.ungrouped == ((1, 2, "draws random numbers in its forward (dropout)"),)
+    text = p.describe([lp.name for lp in layers])
+    assert "forward groups of 2 micro-batches: packs 0\n" in text
+    assert "pack 1 one micro-batch at a time: layer 2 ('l2') draws random numbers" in text
+
+
+def test_forward_groups_need_device_memory() -> None:
+    layers, mbs = _grouping_layers(), [4] * 8
+    fixed = (((0, 2), (2, 4), (4, 6)), Placement.uniform(3, Loc.HOST))
+    peaks = [plan(layers, "harmony", mbs, None, None, 2.0, BW, fixed=fixed,
+                  forward_group=g).predicted.peak[Loc.DEVICE] for g in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+    with pytest.raises(InfeasiblePlan, match="or forward groups of fewer than 8 micro-batches"):
+        plan(layers, "harmony", mbs, peaks[0], None, 2.0, BW, fixed=fixed, forward_group=8)
+    # choosing, the planner keeps to what fits
+    p = plan(layers, "harmony", mbs, peaks[1], None, 2.0, BW, fixed=fixed, forward_group=None)
+    assert p.forward_group == 2 and p.predicted.peak[Loc.DEVICE] <= peaks[1]
+
+
+def test_bad_forward_group() -> None:
+    with pytest.raises(ValueError, match="forward_group=0 must be a positive int or None"):
+        plan(_layers(), "harmony", [4, 4], None, None, 2.0, BW, forward_group=0)
+    with pytest.raises(ValueError, match="forward groups need schedule='harmony'"):
+        plan(_layers(), "per-microbatch", [4, 4], None, None, 2.0, BW, forward_group=2)
+
+
+def test_pack_times_of_forward_groups() -> None:
+    layers = _grouping_layers(4)
+    t = pack_times(layers, ((0, 2), (2, 4)), [4, 4, 4, 2, 1], 1e-9, BW, forward_group=2)
+    # two layers of 4 ms at 4 samples, 4.8 ms at 8: 3.2 ms per call + 0.2 ms per sample
+    assert t.fwd_group[(0, 0, 1)] == pytest.approx(2 * 4.8e-3)
+    assert t.fwd_group[(1, 2, 3)] == pytest.approx(2 * (4e-3 + 0.2e-3 * 2))  # 6 samples
+    assert (0, 4, 4) not in t.fwd_group  # the last group is one micro-batch: its own time
+    assert t.fwd[0] == pytest.approx([8e-3, 8e-3, 8e-3, 4e-3, 2e-3])  # as before

@@ -305,7 +305,9 @@ def _layers(draw: st.DrawFn) -> list[LayerProfile]:
             in_grad_bytes=float(draw(st.sampled_from([0, x]))),
             saved_bytes=float(draw(st.integers(0, 512))),
             out_bytes=float(draw(st.integers(0, 256))),
-            fwd_s=draw(st.floats(0, 1e-3)), bwd_s=draw(st.floats(0, 3e-3))))
+            fwd_s=draw(st.floats(0, 1e-3)), bwd_s=draw(st.floats(0, 3e-3)), samples=2,
+            fwd_group_s=draw(st.one_of(st.none(), st.floats(0, 1e-3))), group_samples=4,
+            no_group=draw(st.sampled_from(["", "", "draws random numbers"]))))
     return out
 
 
@@ -317,6 +319,9 @@ def _layers(draw: st.DrawFn) -> list[LayerProfile]:
 def test_planner_never_exceeds_a_budget(layers: list[LayerProfile], mbs: list[int],
                                         k_ratio: float, schedule: str, nvme: bool,
                                         data: st.DataObject) -> None:
+    """Within every budget, with a forward per micro-batch and with forward groups (given or
+    chosen); a chosen group is never predicted slower than none."""
+    group = data.draw(st.sampled_from([1, 2, None])) if schedule == "harmony" else 1
     bw = {"host->device": 1e9, "device->host": 1e9}
     # Budgets around the interesting range, so that plans spill to the host and NVMe: the
     # device from below the least any plan needs to above what keeping everything there needs.
@@ -330,13 +335,20 @@ def test_planner_never_exceeds_a_budget(layers: list[LayerProfile], mbs: list[in
     device = data.draw(st.one_of(st.none(), st.integers(int(0.9 * least), int(1.1 * most))))
     host = data.draw(st.one_of(st.none(), st.integers(0, int(1.5 * state))))
     try:
-        p = plan(layers, schedule, mbs, device, host, k_ratio, bw, nvme=nvme)
+        p = plan(layers, schedule, mbs, device, host, k_ratio, bw, nvme=nvme,
+                 forward_group=group)
     except InfeasiblePlan as err:
         # refused only when the most frugal plan it found is over some budget
         assert (device is not None and err.device_needed > device) or \
             (host is not None and err.host_needed > host), (err.device_needed, err.host_needed)
         return
     validate(p.schedule)
+    if group is None:  # chosen: fits where a forward per micro-batch fits, and no slower
+        single = plan(layers, schedule, mbs, device, host, k_ratio, bw, nvme=nvme)
+        assert (p.predicted.step_time or 0.0) <= (single.predicted.step_time or 0.0)
+    bad = {q for q, _, _ in p.ungrouped}
+    assert all(t.pack not in bad for t in p.schedule.tasks if len(t.mbs) > 1)
+    assert all(len(t.mbs) <= p.forward_group for t in p.schedule.tasks)
     replay = simulate(p.schedule, p.sizes)  # an independent replay, without times
     for tier, budget in ((Loc.DEVICE, device), (Loc.HOST, host)):
         if budget is not None:
