@@ -553,6 +553,8 @@ class Runtime:
         return self.sizes.work[p][m]
 
     def _forward(self, task: Task) -> None:
+        if task.last is not None:
+            return self._forward_group(task)
         p, m = task.pack, task.mb
         assert m is not None
         self._wait_w(p)
@@ -579,6 +581,39 @@ class Runtime:
         self.forwarded.add((p, m))
         self._keep_buffers(p)
         self._produce(Ref(Kind.X, p + 1, m), as_tuple(out, f"pack {p}"), single)
+
+    def _forward_group(self, task: Task) -> None:
+        """One forward over several micro-batches (``F p.m-l``): their inputs concatenated,
+        each layer of the pack run once over all their samples, and the output split into
+        the next pack's input per micro-batch. The planner groups only packs whose layers
+        draw no random numbers, change no buffers and treat samples independently
+        (:mod:`harmony.groups`), so this equals a forward per micro-batch up to rounding;
+        each micro-batch's backward then recomputes from its own stashed input as usual."""
+        p, mbs = task.pack, task.mbs
+        self._wait_w(p)
+        refs = [Ref(Kind.X, p, m) for m in mbs]
+        values = [tuple(t for t in self._read(r) if t is not None) for r in refs]
+        counts = [v[0].shape[0] for v in values]
+        # The group's working memory (its layers' at all its samples, and the concatenated
+        # input) stays charged until every micro-batch's output has its own storage.
+        work = self.sizes.forward_work(p, mbs)
+        self.dev.charge(work, f"working memory of {task}")
+        try:
+            with torch.no_grad():
+                # (the concatenated input is only _run_layers' to hold: freed after a layer)
+                out, single = self._run_layers(p, mbs[0], tuple(
+                    torch.cat(parts) for parts in zip(*values)), self.values[refs[0]].single)
+                parts = [t.split(counts) for t in as_tuple(out, f"pack {p}")]
+                del out
+                for i, m in enumerate(mbs):
+                    # A copy per micro-batch: each slot is freed on its own, and a view would
+                    # keep the whole group's output alive.
+                    self._produce(Ref(Kind.X, p + 1, m), tuple(t[i].clone() for t in parts),
+                                  single)
+        finally:
+            self.dev.uncharge(work)
+        self.forwarded.update((p, m) for m in mbs)
+        self._keep_buffers(p)
 
     def _leaf(self, p: int, value: Value) -> tuple[torch.Tensor, ...]:
         if p == 0 and not self.input_grad:

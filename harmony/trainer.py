@@ -17,13 +17,14 @@ from torch import nn
 from harmony import checkpoint
 from harmony.chain import Chain
 from harmony.data_parallel import DataParallel
+from harmony.groups import forward_group_of, refuse_ungroupable
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan, largest_micro_batch, plan
 from harmony.precision import GradientOverflow, Precision
-from harmony.profile import optimizer_state_ratio, profile_layers
+from harmony.profile import UNCHECKED, optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, TiedWeights, retie, shared_parameters, untie
@@ -57,6 +58,16 @@ class Trainer:
             of the samples, so a step equals one full-batch step. ``"auto"``: the largest size
             (the batch, or a power of two below it) for which the planner finds a plan within
             the budgets, chosen per batch shape (:attr:`micro_batch_size_used` tells which).
+        forward_micro_batch_size: samples per forward (a multiple of ``micro_batch_size``):
+            with ``schedule="harmony"``, each pack whose layers allow it runs one forward
+            over that many samples (several micro-batches concatenated), and backward still
+            recomputes per micro-batch, so gradients are those of the micro-batches; packs
+            with a layer that draws random numbers (dropout), changes buffers or mixes
+            samples (BatchNorm in training mode) run per micro-batch (``plan.describe``
+            says which layer and why). Results then equal plain PyTorch's accumulation up to
+            the rounding of larger matrix products (not bit for bit). ``"auto"``: the planner
+            chooses the size (or none) with the lowest predicted step time within the
+            budgets. Default None: a forward per micro-batch, bitwise exact.
         device: the compute device, ``"cpu"`` or ``"cuda[:i]"``.
         device_memory, host_memory: budgets in bytes or strings such as ``"8GiB"``; None means
             no limit.
@@ -143,7 +154,8 @@ class Trainer:
                  precision: str | Precision = "fp32",
                  parallel: str | None = None,
                  stages: Sequence[tuple[int, int]] | None = None,
-                 shard_optimizer: bool = False) -> None:
+                 shard_optimizer: bool = False,
+                 forward_micro_batch_size: int | str | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
@@ -180,6 +192,11 @@ class Trainer:
                              f"ranks, but parallel={parallel!r}; pass parallel='data' (under "
                              "torchrun) or drop shard_optimizer")
         self.shard_optimizer = shard_optimizer
+        # Micro-batches per forward (None: the planner chooses); ValueError naming the fix.
+        self._forward_group = forward_group_of(forward_micro_batch_size, micro_batch_size,
+                                               schedule, parallel)
+        self.forward_micro_batch_size = forward_micro_batch_size
+        self._second_input: tuple[torch.Tensor, ...] | None = None  # (grouping is profiled)
         if parallel == "pipeline":
             if schedule != "harmony" or clip_grad_norm is not None:
                 raise ValueError(f"parallel='pipeline' runs schedule='harmony' without "
@@ -217,6 +234,12 @@ class Trainer:
                                  "model (harmony report ... --json)")
             self._fixed = (given.bounds, given.placement)
             schedule, prefetch = given.schedule.name, given.schedule.prefetch
+            if forward_micro_batch_size is not None and self._forward_group != \
+                    given.forward_group:
+                raise ValueError(f"forward_micro_batch_size={forward_micro_batch_size!r} but "
+                                 f"plan={plan!r} runs forwards over {given.forward_group} "
+                                 "micro-batch(es); drop one of the two")
+            self._forward_group = given.forward_group
         self.loss_fn = loss_fn
         self.optimizer_factory = optimizer or _default_optimizer
         self.micro_batch_size = micro_batch_size
@@ -340,6 +363,8 @@ class Trainer:
         sizes = [x[0].shape[0] for x in micro_inputs]
         key = (tuple(sizes),) + tuple(
             (tuple(t.shape[1:]), t.dtype) for t in micro_inputs[0])
+        # A profile checks each layer for forward groups on the first two micro-batches.
+        self._second_input = micro_inputs[1] if len(micro_inputs) > 1 else None
         if self._runtime is None:  # (micro_batch_size='auto' planned this batch already)
             self._first_plan(micro_inputs[0], micro_targets[0], sizes, key, self._auto_plan)
             self._auto_plan = None
@@ -393,10 +418,13 @@ class Trainer:
             p for p in self._runtime.packs if p.home is not Loc.DEVICE]
         for pack in away:
             pack.layout.bind(pack.home_weights())
+        grouping = self._forward_group != 1 and self._second_input is not None
         try:
             self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
                                             self.loss_fn, self.device, self.precision,
-                                            changed=self._changing)
+                                            changed=self._changing,
+                                            group_inputs=self._second_input if grouping
+                                            else None)
         finally:
             for pack in away:
                 pack.layout.bind(None)
@@ -407,23 +435,33 @@ class Trainer:
         except Exception:  # an optimizer that cannot be probed: assume Adam-like state
             self._k_ratio = 2.0
 
-    def _plan_for(self, sizes: list[int], fixed: Any = None) -> Plan:
+    def _plan_for(self, sizes: list[int], fixed: Any = None,
+                  forward_group: int | str | None = "asked") -> Plan:
+        """A plan for micro-batches of ``sizes``; ``fixed``: keep these pack bounds and
+        placement; ``forward_group``: micro-batches per forward (default: as asked)."""
         assert self._profiles is not None
         if self._pipeline is not None:  # this rank's stage (harmony.pipeline)
             return self._pipeline.plan(self, sizes)
+        group = self._forward_group if forward_group == "asked" else forward_group
+        assert group is None or isinstance(group, int)
         # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
         # checks every gradient for overflow before any update, as clipping needs every one.
         k_ratio = self.precision.k_ratio(self._k_ratio)
         bandwidth, ranks, local_ranks = _bandwidth(self.device), 1, 1
         if self._dp is not None:  # all-reduce rate; ranks sharing this machine's links
             bandwidth, ranks, local_ranks = self._dp.planning(bandwidth)
-        return plan(self._profiles, self.schedule_name, sizes, self.device_memory,
-                    self.host_memory, k_ratio, bandwidth,
-                    prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
-                    deferred_updates=self.clip_grad_norm is not None or self.precision.scaling,
-                    tied=self._tied, ranks=ranks, local_ranks=local_ranks,
-                    shard=self._dp.group.rank if self._dp is not None and self._dp.shard
-                    else None)
+        chosen = plan(self._profiles, self.schedule_name, sizes, self.device_memory,
+                      self.host_memory, k_ratio, bandwidth,
+                      prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
+                      deferred_updates=self.clip_grad_norm is not None
+                      or self.precision.scaling,
+                      tied=self._tied, ranks=ranks, local_ranks=local_ranks,
+                      shard=self._dp.group.rank if self._dp is not None and self._dp.shard
+                      else None, forward_group=group if len(sizes) > 1 else 1)
+        if isinstance(self.forward_micro_batch_size, int) and group and group > 1:
+            refuse_ungroupable(self.forward_micro_batch_size, len(chosen.bounds),
+                               chosen.ungrouped, self.chain.names)
+        return chosen
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...], chosen: Plan | None = None) -> None:
@@ -432,9 +470,10 @@ class Trainer:
             self._profile(x, y)
             chosen = self._plan_for(sizes, fixed=self._fixed)
         if self._dp is not None:  # every rank runs rank 0's packs, so all-reduces pair up
-            agreed = self._dp.agree(chosen.bounds, chosen.placement)
+            agreed = self._dp.agree(chosen.bounds, chosen.placement, chosen.forward_group)
             if agreed is not None:
-                chosen = self._plan_for(sizes, fixed=agreed)
+                chosen = self._plan_for(sizes, fixed=agreed[:2], forward_group=agreed[2])
+            self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
         # (None with pipeline stages, whose bounds cover only this rank's layers)
@@ -482,8 +521,12 @@ class Trainer:
                 key: tuple[Any, ...]) -> Plan:
         assert self._plan is not None
         shapes = key[1:]
-        if shapes != next(iter(self._plans))[1:]:
-            self._profile(x, y)  # new per-sample shapes: sizes per sample changed
+        unchecked = self._forward_group != 1 and self._second_input is not None and \
+            self._profiles is not None and any(lp.no_group == UNCHECKED for lp in self._profiles)
+        if shapes != next(iter(self._plans))[1:] or unchecked:
+            # new per-sample shapes: sizes per sample changed (or a first batch of one
+            # micro-batch left forward groups unchecked)
+            self._profile(x, y)
         fixed = (self._plan.bounds, self._plan.placement)
         try:
             chosen = self._plan_for(sizes, fixed=fixed)
@@ -539,6 +582,7 @@ class Trainer:
         n = targets.shape[0]
         key = (n,) + tuple((tuple(t.shape[1:]), t.dtype) for t in xs[0])
         if key not in self._auto_sizes:
+            self._second_input = xs[1] if len(xs) > 1 else None
             self._profile(xs[0], ys[0])  # sizes per sample; the plan scales them
             self._auto_sizes[key], chosen = largest_micro_batch(
                 n, partial(self._plan_for, fixed=self._fixed))
@@ -700,7 +744,8 @@ class Trainer:
                 "precision": self.precision.state_dict(),
                 "plan": None if self._plan is None else {
                     "bounds": [list(b) for b in self._plan.bounds],
-                    "placement": self._plan.placement.to_json()}}
+                    "placement": self._plan.placement.to_json(),
+                    "forward_group": self._plan.forward_group}}
         if weights is None:
             weights = self.state_dict()
         if self._pipeline is not None:

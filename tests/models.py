@@ -165,6 +165,75 @@ def reference_train(model: nn.Module, loss_fn: Callable, make_opt: Callable,
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def grouped_reference_train(model: nn.Module, loss_fn: Callable, make_opt: Callable,
+                            batches: list[tuple[torch.Tensor, torch.Tensor]],
+                            micro_batch_size: int, bounds: tuple[tuple[int, int], ...],
+                            forwards: dict[int, list[range]],
+                            seed: int = 0) -> dict[str, torch.Tensor]:
+    """What harmony computes with forward groups, in plain PyTorch: pack p's forward runs
+    without grad once per group of micro-batches in ``forwards[p]`` (their inputs
+    concatenated, the output split into each micro-batch's input of pack p + 1); then, pack
+    by pack from the last, each micro-batch's pack is recomputed from that input with grad
+    and its backward passes the input's gradient down (a recompute leaves the buffers, such
+    as BatchNorm's running statistics, as the forward left them). With a forward per
+    micro-batch this is :func:`reference_train` (the recompute gives the forward's values);
+    with groups it differs from it only by the rounding of the larger forwards."""
+    layers = layers_of(model)
+    opt = make_opt(list(model.parameters()))
+    P = len(bounds)
+
+    def run(p: int, step: int, m: int, h: tuple[torch.Tensor, ...]) -> object:
+        out: object = h
+        for i in range(*bounds[p]):
+            with layer_rng(seed, step, m, i, torch.device("cpu")):
+                out = layers[i](*out) if isinstance(out, tuple) else layers[i](out)
+        return out
+
+    def as_tuple(out: object) -> tuple[torch.Tensor, ...]:
+        return out if isinstance(out, tuple) else (out,)  # type: ignore[return-value]
+
+    for step, (x, y) in enumerate(batches):
+        n = y.shape[0]
+        parts = [t.split(micro_batch_size) for t in as_tuple(x)]
+        stash = [[tuple(p[m] for p in parts) for m in range(len(parts[0]))]]
+        ys = y.split(micro_batch_size)
+        with torch.no_grad():
+            for p in range(P - 1):
+                nxt: list[tuple[torch.Tensor, ...]] = [()] * len(ys)
+                for group in forwards[p]:
+                    ins = [stash[p][m] for m in group]
+                    out = run(p, step, group[0], tuple(torch.cat(ts) for ts in zip(*ins)))
+                    counts = [v[0].shape[0] for v in ins]
+                    pieces = [t.split(counts) for t in as_tuple(out)]
+                    for k, m in enumerate(group):
+                        nxt[m] = tuple(t[k] for t in pieces)
+                stash.append(nxt)
+        grads: list[tuple[torch.Tensor | None, ...]] = []
+        for p in reversed(range(P)):
+            down = []
+            for m in range(len(ys)):
+                leaf = tuple(t if p == 0 else t.detach().requires_grad_(t.is_floating_point())
+                             for t in stash[p][m])
+                buffers = [b for i in range(*bounds[p]) for b in layers[i].buffers()]
+                kept = [b.clone() for b in buffers]
+                out = run(p, step, m, leaf)
+                if p == P - 1:
+                    (loss_fn(out, ys[m]) * (ys[m].shape[0] / n)).backward()
+                else:
+                    pairs = [(o, g) for o, g in zip(as_tuple(out), grads[m])
+                             if g is not None and o.requires_grad]
+                    if pairs:
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                down.append(tuple(t.grad for t in leaf))
+                with torch.no_grad():  # (after the backward, which may have saved them)
+                    for b, v in zip(buffers, kept):
+                        b.copy_(v)
+            grads = down
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def training_state_bytes(model: nn.Module, state_per_param: int) -> int:
     """W + G + K bytes of an fp32 model whose optimizer keeps ``state_per_param`` bytes/param."""
     n = sum(p.numel() for p in model.parameters())

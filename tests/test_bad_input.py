@@ -160,3 +160,54 @@ def test_inputs_on_the_wrong_device() -> None:
         with pytest.raises(ValueError, match="targets are on meta"):
             t.step(x, y.to("meta"))
         assert t.step_count == 0
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"micro_batch_size": 2, "forward_micro_batch_size": 3},
+     r"forward_micro_batch_size=3 is not a multiple of micro_batch_size=2; use 2 or 4"),
+    ({"micro_batch_size": 2, "forward_micro_batch_size": 0},
+     r"forward_micro_batch_size=0 must be a positive int \(a multiple of micro_batch_size\)"),
+    ({"micro_batch_size": 2, "forward_micro_batch_size": "big"},
+     r"forward_micro_batch_size='big' must be a positive int"),
+    ({"micro_batch_size": "auto", "forward_micro_batch_size": 8},
+     r"forward_micro_batch_size=8 must be a multiple of micro_batch_size, which is 'auto'"),
+    ({"micro_batch_size": 2, "forward_micro_batch_size": 8, "schedule": "per-microbatch"},
+     r"schedule='per-microbatch': only schedule='harmony' runs a forward over several"),
+    ({"micro_batch_size": 2, "forward_micro_batch_size": "auto", "schedule": "resident"},
+     r"schedule='resident': only schedule='harmony'"),
+])
+def test_forward_micro_batch_size(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        harmony.Trainer(mlp(), LOSS, **kwargs)  # type: ignore[arg-type]
+
+
+def _all_dropout() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*(nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.1)) for _ in range(4)),
+                         nn.Linear(16, 5))
+
+
+def test_forward_groups_on_a_model_whose_layers_cannot_group() -> None:
+    """Every pack with a forward of its own holds dropout: asking for forward groups says
+    which layer prevents them and why, before anything trains."""
+    x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
+    model = _all_dropout()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with harmony.Trainer(model, LOSS, micro_batch_size=2, forward_micro_batch_size=8,
+                         device_memory="12KiB") as t, pytest.raises(
+            ValueError, match=r"forward_micro_batch_size=8 asks for forwards over several "
+                              r"micro-batches, but no pack can run one: layer 0 \('0'\) draws "
+                              r"random numbers in its forward \(dropout\)"):
+        t.step(x, y)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # one pack (everything fits): its forward runs inside its backward, nothing to refuse
+    with harmony.Trainer(_all_dropout(), LOSS, micro_batch_size=2,
+                         forward_micro_batch_size=8) as t:
+        t.step(x, y)
+        assert t.plan is not None and len(t.plan.bounds) == 1
+    # 'auto' asks for nothing: the planner runs a forward per micro-batch
+    with harmony.Trainer(_all_dropout(), LOSS, micro_batch_size=2,
+                         forward_micro_batch_size="auto", device_memory="12KiB") as t:
+        t.step(x, y)
+        assert t.plan is not None and len(t.plan.bounds) > 1
+        assert all(len(task.mbs) <= 1 for task in t.plan.schedule.tasks)
