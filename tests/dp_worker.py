@@ -65,7 +65,8 @@ def make_trainer(args: argparse.Namespace, parallel: str | None) -> harmony.Trai
                            nvme_dir=None if nvme is None else str(nvme),
                            clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel,
                            nonfinite=args.nonfinite, precision=args.precision,
-                           shard_optimizer=args.shard and parallel == "data")
+                           shard_optimizer=args.shard and parallel == "data",
+                           forward_micro_batch_size=args.forward)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +88,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--nonfinite", default="raise")
     p.add_argument("--shard", action="store_true", help="shard_optimizer=True")
+    p.add_argument("--forward", type=int, default=None, help="forward_micro_batch_size")
     p.add_argument("--more", type=int, default=0,
                    help="steps after the checkpoint, by the trainer and by one loading it")
     p.add_argument("--nan-at", type=int, default=None,

@@ -83,6 +83,10 @@ CASES = {
     "tied-clip": ["--model", "tied", "--swap", "--clip", "0.5", "--steps", "3"],
     # bf16 weights, fp32 gradients (reduced as fp32) and masters
     "bf16-clip": ["--precision", "bf16", "--swap", "--clip", "0.5", "--steps", "3"],
+    # forwards over 4 micro-batches of 2 on each rank (one process: the same groups of the
+    # global batch's micro-batches), backward per micro-batch
+    "forward-groups": ["--model", "mlp", "--shards", "8,8", "--forward", "8", "--swap",
+                       "--steps", "3"],
 }
 
 
@@ -101,6 +105,7 @@ def test_data_parallel_equals_one_process(tmp_path: Path, case: str) -> None:
         start = fresh.state_dict()
     assert max(_rel(want[k], v) for k, v in start.items()) > 1e-3
     assert r0["nvme"] == (case == "nvme")
+    assert ("F0.0-3" in r0["schedule"].split()) == (case == "forward-groups")
     # every rank returns the global batch's mean loss
     assert r0["losses"] == r1["losses"]
     assert r0["losses"] == pytest.approx(losses, rel=1e-6)
