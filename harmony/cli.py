@@ -10,6 +10,8 @@ are built on the meta device. See ``docs/report.md``.
         --device-memory 80GiB --host-memory 1TiB
     harmony report paper:gpt2_10b --batch-size 32 --micro-batch-size 4 \\
         --device-memory 10GiB --host-memory 256GiB --json plan.json --plot plan.png
+    harmony report paper:gpt2_medium --batch-size 32 --micro-batch-size 1 \\
+        --forward-micro-batch-size auto --device-memory 10GiB --host-memory 256GiB
     python -m harmony report my_model.py:build --seq-len 512 --device-memory 16GiB
 
 Exit status: 0 on success; 1 when ``--plot`` cannot draw (matplotlib missing); 2 for a bad
@@ -25,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harmony.builtin_models import BUILTINS
+from harmony.groups import forward_group_of
 from harmony.meta import CPU_FLOPS, GPU_FLOPS
 from harmony.paper_profiles import PAPER_MODELS
 from harmony.planning import InfeasiblePlan
@@ -102,6 +105,10 @@ def _positive(text: str) -> int:
     return value
 
 
+def _forward(text: str) -> int | str:
+    return "auto" if text.lower() == "auto" else _positive(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harmony", description="harmony: train PyTorch "
                                      "models larger than device memory on one server")
@@ -119,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="samples per optimizer step (default 8)")
     rep.add_argument("--micro-batch-size", type=_positive, default=1, metavar="U",
                      help="samples per micro-batch (default 1)")
+    rep.add_argument("--forward-micro-batch-size", type=_forward, default=None, metavar="F",
+                     help="samples per forward, a multiple of U: packs whose layers allow it "
+                          "run one forward over F / U micro-batches (harmony schedule); "
+                          "'auto': the planner chooses (default: a forward per micro-batch)")
     rep.add_argument("--seq-len", type=_positive, default=None, metavar="T",
                      help="tokens per sample (default: the model's longest)")
     rep.add_argument("--device-memory", type=_size("--device-memory"), default=None,
@@ -173,10 +184,13 @@ def _report(args: argparse.Namespace) -> int:
                                args.device_flops, args.precision)
     if args.update_rate:
         profile.upd_s_per_byte = 1.0 / args.update_rate
+    group = forward_group_of(args.forward_micro_batch_size, args.micro_batch_size,
+                             args.schedule, None)  # ValueError naming the fix
     try:
         report = make_report(profile, args.batch_size, args.device_memory, args.host_memory,
                              nvme=args.nvme_dir is not None, schedule=args.schedule,
-                             bandwidth=dict(args.bandwidth), prefetch=args.prefetch)
+                             bandwidth=dict(args.bandwidth), prefetch=args.prefetch,
+                             forward_group=group)
     except InfeasiblePlan as err:
         print(f"harmony report: no plan fits: {err}", file=sys.stderr)
         return 2

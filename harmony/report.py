@@ -52,7 +52,7 @@ from schedules.lower import lower
 from schedules.placement import Placement
 from schedules.schedule import Schedule
 from schedules.simulate import SimResult, Sizes, link, simulate
-from schedules.task import Kind, Loc
+from schedules.task import Kind, Loc, Op
 from swap.tier import fmt_bytes
 
 GiB = 1 << 30
@@ -191,7 +191,8 @@ def measure_profile(model: str, micro_batch_size: int, seq_len: int | None = Non
                     precision: str = "fp32") -> ModelProfile:
     """Build ``model`` for real on the CPU and measure every layer with
     :func:`harmony.profile.profile_layers` (this allocates the whole model), in ``precision``
-    (W in its dtypes, layers under autocast)."""
+    (W in its dtypes, layers under autocast), on one micro-batch; a second one checks each
+    layer for forward groups and times them."""
     prec = Precision.parse(precision)
     if model.startswith("paper:") or model.endswith(".json"):
         raise ValueError(f"--run measures a model by running it; {model!r} is a profile "
@@ -199,10 +200,14 @@ def measure_profile(model: str, micro_batch_size: int, seq_len: int | None = Non
     torch.manual_seed(0)
     spec = load_spec(model, seq_len)
     chain = Chain(spec.model)
-    inputs, targets = spec.example_inputs(micro_batch_size)
-    value = inputs if isinstance(inputs, tuple) else (inputs,)
-    layers = profile_layers(chain, [Layout([m], prec.dtype_of) for m in chain.layers], value,
-                            targets, spec.loss_fn, torch.device("cpu"), prec)
+    inputs, targets = spec.example_inputs(2 * micro_batch_size)
+    both = inputs if isinstance(inputs, tuple) else (inputs,)
+    u = micro_batch_size
+    # (copies: a tensor saved for backward counts its whole storage, not a half's view of it)
+    layers = profile_layers(chain, [Layout([m], prec.dtype_of) for m in chain.layers],
+                            tuple(t[:u].clone() for t in both), targets[:u].clone(),
+                            spec.loss_fn, torch.device("cpu"), prec,
+                            group_inputs=tuple(t[u:].clone() for t in both))
     params = [sum(p.numel() for p in m.parameters()) for m in chain.layers]
     return ModelProfile(spec.name, "measured on cpu (harmony.profile.profile_layers)", layers,
                         params, micro_batch_size, seq_len=spec.seq_len, precision=precision)
@@ -243,7 +248,7 @@ class Report:
 def make_report(profile: ModelProfile, batch_size: int, device_memory: int | None,
                 host_memory: int | None, nvme: bool = False, schedule: str = "harmony",
                 bandwidth: dict[str, float] | None = None,
-                prefetch: int | None = None) -> Report:
+                prefetch: int | None = None, forward_group: int | None = 1) -> Report:
     """Plan ``profile`` for ``batch_size`` samples within the budgets and compare.
 
     Args:
@@ -253,6 +258,8 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
         bandwidth: bytes/s per link (default :data:`DEFAULT_BANDWIDTH`; NVMe links default to
             :data:`harmony.planning.NVME_BANDWIDTH`).
         prefetch: force a prefetch depth (None: the planner chooses).
+        forward_group: micro-batches per forward in the packs whose layers may group (None:
+            the planner chooses; see :func:`harmony.planning.plan`).
 
     Raises:
         harmony.InfeasiblePlan: nothing fits; the message says what to change.
@@ -260,13 +267,17 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
     mbs = micro_batch_sizes(batch_size, profile.micro_batch_size)
     bw = {**NVME_BANDWIDTH, **DEFAULT_BANDWIDTH, **(bandwidth or {})}
     chosen = plan(profile.layers, schedule, mbs, device_memory, host_memory, profile.k_total,
-                  bw, upd_s_per_byte=profile.upd_s_per_byte, prefetch=prefetch, nvme=nvme)
-    times = pack_times(profile.layers, chosen.bounds, mbs, profile.upd_s_per_byte, bw)
+                  bw, upd_s_per_byte=profile.upd_s_per_byte, prefetch=prefetch, nvme=nvme,
+                  forward_group=forward_group)
+    times = pack_times(profile.layers, chosen.bounds, mbs, profile.upd_s_per_byte, bw,
+                       chosen.forward_group)
     P, M = len(chosen.bounds), len(mbs)
     base_sched = lower(generate("per-microbatch", P, M), chosen.placement,
                        chosen.schedule.prefetch or 0)
     baseline = simulate(base_sched, chosen.sizes, times)
-    compute = sum(sum(times.bwd[p]) + times.upd[p] + (sum(times.fwd[p]) if p < P - 1 else 0.0)
+    fwd = [sum(times.forward(p, t.mbs) for t in chosen.schedule.tasks
+               if t.op is Op.FWD and t.pack == p) for p in range(P)]
+    compute = sum(sum(times.bwd[p]) + times.upd[p] + (fwd[p] if p < P - 1 else 0.0)
                   for p in range(P))
     return Report(profile, batch_size, mbs, device_memory, host_memory, nvme, schedule, bw,
                   chosen, baseline, traffic_arithmetic(chosen.sizes, chosen.placement), compute)
@@ -462,6 +473,7 @@ def plan_to_json(p: Plan) -> dict[str, Any]:
     s = p.schedule
     assert s.placement is not None
     return {"bounds": [list(b) for b in p.bounds],
+            "forward_group": p.forward_group, "ungrouped": [list(u) for u in p.ungrouped],
             "schedule": {"name": s.name, "packs": s.packs, "micro_batches": s.micro_batches,
                          "recompute": s.recompute, "prefetch": s.prefetch,
                          "placement": s.placement.to_json(), "tasks": str(s)},
@@ -482,7 +494,10 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
     sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")),
                   held=tuple(tuple(h) for h in z.get("held", ())))  # type: ignore[misc]
     return Plan(tuple((a, b) for a, b in data["bounds"]), schedule, sizes,
-                _sim_from_json(data["predicted"]))
+                _sim_from_json(data["predicted"]),
+                forward_group=int(data.get("forward_group", 1)),
+                ungrouped=tuple((int(p), int(i), str(why)) for p, i, why in
+                                data.get("ungrouped", ())))
 
 
 def report_to_json(r: Report) -> dict[str, Any]:

@@ -55,3 +55,30 @@ def test_plan_of_another_model_or_garbage_refused(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not a plan written by harmony report"):
         harmony.Trainer(factory(0.0), loss_fn, plan=bad)
+
+
+def test_saved_plan_keeps_its_forward_groups(tmp_path: Path) -> None:
+    factory, loss_fn, data = MODELS["mlp"]
+    g = torch.Generator().manual_seed(6)
+    batches = [data(16, g) for _ in range(2)]
+    budget = training_state_bytes(factory(0.0), 4) // 2
+    with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
+                         forward_micro_batch_size=8, device_memory=budget) as first:
+        for b in batches:
+            first.step(*b)
+        assert first.plan is not None and first.plan.forward_group == 4
+        path = tmp_path / "plan.json"
+        path.write_text(json.dumps({"plan": plan_to_json(first.plan)}))
+        want = first.state_dict()
+        tasks = str(first.plan.schedule)
+    with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
+                         device_memory=budget, plan=path) as t:
+        for b in batches:
+            t.step(*b)
+        assert t.plan is not None and t.plan.forward_group == 4 and str(t.plan.schedule) == tasks
+        got = t.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match=r"forward_micro_batch_size=4 but plan=.* runs forwards "
+                                         r"over 4 micro-batch\(es\); drop one of the two"):
+        harmony.Trainer(factory(0.0), loss_fn, micro_batch_size=2, forward_micro_batch_size=4,
+                        plan=path)
