@@ -10,6 +10,7 @@ Run from the repository root (after ``pip install -e .``, or with ``PYTHONPATH=.
     python examples/train_gpt.py                        # defaults: ~1-2 min on 2 CPU cores
     python examples/train_gpt.py --steps 20 --eval-every 10 --n-layer 2 --n-embd 64   # smoke
     python examples/train_gpt.py --schedule per-microbatch   # the baseline: more bytes moved
+    python examples/train_gpt.py --forward-micro-batch-size 16   # forwards over 4 micro-batches
     mkdir -p /tmp/harmony-nvme && python examples/train_gpt.py --host-memory 4MiB \
         --nvme-dir /tmp/harmony-nvme      # training state 3x the host budget: NVMe files
     python examples/train_gpt.py --schedule resident --device-memory 64MiB  # no swapping
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per optimizer step")
+    p.add_argument("--forward-micro-batch-size", default=None,
+                   help="sequences per forward, a multiple of the micro-batch size, or 'auto' "
+                        "(default: a forward per micro-batch)")
     p.add_argument("--micro-batch-size", type=int, default=4,
                    help="sequences each pack runs at a time")
     p.add_argument("--n-layer", type=int, default=4)
@@ -108,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default="train_gpt_loss.png",
                    help="write the loss curve to this PNG ('' for none; needs matplotlib)")
     args = p.parse_args(argv)
+    if args.forward_micro_batch_size not in (None, "auto"):
+        try:
+            args.forward_micro_batch_size = int(args.forward_micro_batch_size)
+        except ValueError:
+            p.error(f"--forward-micro-batch-size {args.forward_micro_batch_size!r}: give a "
+                    "number of sequences or 'auto'")
     for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
@@ -203,7 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    nvme_dir=args.nvme_dir, schedule=args.schedule,
                                    seed=args.seed, parallel=parallel,
                                    shard_optimizer=args.shard_optimizer,
-                                   precision=args.precision)
+                                   precision=args.precision,
+                                   forward_micro_batch_size=args.forward_micro_batch_size)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
             sys.exit(f"train_gpt.py: {e}")
 
