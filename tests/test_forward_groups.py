@@ -237,3 +237,23 @@ def test_default_is_a_forward_per_micro_batch() -> None:
         t.step(*data(16, torch.Generator().manual_seed(0)))
         assert t.plan is not None and t.plan.forward_group == 1
         assert all(len(task.mbs) <= 1 for task in t.plan.schedule.tasks)
+
+
+def test_auto_micro_batch_size_with_auto_forward_groups() -> None:
+    """Both sizes chosen: the micro-batch size from the budgets, then the forward groups; the
+    run is what the chosen plan computes."""
+    factory, loss_fn, _ = MODELS["mlp"]
+    budget = training_state_bytes(factory(0.0), 4) // 2
+    with harmony.Trainer(factory(0.0), loss_fn, optimizer=OPTIMIZERS["sgd"][0],
+                         micro_batch_size="auto", forward_micro_batch_size="auto",
+                         device_memory=budget) as t:
+        for x, y in _batches("mlp", 16):
+            t.step(x, y)
+        plan, got, mbs = t.plan, t.state_dict(), t.micro_batch_size_used
+    assert plan is not None and mbs is not None
+    assert t.stats.peak_bytes["device"] <= budget
+    forwards = {p: [task.mbs for task in plan.schedule.tasks
+                    if task.op is Op.FWD and task.pack == p] for p in range(len(plan.bounds) - 1)}
+    want = grouped_reference_train(factory(0.0), loss_fn, OPTIMIZERS["sgd"][0],
+                                   _batches("mlp", 16), mbs, plan.bounds, forwards)
+    _same(got, want)
