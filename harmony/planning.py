@@ -151,7 +151,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
          nvme: bool = False, deferred_updates: bool = False,
          tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1,
-         shard: int | None = None) -> Plan:
+         shard: int | None = None, staging: bool = False) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -174,6 +174,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             pack's owner (:func:`schedules.data_parallel.owners`, by K bytes) alone holds its
             K, so K is charged only for this rank's packs; the schedules reduce G to the owner
             and broadcast W from it (:func:`schedules.data_parallel.add_reduce_broadcast`).
+        staging: NVMe <-> device moves pass through host staging buffers (a CUDA device; see
+            :func:`schedules.simulate.simulate`), charged against the host budget.
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
@@ -251,7 +253,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     continue
                 lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf,
                                    ranks, own is not None)
-                result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
+                result = simulate(lowered, sizes, times, ranks, _owned(own, shard), staging)
                 candidate = Plan(bounds, lowered, sizes, result, own)
                 tried.append((result, candidate))
                 if fits(result):
@@ -263,7 +265,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     for i, bounds, placement, pf, sizes, times, own in skipped:
         lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
                            own is not None)
-        result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
+        result = simulate(lowered, sizes, times, ranks, _owned(own, shard), staging)
         tried[i] = (result, Plan(bounds, lowered, sizes, result, own))
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut

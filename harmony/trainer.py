@@ -423,7 +423,7 @@ class Trainer:
                     deferred_updates=self.clip_grad_norm is not None or self.precision.scaling,
                     tied=self._tied, ranks=ranks, local_ranks=local_ranks,
                     shard=self._dp.group.rank if self._dp is not None and self._dp.shard
-                    else None)
+                    else None, staging=self.device.type == "cuda")
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...], chosen: Plan | None = None) -> None:
