@@ -6,7 +6,11 @@ optimizer state on the host; all of them on the host with activations on the dev
 activations on the host too; with an NVMe tier, the same again with NVMe in place of the host
 (first keeping the packs that fit on the host). For each, pack counts from few to many and
 prefetch depths 1 and 0 are lowered and simulated; among the candidates of the first placement
-that fits both budgets, the one with the lowest predicted step time wins.
+that fits both budgets, the one with the lowest predicted step time wins, unless a later
+placement of the same tier near its pack count is clearly (5%) faster. :func:`refine` then
+moves values of single packs one tier closer to the device (activations, or weights with their
+optimizer state, of the last packs first) as far as the budgets allow, keeping each move that
+makes the step faster or moves fewer bytes at the same speed.
 """
 
 from __future__ import annotations
@@ -116,6 +120,10 @@ def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
     return Times(fwd, bwd, upd, links)
 
 
+# A plan with more traffic replaces one with less only when predicted this much faster: the
+# predictions are good to about 10% (BENCHMARKS.md), and bytes moved cost more than time alone
+# (shared links, SSD wear).
+CLEARLY_FASTER = 0.05
 # Assumed all-reduce bytes/s per rank until measured (the trainer measures it).
 ALLREDUCE_BANDWIDTH = 5.0e9
 # Assumed NVMe bandwidths (bytes/s) until measured: a PCIe 3 NVMe drive.
@@ -231,10 +239,36 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                                     for j in _host_pack_counts(profiles, b, k_ratio,
                                                                host_budget)])
 
+    def fitting(bounds: tuple[tuple[int, int], ...], pf: int,
+                ) -> Callable[[Placement], Plan | None]:
+        """Plans with these bounds and prefetch depth: the one of a placement, if it fits."""
+        sizes, own = _sharded(pack_sizes(profiles, bounds, micro_batches, k_ratio, tied),
+                              ranks, shard)
+        times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
+
+        def at(placement: Placement) -> Plan | None:
+            lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf,
+                               ranks, own is not None)
+            result = simulate(lowered, sizes, times, ranks, _owned(own, shard), staging)
+            return Plan(bounds, lowered, sizes, result, own) if fits(result) else None
+
+        return at
+
     tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
     skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times,
                         tuple[int, ...] | None]] = []
+    chosen: Plan | None = None
     for group in options:
+        if chosen is not None:
+            # The first placement family that fits (the least traffic) decides the tier, but
+            # a later family of the same tier may be clearly faster (keeping a pack resident
+            # can cost more in activations than it saves in weights): try those near the
+            # chosen pack count, and take one only if it beats the prediction's error.
+            if not group or _slowest(group[0][1]) is not _slowest(chosen.placement):
+                continue
+            at = bound_options.index(chosen.bounds)
+            near = bound_options[max(0, at - 1):at + 2]
+            group = [(b, placement) for b, placement in group if b in near]
         best: Plan | None = None
         for bounds, placement in group:
             sizes, own = _sharded(pack_sizes(profiles, bounds, micro_batches, k_ratio, tied),
@@ -260,8 +294,14 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     assert result.step_time is not None
                     if best is None or result.step_time < (best.predicted.step_time or 0.0):
                         best = candidate
-        if best is not None:
-            return best
+        if best is not None and (chosen is None or (best.predicted.step_time or 0.0)
+                                 < (chosen.predicted.step_time or 0.0) * (1 - CLEARLY_FASTER)):
+            chosen = best
+    if chosen is not None:
+        if fixed is not None or schedule == "resident":
+            return chosen
+        assert chosen.schedule.prefetch is not None
+        return refine(chosen, fitting(chosen.bounds, chosen.schedule.prefetch))
     for i, bounds, placement, pf, sizes, times, own in skipped:
         lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
                            own is not None)
@@ -277,6 +317,65 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     raise InfeasiblePlan(_infeasible(tightest[1], profiles, micro_batches, device_budget,
                                      host_budget, nvme),
                          peak.get(Loc.DEVICE, 0), peak.get(Loc.HOST, 0))
+
+
+_ORDER = (Loc.DEVICE, Loc.HOST, Loc.NVME)
+
+
+def _slowest(placement: Placement) -> Loc:
+    """The farthest tier from the device that holds some pack's weights."""
+    return max(placement.w, key=_ORDER.index)
+
+
+_CLOSER = {Loc.NVME: Loc.HOST, Loc.HOST: Loc.DEVICE}
+
+
+def refine(best: Plan, fitting: Callable[[Placement], Plan | None]) -> Plan:
+    """Per-pack moves that the candidate families do not make, kept when they are faster.
+
+    The families place every pack alike, or split the packs once (resident ones, or packs on
+    the host before NVMe). From the best of them, this moves one kind of value one tier closer
+    to the device (activations NVMe -> host -> device; weights with their optimizer state
+    NVMe -> host, then host -> device) for as many packs as still fit, the last packs first
+    (their updates and backward come first), finding that number by bisection over
+    ``fitting`` (the lowered and simulated plan if it keeps every budget, else None). A move
+    is kept only if the predicted step time falls, or stays within 0.1% while fewer bytes
+    move; the result never breaks a budget. It costs about ``4 * log2(packs)`` simulations.
+    """
+
+    def closer(placement: Placement, kind: str, frm: Loc, packs: list[int]) -> Placement:
+        w, x = list(placement.w), list(placement.x)
+        for p in packs:
+            if kind == "x":
+                x[p] = _CLOSER[frm]
+            else:
+                w[p] = _CLOSER[frm]
+        return Placement(tuple(w), tuple(w), tuple(x))
+
+    for kind, frm in (("x", Loc.NVME), ("wk", Loc.NVME), ("x", Loc.HOST), ("wk", Loc.HOST)):
+        now = best.placement
+        order = [p for p in reversed(range(now.packs))
+                 if (now.x if kind == "x" else now.w)[p] is frm]
+        lo, hi, start = 0, len(order), best  # bisect for the largest count that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            candidate = fitting(closer(now, kind, frm, order[:mid]))
+            if candidate is None:
+                hi = mid - 1
+                continue
+            lo = mid
+            if _better(candidate.predicted, best.predicted, start.predicted):
+                best = candidate
+    return best
+
+
+def _better(a: SimResult, b: SimResult, start: SimResult) -> bool:
+    """Whether ``a`` beats ``b``: a faster step, or one that moves fewer bytes (less traffic on
+    shared links, less wear on the SSD) within 0.1% of the step time of ``start``, the plan
+    the moves began from (so that small slowdowns cannot add up)."""
+    ta, tb, t0 = a.step_time or 0.0, b.step_time or 0.0, start.step_time or 0.0
+    fewer = sum(a.bytes_moved.values()) < sum(b.bytes_moved.values())
+    return ta < tb * (1 - 1e-3) or (fewer and ta <= min(tb, t0) * (1 + 1e-3))
 
 
 def _lowered(schedule: str, packs: int, micro_batches: int, deferred_updates: bool,
