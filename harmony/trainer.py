@@ -717,6 +717,8 @@ class Trainer:
                 model (the message lists the differing keys or shapes); nothing is changed.
         """
         weights, opt_tensors, meta = checkpoint.load(path)
+        if self._dp is None or self._dp.group.rank == 0:  # (save() keeps one checkpoint)
+            checkpoint.finish_interrupted_save(path)
         current = self.chain.model.state_dict(keep_vars=True)
         # What each key holds at full precision (a parameter may be bound to a W view in the
         # compute dtype, or to an empty tensor while its pack is away).
