@@ -110,12 +110,30 @@ def save(root: str | os.PathLike[str], step: int, model: dict[str, torch.Tensor]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = sorted(p for p in root.glob("ckpt-*") if p.is_dir() and p != final)
+    _prune(root, final, keep)
+    return final
+
+
+def _prune(root: Path, newest: Path, keep: int) -> None:
+    """Remove all but the ``keep`` newest checkpoints (``newest`` stays) and crashed saves."""
+    old = sorted(p for p in root.glob("ckpt-*") if p.is_dir() and p != newest)
     for p in old[: max(len(old) - (keep - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)
     for p in root.glob(".tmp-ckpt-*"):  # debris of a crashed save
         shutil.rmtree(p, ignore_errors=True)
-    return final
+
+
+def finish_interrupted_save(root: str | os.PathLike[str], keep: int = 1) -> None:
+    """Do what a save killed after replacing ``LATEST`` left undone: remove the checkpoints
+    older than the one ``LATEST`` names (beyond ``keep``) and any half-written one. Does
+    nothing unless ``LATEST`` names a complete checkpoint."""
+    root = Path(root)
+    pointer = root / "LATEST"
+    if not pointer.is_file():
+        return
+    newest = root / pointer.read_text().strip()
+    if (newest / "meta.json").is_file():
+        _prune(root, newest, keep)
 
 
 def latest(root: str | os.PathLike[str]) -> Path | None:

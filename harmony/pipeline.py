@@ -208,7 +208,8 @@ class Pipeline:
         else:
             assert self.placement is not None and self.schedule is not None
             lowered = lower(compute, self.placement, self.schedule.prefetch or 0)
-            predicted = simulate(lowered, sizes, times)
+            predicted = simulate(lowered, sizes, times,
+                                 staging=trainer.device.type == "cuda")
         self.schedule, self.sizes, self.placement = lowered, sizes, lowered.placement
         return self._local_plan(lowered, sizes, predicted)
 
@@ -236,7 +237,8 @@ class Pipeline:
             best: tuple[Schedule, SimResult] | None = None
             for pf in prefetches:
                 lowered = lower(compute, placement, pf)
-                result = simulate(lowered, sizes, times)
+                result = simulate(lowered, sizes, times,
+                                  staging=trainer.device.type == "cuda")
                 dev, host = result.peak.get(Loc.DEVICE, 0), result.peak.get(Loc.HOST, 0)
                 if tightest is None or (dev, host) < tightest[:2]:
                     tightest = (dev, host, lowered, result)

@@ -6,7 +6,11 @@ optimizer state on the host; all of them on the host with activations on the dev
 activations on the host too; with an NVMe tier, the same again with NVMe in place of the host
 (first keeping the packs that fit on the host). For each, pack counts from few to many and
 prefetch depths 1 and 0 are lowered and simulated; among the candidates of the first placement
-that fits both budgets, the one with the lowest predicted step time wins.
+that fits both budgets, the one with the lowest predicted step time wins, unless a later
+placement of the same tier near its pack count is clearly (5%) faster. :func:`refine` then
+moves values of single packs one tier closer to the device (activations, or weights with their
+optimizer state, of the last packs first) as far as the budgets allow, keeping each move that
+makes the step faster or moves fewer bytes at the same speed.
 
 Forward groups (``forward_group``, :mod:`harmony.groups`): a given group size is planned like
 any other setting. Asked to choose (``forward_group=None``), the planner takes the plan it
@@ -153,6 +157,10 @@ def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
     return Times(fwd, bwd, upd, links, groups)
 
 
+# A plan with more traffic replaces one with less only when predicted this much faster: the
+# predictions are good to about 10% (BENCHMARKS.md), and bytes moved cost more than time alone
+# (shared links, SSD wear).
+CLEARLY_FASTER = 0.05
 # Assumed all-reduce bytes/s per rank until measured (the trainer measures it).
 ALLREDUCE_BANDWIDTH = 5.0e9
 # Assumed NVMe bandwidths (bytes/s) until measured: a PCIe 3 NVMe drive.
@@ -188,7 +196,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
          nvme: bool = False, deferred_updates: bool = False,
          tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1,
-         shard: int | None = None, forward_group: int | None = 1) -> Plan:
+         shard: int | None = None, forward_group: int | None = 1,
+         staging: bool = False) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -214,6 +223,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         forward_group: micro-batches per forward task in the packs whose layers may group
             (``harmony`` only; :mod:`harmony.groups`); None: choose (see the module
             docstring).
+        staging: NVMe <-> device moves pass through host staging buffers (a CUDA device; see
+            :func:`schedules.simulate.simulate`), charged against the host budget.
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
@@ -280,14 +291,39 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         packs = grouped_packs(profiles, bounds) if g > 1 else frozenset()
         lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
                            own is not None, g, packs)
-        result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
+        result = simulate(lowered, sizes, times, ranks, _owned(own, shard), staging)
         return Plan(bounds, lowered, sizes, result, own, g,
                     ungrouped(profiles, bounds) if g > 1 else ())
+
+    def fitting_at(bounds: tuple[tuple[int, int], ...], pf: int, g: int,
+                   ) -> Callable[[Placement], Plan | None]:
+        """Plans with these bounds, prefetch depth and forward groups: the one of a
+        placement, if it fits."""
+        sizes, own = _sharded(pack_sizes(profiles, bounds, micro_batches, k_ratio, tied),
+                              ranks, shard)
+        times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth, g)
+
+        def at(placement: Placement) -> Plan | None:
+            candidate = lowered_plan(bounds, placement, pf, sizes, times, own, g)
+            return candidate if fits(candidate.predicted) else None
+
+        return at
 
     tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
     skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times,
                         tuple[int, ...] | None]] = []
+    chosen: Plan | None = None
     for candidates in options:
+        if chosen is not None:
+            # The first placement family that fits (the least traffic) decides the tier, but
+            # a later family of the same tier may be clearly faster (keeping a pack resident
+            # can cost more in activations than it saves in weights): try those near the
+            # chosen pack count, and take one only if it beats the prediction's error.
+            if not candidates or _slowest(candidates[0][1]) is not _slowest(chosen.placement):
+                continue
+            at = bound_options.index(chosen.bounds)
+            near = bound_options[max(0, at - 1):at + 2]
+            candidates = [(b, placement) for b, placement in candidates if b in near]
         best: Plan | None = None
         fitting: list[Plan] = []
         for bounds, placement in candidates:
@@ -334,8 +370,15 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     previous = step
                     if step < (best.predicted.step_time or 0.0):
                         best = grouped
-        if best is not None:
-            return best
+        if best is not None and (chosen is None or (best.predicted.step_time or 0.0)
+                                 < (chosen.predicted.step_time or 0.0) * (1 - CLEARLY_FASTER)):
+            chosen = best
+    if chosen is not None:
+        if fixed is not None or schedule == "resident":
+            return chosen
+        assert chosen.schedule.prefetch is not None
+        return refine(chosen, fitting_at(chosen.bounds, chosen.schedule.prefetch,
+                                         chosen.forward_group))
     for i, bounds, placement, pf, sizes, times, own in skipped:
         candidate = lowered_plan(bounds, placement, pf, sizes, times, own, group)
         tried[i] = (candidate.predicted, candidate)
@@ -353,6 +396,65 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
 
 # How many of the fastest candidates the planner tries forward groups on, when it chooses.
 GROUP_CANDIDATES = 6
+
+
+_ORDER = (Loc.DEVICE, Loc.HOST, Loc.NVME)
+
+
+def _slowest(placement: Placement) -> Loc:
+    """The farthest tier from the device that holds some pack's weights."""
+    return max(placement.w, key=_ORDER.index)
+
+
+_CLOSER = {Loc.NVME: Loc.HOST, Loc.HOST: Loc.DEVICE}
+
+
+def refine(best: Plan, fitting: Callable[[Placement], Plan | None]) -> Plan:
+    """Per-pack moves that the candidate families do not make, kept when they are faster.
+
+    The families place every pack alike, or split the packs once (resident ones, or packs on
+    the host before NVMe). From the best of them, this moves one kind of value one tier closer
+    to the device (activations NVMe -> host -> device; weights with their optimizer state
+    NVMe -> host, then host -> device) for as many packs as still fit, the last packs first
+    (their updates and backward come first), finding that number by bisection over
+    ``fitting`` (the lowered and simulated plan if it keeps every budget, else None). A move
+    is kept only if the predicted step time falls, or stays within 0.1% while fewer bytes
+    move; the result never breaks a budget. It costs about ``4 * log2(packs)`` simulations.
+    """
+
+    def closer(placement: Placement, kind: str, frm: Loc, packs: list[int]) -> Placement:
+        w, x = list(placement.w), list(placement.x)
+        for p in packs:
+            if kind == "x":
+                x[p] = _CLOSER[frm]
+            else:
+                w[p] = _CLOSER[frm]
+        return Placement(tuple(w), tuple(w), tuple(x))
+
+    for kind, frm in (("x", Loc.NVME), ("wk", Loc.NVME), ("x", Loc.HOST), ("wk", Loc.HOST)):
+        now = best.placement
+        order = [p for p in reversed(range(now.packs))
+                 if (now.x if kind == "x" else now.w)[p] is frm]
+        lo, hi, start = 0, len(order), best  # bisect for the largest count that fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            candidate = fitting(closer(now, kind, frm, order[:mid]))
+            if candidate is None:
+                hi = mid - 1
+                continue
+            lo = mid
+            if _better(candidate.predicted, best.predicted, start.predicted):
+                best = candidate
+    return best
+
+
+def _better(a: SimResult, b: SimResult, start: SimResult) -> bool:
+    """Whether ``a`` beats ``b``: a faster step, or one that moves fewer bytes (less traffic on
+    shared links, less wear on the SSD) within 0.1% of the step time of ``start``, the plan
+    the moves began from (so that small slowdowns cannot add up)."""
+    ta, tb, t0 = a.step_time or 0.0, b.step_time or 0.0, start.step_time or 0.0
+    fewer = sum(a.bytes_moved.values()) < sum(b.bytes_moved.values())
+    return ta < tb * (1 - 1e-3) or (fewer and ta <= min(tb, t0) * (1 + 1e-3))
 
 
 def _lowered(schedule: str, packs: int, micro_batches: int, deferred_updates: bool,

@@ -32,6 +32,7 @@ from schedules.task import Kind, Loc, Op, Ref, Task
 from swap.engine import SwapEngine
 from swap.handle import GroupHandle, Handle
 from swap.nvme import NvmeStore
+from swap.staging import read_staged, write_staged
 from swap.tier import Tier
 
 Value = tuple[torch.Tensor | None, ...]
@@ -314,28 +315,23 @@ class Runtime:
 
     # -- NVMe -------------------------------------------------------------------------------
     def _nvme_read(self, key: str, dst: torch.Tensor, name: str, kind: str) -> Handle:
-        """Read a file into ``dst``; on CUDA through a host staging buffer (the read is waited
-        for here, the copy to the device is asynchronous)."""
+        """Start reading a file into ``dst``; a GPU ``dst`` goes through host staging, the
+        copy to the device starting when the read ends (:mod:`swap.staging`): nothing here
+        blocks the host thread."""
         assert self.store is not None
-        n = dst.numel() * dst.element_size()
         if dst.device.type == "cpu":
-            self.engine.count(name, kind, n)
+            self.engine.count(name, kind, dst.numel() * dst.element_size())
             return self.store.read(key, dst)
-        host = self.tiers[Loc.HOST]
-        staging = host.allocate(n, f"staging for {key}")
-        self.engine.count("nvme->host", kind, n)
-        self.store.read(key, staging).synchronize()
-        handle = self.engine.copy(dst.view(torch.uint8).view(-1), staging, "host->device", kind)
-        host.release(staging, after=handle)
-        return handle
+        return read_staged(self.store, self.engine, self.tiers[Loc.HOST], key, dst, kind)
 
     def _nvme_write(self, key: str, src: torch.Tensor, name: str, kind: str) -> Handle:
-        """Write ``src`` to a file (on CUDA, waiting for a host copy first)."""
+        """Start writing ``src`` to a file (a GPU ``src`` through host staging, unblocked)."""
         assert self.store is not None
-        self.engine.count(name, kind, src.numel() * src.element_size())
-        if src.device.type != "cpu":
-            src = src.cpu()
-        handle = self.store.write(key, src.contiguous())
+        if src.device.type == "cpu":
+            self.engine.count(name, kind, src.numel() * src.element_size())
+            handle = self.store.write(key, src.contiguous())
+        else:
+            handle = write_staged(self.store, self.engine, self.tiers[Loc.HOST], key, src, kind)
         self.writes.append((handle, name))
         return handle
 

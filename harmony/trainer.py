@@ -457,7 +457,8 @@ class Trainer:
                       or self.precision.scaling,
                       tied=self._tied, ranks=ranks, local_ranks=local_ranks,
                       shard=self._dp.group.rank if self._dp is not None and self._dp.shard
-                      else None, forward_group=group if len(sizes) > 1 else 1)
+                      else None, forward_group=group if len(sizes) > 1 else 1,
+                      staging=self.device.type == "cuda")
         if isinstance(self.forward_micro_batch_size, int) and group and group > 1:
             refuse_ungroupable(self.forward_micro_batch_size, len(chosen.bounds),
                                chosen.ungrouped, self.chain.names)
@@ -762,6 +763,8 @@ class Trainer:
                 model (the message lists the differing keys or shapes); nothing is changed.
         """
         weights, opt_tensors, meta = checkpoint.load(path)
+        if self._dp is None or self._dp.group.rank == 0:  # (save() keeps one checkpoint)
+            checkpoint.finish_interrupted_save(path)
         current = self.chain.model.state_dict(keep_vars=True)
         # What each key holds at full precision (a parameter may be bound to a W view in the
         # compute dtype, or to an empty tensor while its pack is away).

@@ -20,6 +20,12 @@ A pipeline rank's schedule charges only its own packs' weights and optimizer sta
 and RECV move the value's bytes over the link between the two ranks (``"rank0->rank1"``); a
 received value is charged on the device when the RECV is issued. This per-rank model assumes
 the sender is ready (it does not see the other ranks, so it shows no pipeline bubble).
+
+With ``staging`` (a GPU: the NVMe store reads and writes host memory only), a value moving
+between NVMe and the device passes through a host staging buffer: a swap-in's buffer is
+charged on the host from its issue until the first compute task that reads the value, a
+swap-out's from its issue until the end of the next compute task (by then its copy to the host
+has been issued and the file write follows). The link is still timed as one hop.
 """
 
 from __future__ import annotations
@@ -121,7 +127,8 @@ def link(src: Loc, dst: Loc) -> str:
 
 
 def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
-             ranks: int = 1, owned: Collection[int] | None = None) -> SimResult:
+             ranks: int = 1, owned: Collection[int] | None = None,
+             staging: bool = False) -> SimResult:
     """Replay a lowered ``schedule`` with ``sizes`` (and ``times``, for a step time).
 
     ``ranks``: data-parallel ranks the all-reduces (``&G p`` tasks) sum over; one rank's
@@ -131,6 +138,7 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
     ``times.bandwidth`` names those links; its K sizes are 0 for packs this rank does not own.
     ``owned``: the packs this rank updates (None: all); another rank's pack homed on NVMe
     reads nothing for its update, and its broadcast weights are written to its file.
+    ``staging``: NVMe <-> device moves hold a host staging buffer (see the module docstring).
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -193,6 +201,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
 
     updated: set[int] = set()
     holding: list[tuple[int, Loc, int]] = []  # (owner, tier, bytes) of held tied gradients
+    staged_in: dict[Ref, int] = {}  # staging: host bytes of NVMe swap-ins not yet read
+    staged_out = 0  # staging: host bytes of NVMe swap-outs, until the next compute task ends
     for t in schedule.tasks:
         if t.op.is_comm:
             ref = t.ref
@@ -217,6 +227,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                 transfer(name, Kind.W, sizes.w[p], 0.0)
                 staged[p] = transfer(name, Kind.K, sizes.k[p], 0.0)
             e = effect(t, P, schedule.recompute, placement, t.pack in grads)
+            for r, _ in e.reads:
+                used[Loc.HOST] -= staged_in.pop(r, 0)
             start = max([clock] + [ready[(r, loc)] for r, loc in e.reads])
             if t.op is Op.UPD and nvme_k:
                 start = max(start, staged.pop(p, 0.0))
@@ -241,6 +253,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                     ready[(ref, Loc.DEVICE)] = clock
                 for ref in e.updates:
                     ready[(ref, Loc.DEVICE)] = clock
+            used[Loc.HOST] -= staged_out
+            staged_out = 0
             if t.op is Op.BWD:
                 grads.add(t.pack)
             elif t.op is Op.UPD:
@@ -282,6 +296,12 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                     used[Loc.HOST] -= n
                 timeline.append(dict(used))
                 continue
+            if staging and h is Loc.NVME and t.op in (Op.SWAP_IN, Op.SWAP_OUT):
+                charge(Loc.HOST, n)
+                if t.op is Op.SWAP_IN:
+                    staged_in[ref] = staged_in.get(ref, 0) + n
+                else:
+                    staged_out += n
             if t.op is Op.SWAP_IN:
                 charge(Loc.DEVICE, n)
                 on_device.add(ref)

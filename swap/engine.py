@@ -9,10 +9,12 @@ is the link's stall time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from swap.handle import Handle
+from swap.handle import Handle, ThenHandle
 from swap.stats import Stats
 from swap.streams import make_copier
 
@@ -34,6 +36,7 @@ class SwapEngine:
     def __init__(self, device: torch.device, stats: Stats) -> None:
         self.device, self.stats = device, stats
         self._copier = make_copier(device)
+        self._followers: dict[str, ThreadPoolExecutor] = {}
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, kind: str) -> Handle:
         """Start ``dst.copy_(src)`` on ``link``; the caller keeps both alive until it is done."""
@@ -43,6 +46,27 @@ class SwapEngine:
         nbytes = src.numel() * src.element_size()
         self.stats.count(link, kind, nbytes)
         return self._copier.copy(dst, src, link, lambda s: self.stats.busy(link, s))
+
+    def after(self, first: Handle, then: Callable[[], Handle], link: str) -> Handle:
+        """Start ``then()`` once ``first`` is done, without blocking the caller.
+
+        A follow-up thread for ``link`` (FIFO, like a stream) blocks on ``first`` and then calls
+        ``then``, which starts the next piece of work (a copy on a CUDA stream, a file write)
+        and returns its handle. The handle returned here is done when that work is; an error
+        of ``first`` or ``then`` is raised by its ``wait``/``synchronize`` (``then`` does not
+        run after ``first`` failed). Used for two-hop transfers such as NVMe -> pinned host
+        staging -> GPU, so that the host thread keeps issuing compute meanwhile.
+        """
+        worker = self._followers.get(link)
+        if worker is None:
+            worker = self._followers[link] = ThreadPoolExecutor(
+                1, thread_name_prefix=f"after {link}")
+
+        def run() -> Handle:
+            first.synchronize()
+            return then()
+
+        return ThenHandle(worker.submit(run))
 
     def count(self, link: str, kind: str, nbytes: int, seconds: float = 0.0) -> None:
         """Count bytes moved by a path outside this engine (e.g. the NVMe store)."""
@@ -66,4 +90,7 @@ class SwapEngine:
         self.stats.stall(link, time.perf_counter() - t0)
 
     def close(self) -> None:
+        for worker in self._followers.values():
+            worker.shutdown(wait=True)
+        self._followers.clear()
         self._copier.close()

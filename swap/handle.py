@@ -60,6 +60,30 @@ class FutureHandle:
         self._future.result()
 
 
+class ThenHandle:
+    """Work that a follow-up thread started once an earlier handle was done.
+
+    ``future`` runs on the follow-up thread: it waits for the earlier handle, starts the next
+    piece of work and returns that work's own handle. ``wait`` blocks the host only until the
+    work has been started (then makes compute wait for it as that handle does: on CUDA, on its
+    event), so a consumer can never wait on an event that was not recorded yet.
+    """
+
+    def __init__(self, future: Future[Handle]) -> None:
+        self._future = future
+
+    def done(self) -> bool:
+        if not self._future.done():
+            return False
+        return self._future.exception() is not None or self._future.result().done()
+
+    def wait(self) -> None:
+        self._future.result().wait()
+
+    def synchronize(self) -> None:
+        self._future.result().synchronize()
+
+
 class GroupHandle:
     """Several handles that complete together (e.g. the tensors of one tuple activation)."""
 

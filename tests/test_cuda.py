@@ -64,3 +64,30 @@ def test_host_buffers_are_pinned() -> None:
         t.step(*data(4, torch.Generator().manual_seed(0)))
         assert t._runtime is not None
         assert all(p.home_w is not None and p.home_w.is_pinned() for p in t._runtime.packs)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_nvme_homes_on_cuda_equal_host_homes(model: str, tmp_path) -> None:
+    """W, K and X in NVMe files reach the GPU through host staging (swap.staging): the same
+    weights as with every home on the host, both updating on the CPU; the host budget holds
+    the staging buffers too."""
+    factory, loss_fn, data = MODELS[model]
+    g = torch.Generator().manual_seed(2)
+    batches = [data(7, g) for _ in range(3)]
+    state = training_state_bytes(factory(0.0), 8)
+
+    def run(**kw: object) -> tuple[dict[str, torch.Tensor], harmony.Trainer]:
+        with harmony.Trainer(factory(0.0), loss_fn, optimizer=_adamw, micro_batch_size=3,
+                             device="cuda", device_memory=state // 2, **kw) as t:
+            for x, y in batches:
+                t.step(x, y)
+            return t.state_dict(), t
+
+    want, _ = run(host_memory=None)
+    host = state // 3
+    got, t = run(host_memory=host, nvme_dir=str(tmp_path))
+    assert t.plan is not None and Loc.NVME in t.plan.placement.w
+    assert t.stats.bytes_moved["nvme->host"] > 0 and t.stats.bytes_moved["host->device"] > 0
+    assert t.stats.peak_bytes["host"] <= host
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

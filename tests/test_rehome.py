@@ -45,7 +45,27 @@ def _reference(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, to
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def fixed_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans from sizes alone: every layer's measured times and the link's bandwidth replaced
+    by constants, so which packs the planner builds does not depend on the machine's load."""
+    import dataclasses
+
+    import harmony.trainer as trainer_module
+
+    measure = trainer_module.profile_layers
+
+    def constant_times(*args: object, **kwargs: object) -> list[object]:
+        return [dataclasses.replace(lp, fwd_s=1e-6, bwd_s=3e-6)
+                for lp in measure(*args, **kwargs)]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer_module, "profile_layers", constant_times)
+    monkeypatch.setattr(trainer_module, "_bandwidth",
+                        lambda device: {"host->device": 5e9, "device->host": 5e9})
+
+
+def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatch,
+                                                      fixed_timing: None) -> None:
     rehomed: list[tuple[str, ...]] = []
     original = Trainer._rehome
 

@@ -170,6 +170,29 @@ def test_forward_group_model_bounds(group: int) -> None:
                 assert r.timeline[-1] == home
 
 
+def test_staging_charges_host_buffers_for_nvme_moves_by_hand() -> None:
+    """On a GPU, NVMe <-> device moves pass through host staging: a swap-in's buffer until its
+    reader runs, a swap-out's until the next compute task ends."""
+    s = lower(harmony(2, 1), Placement.uniform(2, N), prefetch=0)
+    assert str(s) == ("+W0 +X0.0 F0.0 ~W0 ~X0.0 +W1 B1.0 ~W1 !X1.0 -D1.0 -G1 U1 !G1 "
+                      "+W0 +X0.0 +D1.0 B0.0 ~W0 !X0.0 !D1.0 -G0 U0 !G0")
+    sizes = Sizes([10, 20], [1, 2], [100, 200], [[1000], [3000]], [[0], [7000]], zeros(2, 1),
+                  [[0], [0]])
+    plain, staged = simulate(s, sizes), simulate(s, sizes, staging=True)
+    assert staged.peak[D] == plain.peak[D] and staged.peak[N] == plain.peak[N]
+    assert staged.bytes_moved == plain.bytes_moved
+    # The host bytes in excess are staging buffers in flight: +W0 until F0.0 reads it (X0.0 is
+    # the caller's batch, already on the host), +W1 until B1.0; -D1.0 (to NVMe) until the next
+    # compute task, U1, ends; +W0 and +D1.0 until B0.0 reads them. G goes to the host: no
+    # staging.
+    extra = [st[H] - pl[H] for st, pl in zip(staged.timeline, plain.timeline)]
+    assert extra == [10, 10, 0, 0, 0, 20, 0, 0, 0, 7000, 7000, 0, 0,
+                     10, 10, 7010, 0, 0, 0, 0, 0, 0, 0]
+    # With every home on the host nothing is staged.
+    h = lower(harmony(2, 1), Placement.uniform(2, H), prefetch=0)
+    assert simulate(h, sizes, staging=True).timeline == simulate(h, sizes).timeline
+
+
 def test_simulate_doc_example() -> None:
     s = lower(harmony(2, 1), Placement.uniform(2, H))
     z = [[0], [0]]
