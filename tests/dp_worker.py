@@ -15,6 +15,7 @@ stdout, waits ``--linger`` seconds (a rank that does not exit at once) and re-ra
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import socket
@@ -27,9 +28,11 @@ from typing import Any
 import torch
 
 import harmony
+from harmony.report import plan_to_json
 from schedules.task import Loc
 from tests.models import MODELS as SHARED_MODELS
 from tests.models import cross_entropy_tokens, tied_transformer, training_state_bytes
+from tests.timing import fix_timing
 
 # The shared test models, and a transformer whose head is tied to its token embedding (kept
 # out of tests/models.MODELS: tied gradients are summed in another order than plain autograd's,
@@ -66,7 +69,7 @@ def make_trainer(args: argparse.Namespace, parallel: str | None) -> harmony.Trai
                            clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel,
                            nonfinite=args.nonfinite, precision=args.precision,
                            shard_optimizer=args.shard and parallel == "data",
-                           forward_micro_batch_size=args.forward)
+                           forward_micro_batch_size=args.forward, plan=args.plan)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +92,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nonfinite", default="raise")
     p.add_argument("--shard", action="store_true", help="shard_optimizer=True")
     p.add_argument("--forward", type=int, default=None, help="forward_micro_batch_size")
+    p.add_argument("--plan", default=None,
+                   help="a plan JSON to keep (a run compared pack by pack with another)")
     p.add_argument("--more", type=int, default=0,
                    help="steps after the checkpoint, by the trainer and by one loading it")
     p.add_argument("--nan-at", type=int, default=None,
@@ -146,6 +151,8 @@ def run_rank(rank: int, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    # Runs that the tests compare pack by pack must build the same packs whatever the load.
+    fix_timing()
     rank = int(os.environ["RANK"])
     shards = [int(s) for s in args.shards.split(",")]
     start = sum(shards[:rank])
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         for x, y in extra:
             fresh.step(x[mine], y[mine])
         more = fresh.state_dict()
+    if rank == 0:  # for a run that must build the same packs
+        (Path(args.out) / "plan.json").write_text(json.dumps(plan_to_json(trainer.plan)))
     torch.save({"state": trainer.state_dict(), "losses": losses, "bytes": last,
                 "predicted": dict(trainer.plan.predicted.bytes_moved),
                 "g_bytes": sum(trainer.plan.sizes.g), "w_bytes": sum(trainer.plan.sizes.w),

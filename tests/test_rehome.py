@@ -16,6 +16,7 @@ from tests.models import (
     cross_entropy_tokens,
     training_state_bytes,
 )
+from tests.timing import fix_timing
 
 
 def _adamw(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -47,21 +48,8 @@ def _reference(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, to
 
 @pytest.fixture
 def fixed_timing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plans from sizes alone: every layer's measured times and the link's bandwidth replaced
-    by constants, so which packs the planner builds does not depend on the machine's load."""
-    import dataclasses
-
-    import harmony.trainer as trainer_module
-
-    measure = trainer_module.profile_layers
-
-    def constant_times(*args: object, **kwargs: object) -> list[object]:
-        return [dataclasses.replace(lp, fwd_s=1e-6, bwd_s=3e-6)
-                for lp in measure(*args, **kwargs)]  # type: ignore[arg-type]
-
-    monkeypatch.setattr(trainer_module, "profile_layers", constant_times)
-    monkeypatch.setattr(trainer_module, "_bandwidth",
-                        lambda device: {"host->device": 5e9, "device->host": 5e9})
+    """Plans from sizes alone: which packs the planner builds must not follow the load."""
+    fix_timing(monkeypatch.setattr)
 
 
 def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatch,
