@@ -12,7 +12,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -38,6 +38,9 @@ class LayerProfile:
     out_bytes: float      # per sample: the layer's output value
     fwd_s: float          # per sample: forward without grad
     bwd_s: float          # per sample: forward with grad plus backward
+    # per trainable parameter: (bytes in the flat weights, in the flat gradients); empty when
+    # unknown (then the planner streams the layer's update as one piece)
+    params: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _nbytes(value: tuple[torch.Tensor, ...], floating_only: bool = False) -> int:
@@ -92,7 +95,7 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
             in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,
             saved_bytes=saved / samples, out_bytes=_nbytes(out_value) / samples,
-            fwd_s=fwd / samples, bwd_s=bwd / samples))
+            fwd_s=fwd / samples, bwd_s=bwd / samples, params=layout.trainable_spans()))
         value = tuple(t.detach() for t in out_value)
     return out
 
