@@ -3,6 +3,7 @@ cases and by bounds that follow from its model on every generator and placement.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -116,6 +117,30 @@ def test_nvme_optimizer_state_by_hand() -> None:
     assert r.peak == {D: 10 + 20 + 5, H: 10 + 40 + 5, N: 10 + 40}
     assert [u[H] for u in r.timeline] == [0, 0, 50, 50, 50, 55, 5, 0]
     assert r.timeline[-1] == {D: 0, H: 0, N: 50}
+
+
+def test_chunked_nvme_update_by_hand() -> None:
+    """The update streams four chunks (W, K): two read from the backward on, then chunk i+1
+    read before chunk i steps, once chunk i-2 is written and released."""
+    s = lower(harmony(1, 1), Placement.uniform(1, N, H), prefetch=0)
+    chunks = [(2, 8), (3, 12), (1, 4), (4, 16)]
+    sizes = Sizes([10], [5], [40], [[20]], [[0]], [[0]], [[0]], chunks=[chunks])
+    bw = dict.fromkeys(LINKS, 10.0) | {"nvme->host": 1.0, "host->nvme": 1.0}
+    r = simulate(s, sizes, Times([[0.0]], [[2.0]], [5.0], bw))
+    # B0.0 2..4 while chunks 0 (0..10) and 1 (10..25) are read; -G0 4..4.5. U0: chunk 0 steps
+    # 10..11 (a fifth of the 5 s: 10 of its 50 bytes) and is written 11..21; chunk 2 is read
+    # 25..30 while chunk 1 steps 25..26.5 (written 26.5..41.5); chunk 0's bytes are released
+    # and chunk 3 read 30..50; chunk 2 steps 30..30.5 (written 41.5..46.5), chunk 3 50..52
+    # (written 52..72).
+    assert r.step_time == pytest.approx(72.0)
+    assert r.bytes_by_kind[("nvme->host", "K")] == r.bytes_by_kind[("host->nvme", "K")] == 40
+    assert r.bytes_by_kind[("nvme->host", "W")] == r.bytes_by_kind[("host->nvme", "W")] == 10
+    # Host: chunks 0 and 1 from B0.0 on, G0, then chunk 2, less chunk 0, then chunk 3: at
+    # most three chunks (chunks 1..3: 40) and G0 (5), where the whole pack would hold 55.
+    assert [u[H] for u in r.timeline] == [0, 0, 25, 25, 25, 30, 5, 0]
+    assert r.peak[H] == 45
+    one = simulate(s, dataclasses.replace(sizes, chunks=()))
+    assert one.peak[H] == 55 and one.bytes_moved == r.bytes_moved
 
 
 def test_simulate_doc_example() -> None:
