@@ -15,7 +15,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
+from harmony.chunks import item_bytes, profile_chunks
 from harmony.microbatch import micro_batch_sizes
 from harmony.profile import LayerProfile, scaled
 from schedules.data_parallel import (
@@ -56,6 +58,9 @@ class Plan:
     predicted: SimResult
     # Sharded optimizer: the rank owning each pack's optimizer state (None: every rank)
     owners: tuple[int, ...] | None = None
+    # NVMe-homed packs stream their updates in chunks of at most this many bytes of W and K
+    # (harmony.chunks, harmony.chunked_update); None: each update holds its whole pack
+    update_chunk: int | None = None
 
     @property
     def placement(self) -> Placement:
@@ -69,6 +74,12 @@ class Plan:
             lines.append(f"  pack {p}: layers {a}..{b - 1} ({names[a]}..{names[b - 1]}), "
                          f"W {fmt_bytes(self.sizes.w[p])} at {self.placement.w[p].value}, "
                          f"X at {self.placement.x[p].value}")
+        if self.update_chunk is not None:
+            counts = ", ".join(f"pack {p} in {len(self.sizes.chunks_of(p))}"
+                               for p in range(len(self.bounds))
+                               if self.placement.k[p] is Loc.NVME)
+            lines.append(f"  NVMe updates stream in chunks of at most "
+                         f"{fmt_bytes(self.update_chunk)}: {counts}")
         peaks = ", ".join(f"{k.value} {fmt_bytes(v)}" for k, v in self.predicted.peak.items())
         lines.append(f"  predicted peak: {peaks}")
         return "\n".join(lines)
@@ -104,6 +115,47 @@ def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
         s.append([scaled(saved, n) for n in micro_batches])
         work.append([scaled(saved + 2 * peak_out, n) for n in micro_batches])
     return Sizes(w, g, k, x, d, s, work, tuple(held))
+
+
+def chunked(sizes: Sizes, profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
+            k_ratio: float, update_chunk: int | None) -> Sizes:
+    """``sizes`` with each pack's NVMe update split into chunks of at most ``update_chunk``
+    bytes of W and K (:func:`harmony.chunks.profile_chunks`, the split the runtime makes from
+    the pack's layout); None, or a pack that is one chunk: the whole pack, ``(w[p], k[p])``."""
+    if update_chunk is None:
+        return dataclasses.replace(sizes, chunks=())
+    out = []
+    for p, (a, b) in enumerate(bounds):
+        parts = profile_chunks([(lp.params, lp.w_bytes, lp.g_bytes) for lp in profiles[a:b]],
+                               update_chunk, k_ratio)
+        out.append(tuple(parts) if len(parts) > 1 else ((sizes.w[p], sizes.k[p]),))
+    return dataclasses.replace(sizes, chunks=tuple(out))
+
+
+def chunk_options(update_chunk: int | str | None, profiles: list[LayerProfile],
+                  bounds: tuple[tuple[int, int], ...], placement: Placement, sizes: Sizes,
+                  k_ratio: float) -> list[int | None]:
+    """The chunk budgets to try for a candidate, most generous first: ``[None]`` without an
+    NVMe-homed pack; the given budget; for ``"smaller"``, a quarter, an eighth, ... of the
+    largest NVMe pack's W + K (fewer than four chunks hold as much as the whole pack: three
+    are in host memory at once), down to its largest parameter."""
+    nvme = [p for p in range(placement.packs) if placement.k[p] is Loc.NVME]
+    if not nvme or update_chunk is None:
+        return [None]
+    if isinstance(update_chunk, int):
+        return [update_chunk]
+    largest = max(sizes.w[p] + sizes.k[p] for p in nvme)
+    biggest = max(max(item_bytes([w for w, _ in lp.params] or [lp.w_bytes],
+                                 [g for _, g in lp.params] or [lp.g_bytes], 0, k_ratio))
+                  for p in nvme for lp in profiles[bounds[p][0]:bounds[p][1]])
+    options: list[int | None] = []
+    chunk = largest // 4
+    while chunk > 0:
+        options.append(chunk)
+        if chunk <= biggest:  # every parameter is a chunk already
+            break
+        chunk //= 2
+    return options or [None]
 
 
 def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
@@ -151,7 +203,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
          nvme: bool = False, deferred_updates: bool = False,
          tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1,
-         shard: int | None = None) -> Plan:
+         shard: int | None = None, update_chunk: int | str | None = None) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -174,10 +226,35 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             pack's owner (:func:`schedules.data_parallel.owners`, by K bytes) alone holds its
             K, so K is charged only for this rank's packs; the schedules reduce G to the owner
             and broadcast W from it (:func:`schedules.data_parallel.add_reduce_broadcast`).
+        update_chunk: how NVMe-homed packs stream their updates through host memory: None,
+            each update holds its whole pack's W and K; bytes, in chunks of at most that
+            (:mod:`harmony.chunks`); ``"auto"``, the plan of whole packs if one fits, else,
+            per candidate, the largest of :func:`chunk_options` that fits (chunked updates
+            read only two chunks behind the backward, so they are slower where both fit).
+            ``Plan.update_chunk`` says which.
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
     """
+    search = partial(_search, profiles, schedule, micro_batches, device_budget, host_budget,
+                     k_ratio, bandwidth, upd_s_per_byte, prefetch, fixed, nvme,
+                     deferred_updates, tied, ranks, local_ranks, shard)
+    if update_chunk != "auto" or not nvme:
+        return search(None if update_chunk == "auto" else update_chunk)
+    try:
+        return search(None)
+    except InfeasiblePlan:
+        return search("smaller")
+
+
+def _search(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
+            device_budget: int | None, host_budget: int | None, k_ratio: float,
+            bandwidth: dict[str, float], upd_s_per_byte: float, prefetch: int | None,
+            fixed: tuple[tuple[tuple[int, int], ...], Placement] | None, nvme: bool,
+            deferred_updates: bool, tied: Sequence[Tied], ranks: int, local_ranks: int,
+            shard: int | None, update_chunk: int | str | None) -> Plan:
+    """:func:`plan` for one choice of ``update_chunk`` (None, bytes, or ``"smaller"``: per
+    candidate, the largest of :func:`chunk_options` that fits)."""
     L, M = len(profiles), len(micro_batches)
     bandwidth = shared_bandwidth({**NVME_BANDWIDTH, ALLREDUCE_LINK: ALLREDUCE_BANDWIDTH,
                                   **bandwidth}, local_ranks)
@@ -231,7 +308,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
 
     tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
     skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times,
-                        tuple[int, ...] | None]] = []
+                        tuple[int, ...] | None, int | None]] = []
     for group in options:
         best: Plan | None = None
         for bounds, placement in group:
@@ -239,6 +316,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                                   ranks, shard)
             times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth)
             may_fit = _may_fit(sizes, placement, device_budget, host_budget)
+            chunks = chunk_options(update_chunk, profiles, bounds, placement, sizes, k_ratio)
             for pf in prefetches:
                 if tried and pf == 0 and len(prefetches) > 1 and tried[-1] is not None \
                         and fits(tried[-1][0]):
@@ -246,13 +324,18 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                 if not may_fit:
                     # The simulator charges every W and K at its home before the first task,
                     # so this candidate cannot fit: lower and simulate it only if nothing fits.
-                    skipped.append((len(tried), bounds, placement, pf, sizes, times, own))
+                    skipped.append((len(tried), bounds, placement, pf, sizes, times, own,
+                                    chunks[-1]))
                     tried.append(None)
                     continue
                 lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf,
                                    ranks, own is not None)
-                result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
-                candidate = Plan(bounds, lowered, sizes, result, own)
+                for chunk in chunks:  # the largest chunks first
+                    sized = chunked(sizes, profiles, bounds, k_ratio, chunk)
+                    result = simulate(lowered, sized, times, ranks, _owned(own, shard))
+                    if fits(result):
+                        break
+                candidate = Plan(bounds, lowered, sized, result, own, chunk)
                 tried.append((result, candidate))
                 if fits(result):
                     assert result.step_time is not None
@@ -260,11 +343,12 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                         best = candidate
         if best is not None:
             return best
-    for i, bounds, placement, pf, sizes, times, own in skipped:
+    for i, bounds, placement, pf, sizes, times, own, chunk in skipped:
         lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
                            own is not None)
-        result = simulate(lowered, sizes, times, ranks, _owned(own, shard))
-        tried[i] = (result, Plan(bounds, lowered, sizes, result, own))
+        sized = chunked(sizes, profiles, bounds, k_ratio, chunk)
+        result = simulate(lowered, sized, times, ranks, _owned(own, shard))
+        tried[i] = (result, Plan(bounds, lowered, sized, result, own, chunk))
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut
         assert entry is not None
@@ -415,10 +499,15 @@ def _infeasible(smallest: Plan, profiles: list[LayerProfile], micro_batches: lis
             "or a smaller micro_batch_size")
     if host_budget is not None and host > host_budget:
         if nvme:
+            chunk = smallest.update_chunk
+            whole = all(len(smallest.sizes.chunks_of(p)) == 1 for p in range(len(smallest.bounds)))
+            held = "its pack's master weights and optimizer state" if chunk is None or whole else (
+                f"three chunks of at most {fmt_bytes(chunk)} of its pack's master weights "
+                "and optimizer state")
             parts.append(
                 f"host_memory={fmt_bytes(host_budget)} is too small: even with everything on "
-                f"NVMe the plan needs {fmt_bytes(host)} on the host (an update holds its pack's "
-                "master weights, optimizer state and gradients in host memory); use "
+                f"NVMe the plan needs {fmt_bytes(host)} on the host (an update holds {held} "
+                "and the pack's gradients in host memory); use "
                 f"host_memory>={fmt_bytes(host)}")
         else:
             parts.append(

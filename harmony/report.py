@@ -243,7 +243,7 @@ class Report:
 def make_report(profile: ModelProfile, batch_size: int, device_memory: int | None,
                 host_memory: int | None, nvme: bool = False, schedule: str = "harmony",
                 bandwidth: dict[str, float] | None = None,
-                prefetch: int | None = None) -> Report:
+                prefetch: int | None = None, update_chunk: int | str | None = "auto") -> Report:
     """Plan ``profile`` for ``batch_size`` samples within the budgets and compare.
 
     Args:
@@ -253,6 +253,8 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
         bandwidth: bytes/s per link (default :data:`DEFAULT_BANDWIDTH`; NVMe links default to
             :data:`harmony.planning.NVME_BANDWIDTH`).
         prefetch: force a prefetch depth (None: the planner chooses).
+        update_chunk: how NVMe-homed packs stream their updates (``"auto"``, bytes, or None
+            for whole packs; see :func:`harmony.planning.plan`).
 
     Raises:
         harmony.InfeasiblePlan: nothing fits; the message says what to change.
@@ -260,7 +262,8 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
     mbs = micro_batch_sizes(batch_size, profile.micro_batch_size)
     bw = {**NVME_BANDWIDTH, **DEFAULT_BANDWIDTH, **(bandwidth or {})}
     chosen = plan(profile.layers, schedule, mbs, device_memory, host_memory, profile.k_total,
-                  bw, upd_s_per_byte=profile.upd_s_per_byte, prefetch=prefetch, nvme=nvme)
+                  bw, upd_s_per_byte=profile.upd_s_per_byte, prefetch=prefetch, nvme=nvme,
+                  update_chunk=update_chunk)
     times = pack_times(profile.layers, chosen.bounds, mbs, profile.upd_s_per_byte, bw)
     P, M = len(chosen.bounds), len(mbs)
     base_sched = lower(generate("per-microbatch", P, M), chosen.placement,
@@ -467,7 +470,9 @@ def plan_to_json(p: Plan) -> dict[str, Any]:
                          "placement": s.placement.to_json(), "tasks": str(s)},
             "sizes": {f: [list(v) if isinstance(v, (list, tuple)) else v
                           for v in getattr(p.sizes, f)]
-                      for f in ("w", "g", "k", "x", "d", "s", "work", "held")},
+                      for f in ("w", "g", "k", "x", "d", "s", "work", "held")}
+            | {"chunks": [[list(c) for c in cs] for cs in p.sizes.chunks]},
+            "update_chunk": p.update_chunk,
             "predicted": _sim_to_json(p.predicted)}
 
 
@@ -480,9 +485,10 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
                               prefetch=s["prefetch"])
     z = data["sizes"]
     sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")),
-                  held=tuple(tuple(h) for h in z.get("held", ())))  # type: ignore[misc]
+                  held=tuple(tuple(h) for h in z.get("held", ())),  # type: ignore[misc]
+                  chunks=tuple(tuple(tuple(c) for c in cs) for cs in z.get("chunks", ())))
     return Plan(tuple((a, b) for a, b in data["bounds"]), schedule, sizes,
-                _sim_from_json(data["predicted"]))
+                _sim_from_json(data["predicted"]), update_chunk=data.get("update_chunk"))
 
 
 def report_to_json(r: Report) -> dict[str, Any]:
