@@ -267,15 +267,19 @@ class DataParallel:
                 self.group.local_world)
 
     def agree(self, bounds: tuple[tuple[int, int], ...], placement: Placement,
-              ) -> tuple[tuple[tuple[int, int], ...], Placement] | None:
-        """Rank 0's pack boundaries and placement when they differ from this rank's (None
-        when they are the same): every rank must run the same packs. Collective."""
-        mine = [[list(b) for b in bounds], placement.to_json()]
+              update_chunk: int | None = None,
+              ) -> tuple[tuple[tuple[int, int], ...], Placement, int | None] | None:
+        """Rank 0's pack boundaries, placement and update chunk budget when they differ from
+        this rank's (None when they are the same): every rank must run the same packs (and
+        split NVMe-homed ones into the same chunks, which a sharded optimizer's broadcast
+        sends one by one). Collective."""
+        mine = [[list(b) for b in bounds], placement.to_json(), update_chunk]
         box: list[Any] = [mine]
         self._collective(lambda: dist.broadcast_object_list(box, src=0), "the plan")
         if box[0] == mine:
             return None
-        return tuple(tuple(b) for b in box[0][0]), Placement.from_json(box[0][1])
+        return (tuple(tuple(b) for b in box[0][0]), Placement.from_json(box[0][1]),
+                box[0][2])
 
     # -- checkpoints and failure ------------------------------------------------------------
     def save(self, write: Callable[[], Path]) -> Path:

@@ -17,6 +17,7 @@ import torch
 
 from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
 from harmony.chain import as_tuple, call, checked_loss
+from harmony.chunked_update import ChunkedUpdate, broadcast_chunks
 from harmony.layout import Entry
 from harmony.pack import Pack
 from harmony.precision import GradientOverflow, Precision, unscale_
@@ -94,8 +95,8 @@ class Runtime:
                  loss_fn: Callable[..., torch.Tensor], device: torch.device, seed: int,
                  store: NvmeStore | None = None) -> None:
         self.packs, self.tiers, self.engine, self.store = packs, tiers, engine, store
-        # pack -> host copies of its master weights and optimizer state (K on NVMe), being read
-        self.staged: dict[int, tuple[torch.Tensor, Handle, torch.Tensor | None, Handle | None]] = {}
+        # pack -> the update of an NVMe-homed pack, its first chunks being read
+        self.staged: dict[int, ChunkedUpdate] = {}
         self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
@@ -105,8 +106,6 @@ class Runtime:
         # step): compute runs under its autocast; fp16 scales the loss and unscales and checks
         # every gradient before the first update.
         self.precision = Precision()
-        # pack -> host copy of its fp32 masters being read from NVMe (mixed precision)
-        self.staged_m: dict[int, tuple[torch.Tensor, Handle]] = {}
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
         self.w_ready: dict[int, Handle] = {}
@@ -189,20 +188,14 @@ class Runtime:
             self.values.pop(ref, None)
         for p in list(self.w_dev):
             self._free_w(p)
-        for p, (w, hw, k, hk) in list(self.staged.items()):
-            self.tiers[Loc.HOST].release(w, after=hw)
-            if k is not None:
-                self.tiers[Loc.HOST].release(k, after=hk)
-            else:
-                self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
+        for update in self.staged.values():
+            update.abandon()
         self.staged.clear()
         for w, hw in list(self.sending.values()):
-            self.tiers[Loc.HOST].release(w, after=hw)
+            with contextlib.suppress(Exception):
+                self.tiers[Loc.HOST].release(w, after=hw)
         self.sending.clear()
         self.new_buffers.clear()
-        for m, hm in self.staged_m.values():
-            self.tiers[Loc.HOST].release(m, after=hm)
-        self.staged_m.clear()
         if self.ties is not None:
             self.ties.abandon(self)
         for pack in self.packs:
@@ -269,7 +262,10 @@ class Runtime:
             return
         # Weights on NVMe: the owner sends the host copy its update wrote; the others receive
         # into host memory and write their file. Waited for here, so that the host copies
-        # go back to the pool at once (as the simulator assumes).
+        # go back to the pool at once (as the simulator assumes). A pack of several chunks
+        # goes chunk by chunk (its update kept none of them).
+        if len(pack.chunks) > 1:
+            return broadcast_chunks(self, p)
         host = self.tiers[Loc.HOST]
         if self.owns(p):
             w, written = self.sending.pop(p)
@@ -279,7 +275,7 @@ class Runtime:
             buf = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
 
             def write() -> None:
-                handle = self._nvme_write(pack.w_key, buf, link(Loc.HOST, Loc.NVME), "W")
+                handle = self._nvme_write(pack.key("W", 0), buf, link(Loc.HOST, Loc.NVME), "W")
                 host.release(buf, after=handle)
 
             self.dp.start_broadcast(p, self.owners[p], buf, self.engine.stats, write)
@@ -301,8 +297,10 @@ class Runtime:
         # The compute that reads these weights waits for this copy (see _wait_w).
         if pack.home_w is not None:
             self.w_ready[p] = self.engine.copy(buf, pack.home_w, name, "W")
-        else:
-            self.w_ready[p] = self._nvme_read(pack.w_key, buf, name, "W")
+        else:  # each chunk's file into its slice
+            self.w_ready[p] = GroupHandle([
+                self._nvme_read(pack.key("W", c.index), buf[c.w[0]:c.w[1]], name, "W")
+                for c in pack.chunks])
         self.w_dev[p] = buf
         pack.layout.bind(buf)
 
@@ -755,67 +753,15 @@ class Runtime:
         self.grad_norm = float(total)
 
     def _stage(self, p: int) -> None:
-        """Start reading the master weights and optimizer state of ``p`` for its update; the
-        reads run while the pack's backward computes (the update waits for them)."""
-        pack = self.packs[p]
-        host = self.tiers[Loc.HOST]
-        name = link(Loc.NVME, Loc.HOST)
-        w = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
-        hw = self._nvme_read(pack.w_key, w, name, "W")
-        if pack.layout.mixed:  # the fp32 masters are part of K; W is refreshed from them
-            m = host.allocate(pack.layout.g_bytes, f"master weights of pack {p}")
-            self.staged_m[p] = (m, self._nvme_read(pack.m_key, m, name, "K"))
-        k, hk = None, None
-        if pack.k_layout is not None:
-            k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
-            hk = self._nvme_read(pack.k_key, k, name, "K")
-        else:  # the first update creates the state: hold room for it
-            host.charge(pack.k_charged, f"optimizer state of pack {p}")
-        self.staged[p] = (w, hw, k, hk)
+        """Start reading the first chunks of the master weights and optimizer state of ``p``
+        for its update; the reads run while the pack's backward computes."""
+        self.staged[p] = ChunkedUpdate(self, p)
+        self.staged[p].stage()
 
     def _update_from_nvme(self, p: int) -> None:
-        pack = self.packs[p]
-        host = self.tiers[Loc.HOST]
-        slot = self.values[Ref(Kind.G, p)]
-        if p not in self.staged:  # a deferred update: its inputs are read now
-            self._stage(p)
-        w, hw, k, hk = self.staged.pop(p)
-        m, hm = self.staged_m.pop(p, (w, None))  # fp32: the masters are W
-        for h in (hw, hk, hm, slot.home_ready):
-            if h is not None:
-                self.engine.synchronize(h, link(Loc.NVME, Loc.HOST))
-        slot.home_ready = None
-        assert slot.home is not None and slot.home[0] is not None
-        if p in self.new_buffers:
-            restore_buffers(self._changing(p), self.new_buffers.pop(p), w)
-        pack.bind_masters(m)
-        if k is not None:
-            pack.bind_state(k)
-        for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
-            master.grad = e.gview(slot.home[0]) if got else None
-        pack.optimizer.step()
-        for master in pack.masters:
-            master.grad = None
-        if k is None:  # the first update created the state: give it a flat layout
-            pack.layout_state()
-            host.uncharge(pack.k_charged)
-            k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
-            pack.bind_state(k, copy_in=True)
-        pack.settle_optimizer_bytes()
-        # Written behind: the host copies go back to the pool when the writes are done.
-        name = link(Loc.HOST, Loc.NVME)
-        if pack.layout.mixed:
-            pack.refresh_weights(w)
-            host.release(m, after=self._nvme_write(pack.m_key, m, name, "K"))
-        if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
-            self.ties.after_update(self, p, w)
-        hw = self._nvme_write(pack.w_key, w, name, "W")
-        hk = self._nvme_write(pack.k_key, k, name, "K")
-        pack.bind_masters(None)
-        pack.bind_state(None)
-        if self.owners is not None:  # sharded optimizer: released once *W p sent it
-            self.sending[p] = (w, hw)
-        else:
-            host.release(w, after=hw)
-        host.release(k, after=hk)
+        """Stream pack ``p``'s update through host memory chunk by chunk (see
+        :mod:`harmony.chunked_update`); a deferred update starts its reads now."""
+        update = self.staged.setdefault(p, ChunkedUpdate(self, p))
+        update.run()  # (after a failure, abandon() gives its buffers back)
+        del self.staged[p]
         self.grads.discard(p)
