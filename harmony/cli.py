@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "chunks of at most SIZE of weights and optimizer state, 'none' for "
                           "whole packs, or 'auto' (default: whole packs if they fit the host "
                           "budget, else the largest chunks that do)")
+    rep.add_argument("--overlap-updates", action="store_true",
+                     help="plan the optimizer steps of host-homed packs on a worker thread, "
+                          "behind the next pack's backward (Trainer(overlap_updates=True))")
     rep.add_argument("--prefetch", type=int, default=None, metavar="K",
                      help="force a prefetch depth (default: the planner's choice)")
     rep.add_argument("--bandwidth", type=_bandwidth, action="append", default=[],
@@ -190,7 +193,8 @@ def _report(args: argparse.Namespace) -> int:
         report = make_report(profile, args.batch_size, args.device_memory, args.host_memory,
                              nvme=args.nvme_dir is not None, schedule=args.schedule,
                              bandwidth=dict(args.bandwidth), prefetch=args.prefetch,
-                             update_chunk=args.update_chunk)
+                             update_chunk=args.update_chunk,
+                             overlap_updates=args.overlap_updates)
     except InfeasiblePlan as err:
         print(f"harmony report: no plan fits: {err}", file=sys.stderr)
         return 2

@@ -203,7 +203,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
          nvme: bool = False, deferred_updates: bool = False,
          tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1,
-         shard: int | None = None, update_chunk: int | str | None = None) -> Plan:
+         shard: int | None = None, update_chunk: int | str | None = None,
+         overlap_updates: bool = False) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
     Args:
@@ -232,13 +233,15 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             per candidate, the largest of :func:`chunk_options` that fits (chunked updates
             read only two chunks behind the backward, so they are slower where both fit).
             ``Plan.update_chunk`` says which.
+        overlap_updates: the updates of packs whose K is on the host run behind what
+            follows them (:mod:`harmony.update_worker`; see :func:`simulate`).
 
     Raises:
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
     """
     search = partial(_search, profiles, schedule, micro_batches, device_budget, host_budget,
                      k_ratio, bandwidth, upd_s_per_byte, prefetch, fixed, nvme,
-                     deferred_updates, tied, ranks, local_ranks, shard)
+                     deferred_updates, tied, ranks, local_ranks, shard, overlap_updates)
     if update_chunk != "auto" or not nvme:
         return search(None if update_chunk == "auto" else update_chunk)
     try:
@@ -252,7 +255,7 @@ def _search(profiles: list[LayerProfile], schedule: str, micro_batches: list[int
             bandwidth: dict[str, float], upd_s_per_byte: float, prefetch: int | None,
             fixed: tuple[tuple[tuple[int, int], ...], Placement] | None, nvme: bool,
             deferred_updates: bool, tied: Sequence[Tied], ranks: int, local_ranks: int,
-            shard: int | None, update_chunk: int | str | None) -> Plan:
+            shard: int | None, overlap_updates: bool, update_chunk: int | str | None) -> Plan:
     """:func:`plan` for one choice of ``update_chunk`` (None, bytes, or ``"smaller"``: per
     candidate, the largest of :func:`chunk_options` that fits)."""
     L, M = len(profiles), len(micro_batches)
@@ -332,7 +335,8 @@ def _search(profiles: list[LayerProfile], schedule: str, micro_batches: list[int
                                    ranks, own is not None)
                 for chunk in chunks:  # the largest chunks first
                     sized = chunked(sizes, profiles, bounds, k_ratio, chunk)
-                    result = simulate(lowered, sized, times, ranks, _owned(own, shard))
+                    result = simulate(lowered, sized, times, ranks, _owned(own, shard),
+                                      overlap_updates)
                     if fits(result):
                         break
                 candidate = Plan(bounds, lowered, sized, result, own, chunk)
@@ -347,7 +351,7 @@ def _search(profiles: list[LayerProfile], schedule: str, micro_batches: list[int
         lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
                            own is not None)
         sized = chunked(sizes, profiles, bounds, k_ratio, chunk)
-        result = simulate(lowered, sized, times, ranks, _owned(own, shard))
+        result = simulate(lowered, sized, times, ranks, _owned(own, shard), overlap_updates)
         tried[i] = (result, Plan(bounds, lowered, sized, result, own, chunk))
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut

@@ -243,7 +243,8 @@ class Report:
 def make_report(profile: ModelProfile, batch_size: int, device_memory: int | None,
                 host_memory: int | None, nvme: bool = False, schedule: str = "harmony",
                 bandwidth: dict[str, float] | None = None,
-                prefetch: int | None = None, update_chunk: int | str | None = "auto") -> Report:
+                prefetch: int | None = None, update_chunk: int | str | None = "auto",
+                overlap_updates: bool = False) -> Report:
     """Plan ``profile`` for ``batch_size`` samples within the budgets and compare.
 
     Args:
@@ -255,6 +256,7 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
         prefetch: force a prefetch depth (None: the planner chooses).
         update_chunk: how NVMe-homed packs stream their updates (``"auto"``, bytes, or None
             for whole packs; see :func:`harmony.planning.plan`).
+        overlap_updates: plan host-homed packs' updates behind the next pack's backward.
 
     Raises:
         harmony.InfeasiblePlan: nothing fits; the message says what to change.
@@ -263,7 +265,7 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
     bw = {**NVME_BANDWIDTH, **DEFAULT_BANDWIDTH, **(bandwidth or {})}
     chosen = plan(profile.layers, schedule, mbs, device_memory, host_memory, profile.k_total,
                   bw, upd_s_per_byte=profile.upd_s_per_byte, prefetch=prefetch, nvme=nvme,
-                  update_chunk=update_chunk)
+                  update_chunk=update_chunk, overlap_updates=overlap_updates)
     times = pack_times(profile.layers, chosen.bounds, mbs, profile.upd_s_per_byte, bw)
     P, M = len(chosen.bounds), len(mbs)
     base_sched = lower(generate("per-microbatch", P, M), chosen.placement,
@@ -271,6 +273,9 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
     baseline = simulate(base_sched, chosen.sizes, times)
     compute = sum(sum(times.bwd[p]) + times.upd[p] + (sum(times.fwd[p]) if p < P - 1 else 0.0)
                   for p in range(P))
+    if overlap_updates:  # host-homed packs' updates run beside the rest
+        behind = sum(times.upd[p] for p in range(P) if chosen.placement.k[p] is Loc.HOST)
+        compute = max(compute - behind, behind)
     return Report(profile, batch_size, mbs, device_memory, host_memory, nvme, schedule, bw,
                   chosen, baseline, traffic_arithmetic(chosen.sizes, chosen.placement), compute)
 

@@ -18,6 +18,11 @@ is not charged at its home. With data parallelism (``ranks`` > 1) an all-reduce 
 moves :func:`schedules.data_parallel.ring_bytes` over the ``"allreduce"`` link once G p is
 ready, and whatever reads G p afterwards waits for it.
 
+With ``overlap_updates``, the update of a pack whose K lives on the host runs on a worker
+(``harmony.update_worker``): the thread goes on once the update has started, the update ends
+``times.upd`` later on the worker, and the next update, the pack's weight broadcast or load,
+and the step's end wait for it; the pack's G stays at home until then.
+
 A pipeline rank's schedule charges only its own packs' weights and optimizer state. Its SEND
 and RECV move the value's bytes over the link between the two ranks (``"rank0->rank1"``); a
 received value is charged on the device when the RECV is issued. This per-rank model assumes
@@ -107,7 +112,8 @@ def link(src: Loc, dst: Loc) -> str:
 
 
 def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
-             ranks: int = 1, owned: Collection[int] | None = None) -> SimResult:
+             ranks: int = 1, owned: Collection[int] | None = None,
+             overlap_updates: bool = False) -> SimResult:
     """Replay a lowered ``schedule`` with ``sizes`` (and ``times``, for a step time).
 
     ``ranks``: data-parallel ranks the all-reduces (``&G p`` tasks) sum over; one rank's
@@ -117,6 +123,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
     ``times.bandwidth`` names those links; its K sizes are 0 for packs this rank does not own.
     ``owned``: the packs this rank updates (None: all); another rank's pack homed on NVMe
     reads nothing for its update, and its broadcast weights are written to its file.
+    ``overlap_updates``: updates of packs whose K is on the host overlap what follows (see
+    above; not with ``owned``, a sharded optimizer).
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -217,6 +225,21 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         del staged[p]
         return t
 
+    # overlap_updates: the update in flight (pack, when it ends on the worker), and the
+    # gradients whose release waits for it
+    pending: list[tuple[int, float]] = []
+    deferred: list[Ref] = []
+
+    def join() -> None:
+        nonlocal clock
+        if not pending:
+            return
+        clock = max(clock, pending.pop()[1])
+        for ref in deferred:
+            used[home(ref)] -= sizes.of(ref)
+            home_charged.discard(ref)
+        deferred.clear()
+
     updated: set[int] = set()
     holding: list[tuple[int, Loc, int]] = []  # (owner, tier, bytes) of held tied gradients
     for t in schedule.tasks:
@@ -234,6 +257,10 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         if t.op.is_compute:
             p = t.pack
             nvme_k = placement.k[p] is Loc.NVME and (owned is None or p in owned)
+            behind = overlap_updates and t.op is Op.UPD and placement.k[p] is Loc.HOST \
+                and owned is None
+            if t.op is Op.UPD:
+                join()  # one update at a time
             if nvme_k and p not in staged and (
                     (t.op is Op.BWD and p not in grads and p in early) or t.op is Op.UPD):
                 # The update's inputs stream in from NVMe while the pack's backward runs
@@ -261,6 +288,9 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                             used[held[1]] -= held[2]
                 end = chunked_update(p, start) if nvme_k else start + (
                     times.upd[p] if times is not None else 0.0)
+                if behind:  # on the worker: the thread goes on
+                    pending.append((p, end))
+                    end = start
             if times is not None:
                 if t.op is Op.FWD:
                     assert t.mb is not None
@@ -290,6 +320,9 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                 ready[at] = transfer(REDUCE_LINK, ref.kind, n, ready[at])
                 timeline.append(dict(used))
                 continue
+            if (t.op is Op.BROADCAST or (t.op is Op.SWAP_IN and ref.kind is Kind.W)) \
+                    and pending and pending[0][0] == ref.pack:
+                join()  # the update of these weights ends first
             if t.op is Op.BROADCAST and h is Loc.NVME and len(sizes.chunks_of(ref.pack)) > 1:
                 # chunk by chunk, one in host memory at a time: the owner reads each back from
                 # its file, the others write what they receive to theirs
@@ -328,7 +361,10 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                 if ref in on_device:
                     used[Loc.DEVICE] -= n
                     on_device.discard(ref)
-                if t.op is Op.DEL and ref in home_charged:
+                if t.op is Op.DEL and ref in home_charged and pending \
+                        and pending[0][0] == ref.pack and ref.kind is Kind.G:
+                    deferred.append(ref)  # its update still reads it
+                elif t.op is Op.DEL and ref in home_charged:
                     used[h] -= n
                     home_charged.discard(ref)
                 timeline.append(dict(used))
@@ -338,6 +374,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             ready[dst] = transfer(name, ref.kind, n, ready[src])
         timeline.append(dict(used))
 
+    join()  # (the step ends with the last update)
+    timeline[-1:] = [dict(used)] if timeline else []
     step = None
     if times is not None:
         step = max([clock] + list(link_free.values()))

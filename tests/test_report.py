@@ -128,6 +128,24 @@ def test_chunked_updates_shown_and_round_trip(tmp_path: Path,
     assert "--update-chunk='-3' is not a chunk size" in capsys.readouterr().err
 
 
+def test_overlapped_updates_planned(capsys: pytest.CaptureFixture[str]) -> None:
+    """--overlap-updates: the host-homed packs' updates leave the step's critical path, and
+    the bound on the step counts them beside the rest, not after it."""
+    budgets = ["--device-memory", "200KiB"]
+    assert main([*TINY, *budgets]) == 0
+    serial = capsys.readouterr().out
+    assert main([*TINY, *budgets, "--overlap-updates"]) == 0
+    overlapped = capsys.readouterr().out
+
+    def seconds(text: str, pattern: str) -> float:
+        m = re.search(pattern + r" ([\d.]+)(us|ms|s)", text)
+        assert m is not None, text
+        return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+
+    assert seconds(overlapped, "predicted step time:") < seconds(serial, "predicted step time:")
+    assert seconds(overlapped, "max.compute") < seconds(serial, "max.compute")
+
+
 def test_bandwidth_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "plan.json"
     assert main([*TINY, "--device-memory", "200KiB", "--bandwidth", "host-device=1GiB",

@@ -143,6 +143,27 @@ def test_chunked_nvme_update_by_hand() -> None:
     assert one.peak[H] == 55 and one.bytes_moved == r.bytes_moved
 
 
+def test_overlapped_updates_by_hand() -> None:
+    """overlap_updates: U1 (K on the host) runs on the worker while B0.0 computes; G1 stays on
+    the host until U0 joins it, and the step ends with U0 on the worker."""
+    s = lower(harmony(2, 1), Placement.uniform(2, H, D), prefetch=0)
+    assert str(s) == ("+W0 +X0.0 F0.0 ~W0 ~X0.0 +W1 B1.0 ~W1 !X1.0 -G1 U1 !G1 +W0 +X0.0 B0.0 "
+                      "~W0 !X0.0 !D1.0 -G0 U0 !G0")
+    z = [[0], [0]]
+    sizes = Sizes([10, 10], [5, 5], [20, 20], z, z, z, z)
+    times = Times([[1.0], [1.0]], [[2.0], [2.0]], [3.0, 3.0],
+                  {"host->device": 10.0, "device->host": 10.0})
+    # serial: ... -G1 5..5.5, U1 5.5..8.5, +W0 8.5..9.5, B0.0 9.5..11.5, -G0, U0 12..15
+    serial = simulate(s, sizes, times)
+    assert serial.step_time == pytest.approx(15.0) and serial.peak[H] == 60 + 5
+    # overlapped: U1 5.5..8.5 on the worker while +W0 5.5..6.5 and B0.0 6.5..8.5 run; -G0
+    # 8.5..9; U0 joins U1 (at 8.5), runs 9..12 on the worker, and the step ends with it
+    r = simulate(s, sizes, times, overlap_updates=True)
+    assert r.step_time == pytest.approx(12.0)
+    assert [u[H] for u in r.timeline][9:] == [65, 65, 65, 65, 65, 65, 65, 65, 65, 70, 65, 60]
+    assert r.peak[H] == 60 + 5 + 5 and r.bytes_moved == serial.bytes_moved
+
+
 def test_simulate_doc_example() -> None:
     s = lower(harmony(2, 1), Placement.uniform(2, H))
     z = [[0], [0]]
