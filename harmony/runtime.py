@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from harmony.data_parallel import DataParallel
 from harmony.rng import layer_rng
 from harmony.tied import TiedWeights
+from harmony.update_worker import UpdateWorker
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
@@ -129,6 +131,15 @@ class Runtime:
         # pack 0's input arrived from another rank, so its backward produces D0 to send back.
         self.comm: Callable[[Runtime, Task], None] | None = None
         self.input_grad = False
+        # overlap_updates: host-homed packs' optimizer steps run here, behind the next pack's
+        # backward (harmony.update_worker); their gradients are deleted when joined
+        self.worker: UpdateWorker | None = None
+        self.deferred_g: set[int] = set()
+
+    def close(self) -> None:
+        """Stop the update worker, if any."""
+        if self.worker is not None:
+            self.worker.close()
 
     @property
     def dev(self) -> Tier:
@@ -164,6 +175,8 @@ class Runtime:
                     self.record.append({
                         "task": str(task), "start": t0 - begin, "end": t1 - begin,
                         "bytes": {loc.value: tier.used for loc, tier in self.tiers.items()}})
+            if self.worker is not None:  # the last overlapped step, before anyone reads
+                self.worker.join()
             # A step succeeds only once what it wrote behind is on disk: a failed write
             # surfaces here, not silently in a later step.
             for handle, name in self.writes:
@@ -182,6 +195,9 @@ class Runtime:
 
         Cleanup errors (say, more failed writes after a full disk) must not hide the error
         that ended the step, so each is suppressed here."""
+        if self.worker is not None:  # (its step may still read the gradients)
+            self.worker.abandon()
+        self.deferred_g.clear()
         for ref in list(self.values):
             with contextlib.suppress(Exception):
                 self._drop(ref, home_too=True)
@@ -203,6 +219,8 @@ class Runtime:
             pack.got_grad = [False] * len(pack.got_grad)
             for e in pack.layout.trainable:
                 e.tensor.grad = None
+            for master in pack.masters:
+                master.grad = None
 
     def _dispatch(self, task: Task) -> None:
         op = task.op
@@ -256,6 +274,7 @@ class Runtime:
         rank's home copy; the next use of the pack's weights waits for it (:meth:`_w_arrived`;
         the trainer waits for all before it reads or writes weights between steps)."""
         assert self.dp is not None and self.owners is not None
+        self._join_update(p)
         pack = self.packs[p]
         if pack.home_w is not None:
             self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
@@ -288,8 +307,14 @@ class Runtime:
         if self.dp is not None and p in self.dp.broadcasts:
             self.dp.finish_broadcast(p)
 
+    def _join_update(self, p: int | None = None) -> None:
+        """Wait for the overlapped optimizer step in flight (of pack ``p`` only, if given)."""
+        if self.worker is not None and (p is None or self.worker.pending == p):
+            self.worker.join()
+
     def _load_w(self, p: int) -> None:
         self._w_arrived(p)
+        self._join_update(p)
         pack = self.packs[p]
         n = pack.layout.w_bytes
         buf = self.dev.allocate(n, f"weights of pack {p}")
@@ -523,6 +548,9 @@ class Runtime:
         self._release_dev(slot, after=slot.home_ready)
 
     def _delete_grad(self, p: int) -> None:
+        if self.worker is not None and self.worker.pending == p:
+            self.deferred_g.add(p)  # its overlapped step reads them: deleted when joined
+            return
         slot = self.values.pop(Ref(Kind.G, p), None)
         if slot is None:
             return
@@ -646,6 +674,7 @@ class Runtime:
 
     def _update(self, task: Task) -> None:
         p = task.pack
+        self._join_update()  # one update at a time, in the schedule's order
         if not self.updated and self.dp is not None:
             self.loss = self.dp.reduce_loss(self.loss)  # every rank decides on the same loss
         if not self.updated and not torch.isfinite(self.loss):
@@ -687,17 +716,36 @@ class Runtime:
             flat = slot.home[0]
             for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
                 master.grad = e.gview(flat) if got else None
+        if self.worker is not None and loc is Loc.HOST and self.owners is None:
+            # overlap_updates: the step runs behind what follows (harmony.update_worker)
+            self.worker.submit(p, partial(self._step, p), partial(self._finish_update, p))
+            return
+        self._step(p)
+        self._finish_update(p)
+
+    def _step(self, p: int) -> None:
+        """Pack ``p``'s optimizer step (on the update worker, with overlap_updates): it reads
+        the pack's gradients and writes its masters, optimizer state and, in mixed precision,
+        its home weights, and nothing else."""
+        pack = self.packs[p]
         pack.optimizer.step()
-        for master in pack.masters:
-            master.grad = None
         if pack.layout.mixed:
             assert pack.home_w is not None
             pack.refresh_weights(pack.home_w)
+
+    def _finish_update(self, p: int) -> None:
+        """What follows pack ``p``'s step, on the runtime's thread."""
+        pack = self.packs[p]
+        for master in pack.masters:
+            master.grad = None
         if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
             assert pack.home_w is not None
             self.ties.after_update(self, p, pack.home_w)
         pack.settle_optimizer_bytes()
         self.grads.discard(p)
+        if p in self.deferred_g:
+            self.deferred_g.discard(p)
+            self._delete_grad(p)
 
     def _grad_views(self, p: int) -> list[torch.Tensor | None]:
         """Pack ``p``'s gradients where its update will read them (None: no gradient)."""

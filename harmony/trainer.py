@@ -28,6 +28,7 @@ from harmony.profile import optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, TiedWeights, retie, shared_parameters, untie
+from harmony.update_worker import UpdateWorker
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
@@ -76,6 +77,14 @@ class Trainer:
             called once per chunk with gradients on that chunk's parameters only, as
             per-parameter optimizers (SGD, Adam, AdamW, DeepSpeedCPUAdam) allow. Pipeline
             stages update whole packs.
+        overlap_updates: run the optimizer step of each pack whose weights and optimizer
+            state live on the host on a worker thread, behind the next pack's backward
+            (:mod:`harmony.update_worker`); whatever next touches that pack waits for it,
+            counted as ``stats.stall_seconds["update"]``. The pack's gradients stay on the
+            host until then, which the planner accounts for. Worth it where the backward runs
+            on a GPU; on a CPU the two compete for the cores. Packs on NVMe update in line;
+            not with ``shard_optimizer`` (the broadcast follows the step at once) nor with
+            pipeline stages (ValueError). Default False.
         clip_grad_norm: clip the gradients' global 2-norm to this value before each update,
             as ``torch.nn.utils.clip_grad_norm_`` over the whole model does; the schedule then
             runs every update after the last backward (the norm needs every gradient).
@@ -156,7 +165,8 @@ class Trainer:
                  parallel: str | None = None,
                  stages: Sequence[tuple[int, int]] | None = None,
                  shard_optimizer: bool = False,
-                 update_chunk: int | str | None = "auto") -> None:
+                 update_chunk: int | str | None = "auto",
+                 overlap_updates: bool = False) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
@@ -180,6 +190,13 @@ class Trainer:
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
         self.update_chunk = parse_update_chunk(update_chunk)  # ValueError naming the fix
+        if not isinstance(overlap_updates, bool):
+            raise ValueError(f"overlap_updates={overlap_updates!r} must be True or False")
+        if overlap_updates and (shard_optimizer or parallel == "pipeline"):
+            raise ValueError("overlap_updates=True is not available with shard_optimizer=True "
+                             "(each owner broadcasts a pack's weights right after its update) "
+                             "nor with parallel='pipeline'; drop overlap_updates")
+        self.overlap_updates = overlap_updates
         # Pipeline parallelism: this rank's stage, its plan and its sends (harmony.pipeline).
         self._pipeline: Pipeline | None = None
         if parallel not in (None, "none", "data", "pipeline"):
@@ -446,7 +463,8 @@ class Trainer:
                     tied=self._tied, ranks=ranks, local_ranks=local_ranks,
                     shard=self._dp.group.rank if self._dp is not None and self._dp.shard
                     else None,
-                    update_chunk=self.update_chunk if update_chunk == "given" else update_chunk)
+                    update_chunk=self.update_chunk if update_chunk == "given" else update_chunk,
+                    overlap_updates=self.overlap_updates)
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...], chosen: Plan | None = None) -> None:
@@ -482,6 +500,8 @@ class Trainer:
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
+        if self.overlap_updates:
+            self._runtime.worker = UpdateWorker(self.stats)
         self._runtime.changing = self._changing  # (grows if later shapes are profiled)
         self._runtime.owners = chosen.owners
         if self._ties:
@@ -541,6 +561,7 @@ class Trainer:
             raise
         for pack in self._runtime.packs:
             pack.release()
+        self._runtime.close()
         self._runtime = None
         self._plans.clear()
         self.lr_schedulers = []
@@ -939,6 +960,7 @@ class Trainer:
         self._closed = True
         self._engine.close()
         if self._runtime is not None:
+            self._runtime.close()
             for pack in self._runtime.packs:
                 pack.close()
         for tier in self.tiers.values():
