@@ -18,6 +18,7 @@ transfers hid completely behind compute (or the compute behind the transfers).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import threading
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import batches
 from gpt import GPT, GPTConfig, loss_fn
 
+from harmony.pack import Pack
 from schedules.task import Loc
 from swap.tier import fmt_bytes
 
@@ -52,24 +54,35 @@ def timed_steps(trainer: harmony.Trainer, data: list[tuple[torch.Tensor, torch.T
 
 def io_only(trainer: harmony.Trainer) -> float:
     """Replay one step's NVMe traffic (the plan's weight loads, the update's reads and
-    writes of the packs homed on NVMe) with no compute, in the order the schedule issues it."""
+    writes of the packs homed on NVMe, chunk by chunk) with no compute, in the order the
+    schedule issues it."""
     store, runtime, plan = trainer.store, trainer._runtime, trainer.plan
     assert store is not None and runtime is not None and plan is not None
     packs = [p for p in runtime.packs if p.home is Loc.NVME]  # the others stay on the host
     bufs = {p.index: torch.empty(p.layout.w_bytes, dtype=torch.uint8) for p in packs}
     kbufs = {p.index: torch.empty(p.k_bytes, dtype=torch.uint8) for p in packs}
+
+    def weights(p: Pack) -> list[tuple[str, torch.Tensor]]:
+        return [(p.key("W", c.index), bufs[p.index][c.w[0]:c.w[1]]) for c in p.chunks]
+
+    def state(p: Pack) -> list[tuple[str, torch.Tensor]]:
+        offsets = [0, *itertools.accumulate(p.k_sizes)]
+        return [(p.key("K", c), kbufs[p.index][offsets[c]:offsets[c + 1]])
+                for c in range(len(p.chunks)) if p.k_layouts[c] is not None]
+
     t0 = time.perf_counter()
     handles = []
     loads = plan.schedule.weight_loads()
     for p in packs:  # forward: one load per pack (the backward's second load comes below)
         if loads[p.index] > 1:
-            handles.append(store.read(p.w_key, bufs[p.index]))
+            handles += [store.read(key, buf) for key, buf in weights(p)]
     for p in reversed(packs):
-        handles.append(store.read(p.w_key, bufs[p.index]))  # backward
-        reads = [store.read(p.w_key, bufs[p.index]), store.read(p.k_key, kbufs[p.index])]
+        handles += [store.read(key, buf) for key, buf in weights(p)]  # backward
+        files = weights(p) + state(p)
+        reads = [store.read(key, buf) for key, buf in files]
         for h in reads:  # the update needs its inputs before it can write them back
             h.synchronize()
-        handles += [store.write(p.w_key, bufs[p.index]), store.write(p.k_key, kbufs[p.index])]
+        handles += [store.write(key, buf) for key, buf in files]
     for h in handles:
         h.synchronize()
     return time.perf_counter() - t0

@@ -13,6 +13,7 @@ Run from the repository root (after ``pip install -e .``, or with ``PYTHONPATH=.
     python examples/train_gpt.py --forward-micro-batch-size 16   # forwards over 4 micro-batches
     mkdir -p /tmp/harmony-nvme && python examples/train_gpt.py --host-memory 4MiB \
         --nvme-dir /tmp/harmony-nvme      # training state 3x the host budget: NVMe files
+    python examples/train_gpt.py --host-memory 3MiB --nvme-dir /tmp/harmony-nvme  # chunked
     python examples/train_gpt.py --schedule resident --device-memory 64MiB  # no swapping
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py --device cuda --precision bf16
     torchrun --standalone --nproc_per_node=1 examples/train_gpt.py
@@ -94,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nvme-dir", default=None,
                    help="an existing directory for the NVMe tier: with a small --host-memory, "
                         "weights, optimizer state and activations live in files there")
+    p.add_argument("--update-chunk", default="auto",
+                   help="NVMe packs' updates stream through host memory in chunks of at most "
+                        "this many bytes, e.g. '256KiB'; 'none': whole packs; 'auto' "
+                        "(default): whole packs if they fit --host-memory, else chunks")
     p.add_argument("--schedule", default="harmony",
                    choices=["harmony", "per-microbatch", "resident"])
     p.add_argument("--parallel", choices=["data", "pipeline"], default=None,
@@ -214,7 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    seed=args.seed, parallel=parallel,
                                    shard_optimizer=args.shard_optimizer,
                                    precision=args.precision,
-                                   forward_micro_batch_size=args.forward_micro_batch_size)
+                                   forward_micro_batch_size=args.forward_micro_batch_size,
+
+                                   update_chunk=None if args.update_chunk == "none"
+                                   else args.update_chunk)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
             sys.exit(f"train_gpt.py: {e}")
 

@@ -53,7 +53,8 @@ def buffer_values(buffers: list[Entry], src: torch.Tensor) -> list[torch.Tensor]
 
 
 def restore_buffers(buffers: list[Entry], values: list[torch.Tensor],
-                    dst: torch.Tensor) -> None:
-    """Write :func:`buffer_values` back into flat weights ``dst``."""
+                    dst: torch.Tensor, base: int = 0) -> None:
+    """Write :func:`buffer_values` back into flat weights ``dst`` (a piece of the flat
+    weights starting at byte ``base``, if given: see :meth:`Entry.view`)."""
     for e, v in zip(buffers, values):
-        e.view(dst).copy_(v)
+        e.view(dst, base).copy_(v)

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harmony.builtin_models import BUILTINS
+from harmony.chunks import parse_update_chunk
 from harmony.groups import forward_group_of
 from harmony.meta import CPU_FLOPS, GPU_FLOPS
 from harmony.paper_profiles import PAPER_MODELS
@@ -81,6 +82,13 @@ def _size(flag: str) -> Callable[[str], int | None]:
         except ValueError as err:
             raise argparse.ArgumentTypeError(str(err)) from None
     return parse
+
+
+def _chunk(text: str) -> int | str | None:
+    try:
+        return parse_update_chunk(None if text.lower() == "none" else text, "--update-chunk")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _flops(text: str) -> float:
@@ -142,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                      help="W and activations in this dtype (bf16/fp16: fp32 gradients, and "
                           "K holds fp32 master weights besides the optimizer state)")
+    rep.add_argument("--update-chunk", type=_chunk, default="auto", metavar="SIZE",
+                     help="stream the updates of NVMe-homed packs through host memory in "
+                          "chunks of at most SIZE of weights and optimizer state, 'none' for "
+                          "whole packs, or 'auto' (default: whole packs if they fit the host "
+                          "budget, else the largest chunks that do)")
+    rep.add_argument("--overlap-updates", action="store_true",
+                     help="plan the optimizer steps of host-homed packs on a worker thread, "
+                          "behind the next pack's backward (Trainer(overlap_updates=True))")
     rep.add_argument("--prefetch", type=int, default=None, metavar="K",
                      help="force a prefetch depth (default: the planner's choice)")
     rep.add_argument("--bandwidth", type=_bandwidth, action="append", default=[],
@@ -190,7 +206,10 @@ def _report(args: argparse.Namespace) -> int:
         report = make_report(profile, args.batch_size, args.device_memory, args.host_memory,
                              nvme=args.nvme_dir is not None, schedule=args.schedule,
                              bandwidth=dict(args.bandwidth), prefetch=args.prefetch,
-                             forward_group=group)
+                             forward_group=group,
+
+                             update_chunk=args.update_chunk,
+                             overlap_updates=args.overlap_updates)
     except InfeasiblePlan as err:
         print(f"harmony report: no plan fits: {err}", file=sys.stderr)
         return 2

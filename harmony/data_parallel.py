@@ -267,18 +267,20 @@ class DataParallel:
                 self.group.local_world)
 
     def agree(self, bounds: tuple[tuple[int, int], ...], placement: Placement,
-              forward_group: int = 1,
-              ) -> tuple[tuple[tuple[int, int], ...], Placement, int] | None:
-        """Rank 0's pack boundaries, placement and forward group size when they differ from
-        this rank's (None when they are the same): every rank must run the same packs (and,
-        so that every rank rounds alike, group the same forwards). Collective."""
-        mine = [[list(b) for b in bounds], placement.to_json(), forward_group]
+              forward_group: int = 1, update_chunk: int | None = None,
+              ) -> tuple[tuple[tuple[int, int], ...], Placement, int, int | None] | None:
+        """Rank 0's pack boundaries, placement, forward group size and update chunk budget
+        when they differ from this rank's (None when they are the same): every rank must run
+        the same packs (group the same forwards, so that every rank rounds alike, and split
+        NVMe-homed packs into the same chunks, which a sharded optimizer's broadcast sends one
+        by one). Collective."""
+        mine = [[list(b) for b in bounds], placement.to_json(), forward_group, update_chunk]
         box: list[Any] = [mine]
         self._collective(lambda: dist.broadcast_object_list(box, src=0), "the plan")
         if box[0] == mine:
             return None
         return (tuple(tuple(b) for b in box[0][0]), Placement.from_json(box[0][1]),
-                int(box[0][2]))
+                int(box[0][2]), box[0][3])
 
     # -- checkpoints and failure ------------------------------------------------------------
     def save(self, write: Callable[[], Path]) -> Path:

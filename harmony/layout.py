@@ -43,14 +43,18 @@ class Entry:
     def nbytes(self) -> int:
         return self.shape.numel() * self.dtype.itemsize
 
-    def view(self, flat: torch.Tensor) -> torch.Tensor:
-        """This entry's view of a flat uint8 buffer laid out like the pack."""
-        return flat[self.offset:self.offset + self.nbytes].view(self.dtype).view(self.shape)
+    def view(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
+        """This entry's view of a flat uint8 buffer laid out like the pack (or of a piece of
+        one that starts at byte ``base`` of the layout)."""
+        start = self.offset - base
+        return flat[start:start + self.nbytes].view(self.dtype).view(self.shape)
 
-    def gview(self, flat: torch.Tensor) -> torch.Tensor:
-        """This trainable entry's view of a flat gradient or master-weight buffer."""
+    def gview(self, flat: torch.Tensor, base: int = 0) -> torch.Tensor:
+        """This trainable entry's view of a flat gradient or master-weight buffer (or of a
+        piece of one that starts at byte ``base``)."""
         n = self.shape.numel() * self.master_dtype.itemsize
-        return flat[self.g_offset:self.g_offset + n].view(self.master_dtype).view(self.shape)
+        start = self.g_offset - base
+        return flat[start:start + n].view(self.master_dtype).view(self.shape)
 
 
 class Layout:
@@ -100,6 +104,19 @@ class Layout:
         self.trainable = [e for e in self.entries if e.trainable]
         self.buffers = [e for e in self.entries if not isinstance(e.tensor, nn.Parameter)]
         self.mixed = any(e.dtype != e.master_dtype for e in self.trainable)
+
+    @property
+    def tail_start(self) -> int:
+        """Where the entries after the trainable ones (frozen parameters, buffers) begin."""
+        n = len(self.trainable)
+        return self.entries[n].offset if len(self.entries) > n else self.w_bytes
+
+    def trainable_spans(self) -> list[tuple[int, int]]:
+        """Per trainable entry, the bytes it takes in the flat weights and in the flat
+        gradients, padding to the next entry included (what streaming it moves)."""
+        w = [e.offset for e in self.trainable] + [self.tail_start]
+        g = [e.g_offset for e in self.trainable] + [self.g_bytes]
+        return [(w[i + 1] - w[i], g[i + 1] - g[i]) for i in range(len(self.trainable))]
 
     def pack_into(self, flat: torch.Tensor) -> None:
         """Copy the entries' current values into ``flat``."""

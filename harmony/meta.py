@@ -126,10 +126,15 @@ class ModelProfile:
             raise ValueError(f"not a harmony profile (format={data.get('format')!r}); expected "
                              "a file written by `harmony report ... --run FILE`")
         return ModelProfile(data["name"], data["source"],
-                            [LayerProfile(**lp) for lp in data["layers"]], list(data["params"]),
+                            [_layer(lp) for lp in data["layers"]], list(data["params"]),
                             int(data["micro_batch_size"]), float(data["k_ratio"]),
                             float(data["upd_s_per_byte"]), data.get("seq_len"),
                             dict(data.get("extra", {})), str(data.get("precision", "fp32")))
+
+
+def _layer(data: dict[str, Any]) -> LayerProfile:
+    """A :class:`LayerProfile` from its JSON form (the per-parameter sizes as tuples)."""
+    return LayerProfile(**{**data, "params": [tuple(p) for p in data.get("params", [])]})
 
 
 class FusedAttention(TorchFunctionMode):
@@ -357,7 +362,8 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                 out_bytes=_nbytes(out_value) / samples,
                 fwd_s=fwd_flops / device_flops / samples,
                 bwd_s=bwd_flops / device_flops / samples, samples=samples,
-                no_group=mixing.why_not or batch_first(value, out_value, samples)))
+                no_group=mixing.why_not or batch_first(value, out_value, samples),
+                params=layout.trainable_spans()))
             value = tuple(t.detach() for t in out_value)
             if key is not None:
                 seen[key] = (out[-1], value)

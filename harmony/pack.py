@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from harmony.layout import Layout
+from harmony.chunks import Chunk, layout_chunks
+from harmony.layout import Entry, Layout
 from harmony.precision import Precision
 from schedules.task import Loc
 from swap.nvme import NvmeStore
@@ -36,14 +37,17 @@ class Pack:
     to a device copy while the pack is swapped in and to empty tensors in between, and the
     optimizer steps ``masters``: parameters that are views of ``home_w``.
 
-    With the home on NVMe, ``home_w`` is None: the weights are the file ``w_key`` of ``store``,
-    and the optimizer state lives in the file ``k_key``, laid out by ``k_layout`` once the first
-    update has created it. Masters and optimizer state are bound to host buffers only around an
-    update (see :meth:`bind_masters`, :meth:`bind_state`) and to empty tensors otherwise.
+    With the home on NVMe, ``home_w`` is None and the pack is split into ``chunks`` of
+    parameters (:mod:`harmony.chunks`; one chunk unless the plan streams updates in chunks).
+    Each chunk has its own files in ``store`` (:meth:`key`): its slice of the weights
+    (``W``), of the fp32 masters in mixed precision (``M``), and its optimizer state (``K``),
+    laid out by ``k_layouts[c]`` once an update has created it. Masters and optimizer state
+    are bound to host buffers only around an update (see :meth:`bind_masters`,
+    :meth:`bind_state`) and to empty tensors otherwise.
 
     Mixed precision (``layout.mixed``, see :mod:`harmony.precision`): ``home_w`` holds W in the
     compute dtype and the masters are fp32 views of a separate flat buffer ``home_m`` on the
-    same tier, counted as K (on NVMe: the file ``m_key``); :meth:`refresh_weights` writes them
+    same tier, counted as K (on NVMe: the ``M`` files); :meth:`refresh_weights` writes them
     back into W after an update. While ``grad_sink`` is set, each micro-batch's gradients are
     added into it (fp32, laid out by ``Entry.gview``) instead of accumulating on the parameters.
     """
@@ -61,25 +65,28 @@ class Pack:
     got_grad: list[bool] = field(default_factory=list)
     hooks: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     store: NvmeStore | None = None
-    # (state tensor, offset, shape) of the optimizer state's flat layout on NVMe
-    k_layout: list[tuple[torch.Tensor, int, torch.Size]] | None = None
-    k_bytes: int = 0
+    chunks: list[Chunk] = field(default_factory=list)
+    # per chunk: (state tensor, offset, shape) of its optimizer state's flat layout on NVMe,
+    # and that layout's bytes (None, 0: no state yet)
+    k_layouts: list[list[tuple[torch.Tensor, int, torch.Size]] | None] = field(
+        default_factory=list)
+    k_sizes: list[int] = field(default_factory=list)
+    stepped: frozenset[int] = frozenset()  # trainable indices whose masters the optimizer steps
+    k_estimate: int = 0  # the optimizer state's bytes expected before an update creates it
     home_m: torch.Tensor | None = None  # mixed precision: fp32 masters (None: in W, or on NVMe)
     grad_sink: torch.Tensor | None = None  # mixed precision: the fp32 G being accumulated
     untrained: frozenset[int] = frozenset()  # ids of tied copies another pack updates
     owned: bool = True  # False: another data-parallel rank owns its optimizer (and masters)
 
-    @property
-    def m_key(self) -> str:
-        return f"pack{self.index}.M"
+    def key(self, kind: str, chunk: int) -> str:
+        """The NVMe file of a chunk's weights (``"W"``), fp32 masters (``"M"``) or optimizer
+        state (``"K"``)."""
+        return f"pack{self.index}.{kind}.{chunk}"
 
     @property
-    def w_key(self) -> str:
-        return f"pack{self.index}.W"
-
-    @property
-    def k_key(self) -> str:
-        return f"pack{self.index}.K"
+    def k_bytes(self) -> int:
+        """Bytes of the optimizer state laid out for NVMe (all chunks)."""
+        return sum(self.k_sizes)
 
     @staticmethod
     def build(index: int, first_layer: int, layers: list[nn.Module], home: Loc,
@@ -87,7 +94,8 @@ class Pack:
               factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
               k_estimate: int, store: NvmeStore | None = None,
               precision: Precision | None = None,
-              untrained: frozenset[int] = frozenset(), owned: bool = True) -> Pack:
+              untrained: frozenset[int] = frozenset(), owned: bool = True,
+              update_chunk: int | None = None, k_ratio: float = 0.0) -> Pack:
         """Move the layers' weights into a flat buffer at ``home`` and build the optimizer.
 
         ``k_estimate`` counts the optimizer state and, in mixed precision, the fp32 masters
@@ -95,15 +103,19 @@ class Pack:
         trainable parameters the optimizer must not hold (copies of tied weights that another
         pack updates, see harmony/tied.py); they still get gradients. ``owned`` False: another
         data-parallel rank owns this pack's optimizer (sharded optimizer), so no optimizer
-        state and, in mixed precision, no fp32 masters are kept here.
+        state and, in mixed precision, no fp32 masters are kept here. ``update_chunk``: with
+        the home on NVMe, split the pack into chunks of at most this many bytes of weights
+        plus ``k_ratio`` times their gradient bytes (optimizer state and masters), see
+        :func:`harmony.chunks.layout_chunks`; None: one chunk.
         """
         layout = Layout(layers, precision.dtype_of if precision is not None else None)
         if home is Loc.NVME and store is None:
             raise ValueError(f"pack {index} is placed on NVMe but there is no nvme_dir")
+        chunks = layout_chunks(layout, update_chunk if home is Loc.NVME else None, k_ratio)
 
-        def at_home(key: str, nbytes: int, fill: Callable[[torch.Tensor], None],
+        def at_home(kind: str, nbytes: int, fill: Callable[[torch.Tensor], None],
                     what: str) -> torch.Tensor | None:
-            """A flat buffer at home filled by ``fill``; on NVMe, the file ``key`` (None)."""
+            """A flat buffer at home filled by ``fill``; on NVMe, the chunks' files (None)."""
             if home is not Loc.NVME:
                 buf = home_tier.allocate(nbytes, what)
                 fill(buf)
@@ -111,7 +123,8 @@ class Pack:
             assert store is not None
             staging = torch.empty(nbytes, dtype=torch.uint8)
             fill(staging)
-            store.write(key, staging).synchronize()
+            for c, (a, b) in _pieces(chunks, kind):
+                store.write(f"pack{index}.{kind}.{c}", staging[a:b]).synchronize()
             home_tier.charge(nbytes, what)
             return None
 
@@ -119,10 +132,10 @@ class Pack:
         if layout.mixed and not owned:  # another rank keeps the masters
             k_estimate = 0
         elif layout.mixed:  # fp32 masters, from the fp32 weights before they are rebound
-            home_m = at_home(f"pack{index}.M", layout.g_bytes, layout.pack_masters,
+            home_m = at_home("M", layout.g_bytes, layout.pack_masters,
                              f"master weights of pack {index}")
             k_estimate = max(0, k_estimate - layout.g_bytes)
-        home_w = at_home(f"pack{index}.W", layout.w_bytes, layout.pack_into,
+        home_w = at_home("W", layout.w_bytes, layout.pack_into,
                          f"weights of pack {index}")
         if layout.mixed:
             layout.bind(home_w if home is Loc.DEVICE else None)
@@ -147,9 +160,13 @@ class Pack:
             raise TypeError(f"optimizer factory returned {type(opt).__name__}; it must return "
                             "a torch.optim.Optimizer built over the parameters it is given")
         home_tier.charge(k_estimate, f"optimizer state of pack {index}")
+        held = {id(q) for group in opt.param_groups for q in group["params"]}
         pack = Pack(index, first_layer, layers, layout, home, home_tier, home_w, masters, opt,
-                    k_estimate, [False] * len(layout.trainable), store=store, home_m=home_m,
-                    untrained=untrained, owned=owned)
+                    k_estimate, [False] * len(layout.trainable), store=store, chunks=chunks,
+                    k_layouts=[None] * len(chunks), k_sizes=[0] * len(chunks),
+                    stepped=frozenset(i for i, m in enumerate(masters) if id(m) in held),
+                    k_estimate=k_estimate,
+                    home_m=home_m, untrained=untrained, owned=owned)
         for i, e in enumerate(layout.trainable):
             pack.hooks.append(e.tensor.register_post_accumulate_grad_hook(  # type: ignore[union-attr]
                 lambda _p, i=i: pack._mark(i)))
@@ -163,41 +180,76 @@ class Pack:
             e.gview(self.grad_sink).add_(e.tensor.grad)
             e.tensor.grad = None
 
-    def refresh_weights(self, flat: torch.Tensor) -> None:
+    def refresh_weights(self, flat: torch.Tensor, chunk: Chunk | None = None) -> None:
         """Mixed precision: copy the masters, rounded to the compute dtype, into W ``flat``
-        (not the copies of tied weights: their owner's update writes those)."""
+        (not the copies of tied weights: their owner's update writes those). With ``chunk``,
+        only its masters, into ``flat`` holding that chunk's weights."""
+        base, params = (0, range(len(self.masters))) if chunk is None \
+            else (chunk.w[0], chunk.params)
         with torch.no_grad():
-            for m, e in zip(self.masters, self.layout.trainable):
+            for i in params:
+                e = self.layout.trainable[i]
                 if id(e.tensor) not in self.untrained:
-                    e.view(flat).copy_(m)
+                    e.view(flat, base).copy_(self.masters[i])
 
     # -- NVMe homes ---------------------------------------------------------------------------
-    def bind_masters(self, flat: torch.Tensor | None) -> None:
-        """Point the masters at views of a host copy of the weights (None: at empty tensors)."""
-        for m, e in zip(self.masters, self.layout.trainable):
-            m.data = e.gview(flat) if flat is not None else torch.empty(0, dtype=e.master_dtype)
+    def bind_masters(self, flat: torch.Tensor | None, chunk: Chunk | None = None) -> None:
+        """Point the masters at views of a host copy of the master weights (the weights in
+        fp32; None: at empty tensors). With ``chunk``, only its masters, and ``flat`` holds
+        that chunk's masters (its bytes ``chunk.m`` of the layout)."""
+        base, params = (0, range(len(self.masters))) if chunk is None \
+            else (chunk.m[0], chunk.params)
+        for i in params:
+            m, e = self.masters[i], self.layout.trainable[i]
+            m.data = e.gview(flat, base) if flat is not None \
+                else torch.empty(0, dtype=e.master_dtype)
 
-    def state_tensors(self) -> list[torch.Tensor]:
-        """The optimizer's state tensors in a fixed order (by master, then by name)."""
+    def optimizes(self, c: int) -> bool:
+        """Whether the optimizer steps any parameter of chunk ``c`` (so it has state)."""
+        return any(i in self.stepped for i in self.chunks[c].params)
+
+    def state_tensors(self, chunk: Chunk | None = None) -> list[torch.Tensor]:
+        """The optimizer's state tensors (of ``chunk``'s parameters, or all) in a fixed order
+        (by master, then by name)."""
+        masters = self.masters if chunk is None else [self.masters[i] for i in chunk.params]
         out = []
-        for m in self.masters:
+        for m in masters:
             state = self.optimizer.state.get(m, {})
             out += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
         return out
 
-    def layout_state(self) -> None:
-        """Lay the optimizer state out in one flat buffer (after the first update made it)."""
+    def state_laid_out(self, c: int) -> bool:
+        """Whether chunk ``c``'s optimizer state is exactly the tensors of its flat layout
+        (False before an update created it, or after one created more)."""
+        lay = self.k_layouts[c]
+        return lay is not None and [id(t) for t, _, _ in lay] == [
+            id(t) for t in self.state_tensors(self.chunks[c])]
+
+    def layout_state(self, c: int) -> None:
+        """Lay chunk ``c``'s optimizer state out in one flat buffer (after an update created
+        it); no state: no layout (and its file, if any, goes)."""
         offset, layout = 0, []
-        for t in self.state_tensors():
+        for t in self.state_tensors(self.chunks[c]):
             layout.append((t, offset, t.shape))
             offset = (offset + t.numel() * t.element_size() + 63) // 64 * 64
-        self.k_layout, self.k_bytes = layout, offset
+        self.k_layouts[c], self.k_sizes[c] = (layout or None), offset
+        if not layout and self.store is not None and self.key("K", c) in self.store:
+            self.store.delete(self.key("K", c))
 
-    def bind_state(self, flat: torch.Tensor | None, copy_in: bool = False) -> None:
-        """Point the state tensors at views of ``flat`` (None: at empty tensors); with
-        ``copy_in``, first copy their current values into ``flat``."""
-        assert self.k_layout is not None
-        for t, off, shape in self.k_layout:
+    def state_estimate(self, c: int) -> int:
+        """The bytes of optimizer state chunk ``c``'s first update is expected to create (its
+        share of the pack's estimate, by gradient bytes of the parameters stepped)."""
+        spans = self.layout.trainable_spans()
+        total = sum(spans[i][1] for i in self.stepped)
+        mine = sum(spans[i][1] for i in self.chunks[c].params if i in self.stepped)
+        return self.k_estimate * mine // total if total else 0
+
+    def bind_state(self, c: int, flat: torch.Tensor | None, copy_in: bool = False) -> None:
+        """Point chunk ``c``'s state tensors at views of ``flat`` (None: at empty tensors);
+        with ``copy_in``, first copy their current values into ``flat``."""
+        layout = self.k_layouts[c]
+        assert layout is not None
+        for t, off, shape in layout:
             if flat is None:
                 t.data = torch.empty(0, dtype=t.dtype)
                 continue
@@ -206,14 +258,35 @@ class Pack:
                 view.copy_(t)
             t.data = view
 
+    def chunk_of(self, entry: Entry) -> Chunk:
+        """The chunk whose weights hold ``entry``."""
+        return next(c for c in self.chunks if c.w[0] <= entry.offset < c.w[1])
+
+    def read_flat(self, kind: str, nbytes: int) -> torch.Tensor:
+        """The weights (``"W"``) or fp32 masters (``"M"``) read from the chunks' files into
+        one new flat CPU buffer of ``nbytes``."""
+        assert self.store is not None
+        flat = torch.empty(nbytes, dtype=torch.uint8)
+        handles = [self.store.read(self.key(kind, c), flat[a:b])
+                   for c, (a, b) in _pieces(self.chunks, kind)]
+        for h in handles:
+            h.synchronize()
+        return flat
+
+    def write_flat(self, kind: str, flat: torch.Tensor) -> None:
+        """Write a flat copy of the weights (``"W"``) or fp32 masters (``"M"``) to the chunks'
+        files, and wait for it."""
+        assert self.store is not None
+        handles = [self.store.write(self.key(kind, c), flat[a:b])
+                   for c, (a, b) in _pieces(self.chunks, kind)]
+        for h in handles:
+            h.synchronize()
+
     def home_weights(self) -> torch.Tensor:
         """The master weights as a flat CPU buffer (read from NVMe when they live there)."""
         if self.home_w is not None:
             return self.home_w
-        assert self.store is not None
-        flat = torch.empty(self.layout.w_bytes, dtype=torch.uint8)
-        self.store.read(self.w_key, flat).synchronize()
-        return flat
+        return self.read_flat("W", self.layout.w_bytes)
 
     def master_weights(self) -> torch.Tensor:
         """The master weights as a flat CPU-readable buffer laid out by ``Entry.gview``: the
@@ -223,14 +296,11 @@ class Pack:
             return self.home_weights()
         if self.home_m is not None:
             return self.home_m
-        assert self.store is not None
-        flat = torch.empty(self.layout.g_bytes, dtype=torch.uint8)
-        self.store.read(self.m_key, flat).synchronize()
-        return flat
+        return self.read_flat("M", self.layout.g_bytes)
 
     def settle_optimizer_bytes(self) -> None:
         """Replace the estimated optimizer-state charge with the bytes it really holds."""
-        if self.k_layout is not None and self.home is Loc.NVME:
+        if self.home is Loc.NVME:
             real = self.k_bytes
         else:
             real = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
@@ -259,7 +329,7 @@ class Pack:
         self.home_tier.uncharge(self.k_charged)
         self.k_charged = 0
         if self.store is not None:
-            for key in (self.w_key, self.k_key, self.m_key):
+            for key in [self.key(kind, c) for c in range(len(self.chunks)) for kind in "WMK"]:
                 if key in self.store:
                     self.store.delete(key)
         self.optimizer.state.clear()
@@ -268,3 +338,11 @@ class Pack:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
+
+
+def _pieces(chunks: list[Chunk], kind: str) -> list[tuple[int, tuple[int, int]]]:
+    """(chunk, byte range) of each chunk's file of weights (``"W"``) or fp32 masters (``"M"``:
+    only chunks with trainable parameters have one)."""
+    if kind == "W":
+        return [(c.index, c.w) for c in chunks]
+    return [(c.index, c.m) for c in chunks if c.params]

@@ -27,7 +27,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
+from harmony.chunks import item_bytes, profile_chunks
 from harmony.groups import group_sizes, grouped_packs, pack_forward_seconds, ungrouped
 from harmony.microbatch import micro_batch_sizes
 from harmony.profile import LayerProfile, scaled
@@ -73,6 +75,9 @@ class Plan:
     # micro-batch), and the packs that may not: (pack, its first layer that cannot, why).
     forward_group: int = 1
     ungrouped: tuple[tuple[int, int, str], ...] = ()
+    # NVMe-homed packs stream their updates in chunks of at most this many bytes of W and K
+    # (harmony.chunks, harmony.chunked_update); None: each update holds its whole pack
+    update_chunk: int | None = None
 
     @property
     def placement(self) -> Placement:
@@ -86,6 +91,12 @@ class Plan:
             lines.append(f"  pack {p}: layers {a}..{b - 1} ({names[a]}..{names[b - 1]}), "
                          f"W {fmt_bytes(self.sizes.w[p])} at {self.placement.w[p].value}, "
                          f"X at {self.placement.x[p].value}")
+        if self.update_chunk is not None:
+            counts = ", ".join(f"pack {p} in {len(self.sizes.chunks_of(p))}"
+                               for p in range(len(self.bounds))
+                               if self.placement.k[p] is Loc.NVME)
+            lines.append(f"  NVMe updates stream in chunks of at most "
+                         f"{fmt_bytes(self.update_chunk)}: {counts}")
         if self.forward_group > 1:
             lines += self._describe_groups(names)
         peaks = ", ".join(f"{k.value} {fmt_bytes(v)}" for k, v in self.predicted.peak.items())
@@ -102,6 +113,7 @@ class Plan:
         lines += [f"    pack {p} one micro-batch at a time: layer {i} ({names[i]!r}) {why}"
                   for p, i, why in self.ungrouped]
         return lines
+
 
 
 def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
@@ -134,6 +146,47 @@ def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
         s.append([scaled(saved, n) for n in micro_batches])
         work.append([scaled(saved + 2 * peak_out, n) for n in micro_batches])
     return Sizes(w, g, k, x, d, s, work, tuple(held))
+
+
+def chunked(sizes: Sizes, profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
+            k_ratio: float, update_chunk: int | None) -> Sizes:
+    """``sizes`` with each pack's NVMe update split into chunks of at most ``update_chunk``
+    bytes of W and K (:func:`harmony.chunks.profile_chunks`, the split the runtime makes from
+    the pack's layout); None, or a pack that is one chunk: the whole pack, ``(w[p], k[p])``."""
+    if update_chunk is None:
+        return dataclasses.replace(sizes, chunks=())
+    out = []
+    for p, (a, b) in enumerate(bounds):
+        parts = profile_chunks([(lp.params, lp.w_bytes, lp.g_bytes) for lp in profiles[a:b]],
+                               update_chunk, k_ratio)
+        out.append(tuple(parts) if len(parts) > 1 else ((sizes.w[p], sizes.k[p]),))
+    return dataclasses.replace(sizes, chunks=tuple(out))
+
+
+def chunk_options(update_chunk: int | str | None, profiles: list[LayerProfile],
+                  bounds: tuple[tuple[int, int], ...], placement: Placement, sizes: Sizes,
+                  k_ratio: float) -> list[int | None]:
+    """The chunk budgets to try for a candidate, most generous first: ``[None]`` without an
+    NVMe-homed pack; the given budget; for ``"smaller"``, a quarter, an eighth, ... of the
+    largest NVMe pack's W + K (fewer than four chunks hold as much as the whole pack: three
+    are in host memory at once), down to its largest parameter."""
+    nvme = [p for p in range(placement.packs) if placement.k[p] is Loc.NVME]
+    if not nvme or update_chunk is None:
+        return [None]
+    if isinstance(update_chunk, int):
+        return [update_chunk]
+    largest = max(sizes.w[p] + sizes.k[p] for p in nvme)
+    biggest = max(max(item_bytes([w for w, _ in lp.params] or [lp.w_bytes],
+                                 [g for _, g in lp.params] or [lp.g_bytes], 0, k_ratio))
+                  for p in nvme for lp in profiles[bounds[p][0]:bounds[p][1]])
+    options: list[int | None] = []
+    chunk = largest // 4
+    while chunk > 0:
+        options.append(chunk)
+        if chunk <= biggest:  # every parameter is a chunk already
+            break
+        chunk //= 2
+    return options or [None]
 
 
 def pack_times(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...],
@@ -196,7 +249,8 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
          fixed: tuple[tuple[tuple[int, int], ...], Placement] | None = None,
          nvme: bool = False, deferred_updates: bool = False,
          tied: Sequence[Tied] = (), ranks: int = 1, local_ranks: int = 1,
-         shard: int | None = None, forward_group: int | None = 1,
+         shard: int | None = None, update_chunk: int | str | None = None,
+         overlap_updates: bool = False, forward_group: int | None = 1,
          staging: bool = False) -> Plan:
     """The fastest predicted plan that fits the budgets.
 
@@ -220,6 +274,14 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             pack's owner (:func:`schedules.data_parallel.owners`, by K bytes) alone holds its
             K, so K is charged only for this rank's packs; the schedules reduce G to the owner
             and broadcast W from it (:func:`schedules.data_parallel.add_reduce_broadcast`).
+        update_chunk: how NVMe-homed packs stream their updates through host memory: None,
+            each update holds its whole pack's W and K; bytes, in chunks of at most that
+            (:mod:`harmony.chunks`); ``"auto"``, the plan of whole packs if one fits, else,
+            per candidate, the largest of :func:`chunk_options` that fits (chunked updates
+            read only two chunks behind the backward, so they are slower where both fit).
+            ``Plan.update_chunk`` says which.
+        overlap_updates: the updates of packs whose K is on the host run behind what
+            follows them (:mod:`harmony.update_worker`; see :func:`simulate`).
         forward_group: micro-batches per forward task in the packs whose layers may group
             (``harmony`` only; :mod:`harmony.groups`); None: choose (see the module
             docstring).
@@ -230,10 +292,31 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
         InfeasiblePlan: nothing fits; the message gives the numbers and what to change.
         ValueError: a forward group that is not a positive int, or one with another schedule.
     """
-    L, M = len(profiles), len(micro_batches)
     if forward_group is not None and (isinstance(forward_group, bool) or not isinstance(
             forward_group, int) or forward_group < 1):
         raise ValueError(f"forward_group={forward_group!r} must be a positive int or None")
+    search = partial(_search, profiles, schedule, micro_batches, device_budget, host_budget,
+                     k_ratio, bandwidth, upd_s_per_byte, prefetch, fixed, nvme,
+                     deferred_updates, tied, ranks, local_ranks, shard, overlap_updates,
+                     forward_group, staging)
+    if update_chunk != "auto" or not nvme:
+        return search(None if update_chunk == "auto" else update_chunk)
+    try:
+        return search(None)
+    except InfeasiblePlan:
+        return search("smaller")
+
+
+def _search(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
+            device_budget: int | None, host_budget: int | None, k_ratio: float,
+            bandwidth: dict[str, float], upd_s_per_byte: float, prefetch: int | None,
+            fixed: tuple[tuple[tuple[int, int], ...], Placement] | None, nvme: bool,
+            deferred_updates: bool, tied: Sequence[Tied], ranks: int, local_ranks: int,
+            shard: int | None, overlap_updates: bool, forward_group: int | None,
+            staging: bool, update_chunk: int | str | None) -> Plan:
+    """:func:`plan` for one choice of ``update_chunk`` (None, bytes, or ``"smaller"``: per
+    candidate, the largest of :func:`chunk_options` that fits)."""
+    L, M = len(profiles), len(micro_batches)
     group = forward_group or 1
     bandwidth = shared_bandwidth({**NVME_BANDWIDTH, ALLREDUCE_LINK: ALLREDUCE_BANDWIDTH,
                                   **bandwidth}, local_ranks)
@@ -286,32 +369,39 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                                                                host_budget)])
 
     def lowered_plan(bounds: tuple[tuple[int, int], ...], placement: Placement, pf: int,
-                     sizes: Sizes, times: Times, own: tuple[int, ...] | None,
-                     g: int) -> Plan:
+                     sizes: Sizes, times: Times, own: tuple[int, ...] | None, g: int,
+                     chunks: Sequence[int | None] = (None,)) -> Plan:
+        """The plan of these settings, with the first of ``chunks`` (most generous first)
+        whose chunked updates fit (else the last)."""
         packs = grouped_packs(profiles, bounds) if g > 1 else frozenset()
         lowered = _lowered(schedule, len(bounds), M, deferred_updates, placement, pf, ranks,
                            own is not None, g, packs)
-        result = simulate(lowered, sizes, times, ranks, _owned(own, shard), staging)
-        return Plan(bounds, lowered, sizes, result, own, g,
-                    ungrouped(profiles, bounds) if g > 1 else ())
+        for chunk in chunks:
+            sized = chunked(sizes, profiles, bounds, k_ratio, chunk)
+            result = simulate(lowered, sized, times, ranks, _owned(own, shard), staging,
+                              overlap_updates)
+            if fits(result):
+                break
+        return Plan(bounds, lowered, sized, result, own, g,
+                    ungrouped(profiles, bounds) if g > 1 else (), chunk)
 
-    def fitting_at(bounds: tuple[tuple[int, int], ...], pf: int, g: int,
+    def fitting_at(bounds: tuple[tuple[int, int], ...], pf: int, g: int, chunk: int | None,
                    ) -> Callable[[Placement], Plan | None]:
-        """Plans with these bounds, prefetch depth and forward groups: the one of a
-        placement, if it fits."""
+        """Plans with these bounds, prefetch depth, forward groups and update chunks: the one
+        of a placement, if it fits."""
         sizes, own = _sharded(pack_sizes(profiles, bounds, micro_batches, k_ratio, tied),
                               ranks, shard)
         times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth, g)
 
         def at(placement: Placement) -> Plan | None:
-            candidate = lowered_plan(bounds, placement, pf, sizes, times, own, g)
+            candidate = lowered_plan(bounds, placement, pf, sizes, times, own, g, (chunk,))
             return candidate if fits(candidate.predicted) else None
 
         return at
 
     tried: list[tuple[SimResult, Plan] | None] = []  # every candidate, in order
     skipped: list[tuple[int, tuple[tuple[int, int], ...], Placement, int, Sizes, Times,
-                        tuple[int, ...] | None]] = []
+                        tuple[int, ...] | None, int | None]] = []
     chosen: Plan | None = None
     for candidates in options:
         if chosen is not None:
@@ -332,6 +422,7 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             times = pack_times(profiles, bounds, micro_batches, upd_s_per_byte, bandwidth,
                                group)
             may_fit = _may_fit(sizes, placement, device_budget, host_budget)
+            chunks = chunk_options(update_chunk, profiles, bounds, placement, sizes, k_ratio)
             for pf in prefetches:
                 if tried and pf == 0 and len(prefetches) > 1 and tried[-1] is not None \
                         and fits(tried[-1][0]):
@@ -339,10 +430,12 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                 if not may_fit:
                     # The simulator charges every W and K at its home before the first task,
                     # so this candidate cannot fit: lower and simulate it only if nothing fits.
-                    skipped.append((len(tried), bounds, placement, pf, sizes, times, own))
+                    skipped.append((len(tried), bounds, placement, pf, sizes, times, own,
+                                    chunks[-1]))
                     tried.append(None)
                     continue
-                candidate = lowered_plan(bounds, placement, pf, sizes, times, own, group)
+                candidate = lowered_plan(bounds, placement, pf, sizes, times, own, group,
+                                         chunks)
                 result = candidate.predicted
                 tried.append((result, candidate))
                 if fits(result):
@@ -359,11 +452,14 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
                     continue
                 assert c.schedule.placement is not None and c.schedule.prefetch is not None
                 previous = c.predicted.step_time or 0.0
+                whole, own_c = _sharded(pack_sizes(profiles, c.bounds, micro_batches, k_ratio,
+                                                   tied), ranks, shard)
                 for g in group_sizes(M):
                     times = pack_times(profiles, c.bounds, micro_batches, upd_s_per_byte,
                                        bandwidth, g)
                     grouped = lowered_plan(c.bounds, c.schedule.placement,
-                                           c.schedule.prefetch, c.sizes, times, c.owners, g)
+                                           c.schedule.prefetch, whole, times, own_c, g,
+                                           (c.update_chunk,))
                     step = grouped.predicted.step_time or 0.0
                     if not fits(grouped.predicted) or step >= previous:
                         break  # larger groups need more memory still, and gain less
@@ -378,9 +474,9 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             return chosen
         assert chosen.schedule.prefetch is not None
         return refine(chosen, fitting_at(chosen.bounds, chosen.schedule.prefetch,
-                                         chosen.forward_group))
-    for i, bounds, placement, pf, sizes, times, own in skipped:
-        candidate = lowered_plan(bounds, placement, pf, sizes, times, own, group)
+                                         chosen.forward_group, chosen.update_chunk))
+    for i, bounds, placement, pf, sizes, times, own, chunk in skipped:
+        candidate = lowered_plan(bounds, placement, pf, sizes, times, own, group, (chunk,))
         tried[i] = (candidate.predicted, candidate)
     tightest: tuple[SimResult, Plan] | None = None
     for entry in tried:  # the same choice, in the same order, as without the shortcut
@@ -600,10 +696,15 @@ def _infeasible(smallest: Plan, profiles: list[LayerProfile], micro_batches: lis
                if smallest.forward_group > 1 else ""))
     if host_budget is not None and host > host_budget:
         if nvme:
+            chunk = smallest.update_chunk
+            whole = all(len(smallest.sizes.chunks_of(p)) == 1 for p in range(len(smallest.bounds)))
+            held = "its pack's master weights and optimizer state" if chunk is None or whole else (
+                f"three chunks of at most {fmt_bytes(chunk)} of its pack's master weights "
+                "and optimizer state")
             parts.append(
                 f"host_memory={fmt_bytes(host_budget)} is too small: even with everything on "
-                f"NVMe the plan needs {fmt_bytes(host)} on the host (an update holds its pack's "
-                "master weights, optimizer state and gradients in host memory); use "
+                f"NVMe the plan needs {fmt_bytes(host)} on the host (an update holds {held} "
+                "and the pack's gradients in host memory); use "
                 f"host_memory>={fmt_bytes(host)}")
         else:
             parts.append(

@@ -28,7 +28,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -60,6 +60,9 @@ class LayerProfile:
     fwd_group_s: float | None = None
     group_samples: int = 0
     no_group: str = ""    # why the layer cannot run one forward over several micro-batches
+    # per trainable parameter: (bytes in the flat weights, in the flat gradients); empty when
+    # unknown (then the planner streams the layer's update as one piece)
+    params: list[tuple[int, int]] = field(default_factory=list)
 
 
 # LayerProfile.no_group of a layer profiled without a second micro-batch to check it on.
@@ -128,7 +131,8 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             saved_bytes=saved / samples, out_bytes=_nbytes(out_value) / samples,
             fwd_s=fwd / samples, bwd_s=bwd / samples, samples=samples,
             fwd_group_s=None if check.seconds is None else check.seconds / check.samples,
-            group_samples=check.samples, no_group=check.why_not))
+            group_samples=check.samples, no_group=check.why_not,
+            params=layout.trainable_spans()))
         value = tuple(t.detach() for t in out_value)
         other = None if check.other is None else tuple(t.detach() for t in check.other)
     return out

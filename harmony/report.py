@@ -248,7 +248,9 @@ class Report:
 def make_report(profile: ModelProfile, batch_size: int, device_memory: int | None,
                 host_memory: int | None, nvme: bool = False, schedule: str = "harmony",
                 bandwidth: dict[str, float] | None = None,
-                prefetch: int | None = None, forward_group: int | None = 1) -> Report:
+                prefetch: int | None = None, forward_group: int | None = 1,
+                update_chunk: int | str | None = "auto",
+                overlap_updates: bool = False) -> Report:
     """Plan ``profile`` for ``batch_size`` samples within the budgets and compare.
 
     Args:
@@ -260,6 +262,9 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
         prefetch: force a prefetch depth (None: the planner chooses).
         forward_group: micro-batches per forward in the packs whose layers may group (None:
             the planner chooses; see :func:`harmony.planning.plan`).
+        update_chunk: how NVMe-homed packs stream their updates (``"auto"``, bytes, or None
+            for whole packs; see :func:`harmony.planning.plan`).
+        overlap_updates: plan host-homed packs' updates behind the next pack's backward.
 
     Raises:
         harmony.InfeasiblePlan: nothing fits; the message says what to change.
@@ -268,7 +273,8 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
     bw = {**NVME_BANDWIDTH, **DEFAULT_BANDWIDTH, **(bandwidth or {})}
     chosen = plan(profile.layers, schedule, mbs, device_memory, host_memory, profile.k_total,
                   bw, upd_s_per_byte=profile.upd_s_per_byte, prefetch=prefetch, nvme=nvme,
-                  forward_group=forward_group)
+                  forward_group=forward_group, update_chunk=update_chunk,
+                  overlap_updates=overlap_updates)
     times = pack_times(profile.layers, chosen.bounds, mbs, profile.upd_s_per_byte, bw,
                        chosen.forward_group)
     P, M = len(chosen.bounds), len(mbs)
@@ -279,6 +285,9 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
                if t.op is Op.FWD and t.pack == p) for p in range(P)]
     compute = sum(sum(times.bwd[p]) + times.upd[p] + (fwd[p] if p < P - 1 else 0.0)
                   for p in range(P))
+    if overlap_updates:  # host-homed packs' updates run beside the rest
+        behind = sum(times.upd[p] for p in range(P) if chosen.placement.k[p] is Loc.HOST)
+        compute = max(compute - behind, behind)
     return Report(profile, batch_size, mbs, device_memory, host_memory, nvme, schedule, bw,
                   chosen, baseline, traffic_arithmetic(chosen.sizes, chosen.placement), compute)
 
@@ -479,7 +488,9 @@ def plan_to_json(p: Plan) -> dict[str, Any]:
                          "placement": s.placement.to_json(), "tasks": str(s)},
             "sizes": {f: [list(v) if isinstance(v, (list, tuple)) else v
                           for v in getattr(p.sizes, f)]
-                      for f in ("w", "g", "k", "x", "d", "s", "work", "held")},
+                      for f in ("w", "g", "k", "x", "d", "s", "work", "held")}
+            | {"chunks": [[list(c) for c in cs] for cs in p.sizes.chunks]},
+            "update_chunk": p.update_chunk,
             "predicted": _sim_to_json(p.predicted)}
 
 
@@ -492,12 +503,14 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
                               prefetch=s["prefetch"])
     z = data["sizes"]
     sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")),
-                  held=tuple(tuple(h) for h in z.get("held", ())))  # type: ignore[misc]
+                  held=tuple(tuple(h) for h in z.get("held", ())),  # type: ignore[misc]
+                  chunks=tuple(tuple(tuple(c) for c in cs) for cs in z.get("chunks", ())))
     return Plan(tuple((a, b) for a, b in data["bounds"]), schedule, sizes,
                 _sim_from_json(data["predicted"]),
                 forward_group=int(data.get("forward_group", 1)),
                 ungrouped=tuple((int(p), int(i), str(why)) for p, i, why in
-                                data.get("ungrouped", ())))
+                                data.get("ungrouped", ())),
+                update_chunk=data.get("update_chunk"))
 
 
 def report_to_json(r: Report) -> dict[str, Any]:

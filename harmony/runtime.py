@@ -11,12 +11,14 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
 from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
 from harmony.chain import as_tuple, call, checked_loss
+from harmony.chunked_update import ChunkedUpdate, broadcast_chunks
 from harmony.layout import Entry
 from harmony.pack import Pack
 from harmony.precision import GradientOverflow, Precision, unscale_
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from harmony.data_parallel import DataParallel
 from harmony.rng import layer_rng
 from harmony.tied import TiedWeights
+from harmony.update_worker import UpdateWorker
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
@@ -95,8 +98,8 @@ class Runtime:
                  loss_fn: Callable[..., torch.Tensor], device: torch.device, seed: int,
                  store: NvmeStore | None = None) -> None:
         self.packs, self.tiers, self.engine, self.store = packs, tiers, engine, store
-        # pack -> host copies of its master weights and optimizer state (K on NVMe), being read
-        self.staged: dict[int, tuple[torch.Tensor, Handle, torch.Tensor | None, Handle | None]] = {}
+        # pack -> the update of an NVMe-homed pack, its first chunks being read
+        self.staged: dict[int, ChunkedUpdate] = {}
         self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
@@ -106,8 +109,6 @@ class Runtime:
         # step): compute runs under its autocast; fp16 scales the loss and unscales and checks
         # every gradient before the first update.
         self.precision = Precision()
-        # pack -> host copy of its fp32 masters being read from NVMe (mixed precision)
-        self.staged_m: dict[int, tuple[torch.Tensor, Handle]] = {}
         self.values: dict[Ref, Slot] = {}
         self.w_dev: dict[int, torch.Tensor] = {}
         self.w_ready: dict[int, Handle] = {}
@@ -131,6 +132,15 @@ class Runtime:
         # pack 0's input arrived from another rank, so its backward produces D0 to send back.
         self.comm: Callable[[Runtime, Task], None] | None = None
         self.input_grad = False
+        # overlap_updates: host-homed packs' optimizer steps run here, behind the next pack's
+        # backward (harmony.update_worker); their gradients are deleted when joined
+        self.worker: UpdateWorker | None = None
+        self.deferred_g: set[int] = set()
+
+    def close(self) -> None:
+        """Stop the update worker, if any."""
+        if self.worker is not None:
+            self.worker.close()
 
     @property
     def dev(self) -> Tier:
@@ -166,6 +176,8 @@ class Runtime:
                     self.record.append({
                         "task": str(task), "start": t0 - begin, "end": t1 - begin,
                         "bytes": {loc.value: tier.used for loc, tier in self.tiers.items()}})
+            if self.worker is not None:  # the last overlapped step, before anyone reads
+                self.worker.join()
             # A step succeeds only once what it wrote behind is on disk: a failed write
             # surfaces here, not silently in a later step.
             for handle, name in self.writes:
@@ -184,26 +196,23 @@ class Runtime:
 
         Cleanup errors (say, more failed writes after a full disk) must not hide the error
         that ended the step, so each is suppressed here."""
+        if self.worker is not None:  # (its step may still read the gradients)
+            self.worker.abandon()
+        self.deferred_g.clear()
         for ref in list(self.values):
             with contextlib.suppress(Exception):
                 self._drop(ref, home_too=True)
             self.values.pop(ref, None)
         for p in list(self.w_dev):
             self._free_w(p)
-        for p, (w, hw, k, hk) in list(self.staged.items()):
-            self.tiers[Loc.HOST].release(w, after=hw)
-            if k is not None:
-                self.tiers[Loc.HOST].release(k, after=hk)
-            else:
-                self.tiers[Loc.HOST].uncharge(self.packs[p].k_charged)
+        for update in self.staged.values():
+            update.abandon()
         self.staged.clear()
         for w, hw in list(self.sending.values()):
-            self.tiers[Loc.HOST].release(w, after=hw)
+            with contextlib.suppress(Exception):
+                self.tiers[Loc.HOST].release(w, after=hw)
         self.sending.clear()
         self.new_buffers.clear()
-        for m, hm in self.staged_m.values():
-            self.tiers[Loc.HOST].release(m, after=hm)
-        self.staged_m.clear()
         if self.ties is not None:
             self.ties.abandon(self)
         for pack in self.packs:
@@ -211,6 +220,8 @@ class Runtime:
             pack.got_grad = [False] * len(pack.got_grad)
             for e in pack.layout.trainable:
                 e.tensor.grad = None
+            for master in pack.masters:
+                master.grad = None
 
     def _dispatch(self, task: Task) -> None:
         op = task.op
@@ -264,13 +275,17 @@ class Runtime:
         rank's home copy; the next use of the pack's weights waits for it (:meth:`_w_arrived`;
         the trainer waits for all before it reads or writes weights between steps)."""
         assert self.dp is not None and self.owners is not None
+        self._join_update(p)
         pack = self.packs[p]
         if pack.home_w is not None:
             self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
             return
         # Weights on NVMe: the owner sends the host copy its update wrote; the others receive
         # into host memory and write their file. Waited for here, so that the host copies
-        # go back to the pool at once (as the simulator assumes).
+        # go back to the pool at once (as the simulator assumes). A pack of several chunks
+        # goes chunk by chunk (its update kept none of them).
+        if len(pack.chunks) > 1:
+            return broadcast_chunks(self, p)
         host = self.tiers[Loc.HOST]
         if self.owns(p):
             w, written = self.sending.pop(p)
@@ -280,7 +295,7 @@ class Runtime:
             buf = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
 
             def write() -> None:
-                handle = self._nvme_write(pack.w_key, buf, link(Loc.HOST, Loc.NVME), "W")
+                handle = self._nvme_write(pack.key("W", 0), buf, link(Loc.HOST, Loc.NVME), "W")
                 host.release(buf, after=handle)
 
             self.dp.start_broadcast(p, self.owners[p], buf, self.engine.stats, write)
@@ -293,8 +308,14 @@ class Runtime:
         if self.dp is not None and p in self.dp.broadcasts:
             self.dp.finish_broadcast(p)
 
+    def _join_update(self, p: int | None = None) -> None:
+        """Wait for the overlapped optimizer step in flight (of pack ``p`` only, if given)."""
+        if self.worker is not None and (p is None or self.worker.pending == p):
+            self.worker.join()
+
     def _load_w(self, p: int) -> None:
         self._w_arrived(p)
+        self._join_update(p)
         pack = self.packs[p]
         n = pack.layout.w_bytes
         buf = self.dev.allocate(n, f"weights of pack {p}")
@@ -302,8 +323,10 @@ class Runtime:
         # The compute that reads these weights waits for this copy (see _wait_w).
         if pack.home_w is not None:
             self.w_ready[p] = self.engine.copy(buf, pack.home_w, name, "W")
-        else:
-            self.w_ready[p] = self._nvme_read(pack.w_key, buf, name, "W")
+        else:  # each chunk's file into its slice
+            self.w_ready[p] = GroupHandle([
+                self._nvme_read(pack.key("W", c.index), buf[c.w[0]:c.w[1]], name, "W")
+                for c in pack.chunks])
         self.w_dev[p] = buf
         pack.layout.bind(buf)
 
@@ -521,6 +544,9 @@ class Runtime:
         self._release_dev(slot, after=slot.home_ready)
 
     def _delete_grad(self, p: int) -> None:
+        if self.worker is not None and self.worker.pending == p:
+            self.deferred_g.add(p)  # its overlapped step reads them: deleted when joined
+            return
         slot = self.values.pop(Ref(Kind.G, p), None)
         if slot is None:
             return
@@ -679,6 +705,7 @@ class Runtime:
 
     def _update(self, task: Task) -> None:
         p = task.pack
+        self._join_update()  # one update at a time, in the schedule's order
         if not self.updated and self.dp is not None:
             self.loss = self.dp.reduce_loss(self.loss)  # every rank decides on the same loss
         if not self.updated and not torch.isfinite(self.loss):
@@ -720,17 +747,36 @@ class Runtime:
             flat = slot.home[0]
             for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
                 master.grad = e.gview(flat) if got else None
+        if self.worker is not None and loc is Loc.HOST and self.owners is None:
+            # overlap_updates: the step runs behind what follows (harmony.update_worker)
+            self.worker.submit(p, partial(self._step, p), partial(self._finish_update, p))
+            return
+        self._step(p)
+        self._finish_update(p)
+
+    def _step(self, p: int) -> None:
+        """Pack ``p``'s optimizer step (on the update worker, with overlap_updates): it reads
+        the pack's gradients and writes its masters, optimizer state and, in mixed precision,
+        its home weights, and nothing else."""
+        pack = self.packs[p]
         pack.optimizer.step()
-        for master in pack.masters:
-            master.grad = None
         if pack.layout.mixed:
             assert pack.home_w is not None
             pack.refresh_weights(pack.home_w)
+
+    def _finish_update(self, p: int) -> None:
+        """What follows pack ``p``'s step, on the runtime's thread."""
+        pack = self.packs[p]
+        for master in pack.masters:
+            master.grad = None
         if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
             assert pack.home_w is not None
             self.ties.after_update(self, p, pack.home_w)
         pack.settle_optimizer_bytes()
         self.grads.discard(p)
+        if p in self.deferred_g:
+            self.deferred_g.discard(p)
+            self._delete_grad(p)
 
     def _grad_views(self, p: int) -> list[torch.Tensor | None]:
         """Pack ``p``'s gradients where its update will read them (None: no gradient)."""
@@ -786,67 +832,15 @@ class Runtime:
         self.grad_norm = float(total)
 
     def _stage(self, p: int) -> None:
-        """Start reading the master weights and optimizer state of ``p`` for its update; the
-        reads run while the pack's backward computes (the update waits for them)."""
-        pack = self.packs[p]
-        host = self.tiers[Loc.HOST]
-        name = link(Loc.NVME, Loc.HOST)
-        w = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
-        hw = self._nvme_read(pack.w_key, w, name, "W")
-        if pack.layout.mixed:  # the fp32 masters are part of K; W is refreshed from them
-            m = host.allocate(pack.layout.g_bytes, f"master weights of pack {p}")
-            self.staged_m[p] = (m, self._nvme_read(pack.m_key, m, name, "K"))
-        k, hk = None, None
-        if pack.k_layout is not None:
-            k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
-            hk = self._nvme_read(pack.k_key, k, name, "K")
-        else:  # the first update creates the state: hold room for it
-            host.charge(pack.k_charged, f"optimizer state of pack {p}")
-        self.staged[p] = (w, hw, k, hk)
+        """Start reading the first chunks of the master weights and optimizer state of ``p``
+        for its update; the reads run while the pack's backward computes."""
+        self.staged[p] = ChunkedUpdate(self, p)
+        self.staged[p].stage()
 
     def _update_from_nvme(self, p: int) -> None:
-        pack = self.packs[p]
-        host = self.tiers[Loc.HOST]
-        slot = self.values[Ref(Kind.G, p)]
-        if p not in self.staged:  # a deferred update: its inputs are read now
-            self._stage(p)
-        w, hw, k, hk = self.staged.pop(p)
-        m, hm = self.staged_m.pop(p, (w, None))  # fp32: the masters are W
-        for h in (hw, hk, hm, slot.home_ready):
-            if h is not None:
-                self.engine.synchronize(h, link(Loc.NVME, Loc.HOST))
-        slot.home_ready = None
-        assert slot.home is not None and slot.home[0] is not None
-        if p in self.new_buffers:
-            restore_buffers(self._changing(p), self.new_buffers.pop(p), w)
-        pack.bind_masters(m)
-        if k is not None:
-            pack.bind_state(k)
-        for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
-            master.grad = e.gview(slot.home[0]) if got else None
-        pack.optimizer.step()
-        for master in pack.masters:
-            master.grad = None
-        if k is None:  # the first update created the state: give it a flat layout
-            pack.layout_state()
-            host.uncharge(pack.k_charged)
-            k = host.allocate(pack.k_bytes, f"optimizer state of pack {p}")
-            pack.bind_state(k, copy_in=True)
-        pack.settle_optimizer_bytes()
-        # Written behind: the host copies go back to the pool when the writes are done.
-        name = link(Loc.HOST, Loc.NVME)
-        if pack.layout.mixed:
-            pack.refresh_weights(w)
-            host.release(m, after=self._nvme_write(pack.m_key, m, name, "K"))
-        if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
-            self.ties.after_update(self, p, w)
-        hw = self._nvme_write(pack.w_key, w, name, "W")
-        hk = self._nvme_write(pack.k_key, k, name, "K")
-        pack.bind_masters(None)
-        pack.bind_state(None)
-        if self.owners is not None:  # sharded optimizer: released once *W p sent it
-            self.sending[p] = (w, hw)
-        else:
-            host.release(w, after=hw)
-        host.release(k, after=hk)
+        """Stream pack ``p``'s update through host memory chunk by chunk (see
+        :mod:`harmony.chunked_update`); a deferred update starts its reads now."""
+        update = self.staged.setdefault(p, ChunkedUpdate(self, p))
+        update.run()  # (after a failure, abandon() gives its buffers back)
+        del self.staged[p]
         self.grads.discard(p)

@@ -275,14 +275,19 @@ class TiedWeights:
                 self.held[(n, s)] = (buf, loc)
 
     # -- weights ------------------------------------------------------------------------------
-    def after_update(self, rt: Runtime, p: int, flat: torch.Tensor) -> None:
-        """Pack ``p`` was updated and its new weights are ``flat``: refresh the copies."""
+    def after_update(self, rt: Runtime, p: int, flat: torch.Tensor, base: int = 0,
+                     params: range | None = None) -> None:
+        """Pack ``p`` was updated and its new weights are ``flat``: refresh the copies. With
+        ``params`` (trainable indices: one chunk of an NVMe pack's update), only the copies
+        of those parameters, and ``flat`` holds the pack's weights from byte ``base`` on."""
         for tie in self.ties:
             if tie.owner != p or not tie.master.requires_grad:
                 continue
             owner = rt.packs[p]
+            if params is not None and _index(owner, tie.master) not in params:
+                continue
             src_entry = next(e for e in owner.layout.entries if e.tensor is tie.master)
-            src = src_entry.view(flat)
+            src = src_entry.view(flat, base)
             src_loc = owner.home if owner.home is not Loc.NVME else Loc.HOST
             for sharer in tie.sharers:
                 self._refresh(rt, rt.packs[sharer.pack], sharer.copy, src, src_loc)
@@ -302,16 +307,17 @@ class TiedWeights:
             if src_loc is not pack.home:
                 rt.engine.count(link(src_loc, pack.home), "W", nbytes)
             return
-        # Home on NVMe: the file is rewritten with the new slice. Writes behind (the sharer's
-        # own update may have just written this file) finish first.
-        for handle, name in rt.writes:
-            rt.engine.synchronize(handle, name)
-        rt.writes.clear()
+        # Home on NVMe: the file of the chunk holding the copy is rewritten with the new
+        # slice (the read waits in the store for a write of that file still in flight: the
+        # sharer's own update may have just written it).
+        chunk = pack.chunk_of(entry)
+        key = pack.key("W", chunk.index)
         host = rt.tiers[Loc.HOST]
-        buf = host.allocate(pack.layout.w_bytes, f"weights of pack {pack.index} (tied copy)")
-        rt._nvme_read(pack.w_key, buf, link(Loc.NVME, Loc.HOST), "W").synchronize()
-        entry.view(buf).copy_(src)
-        handle = rt._nvme_write(pack.w_key, buf, link(Loc.HOST, Loc.NVME), "W")
+        buf = host.allocate(chunk.w_bytes, f"weights of pack {pack.index} (tied copy)")
+        rt.engine.synchronize(rt._nvme_read(key, buf, link(Loc.NVME, Loc.HOST), "W"),
+                              link(Loc.NVME, Loc.HOST))
+        entry.view(buf, chunk.w[0]).copy_(src)
+        handle = rt._nvme_write(key, buf, link(Loc.HOST, Loc.NVME), "W")
         host.release(buf, after=handle)
 
     def abandon(self, rt: Runtime) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from harmony import checkpoint
 from harmony.chain import Chain
+from harmony.chunks import parse_update_chunk
 from harmony.data_parallel import DataParallel
 from harmony.groups import forward_group_of, refuse_ungroupable
 from harmony.layout import Layout
@@ -28,6 +29,7 @@ from harmony.profile import UNCHECKED, optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, TiedWeights, retie, shared_parameters, untie
+from harmony.update_worker import UpdateWorker
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
@@ -75,6 +77,25 @@ class Trainer:
             None: no NVMe tier. harmony works in a private subdirectory it removes on close.
         nvme_backend: ``"auto"`` (DeepSpeed's async I/O op when it is built, else O_DIRECT
             threads), ``"aio"``, ``"odirect"`` or ``"buffered"``.
+        update_chunk: how the update of a pack homed on NVMe streams its weights, fp32 masters
+            and optimizer state through host memory (:mod:`harmony.chunked_update`): in
+            chunks of whole parameters of at most this many bytes (an int, or e.g.
+            ``"64MiB"``; a parameter larger than that is a chunk by itself), three chunks in
+            host memory at a time, the next one's reads and the last one's writes overlapping
+            the step; None: the whole pack at once; ``"auto"`` (default): the whole pack if
+            the plan fits the host budget so, else the largest chunks that fit
+            (``trainer.plan.update_chunk`` says which). The optimizer's ``step()`` is then
+            called once per chunk with gradients on that chunk's parameters only, as
+            per-parameter optimizers (SGD, Adam, AdamW, DeepSpeedCPUAdam) allow. Pipeline
+            stages update whole packs.
+        overlap_updates: run the optimizer step of each pack whose weights and optimizer
+            state live on the host on a worker thread, behind the next pack's backward
+            (:mod:`harmony.update_worker`); whatever next touches that pack waits for it,
+            counted as ``stats.stall_seconds["update"]``. The pack's gradients stay on the
+            host until then, which the planner accounts for. Worth it where the backward runs
+            on a GPU; on a CPU the two compete for the cores. Packs on NVMe update in line;
+            not with ``shard_optimizer`` (the broadcast follows the step at once) nor with
+            pipeline stages (ValueError). Default False.
         clip_grad_norm: clip the gradients' global 2-norm to this value before each update,
             as ``torch.nn.utils.clip_grad_norm_`` over the whole model does; the schedule then
             runs every update after the last backward (the norm needs every gradient).
@@ -155,7 +176,9 @@ class Trainer:
                  parallel: str | None = None,
                  stages: Sequence[tuple[int, int]] | None = None,
                  shard_optimizer: bool = False,
-                 forward_micro_batch_size: int | str | None = None) -> None:
+                 forward_micro_batch_size: int | str | None = None,
+                 update_chunk: int | str | None = "auto",
+                 overlap_updates: bool = False) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
@@ -178,6 +201,14 @@ class Trainer:
         self.nonfinite = nonfinite
         if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 0):
             raise ValueError(f"prefetch={prefetch!r} must be None or an int >= 0")
+        self.update_chunk = parse_update_chunk(update_chunk)  # ValueError naming the fix
+        if not isinstance(overlap_updates, bool):
+            raise ValueError(f"overlap_updates={overlap_updates!r} must be True or False")
+        if overlap_updates and (shard_optimizer or parallel == "pipeline"):
+            raise ValueError("overlap_updates=True is not available with shard_optimizer=True "
+                             "(each owner broadcasts a pack's weights right after its update) "
+                             "nor with parallel='pipeline'; drop overlap_updates")
+        self.overlap_updates = overlap_updates
         # Pipeline parallelism: this rank's stage, its plan and its sends (harmony.pipeline).
         self._pipeline: Pipeline | None = None
         if parallel not in (None, "none", "data", "pipeline"):
@@ -198,6 +229,9 @@ class Trainer:
         self.forward_micro_batch_size = forward_micro_batch_size
         self._second_input: tuple[torch.Tensor, ...] | None = None  # (grouping is profiled)
         if parallel == "pipeline":
+            if isinstance(self.update_chunk, int):
+                raise ValueError(f"update_chunk={update_chunk!r} with parallel='pipeline': a "
+                                 "pipeline stage updates whole packs; drop update_chunk")
             if schedule != "harmony" or clip_grad_norm is not None:
                 raise ValueError(f"parallel='pipeline' runs schedule='harmony' without "
                                  f"clip_grad_norm (got schedule={schedule!r}, clip_grad_norm="
@@ -240,6 +274,8 @@ class Trainer:
                                  f"plan={plan!r} runs forwards over {given.forward_group} "
                                  "micro-batch(es); drop one of the two")
             self._forward_group = given.forward_group
+            if self.update_chunk == "auto":  # the plan's chunks too
+                self.update_chunk = given.update_chunk
         self.loss_fn = loss_fn
         self.optimizer_factory = optimizer or _default_optimizer
         self.micro_batch_size = micro_batch_size
@@ -436,9 +472,11 @@ class Trainer:
             self._k_ratio = 2.0
 
     def _plan_for(self, sizes: list[int], fixed: Any = None,
-                  forward_group: int | str | None = "asked") -> Plan:
+                  forward_group: int | str | None = "asked",
+                  update_chunk: int | str | None = "given") -> Plan:
         """A plan for micro-batches of ``sizes``; ``fixed``: keep these pack bounds and
-        placement; ``forward_group``: micro-batches per forward (default: as asked)."""
+        placement; ``forward_group``: micro-batches per forward (default: as asked);
+        ``update_chunk``: the packs' chunk budget (default: the one this trainer was given)."""
         assert self._profiles is not None
         if self._pipeline is not None:  # this rank's stage (harmony.pipeline)
             return self._pipeline.plan(self, sizes)
@@ -458,7 +496,9 @@ class Trainer:
                       tied=self._tied, ranks=ranks, local_ranks=local_ranks,
                       shard=self._dp.group.rank if self._dp is not None and self._dp.shard
                       else None, forward_group=group if len(sizes) > 1 else 1,
-                      staging=self.device.type == "cuda")
+                      staging=self.device.type == "cuda",
+                      update_chunk=self.update_chunk if update_chunk == "given"
+                      else update_chunk, overlap_updates=self.overlap_updates)
         if isinstance(self.forward_micro_batch_size, int) and group and group > 1:
             refuse_ungroupable(self.forward_micro_batch_size, len(chosen.bounds),
                                chosen.ungrouped, self.chain.names)
@@ -471,9 +511,11 @@ class Trainer:
             self._profile(x, y)
             chosen = self._plan_for(sizes, fixed=self._fixed)
         if self._dp is not None:  # every rank runs rank 0's packs, so all-reduces pair up
-            agreed = self._dp.agree(chosen.bounds, chosen.placement, chosen.forward_group)
+            agreed = self._dp.agree(chosen.bounds, chosen.placement, chosen.forward_group,
+                                    chosen.update_chunk)
             if agreed is not None:
-                chosen = self._plan_for(sizes, fixed=agreed[:2], forward_group=agreed[2])
+                chosen = self._plan_for(sizes, fixed=agreed[:2], forward_group=agreed[2],
+                                        update_chunk=agreed[3])
             self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
@@ -493,10 +535,14 @@ class Trainer:
                                     self.optimizer_factory, chosen.sizes.k[p], self.store,
                                     self.precision,
                                     untrained=TiedWeights.untrained(self._ties, p),
-                                    owned=chosen.owners is None or chosen.owners[p] == rank))
+                                    owned=chosen.owners is None or chosen.owners[p] == rank,
+                                    update_chunk=chosen.update_chunk,
+                                    k_ratio=self.precision.k_ratio(self._k_ratio)))
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
+        if self.overlap_updates:
+            self._runtime.worker = UpdateWorker(self.stats)
         self._runtime.changing = self._changing  # (grows if later shapes are profiled)
         self._runtime.owners = chosen.owners
         if self._ties:
@@ -529,8 +575,8 @@ class Trainer:
             # micro-batch left forward groups unchecked)
             self._profile(x, y)
         fixed = (self._plan.bounds, self._plan.placement)
-        try:
-            chosen = self._plan_for(sizes, fixed=fixed)
+        try:  # (the packs' files are split into the chunks they were built with)
+            chosen = self._plan_for(sizes, fixed=fixed, update_chunk=self._plan.update_chunk)
         except InfeasiblePlan:
             if self._pipeline is not None:  # (the stages are agreed between ranks once)
                 raise
@@ -560,6 +606,7 @@ class Trainer:
             raise
         for pack in self._runtime.packs:
             pack.release()
+        self._runtime.close()
         self._runtime = None
         self._plans.clear()
         self.lr_schedulers = []
@@ -786,9 +833,8 @@ class Trainer:
             for k, v in current.items():
                 for home in homes.get(id(v), [v]):
                     home.copy_(weights[k])
-        for key, flat in flats:  # weights that live on NVMe go back to their file
-            assert self.store is not None
-            self.store.write(key, flat).synchronize()
+        for pack, kind, flat in flats:  # weights that live on NVMe go back to their files
+            pack.write_flat(kind, flat)
         self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
                                    meta["optimizer_groups"])
         self._pending_scheduler = meta.get("lr_scheduler")
@@ -821,9 +867,10 @@ class Trainer:
             config.to_json_file(out / "config.json")
         return out
 
-    def _home_views(self) -> tuple[dict[int, list[torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    def _home_views(self) -> tuple[dict[int, list[torch.Tensor]],
+                                   list[tuple[Pack, str, torch.Tensor]]]:
         """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
-        and the flat copies read from NVMe with their files."""
+        and the flat copies read from NVMe with their pack and kind (``"W"``, ``"M"``)."""
         self._weights_arrived()
         if self._runtime is None:
             return {}, []
@@ -832,13 +879,13 @@ class Trainer:
         for pack in self._runtime.packs:
             flat = pack.home_weights()
             if pack.home_w is None:
-                flats.append((pack.w_key, flat))
+                flats.append((pack, "W", flat))
             for e in pack.layout.entries:
                 views[id(e.tensor)] = [e.view(flat)]
             if pack.layout.mixed and pack.owned:  # (another rank's pack: it has the masters)
                 masters = pack.master_weights()
                 if pack.home_m is None:
-                    flats.append((pack.m_key, masters))
+                    flats.append((pack, "M", masters))
                 for e in pack.layout.trainable:
                     views[id(e.tensor)].append(e.gview(masters))
         return views, flats
@@ -852,23 +899,27 @@ class Trainer:
         assert self.store is not None
         flat = pack.master_weights()
         pack.bind_masters(flat)
-        k = None
-        if pack.k_layout is not None:
-            k = torch.empty(pack.k_bytes, dtype=torch.uint8)
-            self.store.read(pack.k_key, k).synchronize()
-            pack.bind_state(k)
+        chunks = range(len(pack.chunks))
+        for c in chunks:  # (each chunk's state from its file)
+            if pack.state_laid_out(c):
+                k = torch.empty(pack.k_sizes[c], dtype=torch.uint8)
+                self.store.read(pack.key("K", c), k).synchronize()
+                pack.bind_state(c, k)
         try:
             yield
             if write_back:
-                pack.layout_state()
-                k = torch.empty(pack.k_bytes, dtype=torch.uint8)
-                pack.bind_state(k, copy_in=True)
-                self.store.write(pack.k_key, k).synchronize()
+                for c in chunks:
+                    pack.layout_state(c)
+                    if pack.k_layouts[c] is not None:
+                        k = torch.empty(pack.k_sizes[c], dtype=torch.uint8)
+                        pack.bind_state(c, k, copy_in=True)
+                        self.store.write(pack.key("K", c), k).synchronize()
                 pack.settle_optimizer_bytes()
         finally:
             pack.bind_masters(None)
-            if pack.k_layout is not None:
-                pack.bind_state(None)
+            for c in chunks:
+                if pack.k_layouts[c] is not None:
+                    pack.bind_state(c, None)
 
     def _param_keys(self, pack: Pack) -> dict[int, str]:
         key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
@@ -958,6 +1009,7 @@ class Trainer:
         self._closed = True
         self._engine.close()
         if self._runtime is not None:
+            self._runtime.close()
             for pack in self._runtime.packs:
                 pack.close()
         for tier in self.tiers.values():

@@ -1,7 +1,11 @@
 """An event-driven simulator of a lowered schedule: peak bytes per tier, bytes per link, time.
 
 With K on NVMe, a pack's master weights and optimizer state are read into host memory from its
-first backward on (so the reads hide behind the backward) and written back after its update.
+first backward on (so the reads hide behind the backward) and written back after its update,
+in chunks when ``Sizes.chunks`` splits the pack (as :mod:`harmony.chunked_update` streams
+them): the first two chunks are read from the pack's first backward on; before chunk i steps,
+chunk i-2's writes are waited for and its bytes released, and chunk i+1 is read; each chunk's
+step takes its share (by bytes) of the update's time; the host holds at most three chunks.
 
 Model (the one the runtime follows): one host thread issues tasks in order. A compute task starts
 when the thread reaches it and every value it reads has arrived, and occupies the thread for its
@@ -15,6 +19,11 @@ that reads and makes every micro-batch's value, for its own time and working byt
 caller's and is not charged at its home. With data parallelism (``ranks`` > 1) an
 all-reduce ``&G p`` moves :func:`schedules.data_parallel.ring_bytes` over the
 ``"allreduce"`` link once G p is ready, and whatever reads G p afterwards waits for it.
+
+With ``overlap_updates``, the update of a pack whose K lives on the host runs on a worker
+(``harmony.update_worker``): the thread goes on once the update has started, the update ends
+``times.upd`` later on the worker, and the next update, the pack's weight broadcast or load,
+and the step's end wait for it; the pack's G stays at home until then.
 
 A pipeline rank's schedule charges only its own packs' weights and optimizer state. Its SEND
 and RECV move the value's bytes over the link between the two ranks (``"rank0->rank1"``); a
@@ -60,6 +69,14 @@ class Sizes:
     # Tied weights: (sharer pack, owner pack, bytes) for each sharer's gradient of a tied
     # weight, held where the sharer's update runs from its update until the owner's.
     held: Sequence[tuple[int, int, int]] = ()
+    # Per pack, (W bytes, K bytes) of each chunk an NVMe-homed update streams; empty (or an
+    # empty entry): the whole pack as one chunk, (w[p], k[p]).
+    chunks: Sequence[Sequence[tuple[int, int]]] = ()
+
+    def chunks_of(self, p: int) -> list[tuple[int, int]]:
+        """Pack ``p``'s chunks: ``(W bytes, K bytes)`` each."""
+        given = self.chunks[p] if p < len(self.chunks) else ()
+        return [tuple(c) for c in given] or [(self.w[p], self.k[p])]  # type: ignore[misc]
 
     def of(self, ref: Ref) -> int:
         if ref.kind is Kind.W:
@@ -128,7 +145,7 @@ def link(src: Loc, dst: Loc) -> str:
 
 def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
              ranks: int = 1, owned: Collection[int] | None = None,
-             staging: bool = False) -> SimResult:
+             staging: bool = False, overlap_updates: bool = False) -> SimResult:
     """Replay a lowered ``schedule`` with ``sizes`` (and ``times``, for a step time).
 
     ``ranks``: data-parallel ranks the all-reduces (``&G p`` tasks) sum over; one rank's
@@ -139,6 +156,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
     ``owned``: the packs this rank updates (None: all); another rank's pack homed on NVMe
     reads nothing for its update, and its broadcast weights are written to its file.
     ``staging``: NVMe <-> device moves hold a host staging buffer (see the module docstring).
+    ``overlap_updates``: updates of packs whose K is on the host overlap what follows (see
+    above; not with ``owned``, a sharded optimizer).
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -180,7 +199,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
     grads: set[int] = set()
     on_device: set[Ref] = {r for r in home_charged if home(r) is Loc.DEVICE}
 
-    staged: dict[int, float] = {}  # pack -> when its master W and K reach the host (K on NVMe)
+    # pack -> (its chunks, when each chunk's reads end) for the chunks read so far (K on NVMe)
+    staged: dict[int, tuple[list[tuple[int, int]], list[float]]] = {}
     early = updates_after_backward(schedule.tasks)
 
     def transfer(name: str, kind: Kind, n: int, after: float) -> float:
@@ -198,6 +218,60 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             bandwidth = times.bandwidth[name]
         link_free[name] = begin + n / bandwidth
         return link_free[name]
+
+    def read_chunk(p: int, after: float) -> None:
+        """Charge and read pack ``p``'s next chunk (W, then K) into host memory."""
+        chunks, ready = staged[p]
+        w, k = chunks[len(ready)]
+        charge(Loc.HOST, w + k)
+        name = link(Loc.NVME, Loc.HOST)
+        transfer(name, Kind.W, w, after)
+        ready.append(transfer(name, Kind.K, k, after))
+
+    def stage(p: int) -> None:
+        staged[p] = (sizes.chunks_of(p), [])
+        for _ in range(min(2, len(staged[p][0]))):
+            read_chunk(p, 0.0)
+
+    def chunked_update(p: int, start: float) -> float:
+        """Pack ``p``'s update streamed chunk by chunk from ``start``; returns its end."""
+        nonlocal clock
+        chunks, ready = staged[p]
+        total = sum(w + k for w, k in chunks) or 1
+        upd = times.upd[p] if times is not None else 0.0
+        t = start
+        written: list[float] = []
+        out = link(Loc.HOST, Loc.NVME)
+        for i, (w, k) in enumerate(chunks):
+            if i + 1 < len(chunks) and len(ready) == i + 1:
+                if i >= 2:  # its writes end before its bytes serve chunk i + 1
+                    t = max(t, written[i - 2])
+                    used[Loc.HOST] -= sum(chunks[i - 2])
+                clock = t
+                read_chunk(p, t)
+            t = max(t, ready[i]) + upd * (w + k) / total
+            clock = t
+            transfer(out, Kind.W, w, t)
+            written.append(transfer(out, Kind.K, k, t))
+        # written behind: the host copies are released when the writes end
+        used[Loc.HOST] -= sum(w + k for w, k in chunks[max(0, len(chunks) - 3):])
+        del staged[p]
+        return t
+
+    # overlap_updates: the update in flight (pack, when it ends on the worker), and the
+    # gradients whose release waits for it
+    pending: list[tuple[int, float]] = []
+    deferred: list[Ref] = []
+
+    def join() -> None:
+        nonlocal clock
+        if not pending:
+            return
+        clock = max(clock, pending.pop()[1])
+        for ref in deferred:
+            used[home(ref)] -= sizes.of(ref)
+            home_charged.discard(ref)
+        deferred.clear()
 
     updated: set[int] = set()
     holding: list[tuple[int, Loc, int]] = []  # (owner, tier, bytes) of held tied gradients
@@ -218,20 +292,19 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         if t.op.is_compute:
             p = t.pack
             nvme_k = placement.k[p] is Loc.NVME and (owned is None or p in owned)
+            behind = overlap_updates and t.op is Op.UPD and placement.k[p] is Loc.HOST \
+                and owned is None
+            if t.op is Op.UPD:
+                join()  # one update at a time
             if nvme_k and p not in staged and (
                     (t.op is Op.BWD and p not in grads and p in early) or t.op is Op.UPD):
                 # The update's inputs stream in from NVMe while the pack's backward runs
                 # (or, with deferred updates, just before the update).
-                charge(Loc.HOST, sizes.w[p] + sizes.k[p])
-                name = link(Loc.NVME, Loc.HOST)
-                transfer(name, Kind.W, sizes.w[p], 0.0)
-                staged[p] = transfer(name, Kind.K, sizes.k[p], 0.0)
+                stage(p)
             e = effect(t, P, schedule.recompute, placement, t.pack in grads)
             for r, _ in e.reads:
                 used[Loc.HOST] -= staged_in.pop(r, 0)
             start = max([clock] + [ready[(r, loc)] for r, loc in e.reads])
-            if t.op is Op.UPD and nvme_k:
-                start = max(start, staged.pop(p, 0.0))
             if t.op is Op.FWD:
                 work = sizes.forward_work(p, t.mbs)
             else:
@@ -241,25 +314,10 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                 charge(Loc.DEVICE, sizes.of(ref))
                 on_device.add(ref)
             used[Loc.DEVICE] -= work
-            if times is not None:
-                if t.op is Op.FWD:
-                    clock = start + times.forward(p, t.mbs)
-                elif t.op is Op.BWD:
-                    assert t.mb is not None
-                    clock = start + times.bwd[t.pack][t.mb]
-                else:
-                    clock = start + times.upd[t.pack]
-                for ref in e.produces:
-                    ready[(ref, Loc.DEVICE)] = clock
-                for ref in e.updates:
-                    ready[(ref, Loc.DEVICE)] = clock
-            used[Loc.HOST] -= staged_out
-            staged_out = 0
-            if t.op is Op.BWD:
-                grads.add(t.pack)
-            elif t.op is Op.UPD:
+            if t.op is Op.UPD:
                 grads.discard(t.pack)
                 updated.add(p)
+                # tied gradients are put aside (or merged) as the update begins
                 for sharer, owner, n in sizes.held:
                     if sharer == p and owner not in updated:
                         charge(placement.update_loc(sharer), n)
@@ -268,11 +326,27 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                         for held in [h for h in holding if h[0] == p]:
                             holding.remove(held)
                             used[held[1]] -= held[2]
-                if nvme_k:  # written behind: the host copies are released when the writes end
-                    name = link(Loc.HOST, Loc.NVME)
-                    transfer(name, Kind.W, sizes.w[p], clock)
-                    transfer(name, Kind.K, sizes.k[p], clock)
-                    used[Loc.HOST] -= sizes.w[p] + sizes.k[p]
+                end = chunked_update(p, start) if nvme_k else start + (
+                    times.upd[p] if times is not None else 0.0)
+                if behind:  # on the worker: the thread goes on
+                    pending.append((p, end))
+                    end = start
+            if times is not None:
+                if t.op is Op.FWD:
+                    clock = start + times.forward(p, t.mbs)
+                elif t.op is Op.BWD:
+                    assert t.mb is not None
+                    clock = start + times.bwd[t.pack][t.mb]
+                else:
+                    clock = end
+                for ref in e.produces:
+                    ready[(ref, Loc.DEVICE)] = clock
+                for ref in e.updates:
+                    ready[(ref, Loc.DEVICE)] = clock
+            used[Loc.HOST] -= staged_out
+            staged_out = 0
+            if t.op is Op.BWD:
+                grads.add(t.pack)
         else:
             ref = t.ref
             n = sizes.of(ref)
@@ -285,6 +359,23 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             if t.op is Op.REDUCE:  # onto the owner, in place on the device: G bytes
                 at = (ref, Loc.DEVICE)
                 ready[at] = transfer(REDUCE_LINK, ref.kind, n, ready[at])
+                timeline.append(dict(used))
+                continue
+            if (t.op is Op.BROADCAST or (t.op is Op.SWAP_IN and ref.kind is Kind.W)) \
+                    and pending and pending[0][0] == ref.pack:
+                join()  # the update of these weights ends first
+            if t.op is Op.BROADCAST and h is Loc.NVME and len(sizes.chunks_of(ref.pack)) > 1:
+                # chunk by chunk, one in host memory at a time: the owner reads each back from
+                # its file, the others write what they receive to theirs
+                mine = owned is None or ref.pack in owned
+                for w, _ in sizes.chunks_of(ref.pack):
+                    charge(Loc.HOST, w)
+                    after = transfer(link(Loc.NVME, Loc.HOST), ref.kind, w, clock) if mine \
+                        else clock
+                    arrived = transfer(BROADCAST_LINK, ref.kind, w, after)
+                    if not mine:
+                        transfer(link(Loc.HOST, Loc.NVME), ref.kind, w, arrived)
+                    used[Loc.HOST] -= w
                 timeline.append(dict(used))
                 continue
             if t.op is Op.BROADCAST:  # the updated W from its owner, after the update
@@ -317,7 +408,10 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                 if ref in on_device:
                     used[Loc.DEVICE] -= n
                     on_device.discard(ref)
-                if t.op is Op.DEL and ref in home_charged:
+                if t.op is Op.DEL and ref in home_charged and pending \
+                        and pending[0][0] == ref.pack and ref.kind is Kind.G:
+                    deferred.append(ref)  # its update still reads it
+                elif t.op is Op.DEL and ref in home_charged:
                     used[h] -= n
                     home_charged.discard(ref)
                 timeline.append(dict(used))
@@ -327,6 +421,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             ready[dst] = transfer(name, ref.kind, n, ready[src])
         timeline.append(dict(used))
 
+    join()  # (the step ends with the last update)
+    timeline[-1:] = [dict(used)] if timeline else []
     step = None
     if times is not None:
         step = max([clock] + list(link_free.values()))

@@ -69,7 +69,8 @@ def make_trainer(args: argparse.Namespace, parallel: str | None) -> harmony.Trai
                            clip_grad_norm=args.clip, schedule=args.schedule, parallel=parallel,
                            nonfinite=args.nonfinite, precision=args.precision,
                            shard_optimizer=args.shard and parallel == "data",
-                           forward_micro_batch_size=args.forward, plan=args.plan)
+                           forward_micro_batch_size=args.forward, plan=args.plan,
+                           update_chunk=args.update_chunk)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +95,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forward", type=int, default=None, help="forward_micro_batch_size")
     p.add_argument("--plan", default=None,
                    help="a plan JSON to keep (a run compared pack by pack with another)")
+    p.add_argument("--update-chunk", default="auto",
+                   help="update_chunk= (e.g. 16KiB: NVMe packs' updates in chunks)")
     p.add_argument("--more", type=int, default=0,
                    help="steps after the checkpoint, by the trainer and by one loading it")
     p.add_argument("--nan-at", type=int, default=None,
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         "k_planned": list(trainer.plan.sizes.k),
         "host_peak_predicted": trainer.plan.predicted.peak.get(Loc.HOST, 0),
         "homes": [p.home.value for p in packs],
-        "masters": [p.home_m is not None for p in packs]}
+        "masters": [p.home_m is not None for p in packs],
+        "chunks": [len(p.chunks) for p in packs]}
     ckpt = trainer.save(Path(args.out) / "ckpt")
     with make_trainer(args, "data") as fresh:
         fresh.load(ckpt)

@@ -46,18 +46,21 @@ def _plan_with(schedule: str, w: Loc, x: Loc) -> Plan:
 
 
 @pytest.mark.parametrize("schedule", ["harmony", "per-microbatch"])
-@pytest.mark.parametrize("w,x", [(Loc.DEVICE, Loc.DEVICE), (Loc.HOST, Loc.DEVICE),
-                                 (Loc.HOST, Loc.HOST), (Loc.NVME, Loc.HOST)])
-def test_running_statistics_equal_pytorch(schedule: str, w: Loc, x: Loc,
+@pytest.mark.parametrize("w,x,chunk", [(Loc.DEVICE, Loc.DEVICE, None), (Loc.HOST, Loc.DEVICE, None),
+                                       (Loc.HOST, Loc.HOST, None), (Loc.NVME, Loc.HOST, None),
+                                       (Loc.NVME, Loc.HOST, 1024)])  # (chunks: the buffers last)
+def test_running_statistics_equal_pytorch(schedule: str, w: Loc, x: Loc, chunk: int | None,
                                           tmp_path: Path) -> None:
     batches = _batches()
     want = reference_train(_model(), nn.functional.cross_entropy, _opt, batches, 4)
     with harmony.Trainer(_model(), nn.functional.cross_entropy, optimizer=_opt,
                          micro_batch_size=4, plan=_plan_with(schedule, w, x),
-                         nvme_dir=tmp_path if w is Loc.NVME else None) as t:
+                         nvme_dir=tmp_path if w is Loc.NVME else None, update_chunk=chunk) as t:
         for b in batches:
             t.step(*b)
         assert t.plan is not None and t.plan.placement.w[0] is w
+        assert t._runtime is not None
+        assert (max(len(p.chunks) for p in t._runtime.packs) > 1) == (chunk is not None)
         assert t.plan.schedule.recompute  # the forward runs twice: once must not count
         got = t.state_dict()
     assert int(got["1.num_batches_tracked"]) == 2 * len(batches)

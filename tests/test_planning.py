@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from harmony.chunks import STATE_SLACK
 from harmony.planning import InfeasiblePlan, greedy_bounds, pack_times, plan
 from harmony.profile import LayerProfile
 from schedules.placement import Placement
@@ -201,3 +202,40 @@ def test_refine_moves_activations_of_some_packs_onto_the_device() -> None:
                  fixed=(p.bounds, uniform), prefetch=p.schedule.prefetch)
     assert sum(p.predicted.bytes_moved.values()) < sum(alike.predicted.bytes_moved.values())
     assert (p.predicted.step_time or 0.0) <= (alike.predicted.step_time or 0.0) * 1.001
+
+
+def _many_parameters(n: int = 4) -> list[LayerProfile]:
+    """Layers of eight 1000-byte parameters each (W = G = 8000 bytes a layer)."""
+    return [LayerProfile(f"l{i}", 8000, 8000, 40.0, 40.0, 100.0, 40.0, 1e-4, 3e-4,
+                         params=[(1000, 1000)] * 8) for i in range(n)]
+
+
+def test_update_chunks_when_a_pack_does_not_fit_the_host() -> None:
+    """W + K of one layer is 24000 bytes (AdamW-like: K = 2 x G): a host budget of 20000
+    cannot hold one whole-pack update, but three chunks and the pack's gradients fit."""
+    layers = _many_parameters()
+    roomy = plan(layers, "harmony", [4, 4], 30000, 40000, 2.0, BW, nvme=True,
+                 update_chunk="auto")
+    assert roomy.update_chunk is None and not roomy.sizes.chunks  # whole packs fit: kept
+    with pytest.raises(InfeasiblePlan,
+                       match=r"host_memory=19.53KiB is too small.*holds its pack.s master"):
+        plan(layers, "harmony", [4, 4], 30000, 20000, 2.0, BW, nvme=True)
+    p = plan(layers, "harmony", [4, 4], 30000, 20000, 2.0, BW, nvme=True, update_chunk="auto")
+    assert p.update_chunk is not None and p.predicted.peak[Loc.HOST] <= 20000
+    nvme = [i for i, loc in enumerate(p.placement.k) if loc is Loc.NVME]
+    assert nvme
+    for i in nvme:  # each pack's W and K split over its chunks, none over the budget
+        chunks = p.sizes.chunks_of(i)
+        assert len(chunks) >= 4
+        assert sum(w for w, _ in chunks) == p.sizes.w[i]
+        # (K: k_ratio x G, and room for each parameter's scalar state such as AdamW's step)
+        assert sum(k for _, k in chunks) == pytest.approx(p.sizes.k[i] + 8 * STATE_SLACK,
+                                                          abs=len(chunks))
+        assert all(w + k <= p.update_chunk for w, k in chunks)
+    # the time the update's chunks wait for their reads is in the prediction
+    assert p.predicted.step_time is not None and roomy.predicted.step_time is not None
+    assert p.predicted.step_time > roomy.predicted.step_time
+    fixed = plan(layers, "harmony", [4, 4], 30000, None, 2.0, BW, nvme=True, update_chunk=3000,
+                 fixed=(p.bounds, p.placement))
+    assert fixed.update_chunk == 3000 and all(
+        fixed.sizes.chunks_of(i) == [(1000, 2000 + STATE_SLACK)] * 8 for i in nvme)

@@ -161,7 +161,8 @@ def test_bf16_with_nvme_homes_tracks_autocast(tmp_path: Path) -> None:
         assert trainer.host_memory is not None
         assert trainer.stats.peak_bytes["host"] <= trainer.host_memory
         on_nvme = [p for p, loc in enumerate(plan.placement.w) if loc is Loc.NVME]
-        assert all(f"pack{p}.M" in trainer.store for p in on_nvme)  # type: ignore[operator]
+        assert trainer._runtime is not None and trainer.store is not None
+        assert all(trainer._runtime.packs[p].key("M", 0) in trainer.store for p in on_nvme)
         _check_tracks_autocast(model, got, batches, 2)
 
 

@@ -52,8 +52,9 @@ def fixed_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     fix_timing(monkeypatch.setattr)
 
 
+@pytest.mark.parametrize("chunk", ["auto", "12KiB"])  # (NVMe packs' files in chunks)
 def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatch,
-                                                      fixed_timing: None) -> None:
+                                                      chunk: str, fixed_timing: None) -> None:
     rehomed: list[tuple[str, ...]] = []
     original = Trainer._rehome
 
@@ -70,7 +71,7 @@ def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatc
     # sequences four times longer then need the room for activations.
     with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
                          device_memory=state // 3, host_memory=state // 2, nvme_dir=tmp_path,
-                         lr_scheduler=_sched) as t:
+                         lr_scheduler=_sched, update_chunk=chunk) as t:
         for x, y in batches:
             t.step(x, y)
             assert t.stats.peak_bytes["device"] <= state // 3
@@ -81,9 +82,14 @@ def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatc
         assert t.store is not None
         nvme_packs = [p for p, loc in enumerate(t.plan.placement.w) if loc.value == "nvme"]
         assert nvme_packs
-        # the old packs' files are gone: one weight and one state file per NVMe pack now
+        # the old packs' files are gone: one weight and one state file per chunk of each
+        # NVMe pack now
+        assert t._runtime is not None
         assert sorted(t.store.keys()) == sorted(
-            f"pack{p}.{k}" for p in nvme_packs for k in ("W", "K"))
+            t._runtime.packs[p].key(k, c) for p in nvme_packs
+            for c in range(len(t._runtime.packs[p].chunks)) for k in ("W", "K"))
+        chunks = max(len(t._runtime.packs[p].chunks) for p in nvme_packs)
+        assert (chunks > 1) == (chunk != "auto"), chunks
     want = _reference(batches)
     assert got.keys() == want.keys()
     for k in want:

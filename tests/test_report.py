@@ -4,6 +4,7 @@ planner's budget guarantee."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -103,6 +104,46 @@ def test_json_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert len(data["layers"]) == 4 and data["profile"]["format"] == "harmony-profile/1"
     # the report's profile replans with other budgets without building the model
     assert load_profile(str(out), 2).layers == load_profile("gpt-tiny", 2).layers
+
+
+def test_chunked_updates_shown_and_round_trip(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A host budget below one block's whole-pack update: the plan streams the NVMe packs'
+    updates in chunks, the report says so, and the JSON plan keeps them."""
+    out = tmp_path / "plan.json"
+    budgets = ["--device-memory", "200KiB", "--host-memory", "160KiB", "--nvme-dir", "/x"]
+    assert main([*TINY, *budgets, "--update-chunk", "none"]) == 2
+    assert "holds its pack's master weights" in capsys.readouterr().err
+    assert main([*TINY, *budgets, "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"NVMe updates stream in chunks of at most [\d.]+KiB: pack 0 in 1, "
+                     r"pack 1 in [2-9]", text), text
+    loaded = plan_from_json(json.loads(out.read_text())["plan"])
+    assert loaded.update_chunk is not None and max(map(len, loaded.sizes.chunks)) > 1
+    assert loaded.predicted.peak[Loc.HOST] <= 160 << 10
+    replay = simulate(loaded.schedule, loaded.sizes)
+    assert replay.peak == loaded.predicted.peak
+    with pytest.raises(SystemExit):
+        main([*TINY, *budgets, "--update-chunk", "-3"])
+    assert "--update-chunk='-3' is not a chunk size" in capsys.readouterr().err
+
+
+def test_overlapped_updates_planned(capsys: pytest.CaptureFixture[str]) -> None:
+    """--overlap-updates: the host-homed packs' updates leave the step's critical path, and
+    the bound on the step counts them beside the rest, not after it."""
+    budgets = ["--device-memory", "200KiB"]
+    assert main([*TINY, *budgets]) == 0
+    serial = capsys.readouterr().out
+    assert main([*TINY, *budgets, "--overlap-updates"]) == 0
+    overlapped = capsys.readouterr().out
+
+    def seconds(text: str, pattern: str) -> float:
+        m = re.search(pattern + r" ([\d.]+)(us|ms|s)", text)
+        assert m is not None, text
+        return float(m.group(1)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+
+    assert seconds(overlapped, "predicted step time:") < seconds(serial, "predicted step time:")
+    assert seconds(overlapped, "max.compute") < seconds(serial, "max.compute")
 
 
 def test_bandwidth_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -36,6 +36,9 @@ CASES = {
     # weights and optimizer state of some packs in NVMe files (the owner's update writes
     # them; the other ranks write the weights they receive)
     "nvme": ["--model", "mlp", "--opt", "adamw", "--nvme"],
+    # the same with the updates streamed in chunks: the owner broadcasts chunk by chunk,
+    # reading each back from its file; the others write each chunk they receive
+    "nvme-chunked": ["--model", "mlp", "--opt", "adamw", "--nvme", "--update-chunk", "16KiB"],
     # bf16 weights; the fp32 masters live with the optimizer state, on the owner only
     "bf16-clip": ["--precision", "bf16", "--swap", "--clip", "0.5"],
     # fp16: every rank checks its own packs' gradients for overflow, and all agree
@@ -79,7 +82,10 @@ def test_sharded_weights_equal_unsharded_and_one_process(runs: dict[str, Any]) -
     assert r0["losses"] == pytest.approx(runs["losses"], rel=1e-6)
     assert r0["packs"] > 1  # the budget forced swaps
     assert sum(n for k, n in r0["bytes"].items() if k.endswith("->device")) > 0
-    assert r0["nvme"] == (runs["case"] == "nvme")
+    assert r0["nvme"] == runs["case"].startswith("nvme")
+    chunks = [n for n, home in zip(r0["shard"]["chunks"], r0["shard"]["homes"])
+              if home == "nvme"]
+    assert (max(chunks, default=1) > 1) == (runs["case"] == "nvme-chunked"), chunks
 
 
 def test_each_rank_holds_only_its_packs_optimizer_state(runs: dict[str, Any]) -> None:
@@ -146,7 +152,7 @@ def test_planner_charges_k_only_on_the_owner() -> None:
 
 def test_sharded_traffic_matches_the_simulator(runs: dict[str, Any]) -> None:
     for r in runs["sharded"]:
-        if runs["case"] == "nvme":
+        if runs["case"].startswith("nvme"):
             # The optimizer state's files: the planner's K is an estimate (k_ratio x G bytes),
             # its file a layout of the real state with each tensor 64-byte aligned.
             nvme = ("host->nvme", "nvme->host")

@@ -3,6 +3,7 @@ cases and by bounds that follow from its model on every generator and placement.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Callable
@@ -191,6 +192,51 @@ def test_staging_charges_host_buffers_for_nvme_moves_by_hand() -> None:
     # With every home on the host nothing is staged.
     h = lower(harmony(2, 1), Placement.uniform(2, H), prefetch=0)
     assert simulate(h, sizes, staging=True).timeline == simulate(h, sizes).timeline
+
+
+def test_chunked_nvme_update_by_hand() -> None:
+    """The update streams four chunks (W, K): two read from the backward on, then chunk i+1
+    read before chunk i steps, once chunk i-2 is written and released."""
+    s = lower(harmony(1, 1), Placement.uniform(1, N, H), prefetch=0)
+    chunks = [(2, 8), (3, 12), (1, 4), (4, 16)]
+    sizes = Sizes([10], [5], [40], [[20]], [[0]], [[0]], [[0]], chunks=[chunks])
+    bw = dict.fromkeys(LINKS, 10.0) | {"nvme->host": 1.0, "host->nvme": 1.0}
+    r = simulate(s, sizes, Times([[0.0]], [[2.0]], [5.0], bw))
+    # B0.0 2..4 while chunks 0 (0..10) and 1 (10..25) are read; -G0 4..4.5. U0: chunk 0 steps
+    # 10..11 (a fifth of the 5 s: 10 of its 50 bytes) and is written 11..21; chunk 2 is read
+    # 25..30 while chunk 1 steps 25..26.5 (written 26.5..41.5); chunk 0's bytes are released
+    # and chunk 3 read 30..50; chunk 2 steps 30..30.5 (written 41.5..46.5), chunk 3 50..52
+    # (written 52..72).
+    assert r.step_time == pytest.approx(72.0)
+    assert r.bytes_by_kind[("nvme->host", "K")] == r.bytes_by_kind[("host->nvme", "K")] == 40
+    assert r.bytes_by_kind[("nvme->host", "W")] == r.bytes_by_kind[("host->nvme", "W")] == 10
+    # Host: chunks 0 and 1 from B0.0 on, G0, then chunk 2, less chunk 0, then chunk 3: at
+    # most three chunks (chunks 1..3: 40) and G0 (5), where the whole pack would hold 55.
+    assert [u[H] for u in r.timeline] == [0, 0, 25, 25, 25, 30, 5, 0]
+    assert r.peak[H] == 45
+    one = simulate(s, dataclasses.replace(sizes, chunks=()))
+    assert one.peak[H] == 55 and one.bytes_moved == r.bytes_moved
+
+
+def test_overlapped_updates_by_hand() -> None:
+    """overlap_updates: U1 (K on the host) runs on the worker while B0.0 computes; G1 stays on
+    the host until U0 joins it, and the step ends with U0 on the worker."""
+    s = lower(harmony(2, 1), Placement.uniform(2, H, D), prefetch=0)
+    assert str(s) == ("+W0 +X0.0 F0.0 ~W0 ~X0.0 +W1 B1.0 ~W1 !X1.0 -G1 U1 !G1 +W0 +X0.0 B0.0 "
+                      "~W0 !X0.0 !D1.0 -G0 U0 !G0")
+    z = [[0], [0]]
+    sizes = Sizes([10, 10], [5, 5], [20, 20], z, z, z, z)
+    times = Times([[1.0], [1.0]], [[2.0], [2.0]], [3.0, 3.0],
+                  {"host->device": 10.0, "device->host": 10.0})
+    # serial: ... -G1 5..5.5, U1 5.5..8.5, +W0 8.5..9.5, B0.0 9.5..11.5, -G0, U0 12..15
+    serial = simulate(s, sizes, times)
+    assert serial.step_time == pytest.approx(15.0) and serial.peak[H] == 60 + 5
+    # overlapped: U1 5.5..8.5 on the worker while +W0 5.5..6.5 and B0.0 6.5..8.5 run; -G0
+    # 8.5..9; U0 joins U1 (at 8.5), runs 9..12 on the worker, and the step ends with it
+    r = simulate(s, sizes, times, overlap_updates=True)
+    assert r.step_time == pytest.approx(12.0)
+    assert [u[H] for u in r.timeline][9:] == [65, 65, 65, 65, 65, 65, 65, 65, 65, 70, 65, 60]
+    assert r.peak[H] == 60 + 5 + 5 and r.bytes_moved == serial.bytes_moved
 
 
 def test_simulate_doc_example() -> None:
