@@ -3,7 +3,10 @@ NVMe, against compute alone and I/O alone.
 
 Three measurements on the same model and batches, interleaved and repeated:
 
-* compute-only: everything on the device tier (no budgets), the same harmony schedule;
+* compute-only: the NVMe run's own packs and schedule (so the same forwards are recomputed)
+  with every pack's W, K and X homed on the device tier: the same compute, no transfers;
+* one pack: everything on the device tier with no budgets, as the planner picks it then (one
+  pack, whose backward runs its forward once: nothing recomputed), for reference;
 * NVMe: weights (W) and optimizer state (K) homed in files, device and host budgets below the
   training state, so every step reads W twice, reads W and K for the update and writes them back;
 * I/O-only: the same reads and writes, issued in the same order with nothing computed.
@@ -18,6 +21,7 @@ transfers hid completely behind compute (or the compute behind the transfers).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 import sys
@@ -38,6 +42,7 @@ from bench_common import batches
 from gpt import GPT, GPTConfig, loss_fn
 
 from harmony.pack import Pack
+from schedules.placement import Placement
 from schedules.task import Loc
 from swap.tier import fmt_bytes
 
@@ -136,38 +141,52 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--micro-batch-size", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch's compute threads (default: torch's own choice); fewer leave "
+                         "cores to the I/O and copy threads, as a GPU server's compute does")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cfg = GPTConfig(vocab_size=65, block_size=args.block_size, n_layer=args.n_layer,
                     n_head=args.n_head, n_embd=args.n_embd, dropout=0.0)
     n_params = GPT(cfg).num_params()
     state = 16 * n_params
     data = batches(cfg, args.repeats + 1, args.batch_size)
 
-    def make(nvme: bool) -> harmony.Trainer:
-        kw = dict(device_memory=state // 4, host_memory=state // 3,
-                  nvme_dir=args.nvme_dir) if nvme else {}
+    def make(**kw: object) -> harmony.Trainer:
         return harmony.Trainer(GPT(cfg), loss_fn, optimizer=harmony.optim.adamw(lr=1e-4),
-                               micro_batch_size=args.micro_batch_size, **kw)
+                               micro_batch_size=args.micro_batch_size, **kw)  # type: ignore[arg-type]
+
+    def on_device(plan: harmony.Plan) -> harmony.Plan:
+        """``plan``'s packs and schedule with every home on the device tier."""
+        homes = Placement.uniform(len(plan.bounds), Loc.DEVICE)
+        return dataclasses.replace(plan, schedule=dataclasses.replace(plan.schedule,
+                                                                      placement=homes))
 
     print(f"model: {n_params / 1e6:.1f}M parameters, training state {fmt_bytes(state)}; "
           f"NVMe run: device {fmt_bytes(state // 4)}, host {fmt_bytes(state // 3)}; "
           f"batch {args.batch_size} x {args.block_size} tokens, micro-batch "
-          f"{args.micro_batch_size}")
-    with make(False) as compute, make(True) as nvme:
-        compute.step(*data[0])  # warm-up: plans, builds packs, first optimizer state
-        nvme.step(*data[0])
+          f"{args.micro_batch_size}; {torch.get_num_threads()} compute threads")
+    with make(device_memory=state // 4, host_memory=state // 3,
+              nvme_dir=args.nvme_dir) as nvme, make() as one_pack:
+        nvme.step(*data[0])  # warm-up: plans, builds packs, first optimizer state
+        one_pack.step(*data[0])
         assert nvme.plan is not None and nvme.store is not None
         print(nvme.plan.describe(nvme.chain.names))
         print(f"NVMe backend: {nvme.store.backend}")
+        compute = make(plan=on_device(nvme.plan))
+        compute.step(*data[0])
         nvme.stats.reset()
-        c_times, n_times, io_times = [], [], []
-        for batch in data[1:]:  # interleaved, so drifts of the shared disk hit all three
+        c_times, n_times, io_times, o_times = [], [], [], []
+        for batch in data[1:]:  # interleaved, so drifts of the shared disk hit every row
             c_times += timed_steps(compute, [batch])
             n_times += timed_steps(nvme, [batch])
             io_times.append(io_only(nvme))
+            o_times += timed_steps(one_pack, [batch])
         steps = len(n_times)
         predicted = nvme.plan.predicted.step_time or 0.0
         c_alone, c_busy, r_alone, r_busy = contention(compute, data[1], args.nvme_dir)
+        compute.close()
         per_link = {k: v / steps for k, v in sorted(nvme.stats.bytes_moved.items())}
         stall = {k: v / steps for k, v in sorted(nvme.stats.stall_seconds.items()) if v > 0}
 
@@ -178,12 +197,14 @@ def main() -> None:
     print()
     print("| measurement | median (min-max) |")
     print("|---|---|")
-    print(f"| compute only (all on the device tier) | {fmt(c_times)} |")
+    print(f"| compute only (the same packs, all homed on the device tier) | {fmt(c_times)} |")
     print(f"| I/O only (the step's NVMe reads and writes) | {fmt(io_times)} |")
     print(f"| step with W and K on NVMe | {fmt(n_times)} |")
     print(f"| step / max(compute, I/O) | {n / max(c, io):.2f} |")
     print(f"| step time the planner predicted (CPU profile, assumed NVMe bandwidth) | "
           f"{predicted:7.3f} s |")
+    print(f"| for reference: one pack on the device tier, nothing recomputed | "
+          f"{fmt(o_times)} |")
     print()
     print("bytes per step: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in per_link.items()))
     print("stall per step: " + (", ".join(f"{k} {v:.3f} s" for k, v in stall.items()) or "none"))
