@@ -17,17 +17,9 @@ from swap.engine import SwapEngine
 from swap.handle import DoneHandle, FutureHandle, Handle
 from swap.nvme import NvmeIOError, NvmeStore
 from swap.staging import read_staged, write_staged
-from swap.stats import Stats
 from swap.tier import Tier
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def engine() -> Iterator[SwapEngine]:
-    e = SwapEngine(CPU, Stats())
-    yield e
-    e.close()
 
 
 @pytest.fixture

@@ -25,13 +25,6 @@ def noop(_: float) -> None:
 
 
 @pytest.fixture
-def engine() -> Iterator[SwapEngine]:
-    e = SwapEngine(CPU, Stats())
-    yield e
-    e.close()
-
-
-@pytest.fixture
 def gate() -> Iterator[threading.Event]:
     """An event that blocks a worker; set at teardown (and after 10 s) so nothing hangs."""
     event = threading.Event()
