@@ -233,13 +233,17 @@ def backward_saved_bytes(layer: nn.Module, value: tuple[torch.Tensor, ...], layo
     """Run ``layer`` forward with grad on ``value`` (and ``loss_fn`` if it is the ``last``
     layer), then backward; return the bytes of the tensors autograd saved for that backward.
 
-    Weights and the input are accounted already (W, X), so only other storages count.
+    Weights and the input are accounted already (W, X), and the targets are the caller's
+    batch (a loss saves them, often as a view of the whole batch), so only other storages
+    count.
     ``storage_key`` tells storages apart (default: their address; meta tensors have none).
     The gradients the backward left on the weights are cleared.
     """
     key_of = storage_key or (lambda t: t.untyped_storage().data_ptr())
     leaf = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in value)
     known = {key_of(e.tensor) for e in layout.entries} | {key_of(t) for t in leaf}
+    if last:
+        known.add(key_of(targets))
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,21 @@ def test_builtin_refuses_bad_names_and_lengths() -> None:
         build("gpt2", seq_len=2048)
     with torch.device("meta"):
         assert build("llama-7b", seq_len=8192).seq_len == 8192  # rotary positions extend
+
+
+def test_saved_bytes_leave_out_the_targets_of_the_whole_batch() -> None:
+    """A loss saves its targets, here a micro-batch's view of the whole batch's tensor: that
+    storage is the caller's batch, not activation memory, so it is not counted."""
+    from harmony.profile import backward_saved_bytes
+
+    head = torch.nn.Linear(16, 10)
+    x = torch.randn(4, 16)
+    batch = torch.randint(0, 10, (4096,))
+
+    def saved(targets: torch.Tensor) -> int:
+        return backward_saved_bytes(head, (x,), Layout([head]), torch.nn.functional.cross_entropy,
+                                    targets, last=True, name="head")
+
+    view, alone = batch[:4], batch[:4].clone()
+    assert view.untyped_storage().nbytes() == 4096 * 8  # (what was counted before)
+    assert saved(view) == saved(alone) < 4096 * 8
