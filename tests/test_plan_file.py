@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,11 +18,16 @@ def _sgd(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.SGD(ps, lr=0.05, momentum=0.9)
 
 
-def test_saved_plan_is_followed_and_exact(tmp_path: Path) -> None:
-    factory, loss_fn, data = MODELS["transformer"]
+def _case(model: str, samples: int, steps: int) -> tuple[Any, Any, list[Any], int]:
+    """The model's factory and loss, seeded batches, and a device budget of half its state."""
+    factory, loss_fn, data = MODELS[model]
     g = torch.Generator().manual_seed(6)
-    batches = [data(6, g) for _ in range(3)]
-    budget = training_state_bytes(factory(0.0), 4) // 2
+    batches = [data(samples, g) for _ in range(steps)]
+    return factory, loss_fn, batches, training_state_bytes(factory(0.0), 4) // 2
+
+
+def test_saved_plan_is_followed_and_exact(tmp_path: Path) -> None:
+    factory, loss_fn, batches, budget = _case("transformer", 6, 3)
     with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
                          device_memory=budget, schedule="per-microbatch", prefetch=0) as first:
         first.step(*batches[0])
@@ -58,10 +64,7 @@ def test_plan_of_another_model_or_garbage_refused(tmp_path: Path) -> None:
 
 
 def test_saved_plan_keeps_its_forward_groups(tmp_path: Path) -> None:
-    factory, loss_fn, data = MODELS["mlp"]
-    g = torch.Generator().manual_seed(6)
-    batches = [data(16, g) for _ in range(2)]
-    budget = training_state_bytes(factory(0.0), 4) // 2
+    factory, loss_fn, batches, budget = _case("mlp", 16, 2)
     with harmony.Trainer(factory(0.0), loss_fn, optimizer=_sgd, micro_batch_size=2,
                          forward_micro_batch_size=8, device_memory=budget) as first:
         for b in batches:
