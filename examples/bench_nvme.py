@@ -9,7 +9,9 @@ Three measurements on the same model and batches, interleaved and repeated:
   pack, whose backward runs its forward once: nothing recomputed), for reference;
 * NVMe: weights (W) and optimizer state (K) homed in files, device and host budgets below the
   training state, so every step reads W twice, reads W and K for the update and writes them back;
-* I/O-only: the same reads and writes, issued in the same order with nothing computed.
+* I/O-only: the same reads and writes, issued in the same order with nothing computed;
+* NVMe, overlapped: the NVMe run's packs and placement with ``overlap_updates=True``, each
+  pack's update streaming on the update worker behind the next pack's backward.
 
 The table reports medians (and min-max) and the ratio step / max(compute, I/O): 1.0 means the
 transfers hid completely behind compute (or the compute behind the transfers).
@@ -176,13 +178,23 @@ def main() -> None:
         print(f"NVMe backend: {nvme.store.backend}")
         compute = make(plan=on_device(nvme.plan))
         compute.step(*data[0])
+        behind = make(plan=nvme.plan, device_memory=state // 4, host_memory=state // 3,
+                      nvme_dir=args.nvme_dir, overlap_updates=True)
+        behind.step(*data[0])
+        assert behind.plan is not None
         nvme.stats.reset()
-        c_times, n_times, io_times, o_times = [], [], [], []
+        c_times, n_times, io_times, o_times, b_times = [], [], [], [], []
         for batch in data[1:]:  # interleaved, so drifts of the shared disk hit every row
             c_times += timed_steps(compute, [batch])
             n_times += timed_steps(nvme, [batch])
             io_times.append(io_only(nvme))
             o_times += timed_steps(one_pack, [batch])
+            b_times += timed_steps(behind, [batch])
+        overlapped = "on the update worker" if behind.plan.overlap_updates else \
+            "in line: the host budget leaves no room to overlap them"
+        b_predicted = behind.plan.predicted.step_time or 0.0
+        b_peak = behind.stats.peak_bytes.get("host", 0)
+        behind.close()
         steps = len(n_times)
         predicted = nvme.plan.predicted.step_time or 0.0
         c_alone, c_busy, r_alone, r_busy = contention(compute, data[1], args.nvme_dir)
@@ -203,11 +215,18 @@ def main() -> None:
     print(f"| step / max(compute, I/O) | {n / max(c, io):.2f} |")
     print(f"| step time the planner predicted (CPU profile, assumed NVMe bandwidth) | "
           f"{predicted:7.3f} s |")
+    print(f"| step with W and K on NVMe, overlap_updates=True (updates {overlapped}) | "
+          f"{fmt(b_times)} |")
+    print(f"| that step / max(compute, I/O) | {statistics.median(b_times) / max(c, io):.2f} |")
+    print(f"| step time the planner predicted with overlap_updates=True | "
+          f"{b_predicted:7.3f} s |")
     print(f"| for reference: one pack on the device tier, nothing recomputed | "
           f"{fmt(o_times)} |")
     print()
     print("bytes per step: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in per_link.items()))
     print("stall per step: " + (", ".join(f"{k} {v:.3f} s" for k, v in stall.items()) or "none"))
+    print(f"host peak with overlap_updates=True: {fmt_bytes(b_peak)} of "
+          f"{fmt_bytes(state // 3)}")
     print(f"contention: compute-only step {c_alone:.3f} s alone, {c_busy:.3f} s while a thread "
           f"streams NVMe reads; reads {r_alone:.2f} GB/s alone, {r_busy:.2f} GB/s meanwhile")
 

@@ -24,6 +24,12 @@ What waits for what: a chunk's step waits for its reads (``engine.synchronize``,
 ``nvme->host`` stall); a read waits for the write of chunk i-2 (``host->nvme`` stall); the step
 that wrote a chunk ends only once every write is on disk (:meth:`Runtime.run`); a read of a
 chunk's file issued later (the next load of the weights) waits in the store for its write.
+
+With ``Trainer(overlap_updates=True)`` :meth:`ChunkedUpdate.run` runs on the update worker
+(:mod:`harmony.update_worker`), behind the next pack's backward. :meth:`ChunkedUpdate.prepare`
+first takes what it reads from the runtime on the runtime's thread, and
+:meth:`ChunkedUpdate.reserve` charges its host bytes up front, so that on the worker it touches
+nothing the runtime's thread uses but the store, the engine's counters and its reservation.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from harmony.chunks import Chunk
 from schedules.simulate import link
 from schedules.task import Kind, Loc, Ref
 from swap.handle import GroupHandle, Handle
+from swap.tier import OutOfCapacity, Reservation, Tier
 
 if TYPE_CHECKING:  # the runtime imports this module
     from harmony.runtime import Runtime
@@ -79,23 +86,93 @@ class ChunkedUpdate:
     def __init__(self, rt: Runtime, p: int) -> None:
         self.rt, self.p, self.pack = rt, p, rt.packs[p]
         self.host = rt.tiers[Loc.HOST]
+        # where the chunks' buffers come from: the host tier, or (on the update worker) a
+        # reservation of it made by :meth:`reserve`
+        self.mem: Tier | Reservation = self.host
         self.held: dict[int, _Held] = {}
         self.next = 0  # the next chunk to read
+        self.grads: tuple[torch.Tensor, Handle | None] | None = None  # (G, its copy home)
+        self.new_buffers: list[torch.Tensor] | None = None  # buffers this step's forward set
+        self.on_worker = False
 
     def stage(self) -> None:
         """Start reading the first chunks; the update waits for them."""
         while self.next < min(STAGED, len(self.pack.chunks)):
             self._read()
 
-    def run(self) -> None:
-        """Step the optimizer over every chunk and write each back behind."""
-        rt, pack = self.rt, self.pack
+    def prepare(self) -> None:
+        """On the runtime's thread, once the pack's gradients are complete: take what the
+        update reads from the runtime (its gradients, the buffers its forward changed)."""
+        rt = self.rt
         slot = rt.values[Ref(Kind.G, self.p)]
-        if slot.home_ready is not None:  # the host optimizer reads these gradients
-            rt.engine.synchronize(slot.home_ready, link(Loc.DEVICE, Loc.HOST))
-            slot.home_ready = None
         assert slot.home is not None and slot.home[0] is not None
-        grads = slot.home[0]
+        self.grads = (slot.home[0], slot.home_ready)
+        slot.home_ready = None  # (waited for by run())
+        self.new_buffers = rt.new_buffers.pop(self.p, None)
+
+    def chunk_bytes(self, c: int) -> int:
+        """Host bytes chunk ``c`` holds during the update (weights, masters, state)."""
+        pack, chunk = self.pack, self.pack.chunks[c]
+        n = chunk.w_bytes
+        if pack.layout.mixed and chunk.params:
+            n += chunk.m_bytes
+        if pack.optimizes(c) and pack.state_laid_out(c):
+            n += pack.k_sizes[c]
+        return n
+
+    def window_bytes(self) -> int:
+        """The most host bytes the update holds at once: three consecutive chunks."""
+        sizes = [self.chunk_bytes(c) for c in range(len(self.pack.chunks))]
+        return max(sum(sizes[max(0, j - WINDOW + 1):j + 1]) for j in range(len(sizes)))
+
+    def reserve(self) -> bool:
+        """Make the update independent of the host tier's other users, so that it can run on
+        the update worker: charge the host bytes it will hold (:meth:`window_bytes`, the
+        chunks staged so far included) as a :class:`~swap.tier.Reservation` it allocates
+        from. False (nothing charged) when that does not fit now, or when the update would
+        create optimizer state (its first), whose size is only estimated."""
+        pack = self.pack
+        if any(pack.optimizes(c) and not pack.state_laid_out(c)
+               for c in range(len(pack.chunks))):
+            return False
+        held = [b for h in self.held.values() for b in h.buffers()]
+        try:
+            reservation = self.host.reserve(
+                self.window_bytes() - sum(b.numel() for b in held),
+                f"the update of pack {self.p} (three chunks)")
+        except OutOfCapacity:
+            return False
+        for buf in held:
+            reservation.adopt(buf)
+        self.mem, self.on_worker = reservation, True
+        return True
+
+    def finish(self) -> None:
+        """On the runtime's thread, after :meth:`run`: give back the reservation's unused
+        bytes and settle the optimizer state's charge."""
+        if isinstance(self.mem, Reservation):
+            self.mem.close()
+            self.mem = self.host
+        self.pack.settle_optimizer_bytes()
+
+    def _wait(self, handle: Handle, name: str) -> None:
+        """Wait for I/O the step reads or whose buffer it reuses; on the runtime's thread
+        that is a stall of compute, on the update worker part of the update's busy time."""
+        if self.on_worker:
+            handle.synchronize()
+        else:
+            self.rt.engine.synchronize(handle, name)
+
+    def run(self) -> None:
+        """Step the optimizer over every chunk and write each back behind (after
+        :meth:`prepare`; on the update worker after :meth:`reserve` too)."""
+        rt, pack = self.rt, self.pack
+        if self.grads is None:
+            self.prepare()
+        assert self.grads is not None
+        grads, ready = self.grads
+        if ready is not None:  # the host optimizer reads these gradients
+            self._wait(ready, link(Loc.DEVICE, Loc.HOST))
         self.stage()  # (a deferred update: its first chunks are read now)
         n = len(pack.chunks)
         for c in range(n):
@@ -105,7 +182,10 @@ class ChunkedUpdate:
             self._step(c, grads)
         # Written behind: the last chunks' buffers go back to the pool when their writes end;
         # with a sharded optimizer, a pack of one chunk keeps its weights for the broadcast.
-        for held in self.held.values():
+        # (A failed write is the step's error, raised where the runtime waits for its
+        # writes; here each buffer goes back once its write is over, whatever its result.)
+        while self.held:
+            held = self.held.pop(next(iter(self.held)))
             done = GroupHandle(held.writes)
             if rt.owners is not None and n == 1:
                 rt.sending[self.p] = (held.w, done)
@@ -113,9 +193,8 @@ class ChunkedUpdate:
             else:
                 bufs = held.buffers()
             for buf in bufs:
-                self.host.release(buf, after=done)
-        self.held.clear()
-        pack.settle_optimizer_bytes()
+                with contextlib.suppress(Exception):
+                    self.mem.release(buf, after=done)
 
     def abandon(self) -> None:
         """After a failure: give every buffer back once its I/O is over, drop estimates, and
@@ -124,9 +203,12 @@ class ChunkedUpdate:
             io = GroupHandle(held.reads + held.writes)
             for buf in held.buffers():
                 with contextlib.suppress(Exception):
-                    self.host.release(buf, after=io)
+                    self.mem.release(buf, after=io)
             self.host.uncharge(held.estimate)
         self.held.clear()
+        if isinstance(self.mem, Reservation):
+            self.mem.close()
+            self.mem = self.host
         self.pack.bind_masters(None)
         for c in range(len(self.pack.chunks)):
             if self.pack.k_layouts[c] is not None:
@@ -138,15 +220,15 @@ class ChunkedUpdate:
         chunk = pack.chunks[c]
         self.next += 1
         what = f"pack {self.p} (chunk {c})"
-        w = self.host.allocate(chunk.w_bytes, f"weights of {what}")
+        w = self.mem.allocate(chunk.w_bytes, f"weights of {what}")
         reads = [rt._nvme_read(pack.key("W", c), w, READ, "W")]
         m = k = None
         estimate = 0
         if pack.layout.mixed and chunk.params:  # the fp32 masters are part of K
-            m = self.host.allocate(chunk.m_bytes, f"master weights of {what}")
+            m = self.mem.allocate(chunk.m_bytes, f"master weights of {what}")
             reads.append(rt._nvme_read(pack.key("M", c), m, READ, "K"))
         if pack.optimizes(c) and pack.state_laid_out(c):
-            k = self.host.allocate(pack.k_sizes[c], f"optimizer state of {what}")
+            k = self.mem.allocate(pack.k_sizes[c], f"optimizer state of {what}")
             reads.append(rt._nvme_read(pack.key("K", c), k, READ, "K"))
         elif pack.optimizes(c):  # its first update creates the state: hold room for it
             estimate = pack.state_estimate(c)
@@ -155,23 +237,24 @@ class ChunkedUpdate:
 
     def _retire(self, c: int) -> None:
         """Wait for chunk ``c``'s writes and give its buffers back (no-op if gone)."""
-        held = self.held.pop(c, None)
+        held = self.held.get(c)
         if held is None:
             return
-        for handle in held.writes:
-            self.rt.engine.synchronize(handle, WRITE)
+        for handle in held.writes:  # (a failed write raises here: abandon() frees the chunk)
+            self._wait(handle, WRITE)
+        del self.held[c]
         for buf in held.buffers():
-            self.host.release(buf)
+            self.mem.release(buf)
 
     def _step(self, c: int, grads: torch.Tensor) -> None:
         rt, pack, held = self.rt, self.pack, self.held[c]
         chunk = held.chunk
         for handle in held.reads:  # the optimizer reads these bytes on this thread
-            rt.engine.synchronize(handle, READ)
-        if c == len(pack.chunks) - 1 and self.p in rt.new_buffers:
+            self._wait(handle, READ)
+        if c == len(pack.chunks) - 1 and self.new_buffers is not None:
             # buffers (after the trainable parameters) are in the last chunk's weights
-            restore_buffers(rt._changing(self.p), rt.new_buffers.pop(self.p), held.w,
-                            chunk.w[0])
+            restore_buffers(rt._changing(self.p), self.new_buffers, held.w, chunk.w[0])
+            self.new_buffers = None
         if pack.optimizes(c):
             self._step_optimizer(c, held, grads)
         if pack.layout.mixed and chunk.params:
@@ -212,7 +295,7 @@ class ChunkedUpdate:
                                             f"{self.p} (chunk {c})")
                 pack.bind_state(c, held.k, copy_in=True)
             if old is not None:  # (the state of before, now copied into the new layout)
-                self.host.release(old)
+                self.mem.release(old)
 
 
 def broadcast_chunks(rt: Runtime, p: int) -> None:

@@ -27,7 +27,6 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 from harmony.chunks import item_bytes, profile_chunks
 from harmony.groups import group_sizes, grouped_packs, pack_forward_seconds, ungrouped
@@ -78,6 +77,9 @@ class Plan:
     # NVMe-homed packs stream their updates in chunks of at most this many bytes of W and K
     # (harmony.chunks, harmony.chunked_update); None: each update holds its whole pack
     update_chunk: int | None = None
+    # Host- and NVMe-homed packs' updates run on the update worker (harmony.update_worker),
+    # as planned with Trainer(overlap_updates=True) where that fits the host budget
+    overlap_updates: bool = False
 
     @property
     def placement(self) -> Placement:
@@ -97,6 +99,9 @@ class Plan:
                                if self.placement.k[p] is Loc.NVME)
             lines.append(f"  NVMe updates stream in chunks of at most "
                          f"{fmt_bytes(self.update_chunk)}: {counts}")
+        if self.overlap_updates:
+            lines.append("  updates of packs whose optimizer state is off the device run on "
+                         "the update worker, behind the next pack's backward")
         if self.forward_group > 1:
             lines += self._describe_groups(names)
         peaks = ", ".join(f"{k.value} {fmt_bytes(v)}" for k, v in self.predicted.peak.items())
@@ -280,8 +285,9 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
             per candidate, the largest of :func:`chunk_options` that fits (chunked updates
             read only two chunks behind the backward, so they are slower where both fit).
             ``Plan.update_chunk`` says which.
-        overlap_updates: the updates of packs whose K is on the host run behind what
-            follows them (:mod:`harmony.update_worker`; see :func:`simulate`).
+        overlap_updates: the updates of packs whose K is on the host or NVMe run behind
+            what follows them (:mod:`harmony.update_worker`; see :func:`simulate`), unless
+            only a plan updating in line fits (``Plan.overlap_updates`` says which).
         forward_group: micro-batches per forward task in the packs whose layers may group
             (``harmony`` only; :mod:`harmony.groups`); None: choose (see the module
             docstring).
@@ -295,16 +301,26 @@ def plan(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],
     if forward_group is not None and (isinstance(forward_group, bool) or not isinstance(
             forward_group, int) or forward_group < 1):
         raise ValueError(f"forward_group={forward_group!r} must be a positive int or None")
-    search = partial(_search, profiles, schedule, micro_batches, device_budget, host_budget,
-                     k_ratio, bandwidth, upd_s_per_byte, prefetch, fixed, nvme,
-                     deferred_updates, tied, ranks, local_ranks, shard, overlap_updates,
-                     forward_group, staging)
-    if update_chunk != "auto" or not nvme:
-        return search(None if update_chunk == "auto" else update_chunk)
-    try:
-        return search(None)
-    except InfeasiblePlan:
-        return search("smaller")
+
+    # Tried in order until one fits: with overlap_updates, every chunking on the worker
+    # (an update there holds its host bytes while the next pack runs), then in line; with
+    # update_chunk="auto", whole packs before chunks (see :func:`_search`).
+    chunks = [None, "smaller"] if update_chunk == "auto" and nvme else [
+        None if update_chunk == "auto" else update_chunk]
+    failed: InfeasiblePlan | None = None
+    for overlap in ([True, False] if overlap_updates else [False]):
+        for chunk in chunks:
+            try:
+                found = _search(profiles, schedule, micro_batches, device_budget, host_budget,
+                                k_ratio, bandwidth, upd_s_per_byte, prefetch, fixed, nvme,
+                                deferred_updates, tied, ranks, local_ranks, shard, overlap,
+                                forward_group, staging, chunk)
+            except InfeasiblePlan as e:
+                failed = e
+                continue
+            return dataclasses.replace(found, overlap_updates=overlap)
+    assert failed is not None
+    raise failed
 
 
 def _search(profiles: list[LayerProfile], schedule: str, micro_batches: list[int],

@@ -285,8 +285,9 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
                if t.op is Op.FWD and t.pack == p) for p in range(P)]
     compute = sum(sum(times.bwd[p]) + times.upd[p] + (fwd[p] if p < P - 1 else 0.0)
                   for p in range(P))
-    if overlap_updates:  # host-homed packs' updates run beside the rest
-        behind = sum(times.upd[p] for p in range(P) if chosen.placement.k[p] is Loc.HOST)
+    if overlap_updates:  # host- (and, untied, NVMe-) homed packs' updates run beside the rest
+        behind = sum(times.upd[p] for p in range(P) if chosen.placement.k[p] is Loc.HOST
+                     or (chosen.placement.k[p] is Loc.NVME and not chosen.sizes.held))
         compute = max(compute - behind, behind)
     return Report(profile, batch_size, mbs, device_memory, host_memory, nvme, schedule, bw,
                   chosen, baseline, traffic_arithmetic(chosen.sizes, chosen.placement), compute)
@@ -490,7 +491,7 @@ def plan_to_json(p: Plan) -> dict[str, Any]:
                           for v in getattr(p.sizes, f)]
                       for f in ("w", "g", "k", "x", "d", "s", "work", "held")}
             | {"chunks": [[list(c) for c in cs] for cs in p.sizes.chunks]},
-            "update_chunk": p.update_chunk,
+            "update_chunk": p.update_chunk, "overlap_updates": p.overlap_updates,
             "predicted": _sim_to_json(p.predicted)}
 
 
@@ -510,7 +511,8 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
                 forward_group=int(data.get("forward_group", 1)),
                 ungrouped=tuple((int(p), int(i), str(why)) for p, i, why in
                                 data.get("ungrouped", ())),
-                update_chunk=data.get("update_chunk"))
+                update_chunk=data.get("update_chunk"),
+                overlap_updates=bool(data.get("overlap_updates", False)))
 
 
 def report_to_json(r: Report) -> dict[str, Any]:

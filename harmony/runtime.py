@@ -136,6 +136,7 @@ class Runtime:
         # backward (harmony.update_worker); their gradients are deleted when joined
         self.worker: UpdateWorker | None = None
         self.deferred_g: set[int] = set()
+        tiers[Loc.HOST].when_full = self._host_full
 
     def close(self) -> None:
         """Stop the update worker, if any."""
@@ -184,6 +185,8 @@ class Runtime:
                 self.engine.synchronize(handle, name)
             self.writes.clear()
         except BaseException:
+            if self.worker is not None:  # (its update may still issue writes)
+                self.worker.abandon()
             self.writes.clear()
             if self.dp is not None:
                 self.dp.abandon()
@@ -839,8 +842,35 @@ class Runtime:
 
     def _update_from_nvme(self, p: int) -> None:
         """Stream pack ``p``'s update through host memory chunk by chunk (see
-        :mod:`harmony.chunked_update`); a deferred update starts its reads now."""
+        :mod:`harmony.chunked_update`); a deferred update starts its reads now.
+
+        With overlap_updates it runs on the update worker, from a reservation of the host
+        bytes it holds (so it never waits for room the runtime's thread would free), unless
+        that does not fit now, it is the pack's first update (its state's size is only
+        estimated), or tied weights need the chunks' weights on this thread: then in line.
+        """
         update = self.staged.setdefault(p, ChunkedUpdate(self, p))
+        update.prepare()
+        if self.worker is not None and self.owners is None and self.ties is None \
+                and update.reserve():
+            self.worker.submit(p, update.run, partial(self._finish_nvme_update, p))
+            return
         update.run()  # (after a failure, abandon() gives its buffers back)
-        del self.staged[p]
+        self._finish_nvme_update(p)
+
+    def _finish_nvme_update(self, p: int) -> None:
+        """What follows pack ``p``'s chunked update, on the runtime's thread."""
+        self.staged.pop(p).finish()
         self.grads.discard(p)
+        if p in self.deferred_g:
+            self.deferred_g.discard(p)
+            self._delete_grad(p)
+
+    def _host_full(self) -> bool:
+        """The host tier's ``when_full``: join the update in flight, whose bytes (a chunked
+        update's reservation, a host-homed step's gradients) then come back; True if there
+        was one. Never from the worker itself (it allocates only from its reservation)."""
+        if self.worker is None or self.worker.pending is None or self.worker.on_thread():
+            return False
+        self.worker.join()
+        return True

@@ -89,12 +89,16 @@ class Trainer:
             per-parameter optimizers (SGD, Adam, AdamW, DeepSpeedCPUAdam) allow. Pipeline
             stages update whole packs.
         overlap_updates: run the optimizer step of each pack whose weights and optimizer
-            state live on the host on a worker thread, behind the next pack's backward
-            (:mod:`harmony.update_worker`); whatever next touches that pack waits for it,
-            counted as ``stats.stall_seconds["update"]``. The pack's gradients stay on the
-            host until then, which the planner accounts for. Worth it where the backward runs
-            on a GPU; on a CPU the two compete for the cores. Packs on NVMe update in line;
-            not with ``shard_optimizer`` (the broadcast follows the step at once) nor with
+            state live on the host or NVMe on a worker thread, behind the next pack's
+            backward (:mod:`harmony.update_worker`); whatever next touches that pack waits
+            for it, counted as ``stats.stall_seconds["update"]``. The pack's gradients stay
+            on the host until then, and an NVMe-homed pack's update holds a reservation of
+            the host bytes of three chunks until then, which the planner accounts for; where
+            only a plan updating in line fits the host budget, it updates in line
+            (``trainer.plan.overlap_updates`` says which). A pack's first update (it creates
+            the optimizer state) and NVMe-homed packs with tied weights update in line. Worth
+            it where the backward runs on a GPU; on a CPU the two compete for the cores. Not
+            with ``shard_optimizer`` (the broadcast follows the step at once) nor with
             pipeline stages (ValueError). Default False.
         clip_grad_norm: clip the gradients' global 2-norm to this value before each update,
             as ``torch.nn.utils.clip_grad_norm_`` over the whole model does; the schedule then
@@ -541,7 +545,7 @@ class Trainer:
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
-        if self.overlap_updates:
+        if self.overlap_updates and chosen.overlap_updates:
             self._runtime.worker = UpdateWorker(self.stats)
         self._runtime.changing = self._changing  # (grows if later shapes are profiled)
         self._runtime.owners = chosen.owners

@@ -1,9 +1,11 @@
-"""Optimizer steps of host-homed packs on a worker thread, behind the next pack's backward.
+"""Optimizer steps of packs homed off the device on a worker thread, behind the next pack's
+backward.
 
-The update of a pack whose weights and optimizer state live on the host reads only that
-pack's gradients, master weights and state, and the backward of the next pack reads none of
-them (``B0.0`` needs W0 and D1, not W1). With ``Trainer(overlap_updates=True)`` the runtime
-hands such a step to one worker thread (torch's kernels release the GIL) and goes on:
+The update of a pack whose weights and optimizer state live on the host (or on NVMe) reads
+only that pack's gradients, master weights and state, and the backward of the next pack reads
+none of them (``B0.0`` needs W0 and D1, not W1). With ``Trainer(overlap_updates=True)`` the
+runtime hands such a step to one worker thread (torch's kernels and the file I/O release the
+GIL) and goes on:
 
     main thread   B1.0  B1.1  U1: set G1 on the masters, submit | B0.0  B0.1  U0: join U1 ...
     worker                                                    step(pack 1) ...........
@@ -16,10 +18,21 @@ broadcast, and the end of the step (so ``state_dict()``, ``save()``, re-homing a
 leaves to the main thread: clearing the masters' gradients, refreshing tied copies, settling
 the optimizer-state charge. The time the main thread waits there is the ``"update"`` stall
 in ``trainer.stats``; the worker's time is the ``"update"`` busy time.
+
+An NVMe-homed pack's update (:mod:`harmony.chunked_update`) streams its chunks through host
+memory while it runs: it allocates buffers and issues reads and writes. So that it never
+waits for host room the runtime's thread would free (while that thread may be waiting for
+it), it runs from a :class:`swap.tier.Reservation` of its three largest consecutive chunks,
+charged on the runtime's thread before the step is submitted and given back when it is
+joined; the chunks staged behind the backward are adopted into it. If the runtime's thread
+then finds the host tier full, the tier's ``when_full`` hook joins the step (which can always
+finish) and the request is retried. Where the reservation does not fit, the update runs in
+line.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +61,11 @@ class UpdateWorker:
         self.stats = stats
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="harmony-update")
         self._job: tuple[int, Future[float], Callable[[], None]] | None = None
+        self._thread: int | None = None  # the worker thread's ident, once it has run
+
+    def on_thread(self) -> bool:
+        """Whether the caller is the worker thread."""
+        return threading.get_ident() == self._thread
 
     @property
     def pending(self) -> int | None:
@@ -60,6 +78,7 @@ class UpdateWorker:
         self.join()
 
         def timed() -> float:
+            self._thread = threading.get_ident()
             t0 = time.perf_counter()
             step()
             return time.perf_counter() - t0

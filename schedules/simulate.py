@@ -20,10 +20,13 @@ caller's and is not charged at its home. With data parallelism (``ranks`` > 1) a
 all-reduce ``&G p`` moves :func:`schedules.data_parallel.ring_bytes` over the
 ``"allreduce"`` link once G p is ready, and whatever reads G p afterwards waits for it.
 
-With ``overlap_updates``, the update of a pack whose K lives on the host runs on a worker
-(``harmony.update_worker``): the thread goes on once the update has started, the update ends
-``times.upd`` later on the worker, and the next update, the pack's weight broadcast or load,
-and the step's end wait for it; the pack's G stays at home until then.
+With ``overlap_updates``, the update of a pack whose K lives on the host or on NVMe runs on a
+worker (``harmony.update_worker``): the thread goes on once the update has started, the update
+ends ``times.upd`` later on the worker (streamed chunk by chunk from NVMe, on its own clock),
+and the next update, the pack's weight broadcast or load, and the step's end wait for it; the
+pack's G stays at home until then. An NVMe pack's update holds, from its start until it is
+joined, the host bytes of its three largest consecutive chunks (the runtime's reservation),
+not each chunk as it goes. Not with tied weights on NVMe (those updates run in line).
 
 A pipeline rank's schedule charges only its own packs' weights and optimizer state. Its SEND
 and RECV move the value's bytes over the link between the two ranks (``"rank0->rank1"``); a
@@ -156,8 +159,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
     ``owned``: the packs this rank updates (None: all); another rank's pack homed on NVMe
     reads nothing for its update, and its broadcast weights are written to its file.
     ``staging``: NVMe <-> device moves hold a host staging buffer (see the module docstring).
-    ``overlap_updates``: updates of packs whose K is on the host overlap what follows (see
-    above; not with ``owned``, a sharded optimizer).
+    ``overlap_updates``: updates of packs whose K is on the host or NVMe overlap what
+    follows (see above; not with ``owned``, a sharded optimizer).
 
     >>> from schedules.generators import harmony
     >>> from schedules.lower import lower
@@ -219,11 +222,13 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         link_free[name] = begin + n / bandwidth
         return link_free[name]
 
-    def read_chunk(p: int, after: float) -> None:
-        """Charge and read pack ``p``'s next chunk (W, then K) into host memory."""
+    def read_chunk(p: int, after: float, reserved: bool = False) -> None:
+        """Charge (unless ``reserved``) and read pack ``p``'s next chunk (W, then K) into
+        host memory."""
         chunks, ready = staged[p]
         w, k = chunks[len(ready)]
-        charge(Loc.HOST, w + k)
+        if not reserved:
+            charge(Loc.HOST, w + k)
         name = link(Loc.NVME, Loc.HOST)
         transfer(name, Kind.W, w, after)
         ready.append(transfer(name, Kind.K, k, after))
@@ -233,12 +238,19 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         for _ in range(min(2, len(staged[p][0]))):
             read_chunk(p, 0.0)
 
-    def chunked_update(p: int, start: float) -> float:
-        """Pack ``p``'s update streamed chunk by chunk from ``start``; returns its end."""
+    def chunked_update(p: int, start: float, behind: bool) -> tuple[float, int]:
+        """Pack ``p``'s update streamed chunk by chunk from ``start``; returns its end and,
+        ``behind`` (on the update worker), the host bytes it reserved until it is joined
+        (the most three consecutive chunks hold, charged as it starts)."""
         nonlocal clock
         chunks, ready = staged[p]
         total = sum(w + k for w, k in chunks) or 1
         upd = times.upd[p] if times is not None else 0.0
+        reserved = 0
+        if behind:
+            held = [w + k for w, k in chunks]
+            reserved = max(sum(held[max(0, j - 2):j + 1]) for j in range(len(held)))
+            charge(Loc.HOST, reserved - sum(held[:len(ready)]))
         t = start
         written: list[float] = []
         out = link(Loc.HOST, Loc.NVME)
@@ -246,28 +258,32 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
             if i + 1 < len(chunks) and len(ready) == i + 1:
                 if i >= 2:  # its writes end before its bytes serve chunk i + 1
                     t = max(t, written[i - 2])
-                    used[Loc.HOST] -= sum(chunks[i - 2])
+                    if not behind:
+                        used[Loc.HOST] -= sum(chunks[i - 2])
                 clock = t
-                read_chunk(p, t)
+                read_chunk(p, t, reserved=behind)
             t = max(t, ready[i]) + upd * (w + k) / total
             clock = t
             transfer(out, Kind.W, w, t)
             written.append(transfer(out, Kind.K, k, t))
         # written behind: the host copies are released when the writes end
-        used[Loc.HOST] -= sum(w + k for w, k in chunks[max(0, len(chunks) - 3):])
+        if not behind:
+            used[Loc.HOST] -= sum(w + k for w, k in chunks[max(0, len(chunks) - 3):])
         del staged[p]
-        return t
+        return t, reserved
 
     # overlap_updates: the update in flight (pack, when it ends on the worker), and the
     # gradients whose release waits for it
-    pending: list[tuple[int, float]] = []
+    pending: list[tuple[int, float, int]] = []  # (pack, its end, host bytes it reserved)
     deferred: list[Ref] = []
 
     def join() -> None:
         nonlocal clock
         if not pending:
             return
-        clock = max(clock, pending.pop()[1])
+        _, end, reserved = pending.pop()
+        clock = max(clock, end)
+        used[Loc.HOST] -= reserved
         for ref in deferred:
             used[home(ref)] -= sizes.of(ref)
             home_charged.discard(ref)
@@ -292,8 +308,8 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
         if t.op.is_compute:
             p = t.pack
             nvme_k = placement.k[p] is Loc.NVME and (owned is None or p in owned)
-            behind = overlap_updates and t.op is Op.UPD and placement.k[p] is Loc.HOST \
-                and owned is None
+            behind = overlap_updates and t.op is Op.UPD and owned is None and (
+                placement.k[p] is Loc.HOST or (nvme_k and not sizes.held))
             if t.op is Op.UPD:
                 join()  # one update at a time
             if nvme_k and p not in staged and (
@@ -326,10 +342,13 @@ def simulate(schedule: Schedule, sizes: Sizes, times: Times | None = None,
                         for held in [h for h in holding if h[0] == p]:
                             holding.remove(held)
                             used[held[1]] -= held[2]
-                end = chunked_update(p, start) if nvme_k else start + (
-                    times.upd[p] if times is not None else 0.0)
+                reserved = 0
+                if nvme_k:
+                    end, reserved = chunked_update(p, start, behind)
+                else:
+                    end = start + (times.upd[p] if times is not None else 0.0)
                 if behind:  # on the worker: the thread goes on
-                    pending.append((p, end))
+                    pending.append((p, end, reserved))
                     end = start
             if times is not None:
                 if t.op is Op.FWD:

@@ -13,16 +13,28 @@ A release may wait on a copy still reading the buffer: ``release(buf, after=hand
 bytes charged until that copy is done. When a request would exceed the capacity, the tier first
 takes back what finished copies freed, then waits for the oldest pending ones, and only then
 raises :class:`OutOfCapacity`: the accounted bytes never exceed the capacity.
+
+Threads: every method may be called from any thread (one lock guards the books; no lock is held
+while waiting for a copy). A thread that must not compete with another for room, such as the
+optimizer step of an NVMe-homed pack on the update worker, takes a :class:`Reservation`: bytes
+charged up front on the issuing thread, from which it allocates and releases without ever
+waiting for room. When a request does not fit, the tier calls its ``when_full`` hook (outside
+the lock) before raising: the runtime there joins the update in flight, whose reservation then
+comes back, and the request is tried once more.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict, deque
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from swap.handle import Handle
+
+_T = TypeVar("_T")
 
 
 class OutOfCapacity(MemoryError):
@@ -92,28 +104,63 @@ class Tier:
         self._cached = 0
         self._bases: dict[int, torch.Tensor] = {}  # data_ptr of a best-fit buffer -> the whole
         self._pending: deque[tuple[Handle, int, torch.Tensor | None]] = deque()
+        self._lock = threading.Lock()  # guards the books: used, peak, the pool, the pending
+        # Called (outside the lock) when a request does not fit even after the pending
+        # releases: returns True if it gave bytes back, and the request is tried once more.
+        self.when_full: Callable[[], bool] | None = None
 
     # -- accounting -------------------------------------------------------------------------
     def charge(self, nbytes: int, what: str = "a tensor") -> None:
         """Account ``nbytes`` of a tensor the tier did not allocate; may raise OutOfCapacity."""
-        self._make_room(nbytes, what)
-        self.used += nbytes
-        self.peak = max(self.peak, self.used)
+        self._retrying(lambda: self._charge(nbytes, what))
+
+    def _charge(self, nbytes: int, what: str) -> None:
+        with self._lock:
+            self._make_room(nbytes, what)
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
 
     def uncharge(self, nbytes: int, after: Handle | None = None) -> None:
         """Stop accounting ``nbytes`` (once ``after`` is done, if given)."""
-        if after is not None and not after.done():
-            self._pending.append((after, nbytes, None))
-        else:
-            self.used -= nbytes
+        with self._lock:
+            if after is not None and not after.done():
+                self._pending.append((after, nbytes, None))
+            else:
+                self.used -= nbytes
 
     def reset_peak(self) -> None:
-        self.peak = self.used
+        with self._lock:
+            self.peak = self.used
+
+    def reserve(self, nbytes: int, what: str = "a reservation") -> Reservation:
+        """Charge ``nbytes`` now, for a :class:`Reservation` to allocate from later."""
+        self.charge(nbytes, what)
+        return Reservation(self, nbytes, what)
+
+    def _retrying(self, request: Callable[[], _T]) -> _T:
+        try:
+            return request()
+        except OutOfCapacity:
+            if self.when_full is None or not self.when_full():
+                raise
+        return request()
 
     # -- buffers ----------------------------------------------------------------------------
     def allocate(self, nbytes: int, what: str = "a buffer") -> torch.Tensor:
         """A flat uint8 buffer of exactly ``nbytes`` on this tier, reused when one is free."""
-        self._make_room(nbytes, what)
+        return self._retrying(lambda: self._allocate(nbytes, what))
+
+    def _allocate(self, nbytes: int, what: str) -> torch.Tensor:
+        with self._lock:
+            self._make_room(nbytes, what)
+            buf = self._take(nbytes, self.used)
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+            return buf
+
+    def _take(self, nbytes: int, used: int) -> torch.Tensor:
+        """A buffer of ``nbytes`` from the pool or new, with ``used`` bytes accounted besides
+        it (the books are the caller's). Lock held."""
         free = self._free.get(nbytes)
         fit = None if free else self._best_fit(nbytes)
         if free:
@@ -132,7 +179,7 @@ class Tier:
             size = size_class(nbytes) if self.share_capacity else nbytes
             if self.share_capacity:
                 assert self.capacity is not None
-                self._trim_to(self.capacity - self.used - size)
+                self._trim_to(self.capacity - used - size)
             if self._alloc is not None:
                 buf = self._alloc(size)
             else:
@@ -142,8 +189,6 @@ class Tier:
             if size != nbytes:
                 base, buf = buf, buf[:nbytes]
                 self._bases[buf.data_ptr()] = base
-        self.used += nbytes
-        self.peak = max(self.peak, self.used)
         return buf
 
     def _best_fit(self, nbytes: int) -> int | None:
@@ -154,12 +199,13 @@ class Tier:
 
     def release(self, buf: torch.Tensor, after: Handle | None = None) -> None:
         """Return ``buf`` to the pool, once ``after`` (a copy still reading it) is done."""
-        if after is not None and not after.done():
-            self._pending.append((after, buf.numel(), buf))
-        else:
+        with self._lock:
+            if after is not None and not after.done():
+                self._pending.append((after, buf.numel(), buf))
+                return
             self._put_back(buf.numel(), buf)
-            if after is not None:
-                after.synchronize()  # done: re-raises its error, if it failed
+        if after is not None:
+            after.synchronize()  # done: re-raises its error, if it failed
 
     @property
     def cached(self) -> int:
@@ -168,17 +214,23 @@ class Tier:
 
     def clear_cache(self) -> None:
         self.drain()
-        self._free.clear()
-        self._cached = 0
+        with self._lock:
+            self._free.clear()
+            self._cached = 0
 
     def drain(self) -> None:
         """Wait for every pending release."""
-        while self._pending:
-            self._reclaim_oldest()
+        with self._lock:
+            while self._pending:
+                self._reclaim_oldest()
 
-    # -- internals --------------------------------------------------------------------------
+    # -- internals (lock held) ----------------------------------------------------------------
     def _put_back(self, nbytes: int, buf: torch.Tensor | None) -> None:
         self.used -= nbytes
+        self._give(buf)
+
+    def _give(self, buf: torch.Tensor | None) -> None:
+        """Return ``buf`` to the pool (the books are the caller's)."""
         if buf is not None:
             buf = self._bases.pop(buf.data_ptr(), buf)  # the whole of a best-fit buffer
         size = buf.numel() if buf is not None else 0
@@ -188,10 +240,14 @@ class Tier:
             self._cached += size
 
     def _reclaim_oldest(self) -> None:
+        """Wait for the oldest pending release (the lock is let go meanwhile, so another
+        thread may use the tier), then put its bytes back."""
         handle, nbytes, buf = self._pending.popleft()
+        self._lock.release()
         try:
             handle.synchronize()
         finally:
+            self._lock.acquire()
             self._put_back(nbytes, buf)
 
     def _reclaim_done(self) -> None:
@@ -227,3 +283,60 @@ class Tier:
             while self._free[size] and self._cached > limit:
                 self._free[size].pop()
                 self._cached -= size
+
+
+class Reservation:
+    """Bytes of a tier charged up front, handed out as buffers without waiting for room.
+
+    The thread holding it allocates and releases within ``nbytes`` (more raises
+    :class:`OutOfCapacity`: the reservation was sized wrong). :meth:`adopt` takes over buffers
+    already allocated from the tier, whose bytes are then the reservation's. A buffer released
+    with a pending ``after`` leaves the reservation: its bytes stay charged on the tier until
+    the copy is done, as with :meth:`Tier.release`. :meth:`close` gives back what is unused.
+
+    >>> t = Tier("host", torch.device("cpu"), capacity=100)
+    >>> r = t.reserve(60); t.used
+    60
+    >>> b = r.allocate(40); r.free, t.used
+    (20, 60)
+    >>> r.release(b); r.close(); t.used
+    0
+    """
+
+    def __init__(self, tier: Tier, nbytes: int, what: str) -> None:
+        self.tier, self.nbytes, self.what = tier, nbytes, what
+        self.free = nbytes  # reserved bytes not handed out
+
+    def adopt(self, buf: torch.Tensor) -> None:
+        """Take over ``buf``, allocated from the tier: its bytes now count in this reservation
+        (the tier's charge for it becomes the reservation's)."""
+        self.nbytes += buf.numel()
+
+    def allocate(self, nbytes: int, what: str = "a buffer") -> torch.Tensor:
+        if nbytes > self.free:
+            raise OutOfCapacity(f"{self.tier.name} reservation", nbytes,
+                                self.nbytes - self.free, self.nbytes, f"{what} ({self.what})")
+        tier = self.tier
+        with tier._lock:
+            buf = tier._take(nbytes, tier.used - nbytes)  # (its bytes are charged already)
+        self.free -= nbytes
+        return buf
+
+    def release(self, buf: torch.Tensor, after: Handle | None = None) -> None:
+        """Give ``buf`` back to the reservation, or (``after`` pending) to the tier once the
+        copy reading it is done."""
+        if after is not None and not after.done():
+            self.tier.release(buf, after)  # (its bytes, charged by us, are the tier's now)
+            self.nbytes -= buf.numel()
+            return
+        with self.tier._lock:
+            self.tier._give(buf)
+        self.free += buf.numel()
+        if after is not None:
+            after.synchronize()
+
+    def close(self) -> None:
+        """Uncharge the unused bytes; buffers still out stay charged until released."""
+        self.tier.uncharge(self.free)
+        self.nbytes -= self.free
+        self.free = 0

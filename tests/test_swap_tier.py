@@ -394,3 +394,99 @@ def test_pinned_host_tier() -> None:
     assert buf.is_pinned()
     t.release(buf)
     assert t.allocate(4096).data_ptr() == buf.data_ptr()
+
+
+# -- reservations, a full tier and threads ------------------------------------------------------
+
+def test_reservation_hands_out_within_its_bytes_and_gives_back_the_rest() -> None:
+    t = Tier("host", CPU, capacity=1000)
+    r = t.reserve(600, "an update")
+    assert (t.used, t.peak) == (600, 600)
+    with pytest.raises(OutOfCapacity):
+        t.allocate(500)  # the reserved bytes are the reservation's
+    a, b = r.allocate(300), r.allocate(300)
+    assert (r.free, t.used) == (0, 600)
+    with pytest.raises(OutOfCapacity, match="host reservation.*an update"):
+        r.allocate(1)
+    r.release(a)
+    c = r.allocate(300)  # reused from the pool, within the reservation
+    assert c.data_ptr() == a.data_ptr() and t.used == 600
+    r.release(b)
+    r.close()
+    assert t.used == 300  # c is still out: charged until released
+    t.release(c)
+    assert (t.used, t.peak) == (0, 600)
+
+
+def test_reservation_adopts_buffers_and_hands_pending_ones_to_the_tier() -> None:
+    t = Tier("host", CPU, capacity=1000)
+    staged = t.allocate(200)
+    r = t.reserve(300)
+    r.adopt(staged)
+    assert t.used == 500
+    r.release(staged)
+    assert r.free == 500 and t.used == 500
+    buf = r.allocate(500)
+    h = Pending()
+    r.release(buf, after=h)  # its write is in flight: the tier keeps its bytes until done
+    r.close()
+    assert t.used == 500
+    t.allocate(600)  # waits for the write, then the 500 bytes are free
+    assert h.syncs == 1 and t.used == 600
+
+
+def test_a_full_tier_calls_when_full_once_and_retries() -> None:
+    t = Tier("host", CPU, capacity=1000)
+    r = t.reserve(800)
+    calls: list[int] = []
+
+    def join() -> bool:
+        calls.append(t.used)
+        r.close()
+        return True
+
+    t.when_full = join
+    buf = t.allocate(500)  # does not fit beside the reservation: join, then it does
+    assert (calls, t.used, buf.numel()) == ([800], 500, 500)
+    t.when_full = lambda: False  # nothing to give back: the error, as without a hook
+    with pytest.raises(OutOfCapacity):
+        t.charge(600)
+    assert t.used == 500
+
+
+def test_threads_allocating_beside_a_reservation_keep_the_books() -> None:
+    """One thread lives on a reservation, another on the tier; neither waits for the other
+    and the accounted bytes never exceed the capacity."""
+    import threading
+
+    t = Tier("host", CPU, capacity=10_000)
+    r = t.reserve(3000)
+    over: list[int] = []
+    errors: list[BaseException] = []
+
+    def on_reservation() -> None:
+        try:
+            for _ in range(2000):
+                bufs = [r.allocate(1000) for _b in range(3)]
+                for b in bufs:
+                    r.release(b)
+                over.extend([t.used] if t.used > 10_000 else [])
+        except BaseException as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=on_reservation)
+    worker.start()
+    rng = random.Random(0)
+    held: list[torch.Tensor] = []
+    for _ in range(4000):
+        if held and (rng.random() < 0.5 or t.used + 2000 > 10_000):
+            t.release(held.pop(rng.randrange(len(held))))
+        else:
+            held.append(t.allocate(rng.choice([500, 1000, 2000])))
+        over.extend([t.used] if t.used > 10_000 else [])
+    worker.join()
+    assert not errors and not over
+    for b in held:
+        t.release(b)
+    r.close()
+    assert t.used == 0
