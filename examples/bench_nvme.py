@@ -10,7 +10,8 @@ Three measurements on the same model and batches, interleaved and repeated:
 * NVMe: weights (W) and optimizer state (K) homed in files, device and host budgets below the
   training state, so every step reads W twice, reads W and K for the update and writes them back;
 * I/O-only: the same reads and writes, issued in the same order with nothing computed;
-* NVMe, overlapped: the NVMe run's packs and placement with ``overlap_updates=True``, each
+* NVMe, overlapped: ``overlap_updates=True`` with the same budgets (planned for them: each
+  update on the worker holds its host bytes until joined, so the placement may differ), each
   pack's update streaming on the update worker behind the next pack's backward.
 
 The table reports medians (and min-max) and the ratio step / max(compute, I/O): 1.0 means the
@@ -178,10 +179,12 @@ def main() -> None:
         print(f"NVMe backend: {nvme.store.backend}")
         compute = make(plan=on_device(nvme.plan))
         compute.step(*data[0])
-        behind = make(plan=nvme.plan, device_memory=state // 4, host_memory=state // 3,
+        behind = make(device_memory=state // 4, host_memory=state // 3,
                       nvme_dir=args.nvme_dir, overlap_updates=True)
         behind.step(*data[0])
         assert behind.plan is not None
+        print("overlap_updates=True, planned for the same budgets:")
+        print(behind.plan.describe(behind.chain.names))
         nvme.stats.reset()
         c_times, n_times, io_times, o_times, b_times = [], [], [], [], []
         for batch in data[1:]:  # interleaved, so drifts of the shared disk hit every row

@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "whole packs, or 'auto' (default: whole packs if they fit the host "
                           "budget, else the largest chunks that do)")
     rep.add_argument("--overlap-updates", action="store_true",
-                     help="plan the optimizer steps of host-homed packs on a worker thread, "
+                     help="plan the optimizer steps of packs homed on the host or NVMe on a "
+                          "worker thread, "
                           "behind the next pack's backward (Trainer(overlap_updates=True))")
     rep.add_argument("--prefetch", type=int, default=None, metavar="K",
                      help="force a prefetch depth (default: the planner's choice)")

@@ -264,7 +264,8 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
             the planner chooses; see :func:`harmony.planning.plan`).
         update_chunk: how NVMe-homed packs stream their updates (``"auto"``, bytes, or None
             for whole packs; see :func:`harmony.planning.plan`).
-        overlap_updates: plan host-homed packs' updates behind the next pack's backward.
+        overlap_updates: plan host- and NVMe-homed packs' updates behind the next pack's
+            backward (in line where only that fits).
 
     Raises:
         harmony.InfeasiblePlan: nothing fits; the message says what to change.
@@ -285,7 +286,7 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
                if t.op is Op.FWD and t.pack == p) for p in range(P)]
     compute = sum(sum(times.bwd[p]) + times.upd[p] + (fwd[p] if p < P - 1 else 0.0)
                   for p in range(P))
-    if overlap_updates:  # host- (and, untied, NVMe-) homed packs' updates run beside the rest
+    if chosen.overlap_updates:  # host- (and untied NVMe-) homed packs' updates run beside
         behind = sum(times.upd[p] for p in range(P) if chosen.placement.k[p] is Loc.HOST
                      or (chosen.placement.k[p] is Loc.NVME and not chosen.sizes.held))
         compute = max(compute - behind, behind)

@@ -454,3 +454,18 @@ def test_planner_never_exceeds_a_budget(layers: list[LayerProfile], mbs: list[in
         assert not p.schedule.uses_tier(Loc.NVME)
     assert p.bounds[0][0] == 0 and p.bounds[-1][1] == len(layers)
     assert all(a < b for a, b in p.bounds)
+
+
+def test_overlap_updates_in_line_where_only_that_fits() -> None:
+    """With NVMe, an update on the worker holds its chunks' host bytes until it is joined: a
+    host budget that fits that plans it (and says so, in the plan and its JSON), a smaller
+    one that only in-line updates fit plans those, as without overlap_updates."""
+    prof = load_profile("gpt-tiny", 2)
+    roomy = make_report(prof, 4, 200 << 10, 300 << 10, nvme=True, overlap_updates=True).plan
+    assert roomy.overlap_updates and Loc.NVME in roomy.placement.k
+    assert "run on the update worker" in roomy.describe([str(i) for i in range(20)])
+    assert plan_from_json(json.loads(json.dumps(plan_to_json(roomy)))) == roomy
+    tight = make_report(prof, 4, 200 << 10, 200 << 10, nvme=True, overlap_updates=True).plan
+    assert not tight.overlap_updates
+    assert tight == make_report(prof, 4, 200 << 10, 200 << 10, nvme=True).plan
+    assert tight.predicted.peak[Loc.HOST] <= 200 << 10 < roomy.predicted.peak[Loc.HOST]
