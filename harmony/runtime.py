@@ -11,7 +11,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,13 +20,15 @@ from harmony.chain import as_tuple, call, checked_loss
 from harmony.chunked_update import ChunkedUpdate, broadcast_chunks
 from harmony.layout import Entry
 from harmony.pack import Pack
-from harmony.precision import GradientOverflow, Precision, unscale_
+from harmony.precision import Precision
 
 if TYPE_CHECKING:
     from harmony.data_parallel import DataParallel
 from harmony.rng import layer_rng
 from harmony.tied import TiedWeights
 from harmony.update_worker import UpdateWorker
+from harmony.updates import NonFiniteLoss as NonFiniteLoss  # (raised by an update)
+from harmony.updates import update
 from schedules.effects import updates_after_backward
 from schedules.schedule import Schedule
 from schedules.simulate import Sizes, link
@@ -65,16 +66,6 @@ def _nbytes(value: Value) -> int:
     return sum(t.numel() * t.element_size() for t in value if t is not None)
 
 
-class NonFiniteLoss(ValueError):
-    """The batch's loss is NaN or infinite; raised before any pack is updated."""
-
-    def __init__(self, step: int, loss: float) -> None:
-        self.step, self.loss = step, loss
-        super().__init__(f"step {step}: the loss is {loss}; no weight was changed. Lower the "
-                         "learning rate or check the data, or pass nonfinite='skip' to skip "
-                         "such steps")
-
-
 @dataclass
 class StepData:
     """One step's micro-batches: inputs and targets (on the host), and each one's loss weight."""
@@ -103,6 +94,7 @@ class Runtime:
         self.writes: list[tuple[Handle, str]] = []  # NVMe writes behind this step
         # (max norm, (pack, trainable index) in the model's parameter order) when clipping
         self.clip: tuple[float, list[tuple[int, int]]] | None = None
+        self.grad_norm = 0.0  # the global norm the last clipping saw
         self.ties: TiedWeights | None = None  # parameters used by several packs (harmony/tied.py)
         self.loss_fn, self.device, self.seed = loss_fn, device, seed
         # Mixed precision (the trainer's Precision, whose loss scale it updates after each
@@ -208,8 +200,8 @@ class Runtime:
             self.values.pop(ref, None)
         for p in list(self.w_dev):
             self._free_w(p)
-        for update in self.staged.values():
-            update.abandon()
+        for staged in self.staged.values():
+            staged.abandon()
         self.staged.clear()
         for w, hw in list(self.sending.values()):
             with contextlib.suppress(Exception):
@@ -233,7 +225,7 @@ class Runtime:
         elif op is Op.BWD:
             self._backward(task)
         elif op is Op.UPD:
-            self._update(task)
+            update(self, task)
         elif op is Op.ALLREDUCE:  # data parallelism: sum G over the ranks, asynchronously
             assert self.dp is not None, f"{task} needs parallel='data'"
             slot = self.values[task.ref]
@@ -706,81 +698,6 @@ class Runtime:
             frozen.close()
         self.grads.add(p)
 
-    def _update(self, task: Task) -> None:
-        p = task.pack
-        self._join_update()  # one update at a time, in the schedule's order
-        if not self.updated and self.dp is not None:
-            self.loss = self.dp.reduce_loss(self.loss)  # every rank decides on the same loss
-        if not self.updated and not torch.isfinite(self.loss):
-            # Every micro-batch's loss is known before the first update in the generated
-            # schedules, so refusing here leaves every weight as it was.
-            raise NonFiniteLoss(self.step, float(self.loss))
-        if not self.updated and self.precision.scaling:
-            self._unscale()
-        if not self.updated and self.clip is not None:
-            if self.ties is not None:  # the norm counts a tied gradient once, summed
-                self.ties.merge_all(self)
-            self._clip_gradients(*self.clip)
-        self.updated.append(p)
-        if not self.owns(p):  # sharded optimizer: the owner steps it and broadcasts W
-            self._wait_allreduce(p)
-            self.grads.discard(p)
-            return
-        self._w_arrived(p)  # the last step's send of these weights, before they change
-        if self.ties is not None:  # an owner sums the sharers' gradients; a sharer keeps its own
-            self.ties.before_update(self, p)
-        pack = self.packs[p]
-        slot = self.values[Ref(Kind.G, p)]
-        loc = self.placement.update_loc(p)
-        self._wait_allreduce(p)
-        if pack.home is Loc.NVME:
-            return self._update_from_nvme(p)
-        if pack.layout.mixed:  # the fp32 masters step on the fp32 gradients
-            for master, g in zip(pack.masters, self._grad_views(p)):
-                master.grad = g
-        elif loc is Loc.DEVICE:
-            for e, got in zip(pack.layout.trainable, pack.got_grad):
-                if not got:
-                    e.tensor.grad = None
-        else:
-            assert slot.home is not None and slot.home[0] is not None
-            if slot.home_ready is not None:  # the host optimizer reads these bytes
-                self.engine.synchronize(slot.home_ready, link(Loc.DEVICE, loc))
-                slot.home_ready = None
-            flat = slot.home[0]
-            for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
-                master.grad = e.gview(flat) if got else None
-        if self.worker is not None and loc is Loc.HOST and self.owners is None:
-            # overlap_updates: the step runs behind what follows (harmony.update_worker)
-            self.worker.submit(p, partial(self._step, p), partial(self._finish_update, p))
-            return
-        self._step(p)
-        self._finish_update(p)
-
-    def _step(self, p: int) -> None:
-        """Pack ``p``'s optimizer step (on the update worker, with overlap_updates): it reads
-        the pack's gradients and writes its masters, optimizer state and, in mixed precision,
-        its home weights, and nothing else."""
-        pack = self.packs[p]
-        pack.optimizer.step()
-        if pack.layout.mixed:
-            assert pack.home_w is not None
-            pack.refresh_weights(pack.home_w)
-
-    def _finish_update(self, p: int) -> None:
-        """What follows pack ``p``'s step, on the runtime's thread."""
-        pack = self.packs[p]
-        for master in pack.masters:
-            master.grad = None
-        if self.ties is not None:  # sharers' copies of this pack's tied weights (W refreshed)
-            assert pack.home_w is not None
-            self.ties.after_update(self, p, pack.home_w)
-        pack.settle_optimizer_bytes()
-        self.grads.discard(p)
-        if p in self.deferred_g:
-            self.deferred_g.discard(p)
-            self._delete_grad(p)
-
     def _grad_views(self, p: int) -> list[torch.Tensor | None]:
         """Pack ``p``'s gradients where its update will read them (None: no gradient)."""
         pack = self.packs[p]
@@ -802,69 +719,11 @@ class Runtime:
         if self.dp is not None:
             self.dp.wait(p)
 
-    def _unscale(self) -> None:
-        """fp16: divide every gradient by the loss scale; raise if any overflowed."""
-        grads = [g for p in range(len(self.packs)) if self.owns(p)
-                 for g in self._grad_views(p) if g is not None]
-        overflow = unscale_(grads, self.precision.scale)
-        if self.owners is not None and self.dp is not None:  # each rank checked its packs
-            overflow = self.dp.all_sum(float(overflow)) > 0
-        if overflow:
-            raise GradientOverflow(f"step {self.step}: a gradient overflowed at loss scale "
-                                   f"{self.precision.scale:g}; the step is skipped")
-
-    def _clip_gradients(self, max_norm: float, order: list[tuple[int, int]]) -> None:
-        """Scale every pack's gradients as clip_grad_norm_ over the whole model would.
-
-        The schedule runs every update after the last backward, so all gradients exist here.
-        """
-        views = {p: self._grad_views(p) for p in range(len(self.packs)) if self.owns(p)}
-        grads = [g for p, i in order if p in views and (g := views[p][i]) is not None]
-        if self.owners is not None and self.dp is not None:
-            # Sharded optimizer: each rank holds the summed gradients of its own packs; the
-            # squares of their norms are summed over the ranks (float64) into the global norm.
-            square = sum(float(torch.linalg.vector_norm(g.double())) ** 2 for g in grads)
-            total = torch.tensor(self.dp.all_sum(square) ** 0.5, dtype=torch.float32)
-        elif not grads:
-            return
-        else:
-            total = torch.nn.utils.get_total_norm(grads, 2.0)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for device in {g.device for g in grads}:
-            torch._foreach_mul_([g for g in grads if g.device == device], coef.to(device))
-        self.grad_norm = float(total)
-
     def _stage(self, p: int) -> None:
         """Start reading the first chunks of the master weights and optimizer state of ``p``
         for its update; the reads run while the pack's backward computes."""
         self.staged[p] = ChunkedUpdate(self, p)
         self.staged[p].stage()
-
-    def _update_from_nvme(self, p: int) -> None:
-        """Stream pack ``p``'s update through host memory chunk by chunk (see
-        :mod:`harmony.chunked_update`); a deferred update starts its reads now.
-
-        With overlap_updates it runs on the update worker, from a reservation of the host
-        bytes it holds (so it never waits for room the runtime's thread would free), unless
-        that does not fit now, it is the pack's first update (its state's size is only
-        estimated), or tied weights need the chunks' weights on this thread: then in line.
-        """
-        update = self.staged.setdefault(p, ChunkedUpdate(self, p))
-        update.prepare()
-        if self.worker is not None and self.owners is None and self.ties is None \
-                and update.reserve():
-            self.worker.submit(p, update.run, partial(self._finish_nvme_update, p))
-            return
-        update.run()  # (after a failure, abandon() gives its buffers back)
-        self._finish_nvme_update(p)
-
-    def _finish_nvme_update(self, p: int) -> None:
-        """What follows pack ``p``'s chunked update, on the runtime's thread."""
-        self.staged.pop(p).finish()
-        self.grads.discard(p)
-        if p in self.deferred_g:
-            self.deferred_g.discard(p)
-            self._delete_grad(p)
 
     def _host_full(self) -> bool:
         """The host tier's ``when_full``: join the update in flight, whose bytes (a chunked
