@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NVMe packs' updates stream through host memory in chunks of at most "
                         "this many bytes, e.g. '256KiB'; 'none': whole packs; 'auto' "
                         "(default): whole packs if they fit --host-memory, else chunks")
+    p.add_argument("--overlap-updates", action="store_true",
+                   help="run each pack's optimizer step (its state on the host or NVMe) on a "
+                        "worker thread behind the next pack's backward")
     p.add_argument("--schedule", default="harmony",
                    choices=["harmony", "per-microbatch", "resident"])
     p.add_argument("--parallel", choices=["data", "pipeline"], default=None,
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                    shard_optimizer=args.shard_optimizer,
                                    precision=args.precision,
                                    forward_micro_batch_size=args.forward_micro_batch_size,
-
+                                   overlap_updates=args.overlap_updates,
                                    update_chunk=None if args.update_chunk == "none"
                                    else args.update_chunk)
         except ValueError as e:  # a bad argument, e.g. a budget below one layer's W and G
