@@ -50,7 +50,7 @@ from swap.tier import fmt_bytes
 
 if TYPE_CHECKING:
     from harmony.runtime import Runtime
-    from harmony.trainer import Trainer
+    from harmony.trainer_planning import TrainerPlanning
 
 # Messages carry a header of this many int64 values before the tensors.
 HEADER = 128
@@ -109,7 +109,7 @@ class Pipeline:
     def first_pack(self) -> int:
         return self.stage[0]
 
-    def _choose_stages(self, trainer: Trainer, micro_batches: list[int],
+    def _choose_stages(self, trainer: TrainerPlanning, micro_batches: list[int],
                        fixed: tuple[Any, ...] | None) -> None:
         """Pick pack bounds and stages on rank 0 (profiled times differ between ranks) and
         share them, so every rank agrees."""
@@ -131,7 +131,7 @@ class Pipeline:
             raise ValueError(choice[0][1])
         self.bounds, self.stages = choice[0][1]
 
-    def _stages_on_rank0(self, trainer: Trainer, micro_batches: list[int],
+    def _stages_on_rank0(self, trainer: TrainerPlanning, micro_batches: list[int],
                          fixed: tuple[Any, ...] | None, layers: int,
                          ) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
         profiles = trainer._profiles
@@ -171,7 +171,7 @@ class Pipeline:
         return bounds, stages
 
     # -- the plan ----------------------------------------------------------------------------
-    def plan(self, trainer: Trainer, micro_batches: list[int]) -> Plan:
+    def plan(self, trainer: TrainerPlanning, micro_batches: list[int]) -> Plan:
         """This rank's plan for these micro-batch sizes, in the runtime's local pack numbers.
 
         The first call chooses the stages (keeping the pack bounds of a ``plan=`` the trainer
@@ -213,7 +213,7 @@ class Pipeline:
         self.schedule, self.sizes, self.placement = lowered, sizes, lowered.placement
         return self._local_plan(lowered, sizes, predicted)
 
-    def _place(self, trainer: Trainer, compute: Schedule, sizes: Sizes, times: Times,
+    def _place(self, trainer: TrainerPlanning, compute: Schedule, sizes: Sizes, times: Times,
                given: Placement | None) -> tuple[Schedule, SimResult]:
         """The fastest placement of this rank's packs that fits its budgets (the planner's
         candidates, in its order), with every other pack's entry on the device."""
@@ -424,8 +424,8 @@ def _parse_header(header: torch.Tensor,
     return specs, single, loss
 
 
-def _bandwidth(trainer: Trainer) -> dict[str, float]:
-    from harmony.trainer import _bandwidth as measured
+def _bandwidth(trainer: TrainerPlanning) -> dict[str, float]:
+    from harmony.trainer_planning import _bandwidth as measured
 
     return measured(trainer.device)
 

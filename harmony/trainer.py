@@ -1,4 +1,9 @@
-"""The public entry point: :class:`Trainer`."""
+"""The public entry point: :class:`Trainer`.
+
+The trainer checks its arguments, sets up the tiers and runs the steps; how it plans is in
+:mod:`harmony.trainer_planning`, how it reads back, saves and loads its state in
+:mod:`harmony.trainer_state` (its base classes).
+"""
 
 from __future__ import annotations
 
@@ -6,30 +11,26 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from functools import partial
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from harmony import checkpoint
 from harmony.chain import Chain
 from harmony.chunks import parse_update_chunk
 from harmony.data_parallel import DataParallel
-from harmony.groups import forward_group_of, refuse_ungroupable
+from harmony.groups import forward_group_of
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
-from harmony.pack import Pack
 from harmony.pipeline import Pipeline
-from harmony.planning import InfeasiblePlan, Plan, largest_micro_batch, plan
+from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import GradientOverflow, Precision
-from harmony.profile import UNCHECKED, optimizer_state_ratio, profile_layers
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
-from harmony.tied import Tie, TiedWeights, retie, shared_parameters, untie
-from harmony.update_worker import UpdateWorker
+from harmony.tied import Tie, retie, shared_parameters
+from harmony.trainer_planning import TrainerPlanning, _load_plan
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
@@ -45,7 +46,7 @@ def _default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-class Trainer:
+class Trainer(TrainerPlanning):
     """Trains a chain of layers whose training state need not fit in device memory.
 
     Args:
@@ -450,198 +451,6 @@ class Trainer:
         self.stats.seconds["step"] += time.perf_counter() - t0
         return loss
 
-    def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
-        self._weights_arrived()
-        # Between steps, the layers of packs homed off the device hold empty tensors: give
-        # them their home weights while the profile runs (new input shapes re-profile).
-        away = [] if self._runtime is None else [
-            p for p in self._runtime.packs if p.home is not Loc.DEVICE]
-        for pack in away:
-            pack.layout.bind(pack.home_weights())
-        grouping = self._forward_group != 1 and self._second_input is not None
-        try:
-            self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
-                                            self.loss_fn, self.device, self.precision,
-                                            changed=self._changing,
-                                            group_inputs=self._second_input if grouping
-                                            else None)
-        finally:
-            for pack in away:
-                pack.layout.bind(None)
-            for pack in self._runtime.packs if self._runtime is not None else []:
-                pack.got_grad = [False] * len(pack.got_grad)  # the profile's backward set them
-        try:
-            self._k_ratio = optimizer_state_ratio(self.optimizer_factory)
-        except Exception:  # an optimizer that cannot be probed: assume Adam-like state
-            self._k_ratio = 2.0
-
-    def _plan_for(self, sizes: list[int], fixed: Any = None,
-                  forward_group: int | str | None = "asked",
-                  update_chunk: int | str | None = "given") -> Plan:
-        """A plan for micro-batches of ``sizes``; ``fixed``: keep these pack bounds and
-        placement; ``forward_group``: micro-batches per forward (default: as asked);
-        ``update_chunk``: the packs' chunk budget (default: the one this trainer was given)."""
-        assert self._profiles is not None
-        if self._pipeline is not None:  # this rank's stage (harmony.pipeline)
-            return self._pipeline.plan(self, sizes)
-        group = self._forward_group if forward_group == "asked" else forward_group
-        assert group is None or isinstance(group, int)
-        # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
-        # checks every gradient for overflow before any update, as clipping needs every one.
-        k_ratio = self.precision.k_ratio(self._k_ratio)
-        bandwidth, ranks, local_ranks = _bandwidth(self.device), 1, 1
-        if self._dp is not None:  # all-reduce rate; ranks sharing this machine's links
-            bandwidth, ranks, local_ranks = self._dp.planning(bandwidth)
-        chosen = plan(self._profiles, self.schedule_name, sizes, self.device_memory,
-                      self.host_memory, k_ratio, bandwidth,
-                      prefetch=self.prefetch, fixed=fixed, nvme=self.store is not None,
-                      deferred_updates=self.clip_grad_norm is not None
-                      or self.precision.scaling,
-                      tied=self._tied, ranks=ranks, local_ranks=local_ranks,
-                      shard=self._dp.group.rank if self._dp is not None and self._dp.shard
-                      else None, forward_group=group if len(sizes) > 1 else 1,
-                      staging=self.device.type == "cuda",
-                      update_chunk=self.update_chunk if update_chunk == "given"
-                      else update_chunk, overlap_updates=self.overlap_updates)
-        if isinstance(self.forward_micro_batch_size, int) and group and group > 1:
-            refuse_ungroupable(self.forward_micro_batch_size, len(chosen.bounds),
-                               chosen.ungrouped, self.chain.names)
-        return chosen
-
-    def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
-                    key: tuple[Any, ...], chosen: Plan | None = None) -> None:
-        """Profile, plan (unless ``chosen`` is given) and build the packs and the runtime."""
-        if chosen is None:
-            self._profile(x, y)
-            chosen = self._plan_for(sizes, fixed=self._fixed)
-        if self._dp is not None:  # every rank runs rank 0's packs, so all-reduces pair up
-            agreed = self._dp.agree(chosen.bounds, chosen.placement, chosen.forward_group,
-                                    chosen.update_chunk)
-            if agreed is not None:
-                chosen = self._plan_for(sizes, fixed=agreed[:2], forward_group=agreed[2],
-                                        update_chunk=agreed[3])
-            self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
-        placement = chosen.placement
-        # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
-        # (None with pipeline stages, whose bounds cover only this rank's layers)
-        self._ties = untie(self.chain.model, self.chain.layers, chosen.bounds) \
-            if self._tied else []
-        if self._ties:
-            self._layer_layouts = [Layout([m], self.precision.dtype_of)
-                                   for m in self.chain.layers]
-        packs = []
-        rank = self._dp.group.rank if self._dp is not None else 0
-        for p, (a, b) in enumerate(chosen.bounds):
-            home = placement.w[p]
-            # Sharded optimizer: another rank may own this pack's optimizer state and masters
-            # (and their charge: the plan's K for it is 0 here); this rank receives its W.
-            packs.append(Pack.build(p, a, self.chain.layers[a:b], home, self.tiers[home],
-                                    self.optimizer_factory, chosen.sizes.k[p], self.store,
-                                    self.precision,
-                                    untrained=TiedWeights.untrained(self._ties, p),
-                                    owned=chosen.owners is None or chosen.owners[p] == rank,
-                                    update_chunk=chosen.update_chunk,
-                                    k_ratio=self.precision.k_ratio(self._k_ratio)))
-        self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
-                                self.seed, self.store)
-        self._runtime.precision = self.precision
-        if self.overlap_updates and chosen.overlap_updates:
-            self._runtime.worker = UpdateWorker(self.stats)
-        self._runtime.changing = self._changing  # (grows if later shapes are profiled)
-        self._runtime.owners = chosen.owners
-        if self._ties:
-            self._runtime.ties = TiedWeights(self._ties, packs)
-        if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
-            self._pipeline.attach(self._runtime)
-        if self.clip_grad_norm is not None:
-            # The norm is taken over the gradients in the model's parameter order, as
-            # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
-            where = {id(e.tensor): (p, i) for p, pack in enumerate(packs)
-                     for i, e in enumerate(pack.layout.trainable)}
-            self._runtime.clip = (self.clip_grad_norm, [
-                where[id(q)] for q in self._params if id(q) in where])
-        self._plans[key] = chosen
-        if self.lr_scheduler_factory is not None:
-            # Built before a loaded state is applied: building one sets the learning rate to
-            # the schedule's start, which the loaded optimizer settings must then override.
-            self.lr_schedulers = [self.lr_scheduler_factory(p.optimizer) for p in packs]
-        self._apply_optimizer_state()
-        self._apply_scheduler_state()
-
-    def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
-                key: tuple[Any, ...]) -> Plan:
-        assert self._plan is not None
-        shapes = key[1:]
-        unchecked = self._forward_group != 1 and self._second_input is not None and \
-            self._profiles is not None and any(lp.no_group == UNCHECKED for lp in self._profiles)
-        if shapes != next(iter(self._plans))[1:] or unchecked:
-            # new per-sample shapes: sizes per sample changed (or a first batch of one
-            # micro-batch left forward groups unchecked)
-            self._profile(x, y)
-        fixed = (self._plan.bounds, self._plan.placement)
-        try:  # (the packs' files are split into the chunks they were built with)
-            chosen = self._plan_for(sizes, fixed=fixed, update_chunk=self._plan.update_chunk)
-        except InfeasiblePlan:
-            if self._pipeline is not None:  # (the stages are agreed between ranks once)
-                raise
-            # These shapes need more room than the packs built for the first ones leave
-            # (say, longer sequences after packs were kept resident): plan afresh and move
-            # the training state to the new packs' homes.
-            return self._rehome(x, y, sizes, key)
-        self._plans[key] = chosen
-        return chosen
-
-    def _rehome(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
-                key: tuple[Any, ...]) -> Plan:
-        """Rebuild the packs from a fresh plan for these shapes, keeping weights, optimizer
-        and scheduler state (the same keyed hand-over as save/load, in memory)."""
-        assert self._runtime is not None
-        weights = self.state_dict()
-        optimizer_state = self._full_optimizer_state() if self._dp is not None \
-            and self._dp.shard else self._optimizer_state()
-        scheduler_state = self._gathered_scheduler if self._dp is not None \
-            and self._dp.shard else self._scheduler_state()
-        profiles = self._profiles
-        try:  # raises before anything changes if nothing fits
-            self._profile(x, y)
-            chosen = self._plan_for(sizes)
-        except BaseException:
-            self._profiles = profiles  # (the packs stay those of the first shapes)
-            raise
-        for pack in self._runtime.packs:
-            pack.release()
-        self._runtime.close()
-        self._runtime = None
-        self._plans.clear()
-        self.lr_schedulers = []
-        retie(self._ties)  # the new packs split tied weights afresh
-        self._ties = []
-        with torch.no_grad():
-            for k, v in self.chain.model.state_dict(keep_vars=True).items():
-                v.data = weights[k].to(v.device)
-        # (after the values are back: a layout takes each tensor's shape)
-        self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
-        self._pending_optimizer = optimizer_state
-        self._pending_scheduler = scheduler_state
-        self._fixed = None
-        self._first_plan(x, y, sizes, key, chosen)
-        return self._plans[key]
-
-    def _auto_micro_batch_size(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
-                               targets: torch.Tensor) -> int:
-        """micro_batch_size='auto': the largest size with a plan, per batch shape."""
-        xs, ys, _, _ = split_batch(inputs, targets, 2)  # (2: BatchNorm needs two samples)
-        n = targets.shape[0]
-        key = (n,) + tuple((tuple(t.shape[1:]), t.dtype) for t in xs[0])
-        if key not in self._auto_sizes:
-            self._second_input = xs[1] if len(xs) > 1 else None
-            self._profile(xs[0], ys[0])  # sizes per sample; the plan scales them
-            self._auto_sizes[key], chosen = largest_micro_batch(
-                n, partial(self._plan_for, fixed=self._fixed))
-            if self._runtime is None:  # the first step builds its packs from this plan
-                self._auto_plan = chosen
-        return self._auto_sizes[key]
-
     def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
                     targets: torch.Tensor, path: str | os.PathLike[str]) -> float:
         """Run one :meth:`step` and write what happened to the JSON file ``path``.
@@ -700,310 +509,6 @@ class Trainer:
         """The plan of the last step (None before the first step)."""
         return self._plan
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors."""
-        self._weights_arrived()
-        model_sd = self.chain.model.state_dict(keep_vars=True)
-        if self._runtime is None:
-            return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
-        found: dict[int, torch.Tensor] = {}
-        for pack in self._runtime.packs:
-            flat, masters = pack.home_weights(), self._masters(pack)
-            for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
-                found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
-        for tie in self._ties:  # a tied weight's copies show the owner's master
-            for sharer in tie.sharers:
-                found[id(sharer.copy)] = found[id(tie.master)]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        out = {}
-        for k, v in model_sd.items():
-            src = found.get(id(v))
-            out[k] = (src if src is not None else v.detach()).cpu().clone()
-        if self._pipeline is not None:  # each key from the rank that trains it (collective)
-            owned = {k for k, v in model_sd.items() if id(v) in found}
-            return self._pipeline.gather_state(out, owned)
-        return out
-
-    def _masters(self, pack: Pack) -> torch.Tensor:
-        """``pack.master_weights()``; with a sharded optimizer in mixed precision, sent from
-        the rank owning the pack (collective: every rank calls it for every pack in order)."""
-        if pack.owned or not pack.layout.mixed:
-            masters = pack.master_weights()
-            if self._dp is not None and self._dp.shard and pack.layout.mixed:
-                self._dp.send_masters(pack.index, masters)
-            return masters
-        assert self._dp is not None and self._plan is not None and self._plan.owners
-        return self._dp.receive_masters(pack.index, self._plan.owners[pack.index],
-                                        pack.layout.g_bytes)
-
-    def _weights_arrived(self) -> None:
-        """Sharded optimizer: wait for the weight broadcasts of the last step (each step's
-        broadcasts are otherwise waited for by the next use of the pack's weights)."""
-        if self._dp is not None:
-            self._dp.finish_broadcasts()
-
-    # -- checkpoints ------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the full training state under directory ``path``, atomically.
-
-        The checkpoint holds the weights (model ``state_dict`` keys), the optimizer state keyed
-        by parameter name, the step count, the seed and the plan; the previous checkpoint in
-        ``path`` is replaced only once the new one is complete. Returns the checkpoint's folder.
-
-        With ``parallel="data"`` rank 0 writes and every rank returns the folder (call it on
-        every rank).
-
-        Raises:
-            OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
-        """
-        if self._dp is not None:  # rank 0 writes; the others wait for its folder
-            if not self._dp.shard:
-                return self._dp.save(lambda: self._save(path))
-            full = self._full_optimizer_state()
-            weights = self.state_dict()  # (collective in mixed precision: the masters)
-            return self._dp.save(lambda: self._save(path, full, weights))
-        return self._save(path)
-
-    def _full_optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
-        """Every pack's optimizer state, gathered from the ranks owning them (sharded
-        optimizer; collective). The learning-rate scheduler's state comes from a rank that
-        owns a pack, and is kept for the checkpoint."""
-        assert self._dp is not None
-        tensors, scalars, groups = self._optimizer_state()
-        if self._runtime is None:
-            return tensors, scalars, groups
-        mine = {p: groups[p] for p, pack in enumerate(self._runtime.packs)
-                if self._runtime.owns(p)}
-        scheduler = self._scheduler_state() if mine else None
-        tensors, scalars, all_groups, scheduler = self._dp.gather_optimizer(
-            tensors, scalars, mine, scheduler)
-        self._gathered_scheduler = scheduler
-        return tensors, scalars, all_groups
-
-    def _save(self, path: str | os.PathLike[str],
-              optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None = None,
-              weights: dict[str, torch.Tensor] | None = None) -> Path:
-        tensors, scalars, groups = optimizer if optimizer is not None \
-            else self._optimizer_state()
-        if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
-            tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
-        meta = {"step_count": self.step_count, "seed": self.seed,
-                "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
-                "optimizer_scalars": scalars, "optimizer_groups": groups,
-                "lr_scheduler": self._gathered_scheduler if optimizer is not None
-                else self._scheduler_state(),
-                "precision": self.precision.state_dict(),
-                "plan": None if self._plan is None else {
-                    "bounds": [list(b) for b in self._plan.bounds],
-                    "placement": self._plan.placement.to_json(),
-                    "forward_group": self._plan.forward_group}}
-        if weights is None:
-            weights = self.state_dict()
-        if self._pipeline is not None:
-            return self._pipeline.on_rank0(
-                lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
-        return checkpoint.save(path, self.step_count, weights, tensors, meta)
-
-    def load(self, path: str | os.PathLike[str]) -> None:
-        """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
-
-        Raises:
-            FileNotFoundError: no complete checkpoint there.
-            harmony.CheckpointError: a truncated or corrupted file, or a checkpoint of another
-                model (the message lists the differing keys or shapes); nothing is changed.
-        """
-        weights, opt_tensors, meta = checkpoint.load(path)
-        if self._dp is None or self._dp.group.rank == 0:  # (save() keeps one checkpoint)
-            checkpoint.finish_interrupted_save(path)
-        current = self.chain.model.state_dict(keep_vars=True)
-        # What each key holds at full precision (a parameter may be bound to a W view in the
-        # compute dtype, or to an empty tensor while its pack is away).
-        own = {id(e.tensor): (e.shape, e.master_dtype) for layout in self._layer_layouts
-               for e in layout.entries}
-        missing, extra = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
-        if missing or extra:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {path} is of another model: missing {missing[:5]}, unexpected "
-                f"{extra[:5]}")
-        for k, v in current.items():
-            shape, dtype = own.get(id(v), (v.shape, v.dtype))
-            if weights[k].shape != shape or weights[k].dtype != dtype:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
-                    f"{weights[k].dtype} there, {tuple(shape)} {dtype} here")
-        homes, flats = self._home_views()
-        with torch.no_grad():
-            for k, v in current.items():
-                for home in homes.get(id(v), [v]):
-                    home.copy_(weights[k])
-        for pack, kind, flat in flats:  # weights that live on NVMe go back to their files
-            pack.write_flat(kind, flat)
-        self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
-                                   meta["optimizer_groups"])
-        self._pending_scheduler = meta.get("lr_scheduler")
-        if self._runtime is not None:
-            self._apply_optimizer_state()
-            self._apply_scheduler_state()
-        self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
-        self.step_count = int(meta["step_count"])
-        self._broken = None
-
-    def export(self, path: str | os.PathLike[str]) -> Path:
-        """Write the trained weights for use without harmony; returns the folder.
-
-        ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
-        from Hugging Face transformers, ``path/config.json`` is written too, so
-        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
-        With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
-        """
-        st = checkpoint._safetensors()
-        out = Path(path)
-        weights = self.state_dict()  # fresh CPU copies: no two keys share memory
-        if self._pipeline is not None and self._pipeline.rank != 0:
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".model.safetensors.tmp"
-        st.save_file(weights, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
-        config = getattr(self.chain.model, "config", None)
-        if config is not None and hasattr(config, "to_json_file"):
-            config.to_json_file(out / "config.json")
-        return out
-
-    def _home_views(self) -> tuple[dict[int, list[torch.Tensor]],
-                                   list[tuple[Pack, str, torch.Tensor]]]:
-        """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
-        and the flat copies read from NVMe with their pack and kind (``"W"``, ``"M"``)."""
-        self._weights_arrived()
-        if self._runtime is None:
-            return {}, []
-        views: dict[int, list[torch.Tensor]] = {}
-        flats = []
-        for pack in self._runtime.packs:
-            flat = pack.home_weights()
-            if pack.home_w is None:
-                flats.append((pack, "W", flat))
-            for e in pack.layout.entries:
-                views[id(e.tensor)] = [e.view(flat)]
-            if pack.layout.mixed and pack.owned:  # (another rank's pack: it has the masters)
-                masters = pack.master_weights()
-                if pack.home_m is None:
-                    flats.append((pack, "M", masters))
-                for e in pack.layout.trainable:
-                    views[id(e.tensor)].append(e.gview(masters))
-        return views, flats
-
-    @contextlib.contextmanager
-    def _state_in_memory(self, pack: Pack, write_back: bool) -> Iterator[None]:
-        """Bind an NVMe pack's masters and optimizer state to host copies for the body."""
-        if pack.home is not Loc.NVME or not pack.owned:
-            yield
-            return
-        assert self.store is not None
-        flat = pack.master_weights()
-        pack.bind_masters(flat)
-        chunks = range(len(pack.chunks))
-        for c in chunks:  # (each chunk's state from its file)
-            if pack.state_laid_out(c):
-                k = torch.empty(pack.k_sizes[c], dtype=torch.uint8)
-                self.store.read(pack.key("K", c), k).synchronize()
-                pack.bind_state(c, k)
-        try:
-            yield
-            if write_back:
-                for c in chunks:
-                    pack.layout_state(c)
-                    if pack.k_layouts[c] is not None:
-                        k = torch.empty(pack.k_sizes[c], dtype=torch.uint8)
-                        pack.bind_state(c, k, copy_in=True)
-                        self.store.write(pack.key("K", c), k).synchronize()
-                pack.settle_optimizer_bytes()
-        finally:
-            pack.bind_masters(None)
-            for c in chunks:
-                if pack.k_layouts[c] is not None:
-                    pack.bind_state(c, None)
-
-    def _param_keys(self, pack: Pack) -> dict[int, str]:
-        key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
-        key_of.update(self._first_key)
-        return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
-
-    def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
-        tensors: dict[str, torch.Tensor] = {}
-        scalars: dict[str, Any] = {}
-        groups: list[Any] = []
-        if self._runtime is None:
-            return tensors, scalars, groups
-        for pack in self._runtime.packs:
-            keys = self._param_keys(pack)
-            order = [p for g in pack.optimizer.param_groups for p in g["params"]]
-            with self._state_in_memory(pack, write_back=False):
-                sd = pack.optimizer.state_dict()
-                sd["state"] = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                   for k, v in s.items()} for i, s in sd["state"].items()}
-            for idx, state in sd["state"].items():
-                key = keys[id(order[idx])]
-                for name, val in state.items():
-                    if isinstance(val, torch.Tensor):
-                        tensors[f"{key}/{name}"] = val
-                    else:
-                        scalars[f"{key}/{name}"] = val
-            groups.append([{k: v for k, v in g.items() if k != "params"}
-                           for g in sd["param_groups"]])
-        return tensors, scalars, groups
-
-    def _scheduler_state(self) -> dict[str, Any] | None:
-        """The learning-rate schedulers' state (the same for every pack) as JSON data."""
-        if not self.lr_schedulers:
-            return self._pending_scheduler
-        # (a scheduler of a pack this rank trains: a sharded optimizer's other packs have none)
-        state = next((s for s in self.lr_schedulers if s.optimizer.param_groups),
-                     self.lr_schedulers[0]).state_dict()
-        try:
-            json.dumps(state)
-        except TypeError as err:
-            raise ValueError(f"the learning-rate scheduler's state_dict() holds values JSON "
-                             f"cannot store ({err}); use a scheduler whose state is plain "
-                             "numbers (StepLR, LambdaLR, CosineAnnealingLR, ...)") from err
-        return state
-
-    def _apply_scheduler_state(self) -> None:
-        if self._pending_scheduler is None or not self.lr_schedulers:
-            return
-        for scheduler in self.lr_schedulers:
-            scheduler.load_state_dict(dict(self._pending_scheduler))
-        self._pending_scheduler = None
-
-    def _apply_optimizer_state(self) -> None:
-        assert self._runtime is not None
-        if self._pending_optimizer is None:
-            return
-        tensors, scalars, groups = self._pending_optimizer
-        # A pipeline rank's packs are the checkpoint's packs from its first one on.
-        offset = self._pipeline.first_pack if self._pipeline is not None else 0
-        for i, pack in enumerate(self._runtime.packs, start=offset):
-            keys = self._param_keys(pack)
-            order = [p for g in pack.optimizer.param_groups for p in g["params"]]
-            state: dict[int, dict[str, Any]] = {}
-            for idx, param in enumerate(order):
-                prefix = keys[id(param)] + "/"
-                entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                entry.update({k[len(prefix):]: v for k, v in scalars.items()
-                              if k.startswith(prefix)})
-                if entry:
-                    state[idx] = entry
-            sd = pack.optimizer.state_dict()
-            saved = groups[i] if i < len(groups) and len(groups[i]) == len(sd["param_groups"]) \
-                else (groups[0] if groups else [])
-            new_groups = [{**s, "params": g["params"]}
-                          for g, s in zip(sd["param_groups"], saved)] or sd["param_groups"]
-            with self._state_in_memory(pack, write_back=bool(state)):
-                pack.optimizer.load_state_dict({"state": state, "param_groups": new_groups})
-            pack.settle_optimizer_bytes()
-        self._pending_optimizer = None
-
     def close(self) -> None:
         """Free buffers and stop copy threads; idempotent."""
         if self._closed:
@@ -1031,37 +536,3 @@ class Trainer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _load_plan(path: str | os.PathLike[str]) -> Plan:
-    from harmony.report import plan_from_json  # the JSON format lives with the report
-
-    try:
-        data = json.loads(Path(path).read_text())
-        return plan_from_json(data.get("plan", data))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"plan={str(path)!r} is not a plan written by harmony report --json "
-                         f"({type(err).__name__}: {err})") from err
-
-
-_BANDWIDTH: dict[str, dict[str, float]] = {}
-
-
-def _bandwidth(device: torch.device) -> dict[str, float]:
-    """Bytes/s of host<->device copies, measured once per device type (64 MiB copies)."""
-    key = str(device)
-    if key not in _BANDWIDTH:
-        n = 64 << 20
-        src = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        dst = torch.empty(n, dtype=torch.uint8, device=device)
-        dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        src.copy_(dst)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        bw = 2 * n / max(time.perf_counter() - t0, 1e-9)
-        _BANDWIDTH[key] = {"host->device": bw, "device->host": bw}
-    return _BANDWIDTH[key]

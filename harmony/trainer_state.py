@@ -1,0 +1,367 @@
+"""The training state of a :class:`harmony.Trainer`: its weights, optimizer and scheduler state,
+read back (:meth:`TrainerState.state_dict`), saved, loaded and exported.
+
+Every key is the model's own ``state_dict()`` key (the optimizer state's too, as
+``key/name``), whichever packs the plan makes, so a checkpoint loads across plans, and
+re-homing (:mod:`harmony.trainer_planning`) hands the state over to new packs the same way,
+in memory. :class:`TrainerState` is a base of :class:`harmony.Trainer`, which sets the
+attributes declared here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from harmony import checkpoint
+from schedules.task import Loc
+
+if TYPE_CHECKING:
+    from harmony.chain import Chain
+    from harmony.data_parallel import DataParallel
+    from harmony.layout import Layout
+    from harmony.pack import Pack
+    from harmony.pipeline import Pipeline
+    from harmony.planning import Plan
+    from harmony.precision import Precision
+    from harmony.runtime import Runtime
+    from harmony.tied import Tie
+    from swap.nvme import NvmeStore
+
+
+class TrainerState:
+    """The state hand-over part of :class:`harmony.Trainer` (its base class)."""
+
+    # Set by Trainer.__init__ (and the packs it builds on the first step).
+    chain: Chain
+    device: torch.device
+    precision: Precision
+    store: NvmeStore | None
+    seed: int
+    schedule_name: str
+    micro_batch_size: int | str
+    step_count: int
+    lr_schedulers: list[Any]
+    _dp: DataParallel | None
+    _pipeline: Pipeline | None
+    _runtime: Runtime | None
+    _plan: Plan | None
+    _layer_layouts: list[Layout]
+    _ties: list[Tie]
+    _first_key: dict[int, str]
+    _pending_optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None
+    _pending_scheduler: dict[str, Any] | None
+    _gathered_scheduler: dict[str, Any] | None
+    _broken: str | None
+
+    # -- results ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors."""
+        self._weights_arrived()
+        model_sd = self.chain.model.state_dict(keep_vars=True)
+        if self._runtime is None:
+            return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
+        found: dict[int, torch.Tensor] = {}
+        for pack in self._runtime.packs:
+            flat, masters = pack.home_weights(), self._masters(pack)
+            for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
+                found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
+        for tie in self._ties:  # a tied weight's copies show the owner's master
+            for sharer in tie.sharers:
+                found[id(sharer.copy)] = found[id(tie.master)]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        out = {}
+        for k, v in model_sd.items():
+            src = found.get(id(v))
+            out[k] = (src if src is not None else v.detach()).cpu().clone()
+        if self._pipeline is not None:  # each key from the rank that trains it (collective)
+            owned = {k for k, v in model_sd.items() if id(v) in found}
+            return self._pipeline.gather_state(out, owned)
+        return out
+
+    def _masters(self, pack: Pack) -> torch.Tensor:
+        """``pack.master_weights()``; with a sharded optimizer in mixed precision, sent from
+        the rank owning the pack (collective: every rank calls it for every pack in order)."""
+        if pack.owned or not pack.layout.mixed:
+            masters = pack.master_weights()
+            if self._dp is not None and self._dp.shard and pack.layout.mixed:
+                self._dp.send_masters(pack.index, masters)
+            return masters
+        assert self._dp is not None and self._plan is not None and self._plan.owners
+        return self._dp.receive_masters(pack.index, self._plan.owners[pack.index],
+                                        pack.layout.g_bytes)
+
+    def _weights_arrived(self) -> None:
+        """Sharded optimizer: wait for the weight broadcasts of the last step (each step's
+        broadcasts are otherwise waited for by the next use of the pack's weights)."""
+        if self._dp is not None:
+            self._dp.finish_broadcasts()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the full training state under directory ``path``, atomically.
+
+        The checkpoint holds the weights (model ``state_dict`` keys), the optimizer state keyed
+        by parameter name, the step count, the seed and the plan; the previous checkpoint in
+        ``path`` is replaced only once the new one is complete. Returns the checkpoint's folder.
+
+        With ``parallel="data"`` rank 0 writes and every rank returns the folder (call it on
+        every rank).
+
+        Raises:
+            OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
+        """
+        if self._dp is not None:  # rank 0 writes; the others wait for its folder
+            if not self._dp.shard:
+                return self._dp.save(lambda: self._save(path))
+            full = self._full_optimizer_state()
+            weights = self.state_dict()  # (collective in mixed precision: the masters)
+            return self._dp.save(lambda: self._save(path, full, weights))
+        return self._save(path)
+
+    def _full_optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
+        """Every pack's optimizer state, gathered from the ranks owning them (sharded
+        optimizer; collective). The learning-rate scheduler's state comes from a rank that
+        owns a pack, and is kept for the checkpoint."""
+        assert self._dp is not None
+        tensors, scalars, groups = self._optimizer_state()
+        if self._runtime is None:
+            return tensors, scalars, groups
+        mine = {p: groups[p] for p, pack in enumerate(self._runtime.packs)
+                if self._runtime.owns(p)}
+        scheduler = self._scheduler_state() if mine else None
+        tensors, scalars, all_groups, scheduler = self._dp.gather_optimizer(
+            tensors, scalars, mine, scheduler)
+        self._gathered_scheduler = scheduler
+        return tensors, scalars, all_groups
+
+    def _save(self, path: str | os.PathLike[str],
+              optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None = None,
+              weights: dict[str, torch.Tensor] | None = None) -> Path:
+        tensors, scalars, groups = optimizer if optimizer is not None \
+            else self._optimizer_state()
+        if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
+            tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
+        meta = {"step_count": self.step_count, "seed": self.seed,
+                "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
+                "optimizer_scalars": scalars, "optimizer_groups": groups,
+                "lr_scheduler": self._gathered_scheduler if optimizer is not None
+                else self._scheduler_state(),
+                "precision": self.precision.state_dict(),
+                "plan": None if self._plan is None else {
+                    "bounds": [list(b) for b in self._plan.bounds],
+                    "placement": self._plan.placement.to_json(),
+                    "forward_group": self._plan.forward_group}}
+        if weights is None:
+            weights = self.state_dict()
+        if self._pipeline is not None:
+            return self._pipeline.on_rank0(
+                lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
+        return checkpoint.save(path, self.step_count, weights, tensors, meta)
+
+    def load(self, path: str | os.PathLike[str]) -> None:
+        """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
+
+        Raises:
+            FileNotFoundError: no complete checkpoint there.
+            harmony.CheckpointError: a truncated or corrupted file, or a checkpoint of another
+                model (the message lists the differing keys or shapes); nothing is changed.
+        """
+        weights, opt_tensors, meta = checkpoint.load(path)
+        if self._dp is None or self._dp.group.rank == 0:  # (save() keeps one checkpoint)
+            checkpoint.finish_interrupted_save(path)
+        current = self.chain.model.state_dict(keep_vars=True)
+        # What each key holds at full precision (a parameter may be bound to a W view in the
+        # compute dtype, or to an empty tensor while its pack is away).
+        own = {id(e.tensor): (e.shape, e.master_dtype) for layout in self._layer_layouts
+               for e in layout.entries}
+        missing, extra = sorted(set(current) - set(weights)), sorted(set(weights) - set(current))
+        if missing or extra:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} is of another model: missing {missing[:5]}, unexpected "
+                f"{extra[:5]}")
+        for k, v in current.items():
+            shape, dtype = own.get(id(v), (v.shape, v.dtype))
+            if weights[k].shape != shape or weights[k].dtype != dtype:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
+                    f"{weights[k].dtype} there, {tuple(shape)} {dtype} here")
+        homes, flats = self._home_views()
+        with torch.no_grad():
+            for k, v in current.items():
+                for home in homes.get(id(v), [v]):
+                    home.copy_(weights[k])
+        for pack, kind, flat in flats:  # weights that live on NVMe go back to their files
+            pack.write_flat(kind, flat)
+        self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
+                                   meta["optimizer_groups"])
+        self._pending_scheduler = meta.get("lr_scheduler")
+        if self._runtime is not None:
+            self._apply_optimizer_state()
+            self._apply_scheduler_state()
+        self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
+        self.step_count = int(meta["step_count"])
+        self._broken = None
+
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Write the trained weights for use without harmony; returns the folder.
+
+        ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
+        from Hugging Face transformers, ``path/config.json`` is written too, so
+        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
+        With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
+        """
+        st = checkpoint._safetensors()
+        out = Path(path)
+        weights = self.state_dict()  # fresh CPU copies: no two keys share memory
+        if self._pipeline is not None and self._pipeline.rank != 0:
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".model.safetensors.tmp"
+        st.save_file(weights, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
+        config = getattr(self.chain.model, "config", None)
+        if config is not None and hasattr(config, "to_json_file"):
+            config.to_json_file(out / "config.json")
+        return out
+
+    def _home_views(self) -> tuple[dict[int, list[torch.Tensor]],
+                                   list[tuple[Pack, str, torch.Tensor]]]:
+        """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
+        and the flat copies read from NVMe with their pack and kind (``"W"``, ``"M"``)."""
+        self._weights_arrived()
+        if self._runtime is None:
+            return {}, []
+        views: dict[int, list[torch.Tensor]] = {}
+        flats = []
+        for pack in self._runtime.packs:
+            flat = pack.home_weights()
+            if pack.home_w is None:
+                flats.append((pack, "W", flat))
+            for e in pack.layout.entries:
+                views[id(e.tensor)] = [e.view(flat)]
+            if pack.layout.mixed and pack.owned:  # (another rank's pack: it has the masters)
+                masters = pack.master_weights()
+                if pack.home_m is None:
+                    flats.append((pack, "M", masters))
+                for e in pack.layout.trainable:
+                    views[id(e.tensor)].append(e.gview(masters))
+        return views, flats
+
+    @contextlib.contextmanager
+    def _state_in_memory(self, pack: Pack, write_back: bool) -> Iterator[None]:
+        """Bind an NVMe pack's masters and optimizer state to host copies for the body."""
+        if pack.home is not Loc.NVME or not pack.owned:
+            yield
+            return
+        assert self.store is not None
+        flat = pack.master_weights()
+        pack.bind_masters(flat)
+        chunks = range(len(pack.chunks))
+        for c in chunks:  # (each chunk's state from its file)
+            if pack.state_laid_out(c):
+                k = torch.empty(pack.k_sizes[c], dtype=torch.uint8)
+                self.store.read(pack.key("K", c), k).synchronize()
+                pack.bind_state(c, k)
+        try:
+            yield
+            if write_back:
+                for c in chunks:
+                    pack.layout_state(c)
+                    if pack.k_layouts[c] is not None:
+                        k = torch.empty(pack.k_sizes[c], dtype=torch.uint8)
+                        pack.bind_state(c, k, copy_in=True)
+                        self.store.write(pack.key("K", c), k).synchronize()
+                pack.settle_optimizer_bytes()
+        finally:
+            pack.bind_masters(None)
+            for c in chunks:
+                if pack.k_layouts[c] is not None:
+                    pack.bind_state(c, None)
+
+    def _param_keys(self, pack: Pack) -> dict[int, str]:
+        key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
+        key_of.update(self._first_key)
+        return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
+
+    def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        groups: list[Any] = []
+        if self._runtime is None:
+            return tensors, scalars, groups
+        for pack in self._runtime.packs:
+            keys = self._param_keys(pack)
+            order = [p for g in pack.optimizer.param_groups for p in g["params"]]
+            with self._state_in_memory(pack, write_back=False):
+                sd = pack.optimizer.state_dict()
+                sd["state"] = {i: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                   for k, v in s.items()} for i, s in sd["state"].items()}
+            for idx, state in sd["state"].items():
+                key = keys[id(order[idx])]
+                for name, val in state.items():
+                    if isinstance(val, torch.Tensor):
+                        tensors[f"{key}/{name}"] = val
+                    else:
+                        scalars[f"{key}/{name}"] = val
+            groups.append([{k: v for k, v in g.items() if k != "params"}
+                           for g in sd["param_groups"]])
+        return tensors, scalars, groups
+
+    def _scheduler_state(self) -> dict[str, Any] | None:
+        """The learning-rate schedulers' state (the same for every pack) as JSON data."""
+        if not self.lr_schedulers:
+            return self._pending_scheduler
+        # (a scheduler of a pack this rank trains: a sharded optimizer's other packs have none)
+        state = next((s for s in self.lr_schedulers if s.optimizer.param_groups),
+                     self.lr_schedulers[0]).state_dict()
+        try:
+            json.dumps(state)
+        except TypeError as err:
+            raise ValueError(f"the learning-rate scheduler's state_dict() holds values JSON "
+                             f"cannot store ({err}); use a scheduler whose state is plain "
+                             "numbers (StepLR, LambdaLR, CosineAnnealingLR, ...)") from err
+        return state
+
+    def _apply_scheduler_state(self) -> None:
+        if self._pending_scheduler is None or not self.lr_schedulers:
+            return
+        for scheduler in self.lr_schedulers:
+            scheduler.load_state_dict(dict(self._pending_scheduler))
+        self._pending_scheduler = None
+
+    def _apply_optimizer_state(self) -> None:
+        assert self._runtime is not None
+        if self._pending_optimizer is None:
+            return
+        tensors, scalars, groups = self._pending_optimizer
+        # A pipeline rank's packs are the checkpoint's packs from its first one on.
+        offset = self._pipeline.first_pack if self._pipeline is not None else 0
+        for i, pack in enumerate(self._runtime.packs, start=offset):
+            keys = self._param_keys(pack)
+            order = [p for g in pack.optimizer.param_groups for p in g["params"]]
+            state: dict[int, dict[str, Any]] = {}
+            for idx, param in enumerate(order):
+                prefix = keys[id(param)] + "/"
+                entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                entry.update({k[len(prefix):]: v for k, v in scalars.items()
+                              if k.startswith(prefix)})
+                if entry:
+                    state[idx] = entry
+            sd = pack.optimizer.state_dict()
+            saved = groups[i] if i < len(groups) and len(groups[i]) == len(sd["param_groups"]) \
+                else (groups[0] if groups else [])
+            new_groups = [{**s, "params": g["params"]}
+                          for g, s in zip(sd["param_groups"], saved)] or sd["param_groups"]
+            with self._state_in_memory(pack, write_back=bool(state)):
+                pack.optimizer.load_state_dict({"state": state, "param_groups": new_groups})
+            pack.settle_optimizer_bytes()
+        self._pending_optimizer = None
