@@ -221,19 +221,20 @@ class ChunkedUpdate:
         self.next += 1
         what = f"pack {self.p} (chunk {c})"
         w = self.mem.allocate(chunk.w_bytes, f"weights of {what}")
-        reads = [rt._nvme_read(pack.key("W", c), w, READ, "W")]
-        m = k = None
-        estimate = 0
+        # Held from here on, so that abandon() gives back what a failure below leaves (an
+        # allocation may raise the error of an earlier failed write, which the tier reclaims).
+        held = self.held[c] = _Held(chunk, w, None, None, 0, [])
+        held.reads.append(rt._nvme_read(pack.key("W", c), w, READ, "W"))
         if pack.layout.mixed and chunk.params:  # the fp32 masters are part of K
-            m = self.mem.allocate(chunk.m_bytes, f"master weights of {what}")
-            reads.append(rt._nvme_read(pack.key("M", c), m, READ, "K"))
+            held.m = self.mem.allocate(chunk.m_bytes, f"master weights of {what}")
+            held.reads.append(rt._nvme_read(pack.key("M", c), held.m, READ, "K"))
         if pack.optimizes(c) and pack.state_laid_out(c):
-            k = self.mem.allocate(pack.k_sizes[c], f"optimizer state of {what}")
-            reads.append(rt._nvme_read(pack.key("K", c), k, READ, "K"))
+            held.k = self.mem.allocate(pack.k_sizes[c], f"optimizer state of {what}")
+            held.reads.append(rt._nvme_read(pack.key("K", c), held.k, READ, "K"))
         elif pack.optimizes(c):  # its first update creates the state: hold room for it
             estimate = pack.state_estimate(c)
             self.host.charge(estimate, f"optimizer state of {what}")
-        self.held[c] = _Held(chunk, w, m, k, estimate, reads)
+            held.estimate = estimate
 
     def _retire(self, c: int) -> None:
         """Wait for chunk ``c``'s writes and give its buffers back (no-op if gone)."""
@@ -289,11 +290,12 @@ class ChunkedUpdate:
             pack.layout_state(c)
             self.host.uncharge(held.estimate)
             held.estimate = 0
-            held.k = None
+            new = None
             if pack.k_layouts[c] is not None:
-                held.k = self.host.allocate(pack.k_sizes[c], f"optimizer state of pack "
-                                            f"{self.p} (chunk {c})")
-                pack.bind_state(c, held.k, copy_in=True)
+                new = self.host.allocate(pack.k_sizes[c], f"optimizer state of pack "
+                                         f"{self.p} (chunk {c})")
+                pack.bind_state(c, new, copy_in=True)
+            held.k = new
             if old is not None:  # (the state of before, now copied into the new layout)
                 self.mem.release(old)
 
