@@ -167,9 +167,7 @@ class ChunkedUpdate:
         """Step the optimizer over every chunk and write each back behind (after
         :meth:`prepare`; on the update worker after :meth:`reserve` too)."""
         rt, pack = self.rt, self.pack
-        if self.grads is None:
-            self.prepare()
-        assert self.grads is not None
+        assert self.grads is not None, "prepare() first"
         grads, ready = self.grads
         if ready is not None:  # the host optimizer reads these gradients
             self._wait(ready, link(Loc.DEVICE, Loc.HOST))

@@ -81,7 +81,7 @@ class Pack:
     def key(self, kind: str, chunk: int) -> str:
         """The NVMe file of a chunk's weights (``"W"``), fp32 masters (``"M"``) or optimizer
         state (``"K"``)."""
-        return f"pack{self.index}.{kind}.{chunk}"
+        return _key(self.index, kind, chunk)
 
     @property
     def k_bytes(self) -> int:
@@ -123,8 +123,7 @@ class Pack:
             assert store is not None
             staging = torch.empty(nbytes, dtype=torch.uint8)
             fill(staging)
-            for c, (a, b) in _pieces(chunks, kind):
-                store.write(f"pack{index}.{kind}.{c}", staging[a:b]).synchronize()
+            _write_pieces(store, index, chunks, kind, staging)
             home_tier.charge(nbytes, what)
             return None
 
@@ -277,10 +276,7 @@ class Pack:
         """Write a flat copy of the weights (``"W"``) or fp32 masters (``"M"``) to the chunks'
         files, and wait for it."""
         assert self.store is not None
-        handles = [self.store.write(self.key(kind, c), flat[a:b])
-                   for c, (a, b) in _pieces(self.chunks, kind)]
-        for h in handles:
-            h.synchronize()
+        _write_pieces(self.store, self.index, self.chunks, kind, flat)
 
     def home_weights(self) -> torch.Tensor:
         """The master weights as a flat CPU buffer (read from NVMe when they live there)."""
@@ -346,3 +342,17 @@ def _pieces(chunks: list[Chunk], kind: str) -> list[tuple[int, tuple[int, int]]]
     if kind == "W":
         return [(c.index, c.w) for c in chunks]
     return [(c.index, c.m) for c in chunks if c.params]
+
+
+def _key(pack: int, kind: str, chunk: int) -> str:
+    return f"pack{pack}.{kind}.{chunk}"
+
+
+def _write_pieces(store: NvmeStore, pack: int, chunks: list[Chunk], kind: str,
+                  flat: torch.Tensor) -> None:
+    """Write the flat weights (``"W"``) or fp32 masters (``"M"``) of pack ``pack`` to its
+    chunks' files, and wait for it."""
+    handles = [store.write(_key(pack, kind, c), flat[a:b]) for c, (a, b) in
+               _pieces(chunks, kind)]
+    for h in handles:
+        h.synchronize()

@@ -177,12 +177,10 @@ class Runtime:
                 self.engine.synchronize(handle, name)
             self.writes.clear()
         except BaseException:
-            if self.worker is not None:  # (its update may still issue writes)
-                self.worker.abandon()
-            self.writes.clear()
             if self.dp is not None:
                 self.dp.abandon()
-            self.abandon()
+            self.abandon()  # (first waits for the update worker, which may still write)
+            self.writes.clear()
             raise
         return float(self.loss)
 

@@ -108,10 +108,7 @@ def finish_host_update(rt: Runtime, p: int) -> None:
         assert pack.home_w is not None
         rt.ties.after_update(rt, p, pack.home_w)
     pack.settle_optimizer_bytes()
-    rt.grads.discard(p)
-    if p in rt.deferred_g:
-        rt.deferred_g.discard(p)
-        rt._delete_grad(p)
+    _gradients_done(rt, p)
 
 
 def unscale(rt: Runtime) -> None:
@@ -157,19 +154,27 @@ def update_from_nvme(rt: Runtime, p: int) -> None:
     that does not fit now, it is the pack's first update (its state's size is only
     estimated), or tied weights need the chunks' weights on this thread: then in line.
     """
-    update = rt.staged.setdefault(p, ChunkedUpdate(rt, p))
-    update.prepare()
+    if p not in rt.staged:  # (staged behind its backward, unless the update is deferred)
+        rt.staged[p] = ChunkedUpdate(rt, p)
+    chunked = rt.staged[p]
+    chunked.prepare()
     if rt.worker is not None and rt.owners is None and rt.ties is None \
-            and update.reserve():
-        rt.worker.submit(p, update.run, partial(finish_nvme_update, rt, p))
+            and chunked.reserve():
+        rt.worker.submit(p, chunked.run, partial(finish_nvme_update, rt, p))
         return
-    update.run()  # (after a failure, abandon() gives its buffers back)
+    chunked.run()  # (after a failure, abandon() gives its buffers back)
     finish_nvme_update(rt, p)
 
 
 def finish_nvme_update(rt: Runtime, p: int) -> None:
     """What follows pack ``p``'s chunked update, on the runtime's thread."""
     rt.staged.pop(p).finish()
+    _gradients_done(rt, p)
+
+
+def _gradients_done(rt: Runtime, p: int) -> None:
+    """Pack ``p``'s step has read its gradients: they may go (now, if their deletion was
+    deferred while an overlapped step read them)."""
     rt.grads.discard(p)
     if p in rt.deferred_g:
         rt.deferred_g.discard(p)
