@@ -2,12 +2,15 @@
 
 Every copy goes through :meth:`SwapEngine.copy`, which starts it asynchronously on the link's
 stream (or worker thread), counts its bytes per link and kind, and times it. Whoever needs the
-destination calls :meth:`SwapEngine.wait` on the returned handle; the time spent blocked there
-is the link's stall time.
+destination calls :meth:`SwapEngine.wait` on the returned handle; the time compute waits there
+is the link's stall time (on CPU the host's time blocked; on CUDA the time the compute stream
+waited, from events). On CUDA, busy and stall times are resolved as their events are reached:
+:meth:`SwapEngine.settle` reports those already reached, and :meth:`SwapEngine.close` all.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +19,7 @@ import torch
 
 from swap.handle import Handle, ThenHandle
 from swap.stats import Stats
-from swap.streams import make_copier
+from swap.streams import Accounts, make_copier
 
 
 class SwapEngine:
@@ -25,6 +28,8 @@ class SwapEngine:
     Args:
         device: the compute device (chooses CUDA streams or worker threads).
         stats: where bytes, busy and stall time are counted.
+        device_tier: charged for the temporaries a CUDA copy makes on the device (a
+            contiguous copy of a non-contiguous source); None: not charged.
 
     >>> e = SwapEngine(torch.device("cpu"), Stats())
     >>> dst = torch.empty(4); h = e.copy(dst, torch.ones(4), "host->device", "W")
@@ -33,19 +38,38 @@ class SwapEngine:
     >>> e.close()
     """
 
-    def __init__(self, device: torch.device, stats: Stats) -> None:
+    def __init__(self, device: torch.device, stats: Stats,
+                 device_tier: Accounts | None = None) -> None:
         self.device, self.stats = device, stats
-        self._copier = make_copier(device)
+        self._copier = make_copier(device, device_tier)
         self._followers: dict[str, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()  # guards the follower table (any thread may chain work)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, kind: str) -> Handle:
-        """Start ``dst.copy_(src)`` on ``link``; the caller keeps both alive until it is done."""
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, kind: str,
+             ready: object = None) -> Handle:
+        """Start ``dst.copy_(src)`` on ``link``; the caller keeps both alive until it is done.
+
+        ``ready``: a :meth:`mark` taken earlier; the copy then waits for the compute issued
+        before that mark (instead of the compute issued so far by the calling thread), as a
+        follow-up thread's copy must (see :meth:`after`)."""
         if dst.shape != src.shape or dst.dtype != src.dtype:
             raise ValueError(f"copy on {link}: {tuple(src.shape)} {src.dtype} into "
                              f"{tuple(dst.shape)} {dst.dtype}")
         nbytes = src.numel() * src.element_size()
         self.stats.count(link, kind, nbytes)
-        return self._copier.copy(dst, src, link, lambda s: self.stats.busy(link, s))
+
+        def busy(s: float) -> None:
+            self.stats.busy(link, s)
+
+        if ready is None:
+            return self._copier.copy(dst, src, link, busy)
+        return self._copier.copy(dst, src, link, busy, ready=ready)
+
+    def mark(self) -> object:
+        """A mark of the compute issued so far by the calling thread (on CUDA an event on its
+        current stream; None on CPU), for a copy that another thread starts later."""
+        mark = getattr(self._copier, "mark", None)
+        return None if mark is None else mark()
 
     def after(self, first: Handle, then: Callable[[], Handle], link: str) -> Handle:
         """Start ``then()`` once ``first`` is done, without blocking the caller.
@@ -57,10 +81,11 @@ class SwapEngine:
         run after ``first`` failed). Used for two-hop transfers such as NVMe -> pinned host
         staging -> GPU, so that the host thread keeps issuing compute meanwhile.
         """
-        worker = self._followers.get(link)
-        if worker is None:
-            worker = self._followers[link] = ThreadPoolExecutor(
-                1, thread_name_prefix=f"after {link}")
+        with self._lock:
+            worker = self._followers.get(link)
+            if worker is None:
+                worker = self._followers[link] = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"after {link}")
 
         def run() -> Handle:
             first.synchronize()
@@ -75,9 +100,14 @@ class SwapEngine:
             self.stats.busy(link, seconds)
 
     def wait(self, handle: Handle, link: str) -> None:
-        """Make compute wait for ``handle``; blocked time counts as ``link``'s stall."""
+        """Make compute wait for ``handle``; the time compute waited counts as ``link``'s stall
+        (on CUDA measured with events on the compute stream, resolved lazily)."""
         if handle.done():
             handle.wait()
+            return
+        measure = getattr(self._copier, "measure_wait", None)
+        if measure is not None:
+            measure(handle, lambda s: self.stats.stall(link, s))
             return
         t0 = time.perf_counter()
         handle.wait()
@@ -89,8 +119,17 @@ class SwapEngine:
         handle.synchronize()
         self.stats.stall(link, time.perf_counter() - t0)
 
+    def settle(self) -> None:
+        """Count the busy and stall times whose events were reached (CUDA; never blocks).
+        Call it when reading the stats, e.g. at the end of a step."""
+        settle = getattr(self._copier, "settle", None)
+        if settle is not None:
+            settle()
+
     def close(self) -> None:
-        for worker in self._followers.values():
+        with self._lock:
+            followers = list(self._followers.values())
+            self._followers.clear()
+        for worker in followers:
             worker.shutdown(wait=True)
-        self._followers.clear()
         self._copier.close()

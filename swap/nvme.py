@@ -14,6 +14,10 @@ another key, and a read that was issued before an overwrite still reads the old 
     write(key, src)  caller thread: create file, reserve its blocks -> Handle
                      workers:       chunk 0 | chunk 1 | ... (stage if unaligned) -> done
     read(key, dst)   waits (off-thread) for a pending write of that key, then the same
+
+``write_later(key, nbytes)`` makes the key known (and its file made) before its bytes exist,
+for a GPU tensor still on its way to a host staging buffer; ``start(src)`` on the returned
+:class:`PendingWrite` then runs the write.
 """
 
 from __future__ import annotations
@@ -139,6 +143,7 @@ class NvmeStore:
         self._files: dict[str, _File] = {}  # key -> its newest version
         self._failed: dict[str, str] = {}  # key -> why its last write failed (for KeyError)
         self._inflight: set[_Request] = set()
+        self._unstarted: set[_Job] = set()  # writes made known by write_later, not started
         self._disk_bytes = 0
         self._seq = 0
         self._closed = False
@@ -178,20 +183,46 @@ class NvmeStore:
             ValueError: ``src`` is not a contiguous CPU tensor, or the store is closed.
         """
         data = as_bytes(src)
-        n = data.numel()
+        pending = self.write_later(key, data.numel())
+        pending.start(data)
+        return pending.handle
+
+    def write_later(self, key: str, nbytes: int) -> PendingWrite:
+        """Make ``key`` known now for a write of ``nbytes`` whose bytes come later.
+
+        For a write whose source is not ready yet (a GPU tensor's bytes on their way to a host
+        staging buffer): from this call on the key is in the store, a :meth:`read` of it waits
+        for the write (and fails with its error), a :meth:`delete` takes effect once the write
+        has ended (and skips its I/O if it has not started), and :meth:`close` waits for it.
+        The caller then calls exactly one of :meth:`PendingWrite.start` (with the bytes) or
+        :meth:`PendingWrite.fail` (the bytes will never come).
+
+        Raises:
+            ValueError: ``nbytes`` < 0, or the store is closed.
+
+        Example:
+            >>> pending = store.write_later("pack0.X", 4000)
+            >>> "pack0.X" in store
+            True
+            >>> pending.start(torch.zeros(1000))            # later, on any thread
+            >>> pending.handle.wait()
+        """
+        if nbytes < 0:
+            raise ValueError(f"write_later({key!r}): nbytes={nbytes} must be >= 0")
         with self._lock:
             self._check_open()
             self._seq += 1
             name = f"{self._seq:06d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)[:48]}"
-            f = _File(key, self.directory / name, n, round_up(n, self._align), users=1)
+            f = _File(key, self.directory / name, nbytes, round_up(nbytes, self._align), users=1)
             old = self._files.get(key)
             self._files[key] = f
             self._failed.pop(key, None)
             if old is not None:
                 self._retire(old)
-            job = _Job("write", f, data, self._finisher)
+            job = _Job("write", f, torch.empty(0, dtype=torch.uint8), self._finisher)
             f.write = job.request
             self._inflight.add(job.request)
+            self._unstarted.add(job)
             self._disk_bytes += f.padded
         try:
             # Creating and reserving on the caller's thread is metadata only, and it makes a
@@ -202,10 +233,37 @@ class NvmeStore:
             os.fchmod(job.fd, 0o600)  # whatever the umask
             reserve(job.fd, str(f.path), f.padded)
         except OSError as e:
-            job.request.fail(self._io_error(job, 0, f.padded, e))
-            return job.request
-        self._start(job)
-        return job.request
+            self._fail_unstarted(job, self._io_error(job, 0, f.padded, e))
+        return PendingWrite(self, job)
+
+    def _start_pending(self, job: _Job, data: torch.Tensor) -> None:
+        """:meth:`PendingWrite.start`: check the bytes, then run the write's chunks (none when
+        the key was deleted before it started and no read waits for it)."""
+        with self._lock:
+            if job not in self._unstarted:
+                if job.failed_early:  # (failed meanwhile: its handle says why)
+                    return
+                raise ValueError(f"the write of key {job.file.key!r} was started already; "
+                                 "start a pending write once")
+            if data.numel() != job.file.nbytes:
+                raise ValueError(f"write of key {job.file.key!r}: {data.numel()} bytes given but "
+                                 f"write_later was told {job.file.nbytes}; pass that many")
+            self._unstarted.discard(job)
+            skip = job.file.retired and job.file.users == 1  # deleted, and nobody reads it
+        job.data = data
+        if skip:
+            job.request.expect(0)
+        else:
+            self._start(job)
+
+    def _fail_unstarted(self, job: _Job, error: BaseException) -> None:
+        """Complete a write that will never start with ``error`` (idempotent)."""
+        with self._lock:
+            if job not in self._unstarted:
+                return
+            self._unstarted.discard(job)
+            job.failed_early = True
+        job.request.fail(error)
 
     def read(self, key: str, dst: torch.Tensor) -> Handle:
         """Start reading ``key`` into ``dst``.
@@ -314,6 +372,11 @@ class NvmeStore:
                 return
             self._closed = True
             pending = list(self._inflight)
+            unstarted = list(self._unstarted)
+        for job in unstarted:  # their bytes will not come now
+            self._fail_unstarted(job, ValueError(
+                f"the NVMe store at {self.directory} was closed before the write of key "
+                f"{job.file.key!r} started"))
         for request in pending:
             request.join()
         self._executor.shutdown(wait=True)
@@ -457,6 +520,37 @@ class NvmeStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+class PendingWrite:
+    """A write made known with :meth:`NvmeStore.write_later`, whose bytes come later.
+
+    ``handle`` is done when the write has ended (it raises the write's error). Call exactly
+    one of :meth:`start` and :meth:`fail`, from any thread.
+    """
+
+    def __init__(self, store: NvmeStore, job: _Job) -> None:
+        self._store, self._job = store, job
+        self.handle: Handle = job.request
+
+    def start(self, src: torch.Tensor) -> Handle:
+        """Write ``src`` (a contiguous CPU tensor of exactly the announced bytes), kept alive
+        and unchanged by the caller until :attr:`handle` is done; returns :attr:`handle`.
+        A write that failed already (say, the disk was full when the file was made) does
+        nothing here: its handle raises that error.
+
+        Raises:
+            ValueError: ``src`` has another size or is not a contiguous CPU tensor, or this
+                write was started already.
+        """
+        if not self._job.request.done():
+            self._store._start_pending(self._job, as_bytes(src))
+        return self.handle
+
+    def fail(self, error: BaseException) -> None:
+        """The bytes will never come (e.g. the copy producing them failed): the write ends
+        with ``error``, the key is forgotten and reads waiting for it raise."""
+        self._store._fail_unstarted(self._job, error)
+
+
 @dataclass(eq=False)
 class _File:
     """One version of a key on disk."""
@@ -485,6 +579,7 @@ class _Job:
         self.file = file
         self.data = data
         self.fd = -1
+        self.failed_early = False  # a pending write that ended before it started
         self.request = _Request(finisher(self))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from swap.engine import SwapEngine
-from swap.handle import Handle
+from swap.handle import DoneHandle, Handle
 from swap.nvme import NvmeStore
 from swap.tier import Tier
 
@@ -34,15 +34,19 @@ def read_staged(store: NvmeStore, engine: SwapEngine, host: Tier, key: str, dst:
 
     Counts ``nvme->host`` and ``host->device`` bytes of ``kind``. The caller keeps ``dst``
     alive and untouched until the returned handle is done; ``wait`` raises the read's error.
+    The copy to the device, started by a follow-up thread when the file read ends, waits only
+    for the compute this thread issued before this call (a mark of its stream taken now), so
+    compute issued meanwhile overlaps with the read and the copy.
     """
     if not dst.is_contiguous():
         raise ValueError(f"read_staged({key!r}): dst must be contiguous")
     n = dst.numel() * dst.element_size()
     staging = host.allocate(n, f"staging for {key}")
     engine.count("nvme->host", kind, n)
+    ready = engine.mark()  # dst may have been read by compute issued so far
     read = store.read(key, staging)
     handle = engine.after(read, lambda: engine.copy(_flat_bytes(dst), staging, "host->device",
-                                                    kind), "nvme->host")
+                                                    kind, ready=ready), "nvme->host")
     host.release(staging, after=handle)
     return handle
 
@@ -53,18 +57,32 @@ def write_staged(store: NvmeStore, engine: SwapEngine, host: Tier, key: str, src
 
     Counts ``device->host`` and ``host->nvme`` bytes of ``kind``. The caller keeps ``src``
     alive and unchanged until the returned handle is done (the copy to the host reads it);
-    ``wait`` raises the write's error. The store learns of ``key`` only when the copy to the
-    host is done, so a read of ``key`` waits for this handle first.
+    ``wait`` raises the write's error. The store knows ``key`` from this call on (its write is
+    pending until the copy to the host is done): a read of it waits for the write, a delete
+    removes the file once the write has ended (or skips the write), and a failed copy fails
+    the write.
     """
     src = src.contiguous()
     n = src.numel() * src.element_size()
-    staging = host.allocate(n, f"staging for {key}")
+    pending = store.write_later(key, n)
+    try:
+        staging = host.allocate(n, f"staging for {key}")
+    except BaseException as err:
+        pending.fail(err)
+        raise
     copied = engine.copy(staging, _flat_bytes(src), "device->host", kind)
 
     def write() -> Handle:
+        try:
+            copied.synchronize()  # the host must see the bytes before the disk gets them
+        except BaseException as err:
+            pending.fail(err)
+            raise
         engine.count("host->nvme", kind, n)
-        return store.write(key, staging)
+        return pending.start(staging)
 
-    handle = engine.after(copied, write, "host->nvme")
+    # (``after`` a finished handle: the follow-up itself waits for the copy, so that a failed
+    # copy also ends the pending write, which reads of the key wait for.)
+    handle = engine.after(DoneHandle(), write, "host->nvme")
     host.release(staging, after=handle)
     return handle

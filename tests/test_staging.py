@@ -132,3 +132,114 @@ def test_a_failed_staged_write_raises_and_frees_its_staging(engine: SwapEngine, 
     with contextlib.suppress(OSError):  # the tier may report the failed transfer again...
         host.drain()
     assert host.used == 0  # ...and takes its staging buffer back either way
+
+
+# -- the key of a staged write is the store's from the moment the write is issued ---------------
+
+def _hold_link(engine: SwapEngine, link: str) -> threading.Event:
+    """Occupy ``link``'s copy worker until the returned event is set (a slow device copy)."""
+    gate = threading.Event()
+    threading.Timer(10.0, gate.set).start()  # never hangs the suite
+    engine._copier.submit(link, lambda: gate.wait(10.0), lambda s: None)
+    return gate
+
+
+def _data_files(store: NvmeStore) -> list[str]:
+    return sorted(p.name for p in store.directory.iterdir() if not p.name.startswith("."))
+
+
+def test_a_staged_write_deleted_before_its_copy_ends_leaves_no_file(
+        engine: SwapEngine, store: NvmeStore) -> None:
+    host = Tier("host", CPU)
+    gate = _hold_link(engine, "device->host")
+    h = write_staged(store, engine, host, "X3.0.0", torch.ones(4096), "X")
+    assert "X3.0.0" in store  # known at once, although its bytes have not left the device
+    store.delete("X3.0.0")  # what the runtime does when it drops the activation early
+    gate.set()
+    h.synchronize()
+    host.drain()
+    assert _data_files(store) == [] and store.used_bytes == 0
+    assert host.used == 0
+
+
+def test_a_staged_write_read_before_its_copy_ends_reads_its_bytes(
+        engine: SwapEngine, store: NvmeStore) -> None:
+    host = Tier("host", CPU)
+    gate = _hold_link(engine, "device->host")
+    src = torch.arange(3000, dtype=torch.float32)
+    w = write_staged(store, engine, host, "W0", src, "W")
+    dst = torch.zeros_like(src)
+    r = read_staged(store, engine, host, "W0", dst, "W")  # no KeyError: the read waits
+    assert not r.done()
+    gate.set()
+    r.synchronize()
+    w.synchronize()
+    assert torch.equal(dst, src)
+
+
+def test_a_failed_device_copy_fails_the_pending_write_and_its_readers(
+        engine: SwapEngine, store: NvmeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    host = Tier("host", CPU)
+    copy = engine._copier.copy
+
+    def broken(dst: torch.Tensor, src: torch.Tensor, link: str, on_done, **kw) -> Handle:
+        if link != "device->host":
+            return copy(dst, src, link, on_done, **kw)
+        f: Future[None] = Future()
+        f.set_exception(RuntimeError("CUDA error: an illegal memory access"))
+        return FutureHandle(f)
+
+    monkeypatch.setattr(engine._copier, "copy", broken)
+    gate, held = pending()
+    # The write's follow-up waits behind this one, so the read below is issued first.
+    engine.after(held, lambda: DoneHandle(), "host->nvme")
+    w = write_staged(store, engine, host, "K1", torch.ones(100), "K")
+    dst = torch.empty(100)
+    r = read_staged(store, engine, host, "K1", dst, "K")
+    gate.set_result(None)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        w.synchronize()
+    with pytest.raises(OSError, match="write it follows failed"):
+        r.synchronize()
+    assert "K1" not in store
+    with pytest.raises(KeyError, match="illegal memory access"):
+        store.read("K1", dst)
+    for _ in range(2):  # (a drain stops at the first failed transfer it re-raises)
+        with contextlib.suppress(Exception):
+            host.drain()
+    assert host.used == 0 and _data_files(store) == []
+
+
+def test_close_ends_a_pending_write_that_never_started(tmp_path: Path) -> None:
+    store = NvmeStore(tmp_path, backend="odirect")
+    pending_write = store.write_later("k", 10)
+    assert "k" in store
+    store.close()  # returns (it does not wait for bytes that will not come)
+    with pytest.raises(ValueError, match="closed before the write"):
+        pending_write.handle.wait()
+    pending_write.start(torch.zeros(10, dtype=torch.uint8))  # too late: does nothing
+
+
+def test_a_pending_write_checks_its_bytes_and_starts_once(store: NvmeStore) -> None:
+    p = store.write_later("k", 8)
+    with pytest.raises(ValueError, match="8"):
+        p.start(torch.zeros(3, dtype=torch.uint8))
+    p.start(torch.arange(8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="once"):
+        store._start_pending(p._job, torch.zeros(8, dtype=torch.uint8))
+    p.handle.wait()
+    out = torch.empty(8, dtype=torch.uint8)
+    store.read("k", out).wait()
+    assert torch.equal(out, torch.arange(8, dtype=torch.uint8))
+
+
+def test_a_pending_write_whose_key_was_replaced_skips_its_io(
+        store: NvmeStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = store.write_later("k", 4096)
+    store.write("k", torch.ones(1024)).wait()  # a newer value: nobody can read the first
+    writes: list[int] = []
+    pwrite = store._engine.pwrite
+    monkeypatch.setattr(store._engine, "pwrite",
+                        lambda fd, path, buf, off: writes.append(off) or pwrite(fd, path, buf, off))
+    first.start(torch.zeros(4096, dtype=torch.uint8)).wait()
+    assert writes == [] and len(_data_files(store)) == 1
