@@ -38,7 +38,7 @@ from torch import nn
 from harmony.chain import Chain, as_tuple, call, checked_loss
 from harmony.layout import Layout
 from harmony.precision import Precision
-from harmony.rng import layer_rng
+from harmony.rng import generator_index, layer_rng
 
 
 @dataclass
@@ -221,8 +221,9 @@ def group_tolerance(dtype: torch.dtype) -> float:
 def _rng_state(device: torch.device) -> list[torch.Tensor]:
     """The generators' states a layer on ``device`` draws from."""
     states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
+    index = generator_index(device)
+    if index is not None:
+        states.append(torch.cuda.get_rng_state(index))
     return states
 
 

@@ -22,20 +22,42 @@ def layer_seed(seed: int, step: int, micro_batch: int, layer: int) -> int:
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
+def generator_index(device: torch.device) -> int | None:
+    """The CUDA generator a layer on ``device`` draws from: ``cuda:N`` -> N, ``cuda`` alone ->
+    the current device (where its kernels run); None for a CPU device.
+
+    >>> generator_index(torch.device("cpu")) is None
+    True
+    """
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @contextlib.contextmanager
 def layer_rng(seed: int, step: int, micro_batch: int, layer: int,
               device: torch.device) -> Iterator[None]:
-    """Run the body with generators seeded for this layer call, restoring them afterwards."""
+    """Run the body with generators seeded for this layer call, restoring them afterwards.
+
+    Seeds the CPU generator and, for a CUDA ``device``, the generator of the GPU whose kernels
+    the body runs (``generator_index``); the state saved and restored is that same
+    generator's, so a layer on ``cuda:N`` never disturbs another GPU's generator.
+
+    Example::
+
+        with harmony.layer_rng(seed, step, micro_batch, layer, torch.device("cuda", 1)):
+            out = layer(x)   # dropout masks depend on the four numbers only
+    """
     s = layer_seed(seed, step, micro_batch, layer)
     cpu_state = torch.get_rng_state()
-    cuda = device.type == "cuda"
-    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+    index = generator_index(device)
+    cuda_state = torch.cuda.get_rng_state(index) if index is not None else None
     torch.default_generator.manual_seed(s)
-    if cuda:
-        torch.cuda.default_generators[device.index or 0].manual_seed(s)
+    if index is not None:
+        torch.cuda.default_generators[index].manual_seed(s)
     try:
         yield
     finally:
         torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
+        if index is not None and cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, index)
