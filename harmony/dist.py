@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import inspect
 import os
 import time
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ def join(device: torch.device, what: str = "parallel='data'",
          timeout_s: float | None = None) -> Group:
     """Join the default process group, initializing it from torchrun's environment if needed.
 
+    On CUDA the device is made this process's current device first (``torch.cuda.set_device``),
+    so that what NCCL stages on "the current device" (the object collectives' bytes, its
+    communicator) is on this rank's GPU, not GPU 0 on every rank; a group created here is also
+    bound to it (``device_id``, where this PyTorch has it).
+
     Args:
         device: the compute device; picks the backend (NCCL for CUDA, gloo for CPU).
         what: the setting that asked for a group, for the error message.
@@ -69,6 +75,8 @@ def join(device: torch.device, what: str = "parallel='data'",
     """
     if not dist.is_available():
         raise ValueError(f"{what} needs torch.distributed, which this PyTorch build lacks")
+    if device.type == "cuda":
+        device = bind_device(device)
     owned = False
     if not dist.is_initialized():
         missing = [k for k in TORCHRUN_ENV if k not in os.environ]
@@ -82,9 +90,11 @@ def join(device: torch.device, what: str = "parallel='data'",
         if timeout_s is None:
             timeout_s = float(os.environ.get("HARMONY_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
         backend = "nccl" if device.type == "cuda" else "gloo"
+        options: dict[str, object] = {}
+        if device.type == "cuda" and _takes_device_id():
+            options["device_id"] = device  # binds NCCL's communicator to this rank's GPU
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                # binds NCCL to this rank's GPU
-                                device_id=device if device.type == "cuda" else None)
+                                **options)
         # Kept for later trainers in this process (a second init from the same torchrun
         # store would not work), and destroyed when the interpreter exits.
         atexit.register(_destroy)
@@ -93,6 +103,31 @@ def join(device: torch.device, what: str = "parallel='data'",
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _count_local(world)
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank % local_world)))
     return Group(rank, world, local_rank, local_world, str(dist.get_backend()), owned)
+
+
+def bind_device(device: torch.device) -> torch.device:
+    """Make CUDA ``device`` the current device of this process; returns it with its index
+    (``cuda`` alone: the current device).
+
+    Raises:
+        ValueError: the index is not a GPU of this machine; the message says how many there are.
+    """
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise ValueError(f"device {device} is not a GPU of this machine ({count} visible); "
+                         f"use cuda:0 ... cuda:{count - 1} (under torchrun, LOCAL_RANK "
+                         "picks it: give --nproc_per_node <= the GPUs)")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _takes_device_id() -> bool:
+    """Whether this PyTorch's init_process_group accepts ``device_id``."""
+    try:
+        return "device_id" in inspect.signature(dist.init_process_group).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def local_device(device: torch.device) -> torch.device:

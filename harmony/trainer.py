@@ -21,6 +21,7 @@ from torch import nn
 from harmony.chain import Chain
 from harmony.chunks import parse_update_chunk
 from harmony.data_parallel import DataParallel
+from harmony.dist import bind_device
 from harmony.groups import forward_group_of
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
@@ -71,7 +72,9 @@ class Trainer(TrainerPlanning):
             the rounding of larger matrix products (not bit for bit). ``"auto"``: the planner
             chooses the size (or none) with the lowest predicted step time within the
             budgets. Default None: a forward per micro-batch, bitwise exact.
-        device: the compute device, ``"cpu"`` or ``"cuda[:i]"``.
+        device: the compute device, ``"cpu"`` or ``"cuda[:i]"`` (``"cuda"``: the current
+            GPU). A CUDA device becomes the process's current device
+            (``torch.cuda.set_device``), as its copy streams and generators are that GPU's.
         device_memory, host_memory: budgets in bytes or strings such as ``"8GiB"``; None means
             no limit.
         nvme_dir: an existing, writable directory (ideally on an NVMe drive) for the NVMe tier;
@@ -259,6 +262,8 @@ class Trainer(TrainerPlanning):
         self.micro_batch_size_used: int | None = None
         if self._dp is not None:
             self.device = self._dp.device  # "cuda" -> this rank's GPU
+        if self.device.type == "cuda":  # its streams, events and generators are this GPU's
+            self.device = bind_device(self.device)
         self.precision = Precision.parse(precision)  # ValueError naming the choices
         self.precision.check_device(self.device)
         self.device_memory = parse_bytes(device_memory, "device_memory")
@@ -327,7 +332,7 @@ class Trainer(TrainerPlanning):
         }
         if self.store is not None:
             self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)
-        self._engine = SwapEngine(self.device, self.stats)
+        self._engine = SwapEngine(self.device, self.stats, self.tiers[Loc.DEVICE])
         self._runtime: Runtime | None = None
         self._plan: Plan | None = None
         self._plans: dict[tuple[Any, ...], Plan] = {}
