@@ -145,11 +145,14 @@ def pack_sizes(profiles: list[LayerProfile], bounds: tuple[tuple[int, int], ...]
         g.append(sum(lp.g_bytes for lp in layers))
         k.append(int(math.ceil(k_ratio * max(g[-1] - untrained[p], 0))))
         saved = sum(lp.saved_bytes for lp in layers)
-        peak_out = max(lp.out_bytes for lp in layers)
+        # Beside every layer's saved tensors, one layer's transient bytes at a time: twice the
+        # largest output, or more where a layer was measured to need more (CUDA profiles).
+        transient = max(max(2 * lp.out_bytes for lp in layers),
+                        max(lp.work_bytes - lp.saved_bytes for lp in layers))
         x.append([scaled(layers[0].in_bytes, n) for n in micro_batches])
         d.append([scaled(layers[0].in_grad_bytes, n) if p else 0 for n in micro_batches])
         s.append([scaled(saved, n) for n in micro_batches])
-        work.append([scaled(saved + 2 * peak_out, n) for n in micro_batches])
+        work.append([scaled(saved + transient, n) for n in micro_batches])
     return Sizes(w, g, k, x, d, s, work, tuple(held))
 
 

@@ -3,7 +3,10 @@
 The profile runs each layer on one micro-batch (on the compute device, one layer's weights at a
 time, so it fits wherever training fits): once to warm up and measure sizes, then a few timed
 runs. It records per-sample sizes and times, which the planner scales to every micro-batch
-size.
+size. On CUDA it also measures each layer's working memory (``work_bytes``: saved tensors,
+temporaries and kernels' scratch at once) with ``torch.cuda.max_memory_allocated``, which the
+planner charges where it is larger than its own estimate (this resets the device's peak
+memory statistics).
 
 Given a second micro-batch, it also finds out whether each layer may run one forward over
 several micro-batches at once (a forward group, see :mod:`schedules.generators`) with the same
@@ -63,6 +66,10 @@ class LayerProfile:
     # per trainable parameter: (bytes in the flat weights, in the flat gradients); empty when
     # unknown (then the planner streams the layer's update as one piece)
     params: list[tuple[int, int]] = field(default_factory=list)
+    # per sample: the most bytes a forward with grad and its backward allocate besides the
+    # gradients of the weights, of the input and of the output (saved tensors, temporaries,
+    # kernels' scratch), from torch.cuda.max_memory_allocated; 0 where not measured (CPU)
+    work_bytes: float = 0.0
 
 
 # LayerProfile.no_group of a layer profiled without a second micro-batch to check it on.
@@ -114,6 +121,11 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             out_value = as_tuple(forward(), f"layer {name!r}")
             saved = backward()
             fwd, bwd = _typical(forward, device), _typical(backward, device)
+            # (after the warm-up, so one-time workspaces are not taken for working memory)
+            grads = sum(e.tensor.numel() * e.tensor.element_size() for e in layout.trainable)
+            grads += _nbytes(value, floating_only=True)
+            grads += 0 if i == n - 1 else _nbytes(out_value, floating_only=True)
+            work = max(0, peak_allocated(backward, device) - grads)
             check = Grouping(UNCHECKED, None, None)
             if other is not None:
                 check = _group_check(layer, layout, value, other, out_value, i, device,
@@ -132,7 +144,7 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             fwd_s=fwd / samples, bwd_s=bwd / samples, samples=samples,
             fwd_group_s=None if check.seconds is None else check.seconds / check.samples,
             group_samples=check.samples, no_group=check.why_not,
-            params=layout.trainable_spans()))
+            params=layout.trainable_spans(), work_bytes=work / samples))
         value = tuple(t.detach() for t in out_value)
         other = None if check.other is None else tuple(t.detach() for t in check.other)
     return out
@@ -316,6 +328,19 @@ def _typical(run: Callable[[], object], device: torch.device, repeats: int = REP
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def peak_allocated(run: Callable[[], object], device: torch.device) -> int:
+    """The most bytes ``run()`` had allocated on a CUDA ``device`` at once, above what was
+    allocated when it started (``torch.cuda.max_memory_allocated``; the device's peak
+    statistics are reset for it). 0 on other devices, where nothing measures it."""
+    if device.type != "cuda":
+        return 0
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run()
+    return max(0, torch.cuda.max_memory_allocated(device) - base)
 
 
 def _sync(device: torch.device) -> None:

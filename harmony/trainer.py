@@ -21,6 +21,7 @@ from torch import nn
 from harmony.chain import Chain
 from harmony.chunks import parse_update_chunk
 from harmony.data_parallel import DataParallel
+from harmony.device_memory import ReservedPeak, check_fits
 from harmony.dist import bind_device
 from harmony.groups import forward_group_of
 from harmony.layout import Layout
@@ -267,6 +268,8 @@ class Trainer(TrainerPlanning):
         self.precision = Precision.parse(precision)  # ValueError naming the choices
         self.precision.check_device(self.device)
         self.device_memory = parse_bytes(device_memory, "device_memory")
+        if self.device.type == "cuda":  # the budget must fit beside the context and workspaces
+            check_fits(self.device_memory, torch.cuda.mem_get_info(self.device)[0], self.device)
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
         self._fixed: tuple[Any, ...] | None = None
@@ -333,6 +336,7 @@ class Trainer(TrainerPlanning):
         if self.store is not None:
             self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)
         self._engine = SwapEngine(self.device, self.stats, self.tiers[Loc.DEVICE])
+        self._reserved = ReservedPeak(self.device)  # started once the first plan is made
         self._runtime: Runtime | None = None
         self._plan: Plan | None = None
         self._plans: dict[tuple[Any, ...], Plan] = {}
@@ -453,6 +457,11 @@ class Trainer(TrainerPlanning):
         for loc, tier in self.tiers.items():
             self.stats.peak_bytes[loc.value] = max(self.stats.peak_bytes.get(loc.value, 0),
                                                    tier.peak)
+        self._engine.settle()  # busy and stall times whose events were reached (CUDA)
+        if self.device.type == "cuda":  # what the caching allocator reserved, beside "device"
+            self.stats.peak_bytes["device reserved"] = self._reserved.peak
+            if self.tiers[Loc.HOST].pinned is not None:
+                self.stats.peak_bytes["host pinned"] = self.tiers[Loc.HOST].pinned or 0
         self.stats.seconds["step"] += time.perf_counter() - t0
         return loss
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from harmony.device_memory import ReservedPeak
 from harmony.groups import refuse_ungroupable
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
@@ -71,6 +72,7 @@ class TrainerPlanning(TrainerState):
     _plans: dict[tuple[Any, ...], Plan]
     _profiles: list[Any] | None
     _k_ratio: float
+    _reserved: ReservedPeak
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -145,6 +147,8 @@ class TrainerPlanning(TrainerState):
                 chosen = self._plan_for(sizes, fixed=agreed[:2], forward_group=agreed[2],
                                         update_chunk=agreed[3])
             self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
+        if self._reserved.base is None:  # the profile's and the probe's blocks are freed now
+            self._reserved.start()
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
         # (None with pipeline stages, whose bounds cover only this rank's layers)
@@ -282,11 +286,22 @@ _BANDWIDTH: dict[str, dict[str, float]] = {}
 
 
 def _bandwidth(device: torch.device) -> dict[str, float]:
-    """Bytes/s of host<->device copies, measured once per device type (64 MiB copies)."""
+    """Bytes/s of host<->device copies, measured once per device (64 MiB copies).
+
+    On CUDA the host side is pinned as the host tier pins (:mod:`swap.pinned`, unpinned
+    when the probe ends, never kept by PyTorch's caching host allocator), and the device
+    block goes back to the caching allocator, which the trainer empties before it starts
+    counting reserved bytes.
+    """
     key = str(device)
     if key not in _BANDWIDTH:
         n = 64 << 20
-        src = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        if device.type == "cuda":
+            from swap.pinned import PinnedAllocator
+
+            src = PinnedAllocator()(n)
+        else:
+            src = torch.empty(n, dtype=torch.uint8)
         dst = torch.empty(n, dtype=torch.uint8, device=device)
         dst.copy_(src)
         if device.type == "cuda":

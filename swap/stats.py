@@ -16,7 +16,10 @@ class Stats:
         bytes_by_kind: bytes per (link, kind), kind one of ``"W" "G" "K" "X" "D"``.
         busy_seconds: seconds each link spent copying (summed over its copies).
         stall_seconds: seconds compute waited for each link's copies.
-        peak_bytes: highest accounted bytes per tier (``"device"``, ``"host"``, ``"nvme"``).
+        peak_bytes: highest accounted bytes per tier (``"device"``, ``"host"``, ``"nvme"``);
+            on CUDA also ``"device reserved"``, what PyTorch's caching allocator reserved at
+            most since the trainer's first plan (see :mod:`harmony.device_memory`), and
+            ``"host pinned"``, the most host bytes page-locked at once.
         seconds: wall seconds per phase (``"forward"``, ``"backward"``, ``"update"``, ``"step"``).
         skipped_steps: steps skipped for a non-finite loss (``Trainer(nonfinite="skip")``).
     """

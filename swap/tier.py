@@ -1,8 +1,10 @@
 """Tiers: where bytes live, with accounting against a capacity and a pool of reusable buffers.
 
 A :class:`Tier` hands out flat ``uint8`` buffers on its torch device (pinned when it is the host
-tier of a CUDA run), charges their bytes against its capacity, and keeps released buffers for
-reuse, so a steady-state step allocates nothing new. Tensors the tier did not allocate (a
+tier of a CUDA run: page-locked at their own size by :class:`swap.pinned.PinnedAllocator`, never
+through PyTorch's power-of-two caching host allocator), charges their bytes against its
+capacity, and keeps released buffers for reuse, so a steady-state step allocates nothing new.
+New buffers are made outside the tier's lock (pinning them is slow). Tensors the tier did not allocate (a
 layer's outputs, optimizer state, working memory) are accounted with :meth:`Tier.charge`.
 
 Free buffers kept for reuse are not charged (they are the allocator's, like the blocks PyTorch's
@@ -70,7 +72,8 @@ class Tier:
         name: ``"device"``, ``"host"`` or ``"nvme"`` (used in stats and messages).
         device: the torch device its buffers are allocated on.
         capacity: bytes it may hold; None for no limit.
-        pin: allocate page-locked host memory (only meaningful with CUDA present).
+        pin: allocate page-locked host memory (only meaningful with CUDA present), with a
+            :class:`swap.pinned.PinnedAllocator` unless ``alloc`` is given.
         cache_limit: bytes of free buffers kept for reuse; default: the capacity (unlimited when
             there is none), 0 on a CUDA device.
         share_capacity: free buffers kept for reuse share the capacity with what is in use
@@ -96,6 +99,10 @@ class Tier:
             cache_limit = 0 if device.type == "cuda" else capacity
         self.cache_limit = None if share_capacity else cache_limit
         self.share_capacity = share_capacity and capacity is not None
+        if alloc is None and pin and device.type == "cpu":
+            from swap.pinned import PinnedAllocator
+
+            alloc = PinnedAllocator()
         self._alloc = alloc
         self.used = 0
         self.peak = 0
@@ -153,38 +160,52 @@ class Tier:
     def _allocate(self, nbytes: int, what: str) -> torch.Tensor:
         with self._lock:
             self._make_room(nbytes, what)
-            buf = self._take(nbytes, self.used)
+            buf, size = self._take(nbytes, self.used)
             self.used += nbytes
             self.peak = max(self.peak, self.used)
+        if buf is not None:
             return buf
+        try:  # (the bytes are charged already, so no other request can take them meanwhile)
+            return self._new(nbytes, size)
+        except BaseException:
+            with self._lock:
+                self.used -= nbytes
+            raise
 
-    def _take(self, nbytes: int, used: int) -> torch.Tensor:
-        """A buffer of ``nbytes`` from the pool or new, with ``used`` bytes accounted besides
-        it (the books are the caller's). Lock held."""
+    def _take(self, nbytes: int, used: int) -> tuple[torch.Tensor | None, int]:
+        """A buffer of ``nbytes`` from the pool, or (None, the size of a new buffer to make
+        with :meth:`_new` once the lock is let go), with ``used`` bytes accounted besides it
+        (the books are the caller's). Lock held."""
         free = self._free.get(nbytes)
         fit = None if free else self._best_fit(nbytes)
         if free:
             buf = free.pop()
             self._cached -= nbytes
-        elif fit is not None:
+            return buf, nbytes
+        if fit is not None:
             # A slightly larger free buffer serves (packs' buffers differ a little in size):
             # hand out its first nbytes and remember the whole for the release.
             base = self._free[fit].pop()
             self._cached -= fit
             buf = base[:nbytes]
             self._bases[buf.data_ptr()] = base
+            return buf, nbytes
+        # New buffers get a size class (the next multiple of an eighth of the power of two
+        # below), so buffers of similar sizes (packs differ a little) serve each other.
+        size = size_class(nbytes) if self.share_capacity else nbytes
+        if self.share_capacity:
+            assert self.capacity is not None
+            self._trim_to(self.capacity - used - size)
+        return None, size
+
+    def _new(self, nbytes: int, size: int) -> torch.Tensor:
+        """A new buffer of ``size`` bytes, handed out as its first ``nbytes``. Lock not held:
+        making (and pinning) memory is slow, and other threads use the tier meanwhile."""
+        if self._alloc is not None:
+            buf = self._alloc(size)
         else:
-            # New buffers get a size class (the next multiple of an eighth of the power of two
-            # below), so buffers of similar sizes (packs differ a little) serve each other.
-            size = size_class(nbytes) if self.share_capacity else nbytes
-            if self.share_capacity:
-                assert self.capacity is not None
-                self._trim_to(self.capacity - used - size)
-            if self._alloc is not None:
-                buf = self._alloc(size)
-            else:
-                buf = torch.empty(size, dtype=torch.uint8, device=self.device,
-                                  pin_memory=self.pin and self.device.type == "cpu")
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+        with self._lock:
             self.allocations += 1
             if size != nbytes:
                 base, buf = buf, buf[:nbytes]
@@ -206,6 +227,11 @@ class Tier:
             self._put_back(buf.numel(), buf)
         if after is not None:
             after.synchronize()  # done: re-raises its error, if it failed
+
+    @property
+    def pinned(self) -> int | None:
+        """The most bytes this tier's buffers had page-locked at once (None: not pinned)."""
+        return getattr(self._alloc, "peak", None) if self.pin else None
 
     @property
     def cached(self) -> int:
@@ -318,7 +344,9 @@ class Reservation:
                                 self.nbytes - self.free, self.nbytes, f"{what} ({self.what})")
         tier = self.tier
         with tier._lock:
-            buf = tier._take(nbytes, tier.used - nbytes)  # (its bytes are charged already)
+            buf, size = tier._take(nbytes, tier.used - nbytes)  # (its bytes are charged already)
+        if buf is None:
+            buf = tier._new(nbytes, size)
         self.free -= nbytes
         return buf
 
