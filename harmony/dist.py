@@ -20,6 +20,7 @@ import inspect
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,7 +91,7 @@ def join(device: torch.device, what: str = "parallel='data'",
         if timeout_s is None:
             timeout_s = float(os.environ.get("HARMONY_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        options: dict[str, object] = {}
+        options: dict[str, Any] = {}
         if device.type == "cuda" and _takes_device_id():
             options["device_id"] = device  # binds NCCL's communicator to this rank's GPU
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),

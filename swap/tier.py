@@ -4,8 +4,9 @@ A :class:`Tier` hands out flat ``uint8`` buffers on its torch device (pinned whe
 tier of a CUDA run: page-locked at their own size by :class:`swap.pinned.PinnedAllocator`, never
 through PyTorch's power-of-two caching host allocator), charges their bytes against its
 capacity, and keeps released buffers for reuse, so a steady-state step allocates nothing new.
-New buffers are made outside the tier's lock (pinning them is slow). Tensors the tier did not allocate (a
-layer's outputs, optimizer state, working memory) are accounted with :meth:`Tier.charge`.
+New buffers are made outside the tier's lock (pinning them is slow). Tensors the tier did not
+allocate (a layer's outputs, optimizer state, working memory) are accounted with
+:meth:`Tier.charge`.
 
 Free buffers kept for reuse are not charged (they are the allocator's, like the blocks PyTorch's
 caching allocator reserves); at most ``cache_limit`` bytes of them are kept. On a CUDA device tier
