@@ -321,7 +321,8 @@ class Trainer(TrainerPlanning):
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
                       if nvme_dir is not None else None)
         # CPU buffers that files are read into or written from come page-aligned from the
-        # store, so its direct I/O needs no staging copy (pinned CUDA buffers stay torch's).
+        # store, so its direct I/O needs no staging copy (pinned CUDA buffers are page-aligned
+        # too: swap.pinned).
         pin = host_pinning(self.device)
         aligned = self.store.allocate if self.store is not None else None
         self.tiers = {
