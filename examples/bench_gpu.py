@@ -303,7 +303,8 @@ def run_deepspeed(args: argparse.Namespace, stage: int, budget: int) -> dict[str
 
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    torch.cuda.set_device(device)
+    if device.index is not None:
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl")
     cpu_adam = cpu_adam_ready()

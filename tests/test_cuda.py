@@ -183,7 +183,7 @@ def test_nvme_homes_on_cuda_equal_host_homes(model: str, tmp_path: Path) -> None
     state = training_state_bytes(MODELS[model][0](0.0), 8)
     with deterministic():
         want, _ = train(model, batches, plan=pinned_plan(model, Loc.HOST, Loc.HOST))
-        host = state // 2
+        host = state  # (every pack on NVMe: its update and the staging buffers need host room)
         got, t = train(model, batches, plan=pinned_plan(model, Loc.NVME, Loc.NVME),
                        host_memory=host, nvme_dir=str(tmp_path))
     assert t.plan is not None and set(t.plan.placement.w) == {Loc.NVME}
