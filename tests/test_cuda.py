@@ -232,7 +232,9 @@ def test_the_allocator_stays_within_the_budget(model: str) -> None:
     peak = t.stats.peak_bytes
     assert peak["device"] <= budget
     assert torch.cuda.max_memory_allocated() - base_allocated <= budget + (1 << 20)
-    allowance = reserved_allowance([budget // 4] * 2)  # small blocks: a segment of rounding
+    # Small blocks: their rounding and a 2 MiB segment partly used, and one more segment the
+    # pool's fragmentation may leave (these models' blocks are all under 1 MiB).
+    allowance = reserved_allowance([budget // 4] * 2) + (2 << 20)
     assert torch.cuda.max_memory_reserved() - base_reserved <= budget + allowance
     assert 0 < peak["device reserved"] <= budget + allowance
 
