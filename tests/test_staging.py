@@ -139,7 +139,9 @@ def test_a_failed_staged_write_raises_and_frees_its_staging(engine: SwapEngine, 
 def _hold_link(engine: SwapEngine, link: str) -> threading.Event:
     """Occupy ``link``'s copy worker until the returned event is set (a slow device copy)."""
     gate = threading.Event()
-    threading.Timer(10.0, gate.set).start()  # never hangs the suite
+    timer = threading.Timer(10.0, gate.set)  # never hangs the suite
+    timer.daemon = True
+    timer.start()
     engine._copier.submit(link, lambda: gate.wait(10.0), lambda s: None)
     return gate
 
