@@ -129,6 +129,8 @@ class Runtime:
         self.worker: UpdateWorker | None = None
         self.deferred_g: set[int] = set()
         tiers[Loc.HOST].when_full = self._host_full
+        # checking mode (HARMONY_COPIER=deferred): the tiers check their buffers' lifetimes
+        engine.watch(tiers.values(), device=tiers[Loc.DEVICE])
 
     def close(self) -> None:
         """Stop the update worker, if any."""

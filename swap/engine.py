@@ -4,19 +4,26 @@ Every copy goes through :meth:`SwapEngine.copy`, which starts it asynchronously 
 stream (or worker thread), counts its bytes per link and kind, and times it. Whoever needs the
 destination calls :meth:`SwapEngine.wait` on the returned handle; the time spent blocked there
 is the link's stall time.
+
+Under the deferred copier (``HARMONY_COPIER=deferred``, :mod:`swap.deferred`) the engine also
+carries the copier's :class:`swap.ledger.Ledger`: :meth:`SwapEngine.watch` makes tiers check
+their buffers against it, and :meth:`SwapEngine.host_write` / :meth:`SwapEngine.host_read` let
+the runtime check the bytes the host itself is about to touch. Otherwise those are no-ops.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from swap.handle import Handle, ThenHandle
+from swap.ledger import Ledger
 from swap.stats import Stats
 from swap.streams import make_copier
+from swap.tier import Tier
 
 
 class SwapEngine:
@@ -37,6 +44,30 @@ class SwapEngine:
         self.device, self.stats = device, stats
         self._copier = make_copier(device)
         self._followers: dict[str, ThreadPoolExecutor] = {}
+        # checking mode (the deferred copier): what each copy touches
+        self.ledger: Ledger | None = getattr(self._copier, "ledger", None)
+
+    def watch(self, tiers: Iterable[Tier], device: Tier | None = None) -> None:
+        """In checking mode, make ``tiers`` (``device``: the one holding device memory) check
+        their buffers' lifetimes against the copies and poison pooled buffers; otherwise
+        nothing. Idempotent."""
+        if self.ledger is None:
+            return
+        for tier in tiers:
+            tier.watch(self.ledger, device_memory=tier is device)
+
+    def host_write(self, t: torch.Tensor, what: str) -> None:
+        """The host is about to write ``t`` (a file read into it, an optimizer step): in
+        checking mode raise :class:`swap.ledger.BufferLifetimeError` if a copy touching it
+        may still run; otherwise nothing."""
+        if self.ledger is not None:
+            self.ledger.host_write(t, what)
+
+    def host_read(self, t: torch.Tensor, what: str) -> None:
+        """The host is about to read ``t`` (a file written from it): in checking mode raise
+        if a copy writing it may still run; otherwise nothing."""
+        if self.ledger is not None:
+            self.ledger.host_read(t, what)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, kind: str) -> Handle:
         """Start ``dst.copy_(src)`` on ``link``; the caller keeps both alive until it is done."""
@@ -66,7 +97,7 @@ class SwapEngine:
             first.synchronize()
             return then()
 
-        return ThenHandle(worker.submit(run))
+        return ThenHandle(worker.submit(run), first, self.device)
 
     def count(self, link: str, kind: str, nbytes: int, seconds: float = 0.0) -> None:
         """Count bytes moved by a path outside this engine (e.g. the NVMe store)."""
@@ -75,7 +106,17 @@ class SwapEngine:
             self.stats.busy(link, seconds)
 
     def wait(self, handle: Handle, link: str) -> None:
-        """Make compute wait for ``handle``; blocked time counts as ``link``'s stall."""
+        """Make compute wait for ``handle``; blocked time counts as ``link``'s stall.
+
+        Raises:
+            ValueError: ``handle`` runs on another device than this engine's (its stream
+                would never be waited for by this device's compute).
+        """
+        device = getattr(handle, "device", None)
+        if device is not None and not _same_device(device, self.device):
+            raise ValueError(f"a handle of {device} waited for on {link} by the engine of "
+                             f"{self.device}: compute on {self.device} cannot wait for another "
+                             "device's copy; issue the copy through this device's engine")
         if handle.done():
             handle.wait()
             return
@@ -89,8 +130,29 @@ class SwapEngine:
         handle.synchronize()
         self.stats.stall(link, time.perf_counter() - t0)
 
+    def synchronize_all(self) -> None:
+        """A device synchronization: wait for the follow-up threads' queued work and for
+        every copy issued so far (on CUDA ``torch.cuda.synchronize``); raises the error of a
+        copy that nothing raised yet. The runtime ends each step with it."""
+        for worker in list(self._followers.values()):
+            worker.submit(lambda: None).result()
+        self._copier.synchronize()
+
+    def compute_synchronized(self) -> None:
+        """Tell the copier the host just waited for the compute stream (a blocking read of a
+        computed value, such as the loss): under the deferred copier the host then knows
+        every copy compute was made to wait for. Otherwise nothing."""
+        note = getattr(self._copier, "compute_synchronized", None)
+        if note is not None:
+            note()
+
     def close(self) -> None:
         for worker in self._followers.values():
             worker.shutdown(wait=True)
         self._followers.clear()
         self._copier.close()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` may be one device (``cuda`` without an index matches any)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

@@ -9,17 +9,24 @@ On CPU each link gets one worker thread (a FIFO queue, like a stream). ``Tensor.
 the GIL, so copies overlap with compute on the main thread. The worker owns nothing: the caller
 keeps source and destination alive until the handle is done (the tiers' ``release(after=...)``
 does exactly that).
+
+``HARMONY_COPIER=deferred`` replaces both by :class:`swap.deferred.DeferredCopier`, a checking
+mode that gives the CPU CUDA's semantics (copies run late; ``wait`` tells the host nothing).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from swap.deferred import DeferredCopier
 from swap.handle import FutureHandle, Handle, timed
+
+COPIERS = ("default", "deferred")  # HARMONY_COPIER's values (unset: the default)
 
 
 class ThreadCopier:
@@ -45,6 +52,11 @@ class ThreadCopier:
             worker = self._workers[link] = ThreadPoolExecutor(1, thread_name_prefix=f"io {link}")
         return FutureHandle(worker.submit(timed(fn, on_done)))
 
+    def synchronize(self) -> None:
+        """Wait for every copy queued so far (each link's worker runs its queue in order)."""
+        for w in list(self._workers.values()):
+            w.submit(lambda: None).result()
+
     def close(self) -> None:
         for w in self._workers.values():
             w.shutdown(wait=True)
@@ -53,6 +65,8 @@ class ThreadCopier:
 
 class CudaHandle:
     """A copy on a CUDA stream, finished when its end event is reached."""
+
+    device: torch.device | None = None
 
     def __init__(self, start: torch.cuda.Event, end: torch.cuda.Event,
                  on_done: Callable[[float], None]) -> None:
@@ -110,13 +124,29 @@ class CudaCopier:
 
         return DoneHandle()
 
+    def synchronize(self) -> None:
+        """Block until every stream of the device is idle (raises a pending CUDA error)."""
+        torch.cuda.synchronize(self.device)
+
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
         self._streams.clear()
 
 
-def make_copier(device: torch.device) -> ThreadCopier | CudaCopier:
-    """The copier for a compute device: CUDA streams for ``cuda``, threads otherwise."""
+def make_copier(device: torch.device) -> ThreadCopier | CudaCopier | DeferredCopier:
+    """The copier for a compute device: CUDA streams for ``cuda``, threads otherwise (the
+    default), or with ``HARMONY_COPIER=deferred`` CUDA's semantics on CPU, a checking mode
+    (:mod:`swap.deferred`).
+
+    Raises:
+        ValueError: ``HARMONY_COPIER`` holds another value.
+    """
+    name = os.environ.get("HARMONY_COPIER", "")
+    if name not in ("", *COPIERS):
+        raise ValueError(f"HARMONY_COPIER={name!r} is not a copier; use one of "
+                         f"{', '.join(COPIERS)}, or leave it unset")
+    if name == "deferred":
+        return DeferredCopier(device)
     if device.type == "cuda":
         return CudaCopier(device)
     return ThreadCopier()
