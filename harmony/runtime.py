@@ -48,6 +48,9 @@ class Slot:
 
     ``dev_bufs``/``home_bufs`` are pool buffers backing the copies (released to their tier);
     ``dev_charged`` counts device bytes of tensors compute produced (uncharged when freed).
+    ``home_users``: the handles of every copy that wrote or read ``home_bufs`` (its swap-out
+    and each swap-in): the home buffers go back to their pool only once all are done, since a
+    swap-in that compute merely waited for may still be reading them on a GPU.
     """
 
     dev: Value | None = None
@@ -57,6 +60,7 @@ class Slot:
     home: Value | None = None
     home_bufs: list[torch.Tensor] = field(default_factory=list)
     home_ready: Handle | None = None
+    home_users: list[Handle] = field(default_factory=list)
     single: bool = True
     home_keys: list[str] = field(default_factory=list)  # files of a value homed on NVMe
     outputs: Value | None = None  # S values: the forward's outputs, whose graph backward walks
@@ -64,6 +68,11 @@ class Slot:
 
 def _nbytes(value: Value) -> int:
     return sum(t.numel() * t.element_size() for t in value if t is not None)
+
+
+def _all(handles: list[Handle]) -> Handle | None:
+    """One handle done when all of ``handles`` are (None for none)."""
+    return GroupHandle(list(handles)) if handles else None
 
 
 @dataclass
@@ -406,6 +415,7 @@ class Runtime:
                 handles.append(self._nvme_read(slot.home_keys[i], view, name, ref.kind.value))
             else:
                 handles.append(self.engine.copy(view, t, name, ref.kind.value))
+                slot.home_users.append(handles[-1])  # (reads the home buffer)
             slot.dev_bufs.append(buf)
             dev.append(view)
         slot.dev, slot.dev_ready = tuple(dev), GroupHandle(handles)
@@ -439,9 +449,14 @@ class Runtime:
             home.append(view)
         slot.home = tuple(home)
         slot.home_ready = GroupHandle(handles)
+        slot.home_users.append(slot.home_ready)
         self._release_dev(slot, after=slot.home_ready)
 
     def _release_dev(self, slot: Slot, after: Handle | None) -> None:
+        """Give the value's device buffers back once ``after`` (a copy reading them) and the
+        copy filling them, if nothing waited for it (a value loaded and never read), are done."""
+        if slot.dev_ready is not None:
+            after = _all([h for h in (after, slot.dev_ready) if h is not None])
         for buf in slot.dev_bufs:
             self.dev.release(buf, after=after)
         if slot.dev_charged:
@@ -461,7 +476,7 @@ class Runtime:
         if home_too:
             home_tier = self.tiers[self._home(ref)]
             for buf in slot.home_bufs:
-                home_tier.release(buf, after=slot.home_ready)
+                home_tier.release(buf, after=_all(slot.home_users))
             if slot.home_keys and self.store is not None:
                 for key, t in zip(slot.home_keys, [t for t in slot.home or () if t is not None]):
                     if key in self.store:  # (a failed write left no file)
@@ -521,6 +536,7 @@ class Runtime:
         buf = self.dev.allocate(self.packs[p].layout.g_bytes, f"gradients of pack {p}")
         name = link(self.placement.update_loc(p), Loc.DEVICE)
         slot.dev_ready = self.engine.copy(buf, slot.home[0], name, "G")
+        slot.home_users.append(slot.dev_ready)  # (reads the home buffer)
         slot.dev, slot.dev_bufs = (buf,), [buf]
         self._bind_grads(p, buf)
 
@@ -535,6 +551,7 @@ class Runtime:
             slot.home = (slot.home_bufs[0],)
         assert slot.home is not None and slot.home[0] is not None
         slot.home_ready = self.engine.copy(slot.home[0], slot.dev[0], link(Loc.DEVICE, loc), "G")
+        slot.home_users.append(slot.home_ready)
         self._bind_grads(p, None)
         self._release_dev(slot, after=slot.home_ready)
 
@@ -549,7 +566,7 @@ class Runtime:
         self._release_dev(slot, after=None)
         tier = self.tiers[self.placement.update_loc(p)]
         for buf in slot.home_bufs:
-            tier.release(buf, after=slot.home_ready)
+            tier.release(buf, after=_all(slot.home_users))
         pack = self.packs[p]
         pack.got_grad = [False] * len(pack.got_grad)
 

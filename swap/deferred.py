@@ -54,6 +54,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -256,10 +257,8 @@ class DeferredCopier:
 
     def close(self) -> None:
         """Run what is queued (its errors were the step's to raise) and forget every copy."""
-        try:
+        with contextlib.suppress(Exception):  # (a failed copy was its step's to report)
             self.synchronize()
-        except Exception:  # noqa: S110 (closing: a failed copy was reported by its step)
-            pass
 
 
 def _ran() -> None:

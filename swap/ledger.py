@@ -82,10 +82,10 @@ def span(t: torch.Tensor) -> tuple[int, int, int]:
     """``(storage address, first byte, end byte)`` of the bytes ``t`` may touch."""
     storage = t.untyped_storage()
     size = t.element_size()
-    start = t.storage_offset() * size
+    start = int(t.storage_offset()) * size
     if t.numel() == 0:
         return storage.data_ptr(), start, start
-    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    extent = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride())) + 1
     return storage.data_ptr(), start, start + extent * size
 
 
