@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
+from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, load_buffers
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.chunked_update import ChunkedUpdate, broadcast_chunks
 from harmony.layout import Entry
@@ -115,6 +115,10 @@ class Runtime:
         self.w_ready: dict[int, Handle] = {}
         # NVMe packs: buffers this step's forward changed, until the update writes them
         self.new_buffers: dict[int, list[torch.Tensor]] = {}
+        # pack -> the copy of its changed buffers to the home copy (or to new_buffers), until
+        # the step ends: waited for before its forward changes them again, its next load
+        # reads the home copy, or the host reads them
+        self.buffer_copies: dict[int, Handle] = {}
         # ids of the buffers a forward changes (the profile finds them); None: every buffer
         self.changing: set[int] | None = None
         # When a list, every task appends what it did: its text, start and end (seconds since
@@ -137,6 +141,9 @@ class Runtime:
         # backward (harmony.update_worker); their gradients are deleted when joined
         self.worker: UpdateWorker | None = None
         self.deferred_g: set[int] = set()
+        # Copies to a GPU read pinned memory only: the step's inputs and targets are first
+        # copied into (pinned) host-tier buffers (see _stage_batch).
+        self.stage_batch = tiers[Loc.HOST].pin
         tiers[Loc.HOST].when_full = self._host_full
         # checking mode (HARMONY_COPIER=deferred): the tiers check their buffers' lifetimes
         engine.watch(tiers.values(), device=tiers[Loc.DEVICE])
@@ -157,7 +164,9 @@ class Runtime:
         assert schedule.placement is not None
         self.schedule, self.sizes, self.data, self.step = schedule, sizes, data, step
         self.placement = schedule.placement
-        self.loss = torch.zeros((), dtype=torch.float64)
+        # The batch loss stays on the device until a check needs it (once per step, before
+        # the first update): reading it per micro-batch would block the host each time.
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grads: set[int] = set()
         self.forwarded: set[tuple[int, int]] = set()  # (pack, micro-batch) forwards run
         self.updated: list[int] = []  # packs whose update ran in this step
@@ -166,6 +175,9 @@ class Runtime:
             self.ties.start(schedule)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
+        self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.stage_batch:
+            self._stage_batch(data)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update", Op.SEND: "comm",
                  Op.RECV: "comm"}
         begin = time.perf_counter()
@@ -187,6 +199,10 @@ class Runtime:
             for handle, name in self.writes:
                 self.engine.synchronize(handle, name)
             self.writes.clear()
+            # ... and once the device ran all of it: an error of a copy or a kernel surfaces
+            # in this step (on CUDA, one device synchronization per step).
+            self.engine.synchronize_all()
+            self.buffer_copies.clear()
         except BaseException:
             if self.dp is not None:
                 self.dp.abandon()
@@ -194,6 +210,49 @@ class Runtime:
             self.writes.clear()
             raise
         return float(self.loss)
+
+    def _stage_batch(self, data: StepData) -> None:
+        """Copy the step's inputs and targets into host-tier buffers (pinned on CUDA), from
+        which the asynchronous copies to the device read them: such a copy must not read
+        pageable memory, which the caller may change or Python free while it runs. The
+        buffers go back to the pool once the copies reading them are done."""
+        host = self.tiers[Loc.HOST]
+
+        def staged(t: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+            buf = host.allocate(t.numel() * t.element_size(), what)
+            view = buf.view(t.dtype).view(t.shape)
+            self.engine.host_write(view, what)
+            view.copy_(t)
+            return view, buf
+
+        for m, x in enumerate(data.inputs):
+            slot = self.values[Ref(Kind.X, 0, m)]
+            home: list[torch.Tensor | None] = []
+            for i, t in enumerate(x):
+                if t.device.type != "cpu":  # (already on the device)
+                    home.append(t)
+                    continue
+                view, buf = staged(t, f"input {i} of micro-batch {m}")
+                home.append(view)
+                slot.home_bufs.append(buf)
+            slot.home = tuple(home)
+        for m, y in enumerate(data.targets):
+            if y.device.type == "cpu":
+                self.targets[m] = staged(y, f"targets of micro-batch {m}")
+
+    def _target(self, m: int) -> torch.Tensor:
+        """Micro-batch ``m``'s targets on the device (from their staged host buffer, if any,
+        which goes back to the pool once the copy is done)."""
+        staged = self.targets.pop(m, None)
+        if staged is None:  # (on the device already, or the device is the CPU)
+            return self.data.targets[m].to(self.device)
+        view, buf = staged
+        target = torch.empty_like(view, device=self.device)
+        name = link(Loc.HOST, Loc.DEVICE)
+        handle = self.engine.copy(target, view, name, "T")
+        self.engine.wait(handle, name)
+        self.tiers[Loc.HOST].release(buf, after=handle)
+        return target
 
     def abandon(self) -> None:
         """Drop every transient value after a failed step (weights stay at home).
@@ -216,7 +275,11 @@ class Runtime:
             with contextlib.suppress(Exception):
                 self.tiers[Loc.HOST].release(w, after=hw)
         self.sending.clear()
+        for _, buf in getattr(self, "targets", {}).values():  # (staged, never copied)
+            self.tiers[Loc.HOST].release(buf)
+        self.targets = {}
         self.new_buffers.clear()
+        self.buffer_copies.clear()
         if self.ties is not None:
             self.ties.abandon(self)
         for pack in self.packs:
@@ -280,9 +343,17 @@ class Runtime:
         the trainer waits for all before it reads or writes weights between steps)."""
         assert self.dp is not None and self.owners is not None
         self._join_update(p)
+        self._settle_buffers(p)  # (the collective reads or writes the whole home copy)
         pack = self.packs[p]
+        engine = self.engine
         if pack.home_w is not None:
-            self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
+            def sent(read: Handle | None) -> None:
+                # (the next update writes the home copy: the host must know that the copy
+                # to a device buffer that the broadcast sent from has ended)
+                if read is not None:
+                    engine.synchronize(read, link(Loc.HOST, Loc.DEVICE))
+
+            self.dp.start_broadcast(p, self.owners[p], pack.home_w, engine, sent)
             return
         # Weights on NVMe: the owner sends the host copy its update wrote; the others receive
         # into host memory and write their file. Waited for here, so that the host copies
@@ -293,16 +364,17 @@ class Runtime:
         host = self.tiers[Loc.HOST]
         if self.owns(p):
             w, written = self.sending.pop(p)
-            self.dp.start_broadcast(p, self.owners[p], w, self.engine.stats,
-                                    lambda: host.release(w, after=written))
+            # (back to the pool once written to its file and read by the copy to the device)
+            self.dp.start_broadcast(p, self.owners[p], w, engine, lambda read: host.release(
+                w, after=_all([h for h in (written, read) if h is not None])))
         else:
             buf = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
 
-            def write() -> None:
+            def write(_: Handle | None) -> None:
                 handle = self._nvme_write(pack.key("W", 0), buf, link(Loc.HOST, Loc.NVME), "W")
                 host.release(buf, after=handle)
 
-            self.dp.start_broadcast(p, self.owners[p], buf, self.engine.stats, write)
+            self.dp.start_broadcast(p, self.owners[p], buf, engine, write)
         self.dp.finish_broadcast(p)
 
     def _w_arrived(self, p: int) -> None:
@@ -326,6 +398,7 @@ class Runtime:
         name = link(pack.home, Loc.DEVICE)
         # The compute that reads these weights waits for this copy (see _wait_w).
         if pack.home_w is not None:
+            self._wait_buffers(p)  # (the home copy's buffers as the last forward left them)
             self.w_ready[p] = self.engine.copy(buf, pack.home_w, name, "W")
         else:  # each chunk's file into its slice
             self.w_ready[p] = GroupHandle([
@@ -338,7 +411,21 @@ class Runtime:
         pack = self.packs[p]
         pack.layout.bind(None)
         buf = self.w_dev.pop(p)
-        self.dev.release(buf, after=self.w_ready.pop(p, None))
+        # (the copy of the buffers a forward changed may still read it)
+        self.dev.release(buf, after=_all([h for h in (self.w_ready.pop(p, None),
+                                                      self.buffer_copies.get(p)) if h]))
+
+    def _settle_buffers(self, p: int) -> None:
+        """Make the host know the copy of pack ``p``'s changed buffers has ended, if any."""
+        copies = self.buffer_copies.pop(p, None)
+        if copies is not None:
+            self.engine.synchronize(copies, link(Loc.DEVICE, Loc.HOST))
+
+    def _wait_buffers(self, p: int) -> None:
+        """Order what comes next after the copy of pack ``p``'s changed buffers, if any."""
+        copies = self.buffer_copies.get(p)
+        if copies is not None:
+            self.engine.wait(copies, link(Loc.DEVICE, Loc.HOST))
 
     # -- NVMe -------------------------------------------------------------------------------
     def _nvme_read(self, key: str, dst: torch.Tensor, name: str, kind: str) -> Handle:
@@ -348,6 +435,7 @@ class Runtime:
         assert self.store is not None
         if dst.device.type == "cpu":
             self.engine.count(name, kind, dst.numel() * dst.element_size())
+            self.engine.host_write(dst, f"the file {key} read into it")
             return self.store.read(key, dst)
         return read_staged(self.store, self.engine, self.tiers[Loc.HOST], key, dst, kind)
 
@@ -356,6 +444,7 @@ class Runtime:
         assert self.store is not None
         if src.device.type == "cpu":
             self.engine.count(name, kind, src.numel() * src.element_size())
+            self.engine.host_read(src, f"the file {key} written from it")
             handle = self.store.write(key, src.contiguous())
         else:
             handle = write_staged(self.store, self.engine, self.tiers[Loc.HOST], key, src, kind)
@@ -364,11 +453,14 @@ class Runtime:
 
     def _wait_w(self, p: int) -> None:
         self._w_arrived(p)  # (weights homed on the device are read in place)
+        self._wait_buffers(p)  # (a forward changes them: not before the last copy read them)
         handle = self.w_ready.pop(p, None)
         if handle is not None:
             self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
             if p in self.new_buffers:  # the file has the buffers of before this step's forward
-                restore_buffers(self._changing(p), self.new_buffers[p], self.w_dev[p])
+                name = link(Loc.HOST, Loc.DEVICE)
+                self.engine.wait(load_buffers(self._changing(p), self.new_buffers[p],
+                                              self.w_dev[p], self.engine, name), name)
 
     def _changing(self, p: int) -> list[Entry]:
         """Pack ``p``'s buffers that a forward changes (all of them if nobody said)."""
@@ -385,10 +477,14 @@ class Runtime:
         buffers = self._changing(p)
         if not buffers or pack.home is Loc.DEVICE:  # (bound to the home copy)
             return
+        # (an earlier copy of this step is on the same link: the new one's end implies it)
+        name = link(Loc.DEVICE, Loc.HOST)
         if pack.home_w is not None:
-            copy_buffers(buffers, self.w_dev[p], pack.home_w)
+            self.buffer_copies[p] = copy_buffers(buffers, self.w_dev[p], pack.home_w,
+                                                 self.engine, name)
         else:
-            self.new_buffers[p] = buffer_values(buffers, self.w_dev[p])
+            self.new_buffers[p], self.buffer_copies[p] = buffer_values(
+                buffers, self.w_dev[p], self.engine, name, pin=self.tiers[Loc.HOST].pin)
 
     # -- activations and gradients ----------------------------------------------------------
     def _home(self, ref: Ref) -> Loc:
@@ -689,7 +785,7 @@ class Runtime:
                 if not rerun:  # this was the micro-batch's only forward
                     self._keep_buffers(p)
                 if last:
-                    target = self.data.targets[m].to(self.device, non_blocking=True)
+                    target = self._target(m)
                     with self.precision.autocast(self.device):
                         loss = checked_loss(self.loss_fn, out, target)
                     weighted = loss * self.data.weights[m]
@@ -697,7 +793,7 @@ class Runtime:
                         (weighted * self.precision.scale).backward()
                     else:
                         weighted.backward()
-                    self.loss += weighted.detach().double().cpu()
+                    self.loss += weighted.detach().double()
                 else:
                     outs = as_tuple(out, f"pack {p}")
             if not last:
