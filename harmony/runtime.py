@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from harmony.data_parallel import DataParallel
 from harmony.rng import layer_rng
 from harmony.tied import TiedWeights
+from harmony.timeline import Clock, clock_for
 from harmony.update_worker import UpdateWorker
 from harmony.updates import NonFiniteLoss as NonFiniteLoss  # (raised by an update)
 from harmony.updates import update
@@ -124,6 +125,7 @@ class Runtime:
         # When a list, every task appends what it did: its text, start and end (seconds since
         # the step began) and the bytes each tier held after it (Trainer.record_step).
         self.record: list[dict[str, object]] | None = None
+        self.clock: Clock = clock_for(device)  # (times the tasks of a recorded step)
         # Data parallelism (harmony.data_parallel): the rank's all-reduces, and the global
         # index of its first micro-batch (randomness follows global micro-batch indices).
         self.dp: DataParallel | None = None
@@ -180,18 +182,22 @@ class Runtime:
             self._stage_batch(data)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update", Op.SEND: "comm",
                  Op.RECV: "comm"}
-        begin = time.perf_counter()
+        # record_step: each task's start and end, from marks on the device's clock (events on
+        # CUDA) read after the step's device synchronization; the tiers' bytes after it
+        clock = self.clock if self.record is not None else None
+        marks: list[tuple[Task, Any, Any, dict[str, int]]] = []
+        begin = clock.mark() if clock is not None else None
         try:
             for task in schedule.tasks:
+                m0 = clock.mark() if clock is not None else None
                 t0 = time.perf_counter()
                 self._dispatch(task)
                 t1 = time.perf_counter()
                 name = phase.get(task.op, "swap")
                 seconds[name] = seconds.get(name, 0.0) + t1 - t0
-                if self.record is not None:
-                    self.record.append({
-                        "task": str(task), "start": t0 - begin, "end": t1 - begin,
-                        "bytes": {loc.value: tier.used for loc, tier in self.tiers.items()}})
+                if clock is not None:
+                    marks.append((task, m0, clock.mark(),
+                                  {loc.value: tier.used for loc, tier in self.tiers.items()}))
             if self.worker is not None:  # the last overlapped step, before anyone reads
                 self.worker.join()
             # A step succeeds only once what it wrote behind is on disk: a failed write
@@ -203,6 +209,10 @@ class Runtime:
             # in this step (on CUDA, one device synchronization per step).
             self.engine.synchronize_all()
             self.buffer_copies.clear()
+            if clock is not None and self.record is not None:
+                self.record.extend({"task": str(task), "start": clock.seconds(begin, m0),
+                                    "end": clock.seconds(begin, m1), "bytes": held}
+                                   for task, m0, m1, held in marks)
         except BaseException:
             if self.dp is not None:
                 self.dp.abandon()
