@@ -231,12 +231,6 @@ class DeferredCopier:
                 self._known[link] = seq
                 self._ordered[link] = max(self._ordered.get(link, 0), seq)
 
-    def compute_synchronized(self) -> None:
-        """The host waited for the compute stream (a blocking read of a computed value): it
-        now knows every copy compute had been made to wait for."""
-        with self._lock:
-            self._learn(dict(self._ordered))
-
     def synchronize(self) -> None:
         """A device synchronization: run every queued copy, make all host-known, and raise
         the first error no synchronization has raised yet."""

@@ -138,14 +138,6 @@ class SwapEngine:
             worker.submit(lambda: None).result()
         self._copier.synchronize()
 
-    def compute_synchronized(self) -> None:
-        """Tell the copier the host just waited for the compute stream (a blocking read of a
-        computed value, such as the loss): under the deferred copier the host then knows
-        every copy compute was made to wait for. Otherwise nothing."""
-        note = getattr(self._copier, "compute_synchronized", None)
-        if note is not None:
-            note()
-
     def close(self) -> None:
         for worker in self._followers.values():
             worker.shutdown(wait=True)

@@ -14,7 +14,9 @@ asks it before the host itself touches a buffer (:meth:`swap.engine.SwapEngine.h
 * at a host write (a file read into the buffer, an optimizer step writing master weights, a
   refresh of a tied copy): every copy touching the range is settled; at a host read (a file
   written from it): every copy writing the range is;
-* when a copy is issued: it touches no buffer that is in a pool (given back).
+* when a copy is issued: it touches no buffer that is in a pool (given back), and no bytes
+  that a copy of another link reads or writes (one of the two writing) unless that copy is
+  ordered before it (waited for by compute, or known): the two streams would race on a GPU.
 
 *Settled* means: host-known (the host synchronized it, or something implying it) for host
 memory; for device memory (the device tier), ordered before later device work (waited for, or
@@ -135,9 +137,11 @@ class Ledger:
         """Record ``copy``'s reads of its source and writes of its destination.
 
         Raises:
-            BufferLifetimeError: it touches a buffer that is in a pool.
+            BufferLifetimeError: it touches a buffer that is in a pool, or bytes another
+                link's copy not ordered before it touches (one of the two writing).
         """
         with self._lock:
+            uses = []
             for t, writes in ((copy.src, False), (copy.dst, True)):
                 if t.device.type == "meta":
                     continue
@@ -151,7 +155,17 @@ class Ledger:
                         f"which was given back to its pool at {free.released_at}: the copy "
                         "touches memory the pool may hand to anyone; keep the buffer until "
                         "the copy is done, or release it with after= the copy's handle")
-                self._uses.setdefault(key, []).append(_Use(start, end, copy, writes, t))
+                for u in self._live(key):
+                    if u.start < end and start < u.end and (u.writes or writes) and \
+                            u.copy.link != copy.link and not self._copier.ordered(u.copy):
+                        raise BufferLifetimeError(
+                            f"{copy.describe()} {'writes' if writes else 'reads'} bytes that "
+                            f"{u.copy.describe()} {'writes' if u.writes else 'reads'}, and "
+                            "nothing orders that copy before it: on a GPU the two streams "
+                            "race; wait for (or synchronize) the earlier copy's handle first")
+                uses.append((key, _Use(start, end, copy, writes, t)))
+            for key, use in uses:
+                self._uses.setdefault(key, []).append(use)
 
     def prune(self) -> None:
         """Forget the uses of copies the host knows finished."""

@@ -30,9 +30,10 @@ COPIERS = ("default", "deferred")  # HARMONY_COPIER's values (unset: the default
 
 
 class ThreadCopier:
-    """Copies on one worker thread per link."""
+    """Copies on one worker thread per link (``device``: the one its handles belong to)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
         self._workers: dict[str, ThreadPoolExecutor] = {}
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str,
@@ -43,7 +44,7 @@ class ThreadCopier:
         def run() -> None:
             dst.copy_(src)
 
-        return FutureHandle(worker.submit(timed(run, on_done)))
+        return FutureHandle(worker.submit(timed(run, on_done)), self.device)
 
     def submit(self, link: str, fn: Callable[[], None], on_done: Callable[[float], None]) -> Handle:
         """Run ``fn`` on ``link``'s worker, in order with the link's copies."""
@@ -149,7 +150,7 @@ def make_copier(device: torch.device) -> ThreadCopier | CudaCopier | DeferredCop
         return DeferredCopier(device)
     if device.type == "cuda":
         return CudaCopier(device)
-    return ThreadCopier()
+    return ThreadCopier(device)
 
 
 def host_pinning(device: torch.device) -> bool:

@@ -98,13 +98,13 @@ def test_copies_run_in_issue_order_per_link() -> None:
     dst = torch.zeros(1)
     handles = [c.copy(dst, torch.full((1,), float(i)), H2D, noop) for i in (1, 2, 3)]
     seen = torch.zeros(1)
-    other = c.copy(seen, dst, D2H, noop)  # another link: not run by waits of the first
+    other = c.copy(seen, torch.full((1,), 9.0), D2H, noop)  # another link: not run by waits
     handles[1].wait()  # runs 1 then 2, not 3
     assert float(dst) == 2.0 and float(seen) == 0.0
     handles[2].wait()
     assert float(dst) == 3.0
     other.wait()
-    assert float(seen) == 3.0
+    assert float(seen) == 9.0
 
 
 def test_synchronize_makes_the_earlier_copies_of_its_link_known_and_no_others() -> None:
@@ -283,8 +283,8 @@ def test_a_copy_issued_after_a_pending_release_raises_when_the_buffer_returns(
     buf = host.allocate(64, "home of X0.1")
     h = engine.copy(dev.allocate(64, "X0.1"), buf, H2D, "X")
     host.release(buf, after=h)  # pending
+    h.synchronize()  # (the pool takes it back at its next request)
     engine.copy(buf, torch.zeros(64, dtype=torch.uint8), "nvme->host", "X")  # use after release
-    h.synchronize()
     with pytest.raises(BufferLifetimeError, match=r"goes back to the pool .* copy #1 on "
                                                   r"nvme->host .* issued after the release"):
         host.allocate(64, "next")
@@ -305,7 +305,7 @@ def test_a_host_write_before_the_host_knows_raises(engine: SwapEngine) -> None:
 
 
 def test_byte_ranges_of_views_count(engine: SwapEngine) -> None:
-    host, dev = tiers(engine)
+    host, _ = tiers(engine)
     w = host.allocate(64, "flat weights")
     engine.copy(w[32:48].view(torch.float32), torch.ones(4), D2H, "W")
     engine.host_write(w[:32], "the first half")  # another range: fine
@@ -344,3 +344,25 @@ def test_a_buffer_dropped_from_the_pool_is_forgotten(engine: SwapEngine) -> None
 
 def test_deferred_handles_are_deferred(engine: SwapEngine) -> None:
     assert isinstance(engine.copy(torch.zeros(1), torch.ones(1), H2D, "W"), DeferredHandle)
+
+
+def test_copies_of_two_links_racing_on_the_same_bytes_raise(engine: SwapEngine) -> None:
+    host, dev = tiers(engine)
+    staging = host.allocate(64, "staging")
+    filled = engine.copy(staging, dev.allocate(64, "G0"), D2H, "G")
+    with pytest.raises(BufferLifetimeError, match=r"copy #1 on host->device .* reads bytes that "
+                                                  r"copy #1 on device->host .* writes, and "
+                                                  r"nothing orders that copy before it"):
+        engine.copy(dev.allocate(64, "G0 again"), staging, H2D, "G")
+    engine.wait(filled, D2H)  # compute waited: a copy issued now runs after it
+    engine.copy(dev.allocate(64, "G0 again"), staging, H2D, "G")
+    engine.copy(torch.zeros(64, dtype=torch.uint8), staging, D2H, "G")  # (two reads: fine)
+
+
+def test_thread_copier_handles_carry_their_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HARMONY_COPIER", raising=False)
+    e = SwapEngine(CPU, Stats())
+    h = e.copy(torch.zeros(1), torch.ones(1), H2D, "W")
+    assert h.device == CPU
+    e.wait(h, H2D)
+    e.close()
