@@ -50,7 +50,13 @@ class SwapEngine:
     def watch(self, tiers: Iterable[Tier], device: Tier | None = None) -> None:
         """In checking mode, make ``tiers`` (``device``: the one holding device memory) check
         their buffers' lifetimes against the copies and poison pooled buffers; otherwise
-        nothing. Idempotent."""
+        nothing. Idempotent.
+
+        >>> e = SwapEngine(torch.device("cpu"), Stats())
+        >>> host, dev = Tier("host", torch.device("cpu")), Tier("device", torch.device("cpu"))
+        >>> e.watch([host, dev], device=dev)   # (checks only under HARMONY_COPIER=deferred)
+        >>> e.close()
+        """
         if self.ledger is None:
             return
         for tier in tiers:

@@ -27,6 +27,19 @@ allocated for), the copy (link, number, where it was issued) and the site (file:
 caller). In poison mode (the default of the deferred copier) every buffer going back to a pool
 and every new pool buffer is filled with 0xFF bytes (NaN in every float dtype), so a later use
 of stale bytes shows up as a wrong result in the bitwise tests.
+
+>>> from swap.deferred import DeferredCopier
+>>> from swap.tier import Tier
+>>> copier = DeferredCopier(torch.device("cpu"))
+>>> host = Tier("host", torch.device("cpu")); host.watch(copier.ledger, device_memory=False)
+>>> buf = host.allocate(8, "weights of pack 0")
+>>> h = copier.copy(torch.empty(8, dtype=torch.uint8), buf, "host->device", lambda s: None)
+>>> h.wait()                              # compute waited: the host knows nothing
+>>> host.release(buf)  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+swap.ledger.BufferLifetimeError: host tier buffer 'weights of pack 0' released at ...
+>>> host.release(buf, after=h)            # back to the pool once the copy is known ended
 """
 
 from __future__ import annotations
