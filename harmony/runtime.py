@@ -178,8 +178,6 @@ class Runtime:
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
         self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.stage_batch:
-            self._stage_batch(data)
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update", Op.SEND: "comm",
                  Op.RECV: "comm"}
         # record_step: each task's start and end, from marks on the device's clock (events on
@@ -188,6 +186,8 @@ class Runtime:
         marks: list[tuple[Task, Any, Any, dict[str, int]]] = []
         begin = clock.mark() if clock is not None else None
         try:
+            if self.stage_batch:  # (a failure here gives back what was staged: abandon)
+                self._stage_batch(data)
             for task in schedule.tasks:
                 m0 = clock.mark() if clock is not None else None
                 t0 = time.perf_counter()

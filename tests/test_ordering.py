@@ -22,7 +22,7 @@ from schedules.task import Loc
 from swap.deferred import DeferredCopier
 from swap.engine import SwapEngine
 from swap.stats import Stats
-from swap.tier import Tier
+from swap.tier import OutOfCapacity, Tier
 from tests.models import MODELS, reference_train
 
 H2D = "host->device"
@@ -171,6 +171,24 @@ def test_inputs_and_targets_are_copied_from_staged_host_buffers() -> None:
         assert t.stats.kind_bytes(H2D, "T") == y.numel() * y.element_size()
         assert not rt.targets
         _check_equal("tuple", t, batches)
+
+
+def test_staging_that_does_not_fit_gives_back_what_it_staged() -> None:
+    batches = _batches("mlp")
+    with _trainer("mlp", Loc.HOST, Loc.DEVICE) as t:
+        t.step(*batches[0])
+        rt = t._runtime
+        assert rt is not None
+        rt.stage_batch = True
+        host = t.tiers[Loc.HOST]
+        host.drain()
+        before = host.used
+        x, y = batches[1]
+        host.capacity = before + x.numel() * x.element_size()  # the inputs fit, not the targets
+        with pytest.raises(OutOfCapacity, match="targets of micro-batch 0"):
+            t.step(x, y)
+        host.drain()
+        assert host.used == before
 
 
 def _bn() -> nn.Sequential:
