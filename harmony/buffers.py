@@ -7,8 +7,14 @@ harmony must do the same although it may run a pack's forward twice (recompute i
 and although device copies of weights are never written back. So:
 
 * after a forward whose changes must count, :func:`copy_buffers` carries the buffers from the
-  device copy to the home copy (or to a host copy kept until an NVMe pack's update writes them);
+  device copy to the home copy (or :func:`buffer_values` to a host copy kept until an NVMe
+  pack's update writes them, from which :func:`load_buffers` restores a reloaded device copy);
 * a recompute runs under :func:`buffers_unchanged`, which restores them afterwards.
+
+The copies between the device and the host are asynchronous, through the swap engine: the
+functions return their handle, which the runtime keeps with the pack and waits for where the
+bytes are used next (before the pack's next forward changes them again, before its next load
+reads the home copy, before the host reads them; see :class:`harmony.runtime.Runtime`).
 
 Only buffers a forward was seen to change while profiling are handled (most buffers, such as
 position ids, rotary frequencies or causal masks, never change): the functions take those
@@ -23,6 +29,8 @@ from collections.abc import Iterator
 import torch
 
 from harmony.layout import Entry
+from swap.engine import SwapEngine
+from swap.handle import GroupHandle, Handle
 
 
 @contextlib.contextmanager
@@ -40,21 +48,41 @@ def buffers_unchanged(buffers: list[Entry]) -> Iterator[None]:
                 e.tensor.copy_(value)
 
 
-def copy_buffers(buffers: list[Entry], src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Copy the buffers' bytes from flat weights ``src`` to flat weights ``dst`` (same layout;
-    any devices; synchronous: buffers are small)."""
-    for e in buffers:
-        e.view(dst).copy_(e.view(src))
+def copy_buffers(buffers: list[Entry], src: torch.Tensor, dst: torch.Tensor,
+                 engine: SwapEngine, link: str) -> Handle:
+    """Start copying the buffers' bytes from flat weights ``src`` to flat weights ``dst``
+    (same layout) on ``link``; both stay untouched until the returned handle is done.
+
+    >>> from harmony.layout import Layout
+    >>> from swap.stats import Stats
+    >>> e = Layout([torch.nn.BatchNorm1d(2)]).buffers[0]
+    >>> src, dst = torch.ones(1024, dtype=torch.uint8), torch.zeros(1024, dtype=torch.uint8)
+    >>> engine = SwapEngine(torch.device("cpu"), Stats())
+    >>> copy_buffers([e], src, dst, engine, "device->host").synchronize(); engine.close()
+    """
+    return GroupHandle([engine.copy(e.view(dst), e.view(src), link, "W") for e in buffers])
 
 
-def buffer_values(buffers: list[Entry], src: torch.Tensor) -> list[torch.Tensor]:
-    """CPU copies of the buffers held in flat weights ``src``."""
-    return [e.view(src).to("cpu", copy=True) for e in buffers]
+def buffer_values(buffers: list[Entry], src: torch.Tensor, engine: SwapEngine, link: str,
+                  pin: bool = False) -> tuple[list[torch.Tensor], Handle]:
+    """Start copying the buffers held in flat weights ``src`` into new CPU tensors (pinned
+    if ``pin``, for a GPU's asynchronous copies); returns them and the copies' handle, which
+    the host synchronizes before it reads them."""
+    values = [torch.empty(e.shape, dtype=e.dtype, pin_memory=pin) for e in buffers]
+    return values, GroupHandle([engine.copy(v, e.view(src), link, "W")
+                                for e, v in zip(buffers, values)])
+
+
+def load_buffers(buffers: list[Entry], values: list[torch.Tensor], dst: torch.Tensor,
+                 engine: SwapEngine, link: str) -> Handle:
+    """Start copying :func:`buffer_values` into flat weights ``dst`` on ``link``."""
+    return GroupHandle([engine.copy(e.view(dst), v, link, "W")
+                        for e, v in zip(buffers, values)])
 
 
 def restore_buffers(buffers: list[Entry], values: list[torch.Tensor],
                     dst: torch.Tensor, base: int = 0) -> None:
-    """Write :func:`buffer_values` back into flat weights ``dst`` (a piece of the flat
-    weights starting at byte ``base``, if given: see :meth:`Entry.view`)."""
+    """Write :func:`buffer_values` back into host flat weights ``dst`` (a piece of the flat
+    weights starting at byte ``base``, if given: see :meth:`Entry.view`), on the host."""
     for e, v in zip(buffers, values):
         e.view(dst, base).copy_(v)

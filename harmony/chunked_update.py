@@ -93,6 +93,7 @@ class ChunkedUpdate:
         self.next = 0  # the next chunk to read
         self.grads: tuple[torch.Tensor, Handle | None] | None = None  # (G, its copy home)
         self.new_buffers: list[torch.Tensor] | None = None  # buffers this step's forward set
+        self.buffers_ready: Handle | None = None  # their copy to the host
         self.on_worker = False
 
     def stage(self) -> None:
@@ -109,6 +110,7 @@ class ChunkedUpdate:
         self.grads = (slot.home[0], slot.home_ready)
         slot.home_ready = None  # (waited for by run())
         self.new_buffers = rt.new_buffers.pop(self.p, None)
+        self.buffers_ready = rt.buffer_copies.pop(self.p, None)
 
     def chunk_bytes(self, c: int) -> int:
         """Host bytes chunk ``c`` holds during the update (weights, masters, state)."""
@@ -252,8 +254,10 @@ class ChunkedUpdate:
             self._wait(handle, READ)
         if c == len(pack.chunks) - 1 and self.new_buffers is not None:
             # buffers (after the trainable parameters) are in the last chunk's weights
+            if self.buffers_ready is not None:  # (the host reads them)
+                self._wait(self.buffers_ready, link(Loc.DEVICE, Loc.HOST))
             restore_buffers(rt._changing(self.p), self.new_buffers, held.w, chunk.w[0])
-            self.new_buffers = None
+            self.new_buffers = self.buffers_ready = None
         if pack.optimizes(c):
             self._step_optimizer(c, held, grads)
         if pack.layout.mixed and chunk.params:
@@ -305,15 +309,18 @@ def broadcast_chunks(rt: Runtime, p: int) -> None:
     host buffer and write their file. Blocks until done."""
     assert rt.dp is not None and rt.owners is not None
     pack, host, owner = rt.packs[p], rt.tiers[Loc.HOST], rt.owners[p]
+    sent: list[Handle | None] = []
     for c, chunk in enumerate(pack.chunks):
         buf = host.allocate(chunk.w_bytes, f"weights of pack {p} (chunk {c})")
         key = pack.key("W", c)
+        sent.clear()
         if rt.owns(p):
             rt.engine.synchronize(rt._nvme_read(key, buf, READ, "W"), READ)
-            rt.dp.start_broadcast(p, owner, buf, rt.engine.stats)
+            rt.dp.start_broadcast(p, owner, buf, rt.engine, sent.append)
             rt.dp.finish_broadcast(p)
         else:
-            rt.dp.start_broadcast(p, owner, buf, rt.engine.stats)
+            rt.dp.start_broadcast(p, owner, buf, rt.engine)
             rt.dp.finish_broadcast(p)
             rt.engine.synchronize(rt._nvme_write(key, buf, WRITE, "W"), WRITE)
-        host.release(buf)
+        # (the owner's copy to a device buffer, for NCCL, may still read it)
+        host.release(buf, after=sent[0] if sent else None)

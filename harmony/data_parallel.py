@@ -51,6 +51,8 @@ import torch.distributed as dist
 from harmony import dist as hdist
 from schedules.data_parallel import ALLREDUCE_LINK, BROADCAST_LINK, REDUCE_LINK, ring_bytes
 from schedules.placement import Placement
+from swap.engine import SwapEngine
+from swap.handle import Handle
 from swap.stats import Stats
 
 PARALLEL_MODES = (None, "none", "data", "pipeline")  # "pipeline": harmony.pipeline
@@ -71,9 +73,11 @@ class DataParallel:
         self.device, self.group, self.shard = device, group, shard
         self.pending: dict[int, list[Any]] = {}  # pack -> its all-reduces' work handles
         # pack -> its weights' broadcast and what to run once it arrived (sharded optimizer)
-        self.broadcasts: dict[int, tuple[Any, Callable[[], None] | None]] = {}
+        self.broadcasts: dict[int, tuple[Any, Callable[[], None]]] = {}
         self.failed: str | None = None
         self._bandwidth: float | None = None
+        # NCCL moves device memory only: host buffers travel through a device buffer
+        self.via_device = group.backend == "nccl"
 
     @staticmethod
     def create(parallel: str | None, device: torch.device,
@@ -148,27 +152,43 @@ class DataParallel:
                                           f"pack {p}'s gradients"))
         return works
 
-    def start_broadcast(self, p: int, owner: int, buf: torch.Tensor, stats: Stats,
-                        done: Callable[[], None] | None = None) -> None:
+    def start_broadcast(self, p: int, owner: int, buf: torch.Tensor, engine: SwapEngine,
+                        done: Callable[[Handle | None], None] | None = None) -> None:
         """Start sending pack ``p``'s weights ``buf`` (flat uint8) from rank ``owner`` into
-        every other rank's ``buf``; ``done`` runs once they arrived (in
-        :meth:`finish_broadcasts`). Counts the bytes on the ``"broadcast"`` link."""
-        stats.count(BROADCAST_LINK, "W", buf.numel() * buf.element_size())
-        target = buf
-        if self.group.backend == "nccl" and buf.device.type == "cpu":
-            # NCCL moves device memory only: a host copy travels through a device buffer
-            target = buf.to(self.device, non_blocking=True) if self.group.rank == owner \
-                else torch.empty_like(buf, device=self.device)
+        every other rank's ``buf``; ``done(read)`` runs once they arrived (in
+        :meth:`finish_broadcasts`), with ``read`` the copy that reads a host ``buf`` on its
+        way to a device buffer (None: none), which the owner keeps ``buf`` for until it is
+        done. Counts the bytes on the ``"broadcast"`` link.
 
-            def back(then: Callable[[], None] | None = done) -> None:
-                if self.group.rank != owner:
-                    buf.copy_(target)
-                if then is not None:
-                    then()
-            done = back
+        A host ``buf`` under NCCL travels through a device buffer: copies through ``engine``
+        (on the owner to the device, ordered before the broadcast, which NCCL issues after
+        the compute stream's work; on the others back to ``buf``, synchronized before
+        ``done``, since the host then reads or writes ``buf``). Otherwise the collective reads
+        or writes ``buf`` itself (the host must know no copy still touches it)."""
+        engine.stats.count(BROADCAST_LINK, "W", buf.numel() * buf.element_size())
+        target, read = buf, None
+        mine = self.group.rank == owner
+        if self.via_device and buf.device.type == "cpu":
+            target = torch.empty_like(buf, device=self.device)
+            if mine:
+                read = engine.copy(target, buf, "host->device", "W")
+                engine.wait(read, "host->device")
+        elif buf.device.type == "cpu":  # the collective runs on the host
+            if mine:
+                engine.host_read(buf, f"pack {p}'s weights (broadcast)")
+            else:
+                engine.host_write(buf, f"pack {p}'s weights (broadcast)")
+
+        def finish(then: Callable[[Handle | None], None] | None = done) -> None:
+            if target is not buf and not mine:  # (the arrived bytes, into the host copy)
+                engine.host_write(buf, f"pack {p}'s weights (broadcast)")
+                engine.synchronize(engine.copy(buf, target, "device->host", "W"),
+                                   "device->host")
+            if then is not None:
+                then(read)
         work = self._collective(partial(dist.broadcast, target, src=owner, async_op=True),
                                 f"pack {p}'s weights")
-        self.broadcasts[p] = (work, done)
+        self.broadcasts[p] = (work, finish)
 
     def send_masters(self, p: int, flat: torch.Tensor) -> None:
         """Send pack ``p``'s fp32 masters (this rank owns it) to every rank. Collective."""
@@ -187,8 +207,7 @@ class DataParallel:
         """Wait for pack ``p``'s weight broadcast and run what follows it."""
         work, done = self.broadcasts.pop(p)
         self._collective(work.wait, f"pack {p}'s weights")
-        if done is not None:
-            done()
+        done()
 
     def finish_broadcasts(self) -> None:
         """Wait for every weight broadcast of the step and run what follows each."""

@@ -335,7 +335,8 @@ class Pipeline:
                     dist.recv(t, other)
                     received.append(t.to(runtime.device))
                 if ref.kind is Kind.D:
-                    runtime.loss = torch.tensor(loss, dtype=torch.float64)
+                    runtime.loss = torch.tensor(loss, dtype=torch.float64,
+                                                device=runtime.device)
                 runtime._produce(ref, tuple(received), single)
                 nbytes = sum(t.numel() * t.element_size() for t in received if t is not None)
         except Exception as err:

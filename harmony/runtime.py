@@ -11,11 +11,11 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, restore_buffers
+from harmony.buffers import buffer_values, buffers_unchanged, copy_buffers, load_buffers
 from harmony.chain import as_tuple, call, checked_loss
 from harmony.chunked_update import ChunkedUpdate, broadcast_chunks
 from harmony.layout import Entry
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from harmony.data_parallel import DataParallel
 from harmony.rng import layer_rng
 from harmony.tied import TiedWeights
+from harmony.timeline import Clock, clock_for
 from harmony.update_worker import UpdateWorker
 from harmony.updates import NonFiniteLoss as NonFiniteLoss  # (raised by an update)
 from harmony.updates import update
@@ -48,6 +49,9 @@ class Slot:
 
     ``dev_bufs``/``home_bufs`` are pool buffers backing the copies (released to their tier);
     ``dev_charged`` counts device bytes of tensors compute produced (uncharged when freed).
+    ``home_users``: the handles of every copy that wrote or read ``home_bufs`` (its swap-out
+    and each swap-in): the home buffers go back to their pool only once all are done, since a
+    swap-in that compute merely waited for may still be reading them on a GPU.
     """
 
     dev: Value | None = None
@@ -57,6 +61,7 @@ class Slot:
     home: Value | None = None
     home_bufs: list[torch.Tensor] = field(default_factory=list)
     home_ready: Handle | None = None
+    home_users: list[Handle] = field(default_factory=list)
     single: bool = True
     home_keys: list[str] = field(default_factory=list)  # files of a value homed on NVMe
     outputs: Value | None = None  # S values: the forward's outputs, whose graph backward walks
@@ -64,6 +69,11 @@ class Slot:
 
 def _nbytes(value: Value) -> int:
     return sum(t.numel() * t.element_size() for t in value if t is not None)
+
+
+def _all(handles: list[Handle]) -> Handle | None:
+    """One handle done when all of ``handles`` are (None for none)."""
+    return GroupHandle(list(handles)) if handles else None
 
 
 @dataclass
@@ -106,11 +116,16 @@ class Runtime:
         self.w_ready: dict[int, Handle] = {}
         # NVMe packs: buffers this step's forward changed, until the update writes them
         self.new_buffers: dict[int, list[torch.Tensor]] = {}
+        # pack -> the copy of its changed buffers to the home copy (or to new_buffers), until
+        # the step ends: waited for before its forward changes them again, its next load
+        # reads the home copy, or the host reads them
+        self.buffer_copies: dict[int, Handle] = {}
         # ids of the buffers a forward changes (the profile finds them); None: every buffer
         self.changing: set[int] | None = None
         # When a list, every task appends what it did: its text, start and end (seconds since
         # the step began) and the bytes each tier held after it (Trainer.record_step).
         self.record: list[dict[str, object]] | None = None
+        self.clock: Clock = clock_for(device)  # (times the tasks of a recorded step)
         # Data parallelism (harmony.data_parallel): the rank's all-reduces, and the global
         # index of its first micro-batch (randomness follows global micro-batch indices).
         self.dp: DataParallel | None = None
@@ -128,7 +143,12 @@ class Runtime:
         # backward (harmony.update_worker); their gradients are deleted when joined
         self.worker: UpdateWorker | None = None
         self.deferred_g: set[int] = set()
+        # Copies to a GPU read pinned memory only: the step's inputs and targets are first
+        # copied into (pinned) host-tier buffers (see _stage_batch).
+        self.stage_batch = tiers[Loc.HOST].pin
         tiers[Loc.HOST].when_full = self._host_full
+        # checking mode (HARMONY_COPIER=deferred): the tiers check their buffers' lifetimes
+        engine.watch(tiers.values(), device=tiers[Loc.DEVICE])
 
     def close(self) -> None:
         """Stop the update worker, if any."""
@@ -146,7 +166,9 @@ class Runtime:
         assert schedule.placement is not None
         self.schedule, self.sizes, self.data, self.step = schedule, sizes, data, step
         self.placement = schedule.placement
-        self.loss = torch.zeros((), dtype=torch.float64)
+        # The batch loss stays on the device until a check needs it (once per step, before
+        # the first update): reading it per micro-batch would block the host each time.
+        self.loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grads: set[int] = set()
         self.forwarded: set[tuple[int, int]] = set()  # (pack, micro-batch) forwards run
         self.updated: list[int] = []  # packs whose update ran in this step
@@ -155,20 +177,27 @@ class Runtime:
             self.ties.start(schedule)
         for m, x in enumerate(data.inputs):
             self.values[Ref(Kind.X, 0, m)] = Slot(home=x, single=data.single_input)
+        self.targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         phase = {Op.FWD: "forward", Op.BWD: "backward", Op.UPD: "update", Op.SEND: "comm",
                  Op.RECV: "comm"}
-        begin = time.perf_counter()
+        # record_step: each task's start and end, from marks on the device's clock (events on
+        # CUDA) read after the step's device synchronization; the tiers' bytes after it
+        clock = self.clock if self.record is not None else None
+        marks: list[tuple[Task, Any, Any, dict[str, int]]] = []
+        begin = clock.mark() if clock is not None else None
         try:
+            if self.stage_batch:  # (a failure here gives back what was staged: abandon)
+                self._stage_batch(data)
             for task in schedule.tasks:
+                m0 = clock.mark() if clock is not None else None
                 t0 = time.perf_counter()
                 self._dispatch(task)
                 t1 = time.perf_counter()
                 name = phase.get(task.op, "swap")
                 seconds[name] = seconds.get(name, 0.0) + t1 - t0
-                if self.record is not None:
-                    self.record.append({
-                        "task": str(task), "start": t0 - begin, "end": t1 - begin,
-                        "bytes": {loc.value: tier.used for loc, tier in self.tiers.items()}})
+                if clock is not None:
+                    marks.append((task, m0, clock.mark(),
+                                  {loc.value: tier.used for loc, tier in self.tiers.items()}))
             if self.worker is not None:  # the last overlapped step, before anyone reads
                 self.worker.join()
             # A step succeeds only once what it wrote behind is on disk: a failed write
@@ -176,6 +205,14 @@ class Runtime:
             for handle, name in self.writes:
                 self.engine.synchronize(handle, name)
             self.writes.clear()
+            # ... and once the device ran all of it: an error of a copy or a kernel surfaces
+            # in this step (on CUDA, one device synchronization per step).
+            self.engine.synchronize_all()
+            self.buffer_copies.clear()
+            if clock is not None and self.record is not None:
+                self.record.extend({"task": str(task), "start": clock.seconds(begin, m0),
+                                    "end": clock.seconds(begin, m1), "bytes": held}
+                                   for task, m0, m1, held in marks)
         except BaseException:
             if self.dp is not None:
                 self.dp.abandon()
@@ -183,6 +220,49 @@ class Runtime:
             self.writes.clear()
             raise
         return float(self.loss)
+
+    def _stage_batch(self, data: StepData) -> None:
+        """Copy the step's inputs and targets into host-tier buffers (pinned on CUDA), from
+        which the asynchronous copies to the device read them: such a copy must not read
+        pageable memory, which the caller may change or Python free while it runs. The
+        buffers go back to the pool once the copies reading them are done."""
+        host = self.tiers[Loc.HOST]
+
+        def staged(t: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+            buf = host.allocate(t.numel() * t.element_size(), what)
+            view = buf.view(t.dtype).view(t.shape)
+            self.engine.host_write(view, what)
+            view.copy_(t)
+            return view, buf
+
+        for m, x in enumerate(data.inputs):
+            slot = self.values[Ref(Kind.X, 0, m)]
+            home: list[torch.Tensor | None] = []
+            for i, t in enumerate(x):
+                if t.device.type != "cpu":  # (already on the device)
+                    home.append(t)
+                    continue
+                view, buf = staged(t, f"input {i} of micro-batch {m}")
+                home.append(view)
+                slot.home_bufs.append(buf)
+            slot.home = tuple(home)
+        for m, y in enumerate(data.targets):
+            if y.device.type == "cpu":
+                self.targets[m] = staged(y, f"targets of micro-batch {m}")
+
+    def _target(self, m: int) -> torch.Tensor:
+        """Micro-batch ``m``'s targets on the device (from their staged host buffer, if any,
+        which goes back to the pool once the copy is done)."""
+        staged = self.targets.pop(m, None)
+        if staged is None:  # (on the device already, or the device is the CPU)
+            return self.data.targets[m].to(self.device)
+        view, buf = staged
+        target = torch.empty_like(view, device=self.device)
+        name = link(Loc.HOST, Loc.DEVICE)
+        handle = self.engine.copy(target, view, name, "T")
+        self.engine.wait(handle, name)
+        self.tiers[Loc.HOST].release(buf, after=handle)
+        return target
 
     def abandon(self) -> None:
         """Drop every transient value after a failed step (weights stay at home).
@@ -205,7 +285,11 @@ class Runtime:
             with contextlib.suppress(Exception):
                 self.tiers[Loc.HOST].release(w, after=hw)
         self.sending.clear()
+        for _, buf in getattr(self, "targets", {}).values():  # (staged, never copied)
+            self.tiers[Loc.HOST].release(buf)
+        self.targets = {}
         self.new_buffers.clear()
+        self.buffer_copies.clear()
         if self.ties is not None:
             self.ties.abandon(self)
         for pack in self.packs:
@@ -269,9 +353,17 @@ class Runtime:
         the trainer waits for all before it reads or writes weights between steps)."""
         assert self.dp is not None and self.owners is not None
         self._join_update(p)
+        self._settle_buffers(p)  # (the collective reads or writes the whole home copy)
         pack = self.packs[p]
+        engine = self.engine
         if pack.home_w is not None:
-            self.dp.start_broadcast(p, self.owners[p], pack.home_w, self.engine.stats)
+            def sent(read: Handle | None) -> None:
+                # (the next update writes the home copy: the host must know that the copy
+                # to a device buffer that the broadcast sent from has ended)
+                if read is not None:
+                    engine.synchronize(read, link(Loc.HOST, Loc.DEVICE))
+
+            self.dp.start_broadcast(p, self.owners[p], pack.home_w, engine, sent)
             return
         # Weights on NVMe: the owner sends the host copy its update wrote; the others receive
         # into host memory and write their file. Waited for here, so that the host copies
@@ -282,16 +374,17 @@ class Runtime:
         host = self.tiers[Loc.HOST]
         if self.owns(p):
             w, written = self.sending.pop(p)
-            self.dp.start_broadcast(p, self.owners[p], w, self.engine.stats,
-                                    lambda: host.release(w, after=written))
+            # (back to the pool once written to its file and read by the copy to the device)
+            self.dp.start_broadcast(p, self.owners[p], w, engine, lambda read: host.release(
+                w, after=_all([h for h in (written, read) if h is not None])))
         else:
             buf = host.allocate(pack.layout.w_bytes, f"weights of pack {p}")
 
-            def write() -> None:
+            def write(_: Handle | None) -> None:
                 handle = self._nvme_write(pack.key("W", 0), buf, link(Loc.HOST, Loc.NVME), "W")
                 host.release(buf, after=handle)
 
-            self.dp.start_broadcast(p, self.owners[p], buf, self.engine.stats, write)
+            self.dp.start_broadcast(p, self.owners[p], buf, engine, write)
         self.dp.finish_broadcast(p)
 
     def _w_arrived(self, p: int) -> None:
@@ -315,6 +408,7 @@ class Runtime:
         name = link(pack.home, Loc.DEVICE)
         # The compute that reads these weights waits for this copy (see _wait_w).
         if pack.home_w is not None:
+            self._wait_buffers(p)  # (the home copy's buffers as the last forward left them)
             self.w_ready[p] = self.engine.copy(buf, pack.home_w, name, "W")
         else:  # each chunk's file into its slice
             self.w_ready[p] = GroupHandle([
@@ -327,7 +421,21 @@ class Runtime:
         pack = self.packs[p]
         pack.layout.bind(None)
         buf = self.w_dev.pop(p)
-        self.dev.release(buf, after=self.w_ready.pop(p, None))
+        # (the copy of the buffers a forward changed may still read it)
+        self.dev.release(buf, after=_all([h for h in (self.w_ready.pop(p, None),
+                                                      self.buffer_copies.get(p)) if h]))
+
+    def _settle_buffers(self, p: int) -> None:
+        """Make the host know the copy of pack ``p``'s changed buffers has ended, if any."""
+        copies = self.buffer_copies.pop(p, None)
+        if copies is not None:
+            self.engine.synchronize(copies, link(Loc.DEVICE, Loc.HOST))
+
+    def _wait_buffers(self, p: int) -> None:
+        """Order what comes next after the copy of pack ``p``'s changed buffers, if any."""
+        copies = self.buffer_copies.get(p)
+        if copies is not None:
+            self.engine.wait(copies, link(Loc.DEVICE, Loc.HOST))
 
     # -- NVMe -------------------------------------------------------------------------------
     def _nvme_read(self, key: str, dst: torch.Tensor, name: str, kind: str) -> Handle:
@@ -337,6 +445,7 @@ class Runtime:
         assert self.store is not None
         if dst.device.type == "cpu":
             self.engine.count(name, kind, dst.numel() * dst.element_size())
+            self.engine.host_write(dst, f"the file {key} read into it")
             return self.store.read(key, dst)
         return read_staged(self.store, self.engine, self.tiers[Loc.HOST], key, dst, kind)
 
@@ -345,6 +454,7 @@ class Runtime:
         assert self.store is not None
         if src.device.type == "cpu":
             self.engine.count(name, kind, src.numel() * src.element_size())
+            self.engine.host_read(src, f"the file {key} written from it")
             handle = self.store.write(key, src.contiguous())
         else:
             handle = write_staged(self.store, self.engine, self.tiers[Loc.HOST], key, src, kind)
@@ -353,11 +463,14 @@ class Runtime:
 
     def _wait_w(self, p: int) -> None:
         self._w_arrived(p)  # (weights homed on the device are read in place)
+        self._wait_buffers(p)  # (a forward changes them: not before the last copy read them)
         handle = self.w_ready.pop(p, None)
         if handle is not None:
             self.engine.wait(handle, link(self.packs[p].home, Loc.DEVICE))
             if p in self.new_buffers:  # the file has the buffers of before this step's forward
-                restore_buffers(self._changing(p), self.new_buffers[p], self.w_dev[p])
+                name = link(Loc.HOST, Loc.DEVICE)
+                self.engine.wait(load_buffers(self._changing(p), self.new_buffers[p],
+                                              self.w_dev[p], self.engine, name), name)
 
     def _changing(self, p: int) -> list[Entry]:
         """Pack ``p``'s buffers that a forward changes (all of them if nobody said)."""
@@ -374,10 +487,14 @@ class Runtime:
         buffers = self._changing(p)
         if not buffers or pack.home is Loc.DEVICE:  # (bound to the home copy)
             return
+        # (an earlier copy of this step is on the same link: the new one's end implies it)
+        name = link(Loc.DEVICE, Loc.HOST)
         if pack.home_w is not None:
-            copy_buffers(buffers, self.w_dev[p], pack.home_w)
+            self.buffer_copies[p] = copy_buffers(buffers, self.w_dev[p], pack.home_w,
+                                                 self.engine, name)
         else:
-            self.new_buffers[p] = buffer_values(buffers, self.w_dev[p])
+            self.new_buffers[p], self.buffer_copies[p] = buffer_values(
+                buffers, self.w_dev[p], self.engine, name, pin=self.tiers[Loc.HOST].pin)
 
     # -- activations and gradients ----------------------------------------------------------
     def _home(self, ref: Ref) -> Loc:
@@ -404,6 +521,7 @@ class Runtime:
                 handles.append(self._nvme_read(slot.home_keys[i], view, name, ref.kind.value))
             else:
                 handles.append(self.engine.copy(view, t, name, ref.kind.value))
+                slot.home_users.append(handles[-1])  # (reads the home buffer)
             slot.dev_bufs.append(buf)
             dev.append(view)
         slot.dev, slot.dev_ready = tuple(dev), GroupHandle(handles)
@@ -437,9 +555,14 @@ class Runtime:
             home.append(view)
         slot.home = tuple(home)
         slot.home_ready = GroupHandle(handles)
+        slot.home_users.append(slot.home_ready)
         self._release_dev(slot, after=slot.home_ready)
 
     def _release_dev(self, slot: Slot, after: Handle | None) -> None:
+        """Give the value's device buffers back once ``after`` (a copy reading them) and the
+        copy filling them, if nothing waited for it (a value loaded and never read), are done."""
+        if slot.dev_ready is not None:
+            after = _all([h for h in (after, slot.dev_ready) if h is not None])
         for buf in slot.dev_bufs:
             self.dev.release(buf, after=after)
         if slot.dev_charged:
@@ -459,7 +582,7 @@ class Runtime:
         if home_too:
             home_tier = self.tiers[self._home(ref)]
             for buf in slot.home_bufs:
-                home_tier.release(buf, after=slot.home_ready)
+                home_tier.release(buf, after=_all(slot.home_users))
             if slot.home_keys and self.store is not None:
                 for key, t in zip(slot.home_keys, [t for t in slot.home or () if t is not None]):
                     if key in self.store:  # (a failed write left no file)
@@ -519,6 +642,7 @@ class Runtime:
         buf = self.dev.allocate(self.packs[p].layout.g_bytes, f"gradients of pack {p}")
         name = link(self.placement.update_loc(p), Loc.DEVICE)
         slot.dev_ready = self.engine.copy(buf, slot.home[0], name, "G")
+        slot.home_users.append(slot.dev_ready)  # (reads the home buffer)
         slot.dev, slot.dev_bufs = (buf,), [buf]
         self._bind_grads(p, buf)
 
@@ -533,6 +657,7 @@ class Runtime:
             slot.home = (slot.home_bufs[0],)
         assert slot.home is not None and slot.home[0] is not None
         slot.home_ready = self.engine.copy(slot.home[0], slot.dev[0], link(Loc.DEVICE, loc), "G")
+        slot.home_users.append(slot.home_ready)
         self._bind_grads(p, None)
         self._release_dev(slot, after=slot.home_ready)
 
@@ -547,7 +672,7 @@ class Runtime:
         self._release_dev(slot, after=None)
         tier = self.tiers[self.placement.update_loc(p)]
         for buf in slot.home_bufs:
-            tier.release(buf, after=slot.home_ready)
+            tier.release(buf, after=_all(slot.home_users))
         pack = self.packs[p]
         pack.got_grad = [False] * len(pack.got_grad)
 
@@ -670,7 +795,7 @@ class Runtime:
                 if not rerun:  # this was the micro-batch's only forward
                     self._keep_buffers(p)
                 if last:
-                    target = self.data.targets[m].to(self.device, non_blocking=True)
+                    target = self._target(m)
                     with self.precision.autocast(self.device):
                         loss = checked_loss(self.loss_fn, out, target)
                     weighted = loss * self.data.weights[m]
@@ -678,7 +803,7 @@ class Runtime:
                         (weighted * self.precision.scale).backward()
                     else:
                         weighted.backward()
-                    self.loss += weighted.detach().double().cpu()
+                    self.loss += weighted.detach().double()
                 else:
                     outs = as_tuple(out, f"pack {p}")
             if not last:

@@ -237,6 +237,7 @@ class TiedWeights:
             else:
                 src = self._live_grad(rt, s, j)
             if src is not None:
+                rt.engine.host_write(target, f"the gradient of tied {tie.name} (merged)")
                 target.add_(src.to(target.device))
                 owner.got_grad[i] = True
             if held is not None:
@@ -299,10 +300,14 @@ class TiedWeights:
         nbytes = entry.nbytes
         if pack.index in rt.w_dev:  # a loaded device copy of the sharer's weights
             rt._wait_w(pack.index)  # (its load must not land after this write)
+            rt.engine.host_write(entry.view(rt.w_dev[pack.index]),
+                                 f"the tied copy in pack {pack.index}'s loaded weights")
             entry.view(rt.w_dev[pack.index]).copy_(src)
             if src_loc is not Loc.DEVICE:
                 rt.engine.count(link(src_loc, Loc.DEVICE), "W", nbytes)
         if pack.home_w is not None:
+            rt.engine.host_write(entry.view(pack.home_w),
+                                 f"the tied copy in pack {pack.index}'s home weights")
             entry.view(pack.home_w).copy_(src)
             if src_loc is not pack.home:
                 rt.engine.count(link(src_loc, pack.home), "W", nbytes)

@@ -80,6 +80,13 @@ def update(rt: Runtime, task: Task) -> None:
         flat = slot.home[0]
         for master, e, got in zip(pack.masters, pack.layout.trainable, pack.got_grad):
             master.grad = e.gview(flat) if got else None
+    if loc is not Loc.DEVICE:  # the host writes the masters (and W, in mixed precision)
+        for master in pack.masters:
+            rt.engine.host_write(master.detach(), f"master weights of pack {p} (its update)")
+        if pack.layout.mixed and pack.home_w is not None:
+            for e in pack.layout.trainable:
+                rt.engine.host_write(e.view(pack.home_w),
+                                     f"weights of pack {p} (refreshed by its update)")
     if rt.worker is not None and loc is Loc.HOST and rt.owners is None:
         # overlap_updates: the step runs behind what follows (harmony.update_worker)
         rt.worker.submit(p, partial(host_step, rt, p), partial(finish_host_update, rt, p))

@@ -6,20 +6,27 @@ destination calls :meth:`SwapEngine.wait` on the returned handle; the time compu
 is the link's stall time (on CPU the host's time blocked; on CUDA the time the compute stream
 waited, from events). On CUDA, busy and stall times are resolved as their events are reached:
 :meth:`SwapEngine.settle` reports those already reached, and :meth:`SwapEngine.close` all.
+
+Under the deferred copier (``HARMONY_COPIER=deferred``, :mod:`swap.deferred`) the engine also
+carries the copier's :class:`swap.ledger.Ledger`: :meth:`SwapEngine.watch` makes tiers check
+their buffers against it, and :meth:`SwapEngine.host_write` / :meth:`SwapEngine.host_read` let
+the runtime check the bytes the host itself is about to touch. Otherwise those are no-ops.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from swap.handle import Handle, ThenHandle
+from swap.ledger import Ledger
 from swap.stats import Stats
 from swap.streams import Accounts, make_copier
+from swap.tier import Tier
 
 
 class SwapEngine:
@@ -44,6 +51,36 @@ class SwapEngine:
         self._copier = make_copier(device, device_tier)
         self._followers: dict[str, ThreadPoolExecutor] = {}
         self._lock = threading.Lock()  # guards the follower table (any thread may chain work)
+        # checking mode (the deferred copier): what each copy touches
+        self.ledger: Ledger | None = getattr(self._copier, "ledger", None)
+
+    def watch(self, tiers: Iterable[Tier], device: Tier | None = None) -> None:
+        """In checking mode, make ``tiers`` (``device``: the one holding device memory) check
+        their buffers' lifetimes against the copies and poison pooled buffers; otherwise
+        nothing. Idempotent.
+
+        >>> e = SwapEngine(torch.device("cpu"), Stats())
+        >>> host, dev = Tier("host", torch.device("cpu")), Tier("device", torch.device("cpu"))
+        >>> e.watch([host, dev], device=dev)   # (checks only under HARMONY_COPIER=deferred)
+        >>> e.close()
+        """
+        if self.ledger is None:
+            return
+        for tier in tiers:
+            tier.watch(self.ledger, device_memory=tier is device)
+
+    def host_write(self, t: torch.Tensor, what: str) -> None:
+        """The host is about to write ``t`` (a file read into it, an optimizer step): in
+        checking mode raise :class:`swap.ledger.BufferLifetimeError` if a copy touching it
+        may still run; otherwise nothing."""
+        if self.ledger is not None:
+            self.ledger.host_write(t, what)
+
+    def host_read(self, t: torch.Tensor, what: str) -> None:
+        """The host is about to read ``t`` (a file written from it): in checking mode raise
+        if a copy writing it may still run; otherwise nothing."""
+        if self.ledger is not None:
+            self.ledger.host_read(t, what)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, kind: str,
              ready: object = None) -> Handle:
@@ -91,7 +128,7 @@ class SwapEngine:
             first.synchronize()
             return then()
 
-        return ThenHandle(worker.submit(run))
+        return ThenHandle(worker.submit(run), first, self.device)
 
     def count(self, link: str, kind: str, nbytes: int, seconds: float = 0.0) -> None:
         """Count bytes moved by a path outside this engine (e.g. the NVMe store)."""
@@ -101,7 +138,17 @@ class SwapEngine:
 
     def wait(self, handle: Handle, link: str) -> None:
         """Make compute wait for ``handle``; the time compute waited counts as ``link``'s stall
-        (on CUDA measured with events on the compute stream, resolved lazily)."""
+        (on CUDA measured with events on the compute stream, resolved lazily).
+
+        Raises:
+            ValueError: ``handle`` runs on another device than this engine's (its stream
+                would never be waited for by this device's compute).
+        """
+        device = getattr(handle, "device", None)
+        if device is not None and not _same_device(device, self.device):
+            raise ValueError(f"a handle of {device} waited for on {link} by the engine of "
+                             f"{self.device}: compute on {self.device} cannot wait for another "
+                             "device's copy; issue the copy through this device's engine")
         if handle.done():
             handle.wait()
             return
@@ -126,6 +173,16 @@ class SwapEngine:
         if settle is not None:
             settle()
 
+    def synchronize_all(self) -> None:
+        """A device synchronization: wait for the follow-up threads' queued work and for
+        every copy issued so far (on CUDA ``torch.cuda.synchronize``); raises the error of a
+        copy that nothing raised yet. The runtime ends each step with it."""
+        with self._lock:
+            followers = list(self._followers.values())
+        for worker in followers:
+            worker.submit(lambda: None).result()
+        self._copier.synchronize()
+
     def close(self) -> None:
         with self._lock:
             followers = list(self._followers.values())
@@ -133,3 +190,8 @@ class SwapEngine:
         for worker in followers:
             worker.shutdown(wait=True)
         self._copier.close()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether ``a`` and ``b`` may be one device (``cuda`` without an index matches any)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

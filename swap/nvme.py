@@ -586,6 +586,8 @@ class _Job:
 class _Request:
     """The handle of one store request: done when its last chunk is (a :class:`Handle`)."""
 
+    device: torch.device | None = None  # host work: ``wait`` means finished
+
     def __init__(self, finish: Callable[[BaseException | None], None]) -> None:
         self._lock = threading.Lock()
         self._event = threading.Event()

@@ -13,7 +13,8 @@ class Stats:
 
     Attributes:
         bytes_moved: bytes per link, e.g. ``{"host->device": ...}``.
-        bytes_by_kind: bytes per (link, kind), kind one of ``"W" "G" "K" "X" "D"``.
+        bytes_by_kind: bytes per (link, kind), kind one of ``"W" "G" "K" "X" "D"``, and
+            ``"T"``: targets copied from pinned host memory on CUDA.
         busy_seconds: seconds each link spent copying (summed over its copies).
         stall_seconds: seconds compute waited for each link's copies.
         peak_bytes: highest accounted bytes per tier (``"device"``, ``"host"``, ``"nvme"``);

@@ -18,10 +18,14 @@ On CPU each link gets one worker thread (a FIFO queue, like a stream). ``Tensor.
 the GIL, so copies overlap with compute on the main thread. The worker owns nothing: the caller
 keeps source and destination alive until the handle is done (the tiers' ``release(after=...)``
 does exactly that).
+
+``HARMONY_COPIER=deferred`` replaces both by :class:`swap.deferred.DeferredCopier`, a checking
+mode that gives the CPU CUDA's semantics (copies run late; ``wait`` tells the host nothing).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -31,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
+from swap.deferred import DeferredCopier
 from swap.handle import DoneHandle, FutureHandle, Handle, timed
 
 
@@ -41,11 +46,14 @@ class Accounts(Protocol):
 
     def uncharge(self, nbytes: int, after: Handle | None = None) -> None: ...
 
+COPIERS = ("default", "deferred")  # HARMONY_COPIER's values (unset: the default)
+
 
 class ThreadCopier:
-    """Copies on one worker thread per link."""
+    """Copies on one worker thread per link (``device``: the one its handles belong to)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
         self._workers: dict[str, ThreadPoolExecutor] = {}
         self._lock = threading.Lock()  # guards the worker table (copies come from any thread)
 
@@ -64,7 +72,7 @@ class ThreadCopier:
         def run() -> None:
             dst.copy_(src)
 
-        return FutureHandle(self._worker(link, "copy").submit(timed(run, on_done)))
+        return FutureHandle(self._worker(link, "copy").submit(timed(run, on_done)), self.device)
 
     def submit(self, link: str, fn: Callable[[], None], on_done: Callable[[float], None]) -> Handle:
         """Run ``fn`` on ``link``'s worker, in order with the link's copies."""
@@ -73,6 +81,13 @@ class ThreadCopier:
     def mark(self) -> None:
         """Nothing to mark on CPU: work issued on the host thread is done when issued."""
         return None
+
+    def synchronize(self) -> None:
+        """Wait for every copy queued so far (each link's worker runs its queue in order)."""
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            w.submit(lambda: None).result()
 
     def close(self) -> None:
         with self._lock:
@@ -117,7 +132,7 @@ class CudaHandle:
     """
 
     def __init__(self, device: torch.device, timing: _EventTiming) -> None:
-        self.device = device
+        self.device: torch.device | None = device
         self._timing = timing
 
     @property
@@ -262,6 +277,10 @@ class CudaCopier:
         on_done(time.perf_counter() - t0)
         return DoneHandle()
 
+    def synchronize(self) -> None:
+        """Block until every stream of the device is idle (raises a pending CUDA error)."""
+        torch.cuda.synchronize(self.device)
+
     def close(self) -> None:
         torch.cuda.synchronize(self.device)
         self.settle(block=True)
@@ -269,14 +288,25 @@ class CudaCopier:
             self._streams.clear()
 
 
-def make_copier(device: torch.device,
-                tier: Accounts | None = None) -> ThreadCopier | CudaCopier:
-    """The copier for a compute device: CUDA streams for ``cuda``, threads otherwise.
-    ``tier`` is charged for the device temporaries a CUDA copier makes (see
-    :class:`CudaCopier`)."""
+def make_copier(device: torch.device, tier: Accounts | None = None
+                ) -> ThreadCopier | CudaCopier | DeferredCopier:
+    """The copier for a compute device: CUDA streams for ``cuda``, threads otherwise (the
+    default), or with ``HARMONY_COPIER=deferred`` CUDA's semantics on CPU, a checking mode
+    (:mod:`swap.deferred`). ``tier`` is charged for the device temporaries a CUDA copier
+    makes (see :class:`CudaCopier`).
+
+    Raises:
+        ValueError: ``HARMONY_COPIER`` holds another value.
+    """
+    name = os.environ.get("HARMONY_COPIER", "")
+    if name not in ("", *COPIERS):
+        raise ValueError(f"HARMONY_COPIER={name!r} is not a copier; use one of "
+                         f"{', '.join(COPIERS)}, or leave it unset")
+    if name == "deferred":
+        return DeferredCopier(device)
     if device.type == "cuda":
         return CudaCopier(device, tier)
-    return ThreadCopier()
+    return ThreadCopier(device)
 
 
 def host_pinning(device: torch.device) -> bool:

@@ -24,6 +24,11 @@ charged up front on the issuing thread, from which it allocates and releases wit
 waiting for room. When a request does not fit, the tier calls its ``when_full`` hook (outside
 the lock) before raising: the runtime there joins the update in flight, whose reservation then
 comes back, and the request is tried once more.
+
+Checking mode: a tier watched by the deferred copier's ledger (:meth:`Tier.watch`, which the
+runtime calls under ``HARMONY_COPIER=deferred``) checks at every release, reuse and return to
+its pool that no copy may still touch the buffer, and poisons pooled buffers (see
+:mod:`swap.ledger`). Unwatched tiers (the production path) pay one ``is None`` test per call.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import TypeVar
 import torch
 
 from swap.handle import Handle
+from swap.ledger import Ledger, caller_site
 
 _T = TypeVar("_T")
 
@@ -116,6 +122,15 @@ class Tier:
         # Called (outside the lock) when a request does not fit even after the pending
         # releases: returns True if it gave bytes back, and the request is tried once more.
         self.when_full: Callable[[], bool] | None = None
+        self.ledger: Ledger | None = None  # checking mode (see watch)
+        self.device_memory = False  # (for the checks: a device's memory, touched by streams)
+
+    def watch(self, ledger: Ledger, device_memory: bool) -> None:
+        """Check every release, reuse and return of a buffer against ``ledger`` and poison
+        pooled buffers (checking mode: see :mod:`swap.ledger`). ``device_memory``: this tier
+        stands for a device's memory (a buffer is settled once device work is ordered after
+        its copies), not host memory (settled once the host knows they finished)."""
+        self.ledger, self.device_memory = ledger, device_memory
 
     # -- accounting -------------------------------------------------------------------------
     def charge(self, nbytes: int, what: str = "a tensor") -> None:
@@ -161,27 +176,29 @@ class Tier:
     def _allocate(self, nbytes: int, what: str) -> torch.Tensor:
         with self._lock:
             self._make_room(nbytes, what)
-            buf, size = self._take(nbytes, self.used)
+            buf, size = self._take(nbytes, self.used, what)
             self.used += nbytes
             self.peak = max(self.peak, self.used)
         if buf is not None:
             return buf
         try:  # (the bytes are charged already, so no other request can take them meanwhile)
-            return self._new(nbytes, size)
+            return self._new(nbytes, size, what)
         except BaseException:
             with self._lock:
                 self.used -= nbytes
             raise
 
-    def _take(self, nbytes: int, used: int) -> tuple[torch.Tensor | None, int]:
-        """A buffer of ``nbytes`` from the pool, or (None, the size of a new buffer to make
-        with :meth:`_new` once the lock is let go), with ``used`` bytes accounted besides it
-        (the books are the caller's). Lock held."""
+    def _take(self, nbytes: int, used: int, what: str) -> tuple[torch.Tensor | None, int]:
+        """A buffer of ``nbytes`` from the pool for ``what``, or (None, the size of a new
+        buffer to make with :meth:`_new` once the lock is let go), with ``used`` bytes
+        accounted besides it (the books are the caller's). Lock held."""
         free = self._free.get(nbytes)
         fit = None if free else self._best_fit(nbytes)
         if free:
             buf = free.pop()
             self._cached -= nbytes
+            if self.ledger is not None:
+                self.ledger.reused(self, buf, what)
             return buf, nbytes
         if fit is not None:
             # A slightly larger free buffer serves (packs' buffers differ a little in size):
@@ -190,6 +207,8 @@ class Tier:
             self._cached -= fit
             buf = base[:nbytes]
             self._bases[buf.data_ptr()] = base
+            if self.ledger is not None:
+                self.ledger.reused(self, buf, what)
             return buf, nbytes
         # New buffers get a size class (the next multiple of an eighth of the power of two
         # below), so buffers of similar sizes (packs differ a little) serve each other.
@@ -199,18 +218,22 @@ class Tier:
             self._trim_to(self.capacity - used - size)
         return None, size
 
-    def _new(self, nbytes: int, size: int) -> torch.Tensor:
-        """A new buffer of ``size`` bytes, handed out as its first ``nbytes``. Lock not held:
-        making (and pinning) memory is slow, and other threads use the tier meanwhile."""
+    def _new(self, nbytes: int, size: int, what: str) -> torch.Tensor:
+        """A new buffer of ``size`` bytes for ``what``, handed out as its first ``nbytes``.
+        Lock not held: making (and pinning) memory is slow, and other threads use the tier
+        meanwhile."""
         if self._alloc is not None:
             buf = self._alloc(size)
         else:
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
         with self._lock:
             self.allocations += 1
+            whole = buf
             if size != nbytes:
                 base, buf = buf, buf[:nbytes]
                 self._bases[buf.data_ptr()] = base
+            if self.ledger is not None:
+                self.ledger.created(self, buf, whole, what)
         return buf
 
     def _best_fit(self, nbytes: int) -> int | None:
@@ -220,7 +243,14 @@ class Tier:
         return min(sizes) if sizes else None
 
     def release(self, buf: torch.Tensor, after: Handle | None = None) -> None:
-        """Return ``buf`` to the pool, once ``after`` (a copy still reading it) is done."""
+        """Return ``buf`` to the pool, once ``after`` (a copy still reading it) is done.
+
+        Raises:
+            swap.ledger.BufferLifetimeError: (checking mode) a copy touching ``buf`` may still
+                run and ``after`` does not cover it.
+        """
+        if self.ledger is not None:
+            self.ledger.check_release(self, buf, after, caller_site())
         with self._lock:
             if after is not None and not after.done():
                 self._pending.append((after, buf.numel(), buf))
@@ -242,6 +272,10 @@ class Tier:
     def clear_cache(self) -> None:
         self.drain()
         with self._lock:
+            if self.ledger is not None:
+                for bufs in self._free.values():
+                    for buf in bufs:
+                        self.ledger.dropped(buf)
             self._free.clear()
             self._cached = 0
 
@@ -259,7 +293,9 @@ class Tier:
     def _give(self, buf: torch.Tensor | None) -> None:
         """Return ``buf`` to the pool (the books are the caller's)."""
         if buf is not None:
-            buf = self._bases.pop(buf.data_ptr(), buf)  # the whole of a best-fit buffer
+            piece, buf = buf, self._bases.pop(buf.data_ptr(), buf)  # the whole of a best fit
+            if self.ledger is not None:
+                self.ledger.returned(self, piece, buf)
         size = buf.numel() if buf is not None else 0
         if buf is not None and (self.cache_limit is None or size <= self.cache_limit):
             self._trim_cache(size)
@@ -308,8 +344,10 @@ class Tier:
     def _trim_to(self, limit: int) -> None:
         for size in sorted(self._free, reverse=True):
             while self._free[size] and self._cached > limit:
-                self._free[size].pop()
+                dropped = self._free[size].pop()
                 self._cached -= size
+                if self.ledger is not None:
+                    self.ledger.dropped(dropped)
 
 
 class Reservation:
@@ -345,9 +383,10 @@ class Reservation:
                                 self.nbytes - self.free, self.nbytes, f"{what} ({self.what})")
         tier = self.tier
         with tier._lock:
-            buf, size = tier._take(nbytes, tier.used - nbytes)  # (its bytes are charged already)
+            # (its bytes are charged already)
+            buf, size = tier._take(nbytes, tier.used - nbytes, f"{what} ({self.what})")
         if buf is None:
-            buf = tier._new(nbytes, size)
+            buf = tier._new(nbytes, size, f"{what} ({self.what})")
         self.free -= nbytes
         return buf
 
@@ -358,6 +397,8 @@ class Reservation:
             self.tier.release(buf, after)  # (its bytes, charged by us, are the tier's now)
             self.nbytes -= buf.numel()
             return
+        if self.tier.ledger is not None:
+            self.tier.ledger.check_release(self.tier, buf, after, caller_site())
         with self.tier._lock:
             self.tier._give(buf)
         self.free += buf.numel()

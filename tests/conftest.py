@@ -1,4 +1,5 @@
 import faulthandler
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,23 @@ from swap.stats import Stats
 torch.set_num_threads(1)
 
 HANG_SECONDS = 600  # the slowest test takes well under a minute here
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--copier", choices=("default", "deferred"), default=None,
+                     help="run every swap engine with this copier (sets HARMONY_COPIER, which "
+                          "subprocesses inherit); deferred: CUDA's semantics on CPU, with "
+                          "buffer-lifetime checks and poisoned pools")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    copier = config.getoption("--copier")
+    if copier is not None:  # (before any test starts a worker process, which inherits it)
+        os.environ["HARMONY_COPIER"] = copier
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"copier: {os.environ.get('HARMONY_COPIER') or 'default'}"
 
 
 @pytest.fixture(autouse=True)

@@ -68,6 +68,7 @@ import torch
 import harmony
 from harmony import checkpoint
 from swap import nvme
+from tests import copier
 from tests.models import MODELS, training_state_bytes
 
 BATCH = 7
@@ -253,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
             PROGRESS.log("ckpt-", trainer.step_count, *(sums[n] for n in checkpoint.TENSOR_FILES))
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
-    safetensors.torch.save_file(trainer.state_dict(), tmp)
+    safetensors.torch.save_file(trainer.state_dict(), tmp,
+                                metadata={"copier": copier.used(trainer)})
     os.replace(tmp, out)
     trainer.close()
     PROGRESS.log("done", trainer.step_count)

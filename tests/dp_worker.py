@@ -30,6 +30,7 @@ import torch
 import harmony
 from harmony.report import plan_to_json
 from schedules.task import Loc
+from tests import copier
 from tests.models import MODELS as SHARED_MODELS
 from tests.models import cross_entropy_tokens, tied_transformer, training_state_bytes
 from tests.timing import fix_timing
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                 "shard": shard, "more": more, "ckpt": str(ckpt),
                 "skipped": trainer.stats.skipped_steps, "steps": trainer.step_count,
                 "nvme": "nvme" in {loc.value for loc in trainer.plan.placement.w},
+                "copier": copier.used(trainer),
                 "schedule": str(trainer.plan.schedule)},
                Path(args.out) / f"rank{rank}.pt")
     trainer.close()

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 import harmony
+from tests import copier
 from tests.models import MODELS
 
 MODEL = "transformer"
@@ -99,7 +100,8 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
                     "bytes": dict(trainer.stats.bytes_moved),
                     "by_kind": dict(trainer.stats.bytes_by_kind), "schedule": pipe.schedule,
                     "sizes": pipe.sizes, "stage": pipe.stage, "stages": pipe.stages,
-                    "bounds": pipe.bounds, "placement": pipe.placement},
+                    "bounds": pipe.bounds, "placement": pipe.placement,
+                    "copier": copier.used(trainer)},
                    Path(out) / f"rank{rank}.pt")
         trainer.close()
     except BaseException:

@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 
 from harmony import checkpoint
+from tests import copier
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux",
                                 reason="the crash worker forks; Linux only")
@@ -219,6 +221,8 @@ def _wait_for(server: Server, progress: Path, pid: int, event: str, steps: int =
 
 def _check_finished(campaign: Campaign, want: dict[str, torch.Tensor]) -> None:
     got = safetensors.torch.load_file(campaign.out)
+    with safetensors.safe_open(campaign.out, "pt") as f:  # (a child inherits HARMONY_COPIER)
+        assert f.metadata() == {"copier": copier.expected()}
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), f"{k} differs from the uninterrupted run's"
@@ -248,6 +252,8 @@ def test_sigkill_anywhere_resumes_bitwise(tmp_path: Path) -> None:
         want_sums = _ckpt_sums(ref_events)
         assert sorted(want_sums) == list(range(1, STEPS + 1))
         want = safetensors.torch.load_file(ref / "out.safetensors")
+        with safetensors.safe_open(ref / "out.safetensors", "pt") as f:  # (it inherits the mode)
+            assert f.metadata() == {"copier": copier.expected()}
         t_ready = time.monotonic()
 
         trials = [("pause", p) for p in PAUSES] + [("train", None)] * RANDOM_AFTER_TRAIN \

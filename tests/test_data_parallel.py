@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import harmony
+from tests import copier
 from tests.dp_worker import fork_ranks, global_batches, make_trainer, parse, run_rank
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not torch.distributed.is_available(),
@@ -58,6 +59,8 @@ def _run(tmp_path: Path, argv: list[str]) -> tuple[list[dict], dict[str, torch.T
     codes = _launch(tmp_path, argv)
     assert codes == [0] * WORLD, [_log(tmp_path, r)[-3000:] for r in range(WORLD)]
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    # the ranks run with this run's copier (a child inherits HARMONY_COPIER)
+    assert [r["copier"] for r in results] == [copier.expected()] * WORLD
     return results, want, losses
 
 

@@ -24,6 +24,7 @@ import harmony
 from harmony import checkpoint
 from schedules.simulate import simulate
 from schedules.task import Loc
+from tests import copier
 from tests import pipeline_worker as worker
 from tests.models import MODELS, reference_train
 
@@ -62,7 +63,10 @@ def _launch(out: Path, ranks: int = 2, **options: Any) -> tuple[list[int | None]
 def _results(out: Path, ranks: int = 2) -> list[dict[str, Any]]:
     errors = [f.read_text() for f in sorted(out.glob("*.err"))]
     assert not errors, "\n".join(errors)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
+    # the ranks run with this run's copier (a child inherits HARMONY_COPIER)
+    assert [r["copier"] for r in results] == [copier.expected()] * ranks
+    return results
 
 
 @pytest.fixture

@@ -175,8 +175,10 @@ def test_no_stall_for_a_finished_copy(engine: SwapEngine) -> None:
     assert 0 <= engine.stats.stall_seconds[LINK] < 5
 
 
-def test_stall_on_a_real_copy_stuck_behind_its_link(engine: SwapEngine,
-                                                    gate: threading.Event) -> None:
+def test_stall_on_a_real_copy_stuck_behind_its_link(gate: threading.Event,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HARMONY_COPIER", raising=False)  # (the thread copier's worker)
+    engine = SwapEngine(CPU, Stats())
     copier = engine._copier
     assert isinstance(copier, ThreadCopier)
     block_link(copier, LINK, gate)
@@ -188,6 +190,7 @@ def test_stall_on_a_real_copy_stuck_behind_its_link(engine: SwapEngine,
     engine.wait(h, LINK)
     assert torch.equal(dst, src)
     assert 0 < engine.stats.stall_seconds[LINK] < 5
+    engine.close()
 
 
 # -- copiers -------------------------------------------------------------------------------------
@@ -247,7 +250,8 @@ def test_thread_copier_close_waits_for_queued_copies(gate: threading.Event) -> N
     copier.close()
 
 
-def test_make_copier_on_cpu() -> None:
+def test_make_copier_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HARMONY_COPIER", raising=False)
     assert isinstance(make_copier(CPU), ThreadCopier)
     assert not host_pinning(CPU)
 
