@@ -175,25 +175,26 @@ def _difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
 
 def _run(chain: Chain, x: tuple[torch.Tensor, ...], single: bool,
          sample: Sequence[tuple[str, nn.Parameter]]) -> tuple[str, float, float]:
-    """Compare once; returns what differs most, by how much and how much relatively."""
+    """Compare once; returns what differs most, by how much and how much relatively. The
+    chain runs first: a layer that cannot run is reported by harmony's own message."""
     torch.manual_seed(0)
-    want = _floats(chain.reference(x, single))
-    weights = _weights(want)
-    _backward(want, weights)
-    want_g = [p.grad.detach().clone() if p.grad is not None else None for _, p in sample]
+    got = _floats(_compose(chain, x, single))
+    weights = _weights(got)
+    _backward(got, weights)
+    got_g = [p.grad.detach().clone() if p.grad is not None else None for _, p in sample]
     for _, p in sample:
         p.grad = None
     torch.manual_seed(0)
-    got = _floats(_compose(chain, x, single))
-    _backward(got, weights)
+    want = _floats(chain.reference(x, single))
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        return (f"the output (shapes {[tuple(t.shape) for t in got]}, the model's "
+                f"{[tuple(t.shape) for t in want]})", float("inf"), float("inf"))
+    _backward(want, weights)
     worst = ("", 0.0, 0.0)
-    if len(got) != len(want):
-        return (f"the output ({len(got)} floating-point tensors, the model's {len(want)})",
-                float("inf"), float("inf"))
     pairs: list[tuple[str, torch.Tensor | None, torch.Tensor | None]] = [
         (f"output {i}" if len(want) > 1 else "the output", g, w)
         for i, (g, w) in enumerate(zip(got, want))]
-    pairs += [(f"the gradient of {n}", p.grad, wg) for (n, p), wg in zip(sample, want_g)]
+    pairs += [(f"the gradient of {n}", g, p.grad) for (n, p), g in zip(sample, got_g)]
     for what, g, w in pairs:
         if g is None and w is None:
             continue

@@ -63,6 +63,9 @@ class LayerProfile:
     # per trainable parameter: (bytes in the flat weights, in the flat gradients); empty when
     # unknown (then the planner streams the layer's update as one piece)
     params: list[tuple[int, int]] = field(default_factory=list)
+    # of w_bytes, the frozen parameters' (weights only: no gradient, no optimizer state, and an
+    # update never reads or writes them)
+    frozen_bytes: int = 0
 
 
 # LayerProfile.no_group of a layer profiled without a second micro-batch to check it on.
@@ -132,7 +135,7 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             fwd_s=fwd / samples, bwd_s=bwd / samples, samples=samples,
             fwd_group_s=None if check.seconds is None else check.seconds / check.samples,
             group_samples=check.samples, no_group=check.why_not,
-            params=layout.trainable_spans()))
+            params=layout.trainable_spans(), frozen_bytes=layout.w_bytes - layout.frozen_start))
         value = tuple(t.detach() for t in out_value)
         other = None if check.other is None else tuple(t.detach() for t in check.other)
     return out
