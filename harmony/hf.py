@@ -15,15 +15,13 @@ Anything harmony cannot split raises :class:`harmony.hf_capture.Unsplittable` (a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
 
 from harmony.hf_capture import Unsplittable
 from harmony.hf_split import HOW_TO, HFSplit, split
 
-__all__ = ["HOW_TO", "Unsplittable", "hf_chain", "hf_chain_method", "hf_split", "is_hf_model",
-           "is_peft_model", "transformers_model"]
+__all__ = ["HOW_TO", "Unsplittable", "hf_chain", "hf_split", "is_hf_model", "is_peft_model",
+           "transformers_model"]
 
 
 def _library(model: object) -> str:
@@ -90,12 +88,3 @@ def hf_chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if got is None:
         raise ValueError(f"{type(model).__name__} is not a Hugging Face model; {HOW_TO}")
     return got.layers
-
-
-def hf_chain_method(model: object) -> Callable[[], list[tuple[str, nn.Module]]] | None:
-    """A function returning ``hf_chain(model)`` if ``model`` is a Hugging Face model, else
-    None."""
-    if not is_hf_model(model):
-        return None
-    assert isinstance(model, nn.Module)
-    return lambda: hf_chain(model)

@@ -276,7 +276,8 @@ def _check_config(top: nn.Module) -> None:
 
 def _tiny_inputs(top: nn.Module) -> tuple[torch.Tensor, ...]:
     """A few token ids on the model's device: enough to run its forward once."""
-    param = next(top.parameters())
+    param = next(p for p in top.parameters() if not p.is_meta) if any(
+        not p.is_meta for p in top.parameters()) else torch.zeros(())
     get = getattr(top, "get_input_embeddings", None)
     embed = get() if callable(get) else None
     vocab = getattr(embed, "num_embeddings", None) or getattr(
@@ -384,18 +385,37 @@ def _analysing_run(top: nn.Module, blocks: Sequence[nn.Module], skip: set[int],
 
 
 @contextlib.contextmanager
-def _analysing(top: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout), the random state and the training mode restored after."""
+def _analysing(top: nn.Module, skip: Sequence[nn.Module]) -> Iterator[None]:
+    """Eval mode (no dropout), the random state and the training mode restored after. A model
+    on the meta device (its weights not there yet) runs on zeros on the CPU instead: its
+    modules but ``skip`` (the blocks the analysis stubs) hold zeros for the while."""
     modes = [(m, m.training) for m in top.modules()]
     param = next(top.parameters(), None)
     devices = [param.device] if param is not None and param.device.type == "cuda" else []
+    skipped = {id(m) for b in skip for m in b.modules()}
+    shadows: dict[int, torch.Tensor] = {}  # (a tensor shared by two modules: one zero copy)
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    for m in top.modules():
+        if id(m) in skipped:
+            continue
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None and t.is_meta:
+                    if id(t) not in shadows:
+                        zero = torch.zeros(t.shape, dtype=t.dtype)
+                        shadows[id(t)] = nn.Parameter(zero, t.requires_grad) \
+                            if isinstance(t, nn.Parameter) else zero
+                    swapped.append((table, name, t))
+                    table[name] = shadows[id(t)]
     try:
         with torch.random.fork_rng(devices=devices):
             top.eval()
             yield
     finally:
-        for m, t in modes:
-            m.train(t)
+        for table, name, t in swapped:
+            table[name] = t
+        for m, mode in modes:
+            m.train(mode)
 
 
 def split(model: nn.Module, top: nn.Module) -> HFSplit:
@@ -416,7 +436,7 @@ def split(model: nn.Module, top: nn.Module) -> HFSplit:
         ancestors.append(up[0])
         up = parents.get(id(up[0]))
     call_kwargs = _call_kwargs(top)
-    with _analysing(top):
+    with _analysing(top, blocks[1:]):
         run = _analysing_run(top, blocks, {id(m) for b in blocks for m in b.modules()},
                              call_kwargs)
         cap = run.cap
@@ -436,7 +456,8 @@ def split(model: nn.Module, top: nn.Module) -> HFSplit:
         epilogue = Epilogue(shared, parts.tail, parts.epilogue)
         _check_head(top, shared, epilogue, run)
     seen: set[int] = set()
-    layers: list[tuple[str, nn.Module]] = [("embed", Prologue(shared, parts.prologue))]
+    layers: list[tuple[str, nn.Module]] = [("embed", Prologue(shared,
+                                                               parts.prologue_modules()))]
     for n, i in enumerate(order):
         block = alias(blocks[i]) if i in seen else blocks[i]
         seen.add(i)
@@ -454,9 +475,16 @@ class _Parts:
     """Which modules the prologue and the epilogue hold."""
 
     prologue: list[nn.Module]
+    loose: list[tuple[nn.Module, str]]  # tensors directly on the base model (or above)
     tail: list[nn.Module]
     epilogue: list[nn.Module]
     spanning: nn.Module
+
+    def prologue_modules(self) -> list[nn.Module]:
+        """The prologue's modules, with a holder of the loose tensors (read now: after the
+        analysis, which may have swapped them for zeros)."""
+        tensors = [(f"{type(m).__name__}.{n}", getattr(m, n)) for m, n in self.loose]
+        return [*self.prologue, *([_Holder(tensors)] if tensors else [])]
 
 
 def _parts(top: nn.Module, run: _Run, blocks: Sequence[nn.Module], block_list: nn.Module,
@@ -491,13 +519,12 @@ def _parts(top: nn.Module, run: _Run, blocks: Sequence[nn.Module], block_list: n
     covered = {id(t) for m in (*pre, *tail, *after, *blocks)
                for t in (*m.parameters(), *m.buffers())}
     # parameters and buffers directly on the base model (or above): the prologue's
-    loose = [(f"{type(a).__name__}.{n}", t) for a in ancestors
+    loose = [(a, n) for a in ancestors
              for n, t in (*a.named_parameters(recurse=False), *a.named_buffers(recurse=False))
              if t is not None and id(t) not in covered]
     unused = [m for m in top.modules() if id(m) not in ancestor_ids and _has_tensors(m)
               and not any(id(t) in covered for t in (*m.parameters(), *m.buffers()))]
-    return _Parts([*pre, *([_Holder(loose)] if loose else [])], tail,
-                  [*after, *_outermost(unused, parents)], spanning)
+    return _Parts(pre, loose, tail, [*after, *_outermost(unused, parents)], spanning)
 
 
 def _field(returned: Any) -> str | int:
