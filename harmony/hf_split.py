@@ -398,7 +398,8 @@ def _analysing(top: nn.Module, skip: Sequence[nn.Module]) -> Iterator[None]:
     for m in top.modules():
         if id(m) in skipped:
             continue
-        for table in (m._parameters, m._buffers):
+        tables: tuple[dict[str, Any], ...] = (m._parameters, m._buffers)
+        for table in tables:
             for name, t in table.items():
                 if t is not None and t.is_meta:
                     if id(t) not in shadows:
