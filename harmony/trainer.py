@@ -401,10 +401,6 @@ class Trainer(TrainerPlanning):
         if self._broken is not None:
             raise RuntimeError(self._broken)
         self.chain.note_input(inputs)  # (an nn.Sequential passes a tuple input as one argument)
-        if self._check_chain:  # does the chain compute what the model computes? (once)
-            check_chain(self.chain, inputs if isinstance(inputs, tuple) else (inputs,),
-                        single=not isinstance(inputs, tuple))
-            self._check_chain = False
         t0 = time.perf_counter()
         mbs = self.micro_batch_size if isinstance(self.micro_batch_size, int) \
             else self._auto_micro_batch_size(inputs, targets)
@@ -415,6 +411,9 @@ class Trainer(TrainerPlanning):
                 raise ValueError(f"{name} are on {t.device}, but this trainer computes on "
                                  f"{self.device}; pass CPU tensors (harmony moves each "
                                  f"micro-batch) or tensors on {self.device}")
+        if self._check_chain:  # does the chain compute what the model computes? (once)
+            check_chain(self.chain, micro_inputs[0], single)
+            self._check_chain = False
         sizes = [x[0].shape[0] for x in micro_inputs]
         key = (tuple(sizes),) + tuple(
             (tuple(t.shape[1:]), t.dtype) for t in micro_inputs[0])
