@@ -4,8 +4,9 @@
 (causal LMs, masked LMs, ...) into an embedding layer (``embed``: the model's forward up to its
 blocks), one layer per block and a head (``head``: the final norm, the LM head and whatever the
 model does to its logits), whose composition computes ``model(*inputs).logits``; see
-:mod:`harmony.hf_split` for how, and docs/hf.md. The layers hold the model's own submodules, so
-parameters are shared with the model and its ``state_dict()`` keys are unchanged. A ``peft``
+:mod:`harmony.hf_split` and :mod:`harmony.hf_analysis` for how, and docs/hf.md. The layers
+hold the model's own submodules, so parameters are shared with the model and its
+``state_dict()`` keys are unchanged. A ``peft``
 model (LoRA) is split through the ``transformers`` model inside it.
 
 Anything harmony cannot split raises :class:`harmony.hf_capture.Unsplittable` (a
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from harmony.hf_capture import Unsplittable
-from harmony.hf_split import HOW_TO, HFSplit, split
+from harmony.hf_capture import HOW_TO, Unsplittable
+from harmony.hf_split import HFSplit, split
 
 __all__ = ["HOW_TO", "Unsplittable", "hf_chain", "hf_split", "is_hf_model", "is_peft_model",
            "transformers_model"]

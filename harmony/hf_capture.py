@@ -36,7 +36,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["Capture", "OutputFormat", "Structure", "Structures", "Unsplittable", "run_stubbed"]
+__all__ = ["HOW_TO", "Capture", "OutputFormat", "Structure", "Structures", "Unsplittable",
+           "hidden_argument", "run_stubbed"]
+
+HOW_TO = ("declare the chain by hand: give a module wrapping the model a method harmony_chain() "
+          "returning (name, layer) pairs (an embedding layer, one layer per block, a head); each "
+          "layer takes the previous layer's output, a tensor or a tuple of tensors spread over "
+          "its positional arguments (see docs/hf.md)")
 
 
 class Unsplittable(ValueError):
@@ -64,7 +70,7 @@ class OutputFormat:
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             return out[0]
         raise Unsplittable(f"{where} returned a {type(out).__name__}; harmony splits models whose "
-                           "blocks return their hidden state, alone or first in a tuple")
+                           f"blocks return their hidden state, alone or first in a tuple; {HOW_TO}")
 
 
 @dataclass

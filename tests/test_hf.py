@@ -350,6 +350,19 @@ def test_probe_leaves_the_model_as_it_was() -> None:
         assert torch.equal(v, before[k]), k
 
 
+def test_a_model_on_the_meta_device_splits_and_stays_there() -> None:
+    """The analysis runs a meta model on zeros on the CPU; its tensors stay on meta, and the
+    same model materialized splits into the same layers."""
+    cfg = _configs(False)["qwen3"]()
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    layers = hf_chain(model)
+    assert [n for n, _ in layers] == [n for n, _ in hf_chain(_model("qwen3"))]
+    assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert all(t.is_meta for _, m in layers for t in (*m.parameters(), *m.buffers()))
+    assert check_chain(Chain(model), (torch.zeros(2, SEQ, dtype=torch.long),), True) is None
+
+
 def test_encoder_decoder_is_refused_naming_the_reason() -> None:
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                 num_heads=4)
