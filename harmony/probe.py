@@ -6,8 +6,9 @@ pieces), :func:`check_chain` runs the model and the chain on a probe batch and c
 the model's dtype:
 
 * the outputs;
-* the gradients of a sample of parameters (the two smallest trainable ones of every layer)
-  after a backward from the same random weighting of the outputs.
+* the gradients of a sample of parameters (the smallest trainable one of every layer, and the
+  next smallest if it is small) after a backward from the same random weighting of the
+  outputs.
 
 Each layer of the chain runs with only its own weights present (every other parameter and
 buffer of the model is swapped for an empty tensor while it runs), as in training, where the
@@ -21,8 +22,8 @@ eval mode, which decides.
 
 Cost: one forward and backward of the whole model on the probe batch (two samples; for a
 Hugging Face model, their first 32 tokens), on the device and in the dtype the model's
-parameters are in, with gradients only for the sampled parameters (two small tensors per
-layer), then the same through the chain. It holds the probe batch's activations of the whole
+parameters are in, with gradients only for the sampled parameters (at most two tensors per
+layer: an embedding table's, otherwise small ones), then the same through the chain. It holds the probe batch's activations of the whole
 model once; the model's weights, buffers, gradients, random state and training mode are
 left as they were. ``Trainer(check_chain=False)`` skips it.
 """
@@ -74,14 +75,23 @@ class ProbeResult:
     eval_mode: bool = False
 
 
+# A layer's second-smallest parameter is sampled only up to this many elements (its smallest
+# always, be it an embedding table): the probe's gradients stay small.
+SECOND_SAMPLE = 1 << 22
+
+
 def _sample(chain: Chain) -> list[tuple[str, nn.Parameter]]:
+    """Per layer, its smallest trainable parameter not sampled yet, and the next smallest if
+    it has at most :data:`SECOND_SAMPLE` elements."""
     names = {id(p): n for n, p in chain.model.named_parameters()}
     out: list[tuple[str, nn.Parameter]] = []
     seen: set[int] = set()
     for layer in chain.layers:
         params = sorted((p for p in layer.parameters() if p.requires_grad and id(p) not in seen),
                         key=lambda p: p.numel())
-        for p in params[:2]:
+        for k, p in enumerate(params[:2]):
+            if k and p.numel() > SECOND_SAMPLE:
+                break
             seen.add(id(p))
             out.append((names.get(id(p), "?"), p))
     return out
@@ -166,11 +176,14 @@ def _compose(chain: Chain, x: tuple[torch.Tensor, ...], single: bool) -> object:
 
 
 def _difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """max |got - want|, and that over max |want|."""
     if got.shape != want.shape:
         return float("inf"), float("inf")
-    diff = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
-    scale = want.double().abs().max().item() if want.numel() else 0.0
-    return diff, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    if torch.equal(got, want):
+        return 0.0, 0.0
+    diff = (got.float() - want.float()).abs().max().item()
+    scale = want.float().abs().max().item()
+    return diff, diff / scale if scale > 0 else float("inf")
 
 
 def _run(chain: Chain, x: tuple[torch.Tensor, ...], single: bool,
