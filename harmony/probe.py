@@ -23,9 +23,10 @@ eval mode, which decides.
 Cost: one forward and backward of the whole model on the probe batch (two samples; for a
 Hugging Face model, their first 32 tokens), on the device and in the dtype the model's
 parameters are in, with gradients only for the sampled parameters (at most two tensors per
-layer: an embedding table's, otherwise small ones), then the same through the chain. It holds the probe batch's activations of the whole
-model once; the model's weights, buffers, gradients, random state and training mode are
-left as they were. ``Trainer(check_chain=False)`` skips it.
+layer: an embedding table's, otherwise small ones), then the same through the chain. It
+holds the probe batch's activations of the whole model once; the model's weights, buffers,
+gradients, random state and training mode are left as they were.
+``Trainer(check_chain=False)`` skips it.
 """
 
 from __future__ import annotations
