@@ -178,3 +178,26 @@ def test_lora_report_without_peft_or_with_a_profile_file_says_what_to_do(
     monkeypatch.setitem(__import__("sys").modules, "peft", None)
     with pytest.raises(ValueError, match="pip install peft"):
         load_profile("llama-tiny", 1, lora=4)
+
+
+def test_lora_checkpoint_on_nvme_resumes_exactly(tmp_path: Path) -> None:
+    """Save after two steps with the base homed on NVMe, load into a fresh trainer, train on:
+    the same adapters as training straight through."""
+    batches = _batches(4)
+    model = _lora()
+    train, frozen = _sizes(model)
+    kw: dict[str, Any] = dict(optimizer=_opt, micro_batch_size=2,
+                              device_memory=(frozen + 4 * train) // 2, host_memory=frozen // 2)
+    with harmony.Trainer(model, cross_entropy_tokens, nvme_dir=str(tmp_path), **kw) as t:
+        for x, y in batches[:2]:
+            t.step(x, y)
+        assert t.plan is not None and Loc.NVME in t.plan.placement.w
+        t.save(tmp_path / "ckpt")
+    with harmony.Trainer(_lora(), cross_entropy_tokens, nvme_dir=str(tmp_path), **kw) as t:
+        t.load(tmp_path / "ckpt")
+        for x, y in batches[2:]:
+            t.step(x, y)
+        got = t.state_dict()
+    want = _plain_peft(_lora(), batches)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
