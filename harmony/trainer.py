@@ -151,7 +151,7 @@ class Trainer(TrainerPlanning):
             precision only the owner keeps a pack's fp32 masters, so :meth:`state_dict` is
             collective then. Not with tied weights yet. Default False (every rank holds every
             pack's state).
-        check_chain: before the first step, check on a slice of the first batch that the
+        check_chain: before the first step, check on a slice of the first micro-batch that the
             chain harmony split the model into by itself (an ``nn.Sequential``, a Hugging
             Face model) computes the model's output and gradients (:mod:`harmony.probe`);
             a chain that does not is refused with :class:`harmony.probe.ChainMismatch`.
