@@ -13,7 +13,7 @@ For each family it prints one line:
 * ``not built``: the shrunk config does not make a model that runs in plain ``transformers``
   (a limit of this script's shrinking, not of harmony).
 
-    python examples/hf_families.py                  # every causal LM family (~15 min on 2 cores)
+    python examples/hf_families.py                  # every causal LM family (~50 min on 2 cores)
     python examples/hf_families.py --masked          # masked LMs
     python examples/hf_families.py llama gemma2 bloom
 """
