@@ -11,7 +11,8 @@ writes the chunk back, with the next chunk's reads and the last ones' writes in 
     step                   | c0       c1       c2       c3      c4 |
     write                  |    c0 ------ c1 ----- c2 ----- c3 ----|- c4 ---
 
-The first two chunks' reads are issued by :meth:`ChunkedUpdate.stage` while the pack's
+Frozen parameters (their chunk, the last) never change: an update neither reads nor writes
+them. The first two chunks' reads are issued by :meth:`ChunkedUpdate.stage` while the pack's
 backward runs (a pack of one chunk is the whole-pack update: all of it read behind the
 backward, written behind the next one). Before chunk i steps, chunk i+1's read is issued,
 once chunk i-2's writes are done and its buffers are back in the pool: at most ``WINDOW``
@@ -95,10 +96,12 @@ class ChunkedUpdate:
         self.new_buffers: list[torch.Tensor] | None = None  # buffers this step's forward set
         self.buffers_ready: Handle | None = None  # their copy to the host
         self.on_worker = False
+        # the chunks an update streams: all but the frozen parameters' (always the last)
+        self.count = sum(1 for c in self.pack.chunks if not c.frozen)
 
     def stage(self) -> None:
         """Start reading the first chunks; the update waits for them."""
-        while self.next < min(STAGED, len(self.pack.chunks)):
+        while self.next < min(STAGED, self.count):
             self._read()
 
     def prepare(self) -> None:
@@ -124,8 +127,9 @@ class ChunkedUpdate:
 
     def window_bytes(self) -> int:
         """The most host bytes the update holds at once: three consecutive chunks."""
-        sizes = [self.chunk_bytes(c) for c in range(len(self.pack.chunks))]
-        return max(sum(sizes[max(0, j - WINDOW + 1):j + 1]) for j in range(len(sizes)))
+        sizes = [self.chunk_bytes(c) for c in range(self.count)]
+        return max((sum(sizes[max(0, j - WINDOW + 1):j + 1]) for j in range(len(sizes))),
+                   default=0)
 
     def reserve(self) -> bool:
         """Make the update independent of the host tier's other users, so that it can run on
@@ -134,8 +138,7 @@ class ChunkedUpdate:
         from. False (nothing charged) when that does not fit now, or when the update would
         create optimizer state (its first), whose size is only estimated."""
         pack = self.pack
-        if any(pack.optimizes(c) and not pack.state_laid_out(c)
-               for c in range(len(pack.chunks))):
+        if any(pack.optimizes(c) and not pack.state_laid_out(c) for c in range(self.count)):
             return False
         held = [b for h in self.held.values() for b in h.buffers()]
         try:
@@ -174,7 +177,7 @@ class ChunkedUpdate:
         if ready is not None:  # the host optimizer reads these gradients
             self._wait(ready, link(Loc.DEVICE, Loc.HOST))
         self.stage()  # (a deferred update: its first chunks are read now)
-        n = len(pack.chunks)
+        n = self.count
         for c in range(n):
             if c + 1 < n and self.next == c + 1:
                 self._retire(c + 1 - WINDOW)  # its buffers serve the read of chunk c + 1
@@ -187,7 +190,7 @@ class ChunkedUpdate:
         while self.held:
             held = self.held.pop(next(iter(self.held)))
             done = GroupHandle(held.writes)
-            if rt.owners is not None and n == 1:
+            if rt.owners is not None and len(pack.chunks) == 1:
                 rt.sending[self.p] = (held.w, done)
                 bufs = [b for b in held.buffers() if b is not held.w]
             else:
@@ -252,7 +255,7 @@ class ChunkedUpdate:
         chunk = held.chunk
         for handle in held.reads:  # the optimizer reads these bytes on this thread
             self._wait(handle, READ)
-        if c == len(pack.chunks) - 1 and self.new_buffers is not None:
+        if c == self.count - 1 and self.new_buffers is not None:
             # buffers (after the trainable parameters) are in the last chunk's weights
             if self.buffers_ready is not None:  # (the host reads them)
                 self._wait(self.buffers_ready, link(Loc.DEVICE, Loc.HOST))
@@ -306,11 +309,14 @@ def broadcast_chunks(rt: Runtime, p: int) -> None:
     """Sharded optimizer: send NVMe-homed pack ``p``'s new weights from its owner to every
     other rank chunk by chunk, one chunk in host memory at a time. The owner reads each
     chunk's file back (its update did not keep the weights); the others receive each into a
-    host buffer and write their file. Blocks until done."""
+    host buffer and write their file. Frozen parameters did not change: not sent. Blocks
+    until done."""
     assert rt.dp is not None and rt.owners is not None
     pack, host, owner = rt.packs[p], rt.tiers[Loc.HOST], rt.owners[p]
     sent: list[Handle | None] = []
     for c, chunk in enumerate(pack.chunks):
+        if chunk.frozen:
+            continue
         buf = host.allocate(chunk.w_bytes, f"weights of pack {p} (chunk {c})")
         key = pack.key("W", c)
         sent.clear()

@@ -10,6 +10,9 @@ planner predicts the same chunks from a profile as the pack builds from its layo
 A chunk holds whole parameters: an optimizer steps each parameter from its own gradient and
 state, so a chunk's update is the update of those parameters alone. A parameter larger than the
 budget is a chunk by itself (splitting one would be valid only for element-wise optimizers).
+Buffers follow the trainable parameters in the last chunk. Frozen parameters (a LoRA model's
+base weights) are a last chunk of their own, marked ``frozen``: they are loaded with the rest of
+the weights, but an update neither reads nor writes them.
 
 >>> split_chunks([5, 5, 5, 12, 1], 10)
 [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
@@ -78,14 +81,17 @@ def split_chunks(items: Sequence[float], budget: int | None) -> list[range]:
 class Chunk:
     """One chunk of a pack: trainable parameters ``params`` (indices into
     ``Layout.trainable``) and the byte ranges ``[start, stop)`` they take in the flat weights
-    (``w``) and in the flat gradients and fp32 masters (``m``). The last chunk's weights run
-    to the end of the flat buffer: frozen parameters and buffers come after the trainable ones.
+    (``w``) and in the flat gradients and fp32 masters (``m``). The last chunk an update
+    streams runs to ``Layout.frozen_start`` (the buffers come after the trainable
+    parameters); the frozen parameters, if any, are a chunk of their own (``frozen``) to the
+    end of the flat buffer, which updates leave alone.
     """
 
     index: int
     params: range
     w: tuple[int, int]
     m: tuple[int, int]
+    frozen: bool = False
 
     @property
     def w_bytes(self) -> int:
@@ -99,8 +105,7 @@ class Chunk:
 def item_bytes(w: Sequence[int], g: Sequence[int], tail: int, k_ratio: float) -> list[float]:
     """The bytes an update streams per trainable parameter (its weights ``w``, plus
     ``k_ratio`` times its gradient bytes ``g`` of optimizer state and, in mixed precision,
-    fp32 masters, plus :data:`STATE_SLACK`), then ``tail`` bytes of frozen weights and
-    buffers (if any)."""
+    fp32 masters, plus :data:`STATE_SLACK`), then ``tail`` bytes of buffers (if any)."""
     slack = STATE_SLACK if k_ratio > 0 else 0
     items = [wi + k_ratio * gi + slack for wi, gi in zip(w, g)]
     return items + [tail] if tail else items
@@ -108,46 +113,61 @@ def item_bytes(w: Sequence[int], g: Sequence[int], tail: int, k_ratio: float) ->
 
 def layout_chunks(layout: Layout, budget: int | None, k_ratio: float) -> list[Chunk]:
     """Split ``layout``'s parameters into chunks of at most ``budget`` bytes of weights plus
-    ``k_ratio`` times their gradient bytes (optimizer state, and masters in mixed precision).
-    ``budget`` None: one chunk, the whole pack."""
+    ``k_ratio`` times their gradient bytes (optimizer state, and masters in mixed precision),
+    the buffers with the last; then the frozen parameters, if any, as one ``frozen`` chunk.
+    ``budget`` None: one chunk, the whole pack (and the frozen chunk)."""
     n = len(layout.trainable)
-    tail_start = layout.tail_start
+    tail_start, frozen_start = layout.tail_start, layout.frozen_start
     w_starts = [e.offset for e in layout.trainable] + [tail_start]
     m_starts = [e.g_offset for e in layout.trainable] + [layout.g_bytes]
     spans = layout.trainable_spans()
     w, g = [a for a, _ in spans], [b for _, b in spans]
-    runs = split_chunks(item_bytes(w, g, layout.w_bytes - tail_start, k_ratio), budget)
     chunks = []
-    for c, run in enumerate(runs):
-        first, last = min(run.start, n), min(run.stop, n)
-        w_end = w_starts[last] if c + 1 < len(runs) else layout.w_bytes
-        chunks.append(Chunk(c, range(first, last), (w_starts[first], w_end),
-                            (m_starts[first], m_starts[last])))
+    if frozen_start > 0:  # (a pack of frozen parameters alone has nothing to update)
+        runs = split_chunks(item_bytes(w, g, frozen_start - tail_start, k_ratio), budget)
+        for c, run in enumerate(runs):
+            first, last = min(run.start, n), min(run.stop, n)
+            w_end = w_starts[last] if c + 1 < len(runs) else frozen_start
+            chunks.append(Chunk(c, range(first, last), (w_starts[first], w_end),
+                                (m_starts[first], m_starts[last])))
+    if frozen_start < layout.w_bytes:
+        chunks.append(Chunk(len(chunks), range(n, n), (frozen_start, layout.w_bytes),
+                            (layout.g_bytes, layout.g_bytes), frozen=True))
     return chunks
 
 
-def profile_chunks(params: Sequence[tuple[Sequence[tuple[int, int]], int, int]],
+def profile_chunks(params: Sequence[tuple[Sequence[tuple[int, int]], int, int]
+                                    | tuple[Sequence[tuple[int, int]], int, int, int]],
                    budget: int | None, k_ratio: float) -> list[tuple[int, int]]:
-    """The chunks a pack of these layers would be split into: ``(weight bytes, optimizer
+    """The chunks an update of a pack of these layers streams: ``(weight bytes, optimizer
     bytes)`` per chunk, the second being ``k_ratio`` times the chunk's gradient bytes plus
-    :data:`STATE_SLACK` per parameter (when ``k_ratio`` > 0).
+    :data:`STATE_SLACK` per parameter (when ``k_ratio`` > 0). Frozen parameters are not
+    part of them (their chunk is never read or written by an update).
 
     ``params``: per layer, ``(per trainable parameter (weight bytes, gradient bytes), the
-    layer's weight bytes, its gradient bytes)``; a layer with no parameter list counts as one
-    parameter of all its bytes. The pack's trainable parameters come first in its flat weights,
-    then the layers' frozen parameters and buffers (the tail), as in :class:`Layout`.
+    layer's weight bytes, its gradient bytes[, its frozen parameters' bytes])``; a layer with
+    gradients but no parameter list counts as one parameter of all its bytes but the frozen
+    ones. The
+    pack's trainable parameters come first in its flat weights, then the layers' buffers (the
+    tail), then the frozen parameters, as in :class:`Layout`.
     """
     w: list[int] = []
     g: list[int] = []
     tail = 0
-    for per_param, w_bytes, g_bytes in params:
+    for per_param, w_bytes, g_bytes, *rest in params:
+        frozen = rest[0] if rest else 0
         if not per_param:
-            w.append(w_bytes)
-            g.append(g_bytes)
+            if g_bytes:  # its parameters unknown: one of all its bytes
+                w.append(w_bytes - frozen)
+                g.append(g_bytes)
+            else:  # nothing trainable: its buffers
+                tail += w_bytes - frozen
             continue
         w += [a for a, _ in per_param]
         g += [b for _, b in per_param]
-        tail += w_bytes - sum(a for a, _ in per_param)
+        tail += w_bytes - frozen - sum(a for a, _ in per_param)
+    if not w and not tail:
+        return []
     runs = split_chunks(item_bytes(w, g, tail, k_ratio), budget)
     out = []
     for run in runs:

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                      help="W and activations in this dtype (bf16/fp16: fp32 gradients, and "
                           "K holds fp32 master weights besides the optimizer state)")
+    rep.add_argument("--lora", type=_positive, default=None, metavar="R",
+                     help="add LoRA adapters of rank R to every linear layer of the blocks and "
+                          "freeze the rest (needs peft): frozen weights count as W only")
     rep.add_argument("--update-chunk", type=_chunk, default="auto", metavar="SIZE",
                      help="stream the updates of NVMe-homed packs through host memory in "
                           "chunks of at most SIZE of weights and optimizer state, 'none' for "
@@ -194,11 +197,11 @@ def _report(args: argparse.Namespace) -> int:
         return _plot(lambda: plot_measured(step, args.plot), args.plot)
     if args.measure_layers is not None:
         profile = measure_profile(args.model, args.micro_batch_size, args.seq_len,
-                                  args.precision)
+                                  args.precision, args.lora)
         args.measure_layers.write_text(json.dumps(profile.to_json(), indent=1))
     else:
         profile = load_profile(args.model, args.micro_batch_size, args.seq_len,
-                               args.device_flops, args.precision)
+                               args.device_flops, args.precision, args.lora)
     if args.update_rate:
         profile.upd_s_per_byte = 1.0 / args.update_rate
     group = forward_group_of(args.forward_micro_batch_size, args.micro_batch_size,

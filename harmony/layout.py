@@ -2,7 +2,8 @@
 
 A pack's weights move as one flat buffer (one copy per swap, one file per pack on NVMe). Trainable
 parameters come first, so their gradients use the same offsets in a shorter flat buffer; then
-frozen parameters, then buffers.
+buffers, then frozen parameters, which never change: an update of a pack homed on NVMe reads and
+writes the bytes before ``frozen_start`` only (see :mod:`harmony.chunks`).
 
 With mixed precision (see :mod:`harmony.precision`) an entry's weight dtype in the flat buffer
 (``dtype``, the compute dtype) may differ from its own (``master_dtype``); gradients and master
@@ -66,7 +67,7 @@ class Layout:
             buffer (default: the tensor's own); see :func:`harmony.precision.Precision.dtype_of`.
 
     Attributes:
-        entries: parameters (trainable first, then frozen) then buffers, each once.
+        entries: trainable parameters, buffers, then frozen parameters, each once.
         w_bytes: size of the flat weight buffer. g_bytes: size of the flat gradient buffer
             (the trainable prefix in fp32; the trainable entries in their own dtype otherwise).
         mixed: some trainable entry is held in a dtype other than its own.
@@ -88,11 +89,12 @@ class Layout:
                     if b is not None and id(b) not in seen:
                         seen.add(id(b))
                         buffers.append((mod, name, b, False))
-        params.sort(key=lambda e: not e[3])  # stable: trainable first
+        trained = [e for e in params if e[3]]
+        frozen = [e for e in params if not e[3]]
         self.entries: list[Entry] = []
         offset = 0
         g_offset = 0
-        for mod, name, t, trainable in params + buffers:
+        for mod, name, t, trainable in trained + buffers + frozen:
             dtype = t.dtype if dtype_of is None else dtype_of(mod, name, t, trainable)
             self.entries.append(Entry(mod, name, t, offset, t.shape, dtype, trainable, t.dtype,
                                       g_offset))
@@ -107,9 +109,17 @@ class Layout:
 
     @property
     def tail_start(self) -> int:
-        """Where the entries after the trainable ones (frozen parameters, buffers) begin."""
+        """Where the entries after the trainable ones (buffers, frozen parameters) begin."""
         n = len(self.trainable)
         return self.entries[n].offset if len(self.entries) > n else self.w_bytes
+
+    @property
+    def frozen_start(self) -> int:
+        """Where the frozen parameters begin (``w_bytes`` without any): nothing from here on
+        ever changes."""
+        first = next((e for e in self.entries
+                      if not e.trainable and isinstance(e.tensor, nn.Parameter)), None)
+        return first.offset if first is not None else self.w_bytes
 
     def trainable_spans(self) -> list[tuple[int, int]]:
         """Per trainable entry, the bytes it takes in the flat weights and in the flat

@@ -363,7 +363,8 @@ def meta_profile(chain: Chain, inputs: Inputs, targets: torch.Tensor,
                 fwd_s=fwd_flops / device_flops / samples,
                 bwd_s=bwd_flops / device_flops / samples, samples=samples,
                 no_group=mixing.why_not or batch_first(value, out_value, samples),
-                params=layout.trainable_spans()))
+                params=layout.trainable_spans(),
+                frozen_bytes=layout.w_bytes - layout.frozen_start))
             value = tuple(t.detach() for t in out_value)
             if key is not None:
                 seen[key] = (out[-1], value)

@@ -160,14 +160,18 @@ def chunked(sizes: Sizes, profiles: list[LayerProfile], bounds: tuple[tuple[int,
             k_ratio: float, update_chunk: int | None) -> Sizes:
     """``sizes`` with each pack's NVMe update split into chunks of at most ``update_chunk``
     bytes of W and K (:func:`harmony.chunks.profile_chunks`, the split the runtime makes from
-    the pack's layout); None, or a pack that is one chunk: the whole pack, ``(w[p], k[p])``."""
-    if update_chunk is None:
+    the pack's layout); None, or a pack that is one chunk: the whole pack, ``(w[p], k[p])``,
+    less its frozen parameters, which an update neither reads nor writes."""
+    frozen = [sum(lp.frozen_bytes for lp in profiles[a:b]) for a, b in bounds]
+    if update_chunk is None and not any(frozen):
         return dataclasses.replace(sizes, chunks=())
     out = []
     for p, (a, b) in enumerate(bounds):
-        parts = profile_chunks([(lp.params, lp.w_bytes, lp.g_bytes) for lp in profiles[a:b]],
-                               update_chunk, k_ratio)
-        out.append(tuple(parts) if len(parts) > 1 else ((sizes.w[p], sizes.k[p]),))
+        parts = profile_chunks([(lp.params, lp.w_bytes, lp.g_bytes, lp.frozen_bytes)
+                                for lp in profiles[a:b]], update_chunk, k_ratio) \
+            if update_chunk is not None else []
+        out.append(tuple(parts) if len(parts) > 1
+                   else ((sizes.w[p] - frozen[p], sizes.k[p]),))
     return dataclasses.replace(sizes, chunks=tuple(out))
 
 

@@ -70,6 +70,9 @@ class LayerProfile:
     # gradients of the weights, of the input and of the output (saved tensors, temporaries,
     # kernels' scratch), from torch.cuda.max_memory_allocated; 0 where not measured (CPU)
     work_bytes: float = 0.0
+    # of w_bytes, the frozen parameters' (weights only: no gradient, no optimizer state, and an
+    # update never reads or writes them)
+    frozen_bytes: int = 0
 
 
 # LayerProfile.no_group of a layer profiled without a second micro-batch to check it on.
@@ -144,7 +147,8 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             fwd_s=fwd / samples, bwd_s=bwd / samples, samples=samples,
             fwd_group_s=None if check.seconds is None else check.seconds / check.samples,
             group_samples=check.samples, no_group=check.why_not,
-            params=layout.trainable_spans(), work_bytes=work / samples))
+            params=layout.trainable_spans(), work_bytes=work / samples,
+            frozen_bytes=layout.w_bytes - layout.frozen_start))
         value = tuple(t.detach() for t in out_value)
         other = None if check.other is None else tuple(t.detach() for t in check.other)
     return out

@@ -42,6 +42,7 @@ from torch import nn
 from harmony import builtin_models, paper_profiles
 from harmony.chain import Chain
 from harmony.layout import Layout
+from harmony.lora import add_lora
 from harmony.meta import GPU_FLOPS, ModelProfile, ModelSpec, profile_on_meta
 from harmony.microbatch import micro_batch_sizes
 from harmony.planning import NVME_BANDWIDTH, Plan, pack_times, plan
@@ -142,7 +143,8 @@ def _on_path(folder: Path) -> Iterator[None]:
 
 
 def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
-                 device_flops: float = GPU_FLOPS, precision: str = "fp32") -> ModelProfile:
+                 device_flops: float = GPU_FLOPS, precision: str = "fp32",
+                 lora: int | None = None) -> ModelProfile:
     """The profile of ``model`` at ``micro_batch_size``, without allocating the model.
 
     ``model``: ``paper:NAME`` (the paper's measured profiles), a ``.json`` file written by
@@ -150,14 +152,21 @@ def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
     anything
     :func:`load_spec` takes (built on the meta device and profiled there). ``precision``
     (``"fp32"``, ``"bf16"``, ``"fp16"``): the dtypes W, G and activations are profiled in;
-    profiles from files keep the precision they were made in, which must match.
+    profiles from files keep the precision they were made in, which must match. ``lora``: the
+    rank of LoRA adapters added to every ``nn.Linear`` of the blocks, everything else frozen
+    (:func:`harmony.lora.add_lora`): frozen layers count as weights only.
 
     Raises:
         ValueError: as :func:`load_spec` and :func:`harmony.paper_profiles.load`; an unknown
-            precision, or a profile file made in another precision.
+            precision, or a profile file made in another precision; ``lora`` with a profile
+            file, or without ``peft`` installed.
     """
     Precision.parse(precision)  # ValueError naming the choices
     if model.startswith("paper:") or model.endswith(".json"):
+        if lora is not None:
+            raise ValueError(f"--lora {lora} adds adapters to a model harmony builds; {model} "
+                             "is a profile already: give a built-in name or "
+                             "path/to/file.py:function")
         prof = _load_profile_file(model, micro_batch_size, seq_len)
         if prof.precision != precision:
             raise ValueError(f"{model} was profiled in {prof.precision}, not {precision}; "
@@ -166,7 +175,13 @@ def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
         return prof
     with torch.device("meta"):
         spec = load_spec(model, seq_len)
-    return profile_on_meta(spec, micro_batch_size, device_flops, precision=precision)
+        if lora is not None:
+            adapted = add_lora(spec.model, lora, Chain(spec.model).layers)
+    prof = profile_on_meta(spec, micro_batch_size, device_flops, precision=precision)
+    if lora is not None:
+        trainable = sum(p.numel() for p in spec.model.parameters() if p.requires_grad)
+        prof.extra["lora"] = {"r": lora, "adapted_linears": adapted, "trainable": trainable}
+    return prof
 
 
 def _load_profile_file(model: str, micro_batch_size: int, seq_len: int | None) -> ModelProfile:
@@ -188,17 +203,19 @@ def _load_profile_file(model: str, micro_batch_size: int, seq_len: int | None) -
 
 
 def measure_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
-                    precision: str = "fp32") -> ModelProfile:
+                    precision: str = "fp32", lora: int | None = None) -> ModelProfile:
     """Build ``model`` for real on the CPU and measure every layer with
     :func:`harmony.profile.profile_layers` (this allocates the whole model), in ``precision``
     (W in its dtypes, layers under autocast), on one micro-batch; a second one checks each
-    layer for forward groups and times them."""
+    layer for forward groups and times them. ``lora``: as :func:`load_profile`."""
     prec = Precision.parse(precision)
     if model.startswith("paper:") or model.endswith(".json"):
         raise ValueError(f"--run measures a model by running it; {model!r} is a profile "
                          "already. Give a built-in name or path/to/file.py:function")
     torch.manual_seed(0)
     spec = load_spec(model, seq_len)
+    if lora is not None:
+        add_lora(spec.model, lora, Chain(spec.model).layers)
     chain = Chain(spec.model)
     inputs, targets = spec.example_inputs(2 * micro_batch_size)
     both = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -305,8 +322,9 @@ def traffic_arithmetic(sizes: Sizes, placement: Placement) -> dict[str, int]:
         if upd is not Loc.DEVICE:
             out[link(Loc.DEVICE, upd)] += sizes.g[p]
         if placement.k[p] is Loc.NVME:  # master weights and state through host memory
-            out["nvme->host"] += sizes.w[p] + sizes.k[p]
-            out["host->nvme"] += sizes.w[p] + sizes.k[p]
+            streamed = sum(w + k for w, k in sizes.chunks_of(p))  # (not frozen weights)
+            out["nvme->host"] += streamed
+            out["host->nvme"] += streamed
         home = placement.home(Kind.X, p)
         for x in sizes.x[p]:
             if p == 0:
@@ -409,6 +427,11 @@ def format_report(r: Report) -> str:
              "",
              f"layers (X in, saved: activation bytes per micro-batch of {u}; fwd, bwd: seconds "
              f"per micro-batch, bwd including the recompute; K = {prof.k_total:.2f} x G)"]
+    lora = prof.extra.get("lora")
+    if lora:
+        lines.append(f"LoRA r={lora['r']} on {lora['adapted_linears']} linear layers: "
+                     f"{_count(lora['trainable'])} trainable of {_count(sum(prof.params))} "
+                     "parameters; frozen weights are W only (no G, no K)")
     if prof.precision != "fp32":
         lines.append(f"precision {prof.precision}: W and activations in {prof.precision} "
                      "(norm weights fp32), G fp32, K = fp32 master weights + optimizer state")

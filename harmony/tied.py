@@ -28,6 +28,7 @@ backward.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # the runtime imports this module
     from harmony.pack import Pack
     from harmony.runtime import Runtime
 
-__all__ = ["Sharer", "Tie", "TiedWeights", "retie", "shared_parameters", "untie"]
+__all__ = ["Sharer", "Tie", "TiedWeights", "alias", "retie", "shared_parameters", "untie"]
 
 
 @dataclass
@@ -64,6 +65,32 @@ class Tie:
     master: nn.Parameter
     owner: int
     sharers: list[Sharer] = field(default_factory=list)
+
+
+def alias(module: nn.Module) -> nn.Module:
+    """A new module object computing as ``module`` with the same parameter and buffer objects.
+
+    Its submodules are aliases too (a submodule shared inside ``module`` stays shared), so
+    pointing one of its parameter attributes elsewhere (as ``harmony.tied.untie`` does for a
+    pack's copy of a tied weight) leaves ``module`` unchanged.
+
+    >>> lin = nn.Linear(2, 2)
+    >>> twin = alias(lin)
+    >>> twin is lin, twin.weight is lin.weight
+    (False, True)
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(m: nn.Module) -> nn.Module:
+        if id(m) not in memo:
+            new = copy.copy(m)
+            memo[id(m)] = new
+            new._parameters = dict(m._parameters)
+            new._buffers = dict(m._buffers)
+            new._modules = {k: None if v is None else clone(v) for k, v in m._modules.items()}
+        return memo[id(m)]
+
+    return clone(module)
 
 
 def shared_parameters(layouts: Sequence[Layout], names: Sequence[str]) -> dict[int, list[int]]:

@@ -29,6 +29,7 @@ from harmony.microbatch import split_batch
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import GradientOverflow, Precision
+from harmony.probe import check_chain
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, retie, shared_parameters
@@ -154,6 +155,11 @@ class Trainer(TrainerPlanning):
             precision only the owner keeps a pack's fp32 masters, so :meth:`state_dict` is
             collective then. Not with tied weights yet. Default False (every rank holds every
             pack's state).
+        check_chain: before the first step, check on a slice of the first micro-batch that the
+            chain harmony split the model into by itself (an ``nn.Sequential``, a Hugging
+            Face model) computes the model's output and gradients (:mod:`harmony.probe`);
+            a chain that does not is refused with :class:`harmony.probe.ChainMismatch`.
+            False skips the check. Chains declared by ``harmony_chain()`` are not checked.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer (or
@@ -187,9 +193,12 @@ class Trainer(TrainerPlanning):
                  shard_optimizer: bool = False,
                  forward_micro_batch_size: int | str | None = None,
                  update_chunk: int | str | None = "auto",
-                 overlap_updates: bool = False) -> None:
+                 overlap_updates: bool = False, check_chain: bool = True) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
+        if not isinstance(check_chain, bool):
+            raise ValueError(f"check_chain={check_chain!r} must be True or False")
+        self._check_chain = check_chain  # (the probe runs before the first step)
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, int) or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int or "
@@ -401,6 +410,7 @@ class Trainer(TrainerPlanning):
             raise RuntimeError("this Trainer is closed")
         if self._broken is not None:
             raise RuntimeError(self._broken)
+        self.chain.note_input(inputs)  # (an nn.Sequential passes a tuple input as one argument)
         t0 = time.perf_counter()
         mbs = self.micro_batch_size if isinstance(self.micro_batch_size, int) \
             else self._auto_micro_batch_size(inputs, targets)
@@ -411,6 +421,9 @@ class Trainer(TrainerPlanning):
                 raise ValueError(f"{name} are on {t.device}, but this trainer computes on "
                                  f"{self.device}; pass CPU tensors (harmony moves each "
                                  f"micro-batch) or tensors on {self.device}")
+        if self._check_chain:  # does the chain compute what the model computes? (once)
+            check_chain(self.chain, micro_inputs[0], single)
+            self._check_chain = False
         sizes = [x[0].shape[0] for x in micro_inputs]
         key = (tuple(sizes),) + tuple(
             (tuple(t.shape[1:]), t.dtype) for t in micro_inputs[0])

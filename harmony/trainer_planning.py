@@ -236,8 +236,18 @@ class TrainerPlanning(TrainerState):
         except BaseException:
             self._profiles = profiles  # (the packs stay those of the first shapes)
             raise
+        # Buffers outside the state dict (non-persistent ones: rotary tables) keep their values.
+        keys = {id(v) for v in self.chain.model.state_dict(keep_vars=True).values()}
+        loose = []
+        for pack in self._runtime.packs:
+            mine = [e for e in pack.layout.buffers if id(e.tensor) not in keys]
+            if mine:
+                flat = pack.home_weights()
+                loose += [(e.tensor, e.view(flat).clone()) for e in mine]
         for pack in self._runtime.packs:
             pack.release()
+        for t, value in loose:
+            t.data = value.to(t.device)
         self._runtime.close()
         self._runtime = None
         self._plans.clear()

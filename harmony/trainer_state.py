@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from harmony import checkpoint
+from harmony.hf_export import adapter_keys, write_adapter, write_config
 from schedules.task import Loc
 
 if TYPE_CHECKING:
@@ -62,10 +63,12 @@ class TrainerState:
 
     # -- results ----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors."""
+    def state_dict(self, keys: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors
+        (only ``keys``, if given: a LoRA adapter's, say)."""
         self._weights_arrived()
-        model_sd = self.chain.model.state_dict(keep_vars=True)
+        model_sd = {k: v for k, v in self.chain.model.state_dict(keep_vars=True).items()
+                    if keys is None or k in keys}
         if self._runtime is None:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
         found: dict[int, torch.Tensor] = {}
@@ -216,21 +219,25 @@ class TrainerState:
 
         ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
         from Hugging Face transformers, ``path/config.json`` is written too, so
-        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
+        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it. For a
+        ``peft`` model, the adapter alone, as its ``save_pretrained`` writes it
+        (``adapter_config.json``, ``adapter_model.safetensors``), which
+        ``PeftModel.from_pretrained(base_model, path)`` loads (:mod:`harmony.hf_export`).
         With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
         """
         st = checkpoint._safetensors()
         out = Path(path)
-        weights = self.state_dict()  # fresh CPU copies: no two keys share memory
+        adapter = adapter_keys(self.chain.model)  # None unless a peft model
+        weights = self.state_dict(adapter)  # fresh CPU copies: no two keys share memory
         if self._pipeline is not None and self._pipeline.rank != 0:
             return out
         out.mkdir(parents=True, exist_ok=True)
+        if adapter is not None:
+            return write_adapter(self.chain.model, weights, out)
         tmp = out / ".model.safetensors.tmp"
         st.save_file(weights, tmp, metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")
-        config = getattr(self.chain.model, "config", None)
-        if config is not None and hasattr(config, "to_json_file"):
-            config.to_json_file(out / "config.json")
+        write_config(self.chain.model, out)
         return out
 
     def _home_views(self) -> tuple[dict[int, list[torch.Tensor]],

@@ -114,9 +114,25 @@ class Join(nn.Module):
         return self.out(a + b)
 
 
-def tuple_chain(dropout: float = 0.0) -> nn.Sequential:
+class TupleChain(nn.Sequential):
+    """Layers passing tuples spread over positional arguments: harmony's positional
+    convention, so the chain is declared (an nn.Sequential would pass each tuple as one
+    argument, as its forward does)."""
+
+    def harmony_chain(self) -> list[nn.Module]:
+        return list(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h: object = x
+        for layer in self:
+            h = layer(*h) if isinstance(h, tuple) else layer(h)
+        assert isinstance(h, torch.Tensor)
+        return h
+
+
+def tuple_chain(dropout: float = 0.0) -> TupleChain:
     torch.manual_seed(0)
-    return nn.Sequential(Split(), Mix(dropout), Mix(dropout), Join())
+    return TupleChain(Split(), Mix(dropout), Mix(dropout), Join())
 
 
 def cross_entropy_tokens(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

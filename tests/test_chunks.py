@@ -55,8 +55,11 @@ def test_layout_chunks_tile_the_pack(precision: str, budget: int | None) -> None
     chunks = layout_chunks(layout, budget, k_ratio)
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert [i for c in chunks for i in c.params] == list(range(len(layout.trainable)))
-    # the weights (buffers and frozen parameters in the last chunk) and the masters tile
+    # the weights (buffers in the last chunk an update streams, then a chunk of the frozen
+    # parameters, which updates leave alone) and the masters tile
     assert chunks[0].w[0] == 0 and chunks[-1].w[1] == layout.w_bytes
+    assert chunks[-1].frozen and chunks[-1].w[0] == layout.frozen_start < layout.w_bytes
+    assert not any(c.frozen for c in chunks[:-1]) and not chunks[-1].params
     assert chunks[0].m[0] == 0 and chunks[-1].m[1] == layout.g_bytes
     for a, b in itertools.pairwise(chunks):
         assert a.w[1] == b.w[0] and a.m[1] == b.m[0]
@@ -66,24 +69,35 @@ def test_layout_chunks_tile_the_pack(precision: str, budget: int | None) -> None
         streamed = sum(spans[i][0] + k_ratio * spans[i][1] + STATE_SLACK for i in c.params)
         assert budget is None or streamed <= budget or len(c.params) <= 1
     if budget is None or budget >= 10**9:
-        assert len(chunks) == 1
-    if budget == 1:  # every parameter alone, then the frozen weights and buffers
-        assert len(chunks) == len(layout.trainable) + 1 and not chunks[-1].params
+        assert len(chunks) == 2
+    if budget == 1:  # every parameter alone, then the buffers, then the frozen weights
+        assert len(chunks) == len(layout.trainable) + 2 and not chunks[-2].params
 
 
 @pytest.mark.parametrize("budget", [None, 1, 6000, 20000])
 def test_planner_predicts_the_chunks_the_pack_builds(budget: int | None) -> None:
     """The planner splits per-layer profiles (each layer's parameter sizes) as the runtime
-    splits the pack's layout: the same weight bytes per chunk, and K = k_ratio x masters
-    (with room for each parameter's scalar state)."""
+    splits the pack's layout: the same weight bytes per chunk an update streams (not the
+    frozen parameters'), and K = k_ratio x masters (with room for each parameter's scalar
+    state)."""
     layers, k_ratio = _layers(), 2.0
     pack = Layout(layers)
     per_layer = [Layout([m]) for m in layers]
-    predicted = profile_chunks([(lay.trainable_spans(), lay.w_bytes, lay.g_bytes)
-                                for lay in per_layer], budget, k_ratio)
+    predicted = profile_chunks([(lay.trainable_spans(), lay.w_bytes, lay.g_bytes,
+                                 lay.w_bytes - lay.frozen_start) for lay in per_layer],
+                               budget, k_ratio)
     built = layout_chunks(pack, budget, k_ratio)
     assert predicted == [(c.w_bytes, math.ceil(k_ratio * c.m_bytes) + STATE_SLACK * len(c.params))
-                         for c in built]
+                         for c in built if not c.frozen]
+
+
+def test_frozen_only_pack_has_nothing_to_stream() -> None:
+    torch.manual_seed(0)
+    frozen = nn.Linear(8, 8).requires_grad_(False)
+    layout = Layout([frozen])
+    chunks = layout_chunks(layout, None, 2.0)
+    assert len(chunks) == 1 and chunks[0].frozen and chunks[0].w == (0, layout.w_bytes)
+    assert profile_chunks([([], layout.w_bytes, 0, layout.w_bytes)], None, 2.0) == []
 
 
 def test_parse_update_chunk() -> None:

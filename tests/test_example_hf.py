@@ -33,3 +33,31 @@ def test_finetune_hf_trains_plots_and_exports(tmp_path: Path, model: str,
 def test_unknown_model_is_refused() -> None:
     with pytest.raises(SystemExit, match="neither a preset"):
         finetune_hf.main(["--model", "no-such-model"])
+
+
+def test_finetune_hf_lora_from_a_config_folder_on_a_text_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A family without a preset (Phi-3), given as a folder holding its config.json, trained
+    with LoRA on a text file of one's own; the adapter exported as peft saves it."""
+    peft = pytest.importorskip("peft")
+    folder = tmp_path / "phi3"
+    folder.mkdir()
+    config = transformers.Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=128,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config.save_pretrained(folder)
+    text = tmp_path / "notes.txt"
+    text.write_text("harmony trains models larger than device memory. " * 40)
+    out = tmp_path / "adapter"
+    finetune_hf.main(["--model", str(folder), "--text", str(text), "--lora", "4",
+                      "--steps", "3", "--batch-size", "4", "--block-size", "16",
+                      "--plot", "", "--export", str(out)])
+    printed = capsys.readouterr().out
+    assert "LoRA r=4" in printed and "adapter written to" in printed
+    assert (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").exists()
+    base = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(folder))
+    loaded = peft.PeftModel.from_pretrained(base, out)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in loaded.state_dict().items())

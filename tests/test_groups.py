@@ -32,7 +32,8 @@ class Shared(nn.Module):
 
 
 class UseShared(nn.Module):
-    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, xs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, s = xs  # (an nn.Sequential passes Shared's tuple as one argument)
         return x * s.sum()
 
 
