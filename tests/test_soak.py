@@ -119,8 +119,12 @@ def _after_warmup(soak: Soak) -> tuple[Sample, list[Sample]]:
 
 
 def test_everything_on_nvme_and_training_sane(soak: Soak) -> None:
-    for kind in ("w", "k", "x"):
+    for kind in ("w", "k"):
         assert set(soak.placement[kind]) == {"nvme"}, soak.placement
+    # The planner's per-pack refinement may keep the last pack's stashed inputs (read back at
+    # once by its backward) on the host where the least host budget leaves room for them, as
+    # profiled times decide; every other pack's are on NVMe.
+    assert set(soak.placement["x"][:-1]) == {"nvme"}, soak.placement
     assert all(math.isfinite(s.loss) for s in soak.samples)
     assert len(soak.samples) == STEPS
 
