@@ -338,6 +338,7 @@ class Trainer(TrainerPlanning):
         self._gathered_scheduler: dict[str, Any] | None = None
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
+        self._probed_optimizer: str | None = None  # the optimizer's class, once probed
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
@@ -420,11 +421,19 @@ class Trainer(TrainerPlanning):
         data = StepData(micro_inputs, micro_targets, weights, single)
         if self._pipeline is not None:  # later stages receive their inputs
             data = self._pipeline.step_data(data)
+        step = self.step_count
         try:
             loss = self._runtime.run(plan_.schedule, plan_.sizes, data, self.step_count,
                                      self.stats.seconds)
             if self._pipeline is not None:
                 self._pipeline.finish()
+            # The step's bookkeeping belongs to it: an interrupt here (every pack updated, the
+            # count or the schedulers not) leaves the trainer as inconsistent as one between
+            # two packs' updates.
+            self.precision.update_scale(overflow=False)
+            self.step_count += 1
+            for scheduler in self.lr_schedulers:
+                scheduler.step()
         except GradientOverflow:  # fp16: nothing was updated; retry later at a lower scale
             self.precision.update_scale(overflow=True)
             self.stats.skipped_steps += 1
@@ -437,14 +446,10 @@ class Trainer(TrainerPlanning):
         except BaseException as err:
             if self._runtime.updated:  # some packs took the step, others did not
                 self._broken = (
-                    f"step {self.step_count} failed ({type(err).__name__}: {err}) after "
-                    f"updating packs {self._runtime.updated}; the weights are no longer those "
-                    "of one consistent step: load() a checkpoint before training on")
+                    f"step {step} failed ({type(err).__name__}: {err}) after updating packs "
+                    f"{self._runtime.updated}; the weights are no longer those of one "
+                    "consistent step: load() a checkpoint before training on")
             raise
-        self.precision.update_scale(overflow=False)
-        self.step_count += 1
-        for scheduler in self.lr_schedulers:
-            scheduler.step()
         for loc, tier in self.tiers.items():
             self.stats.peak_bytes[loc.value] = max(self.stats.peak_bytes.get(loc.value, 0),
                                                    tier.peak)
