@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from harmony.data_parallel import DataParallel
 from harmony.groups import forward_group_of
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
+from harmony.ownership import Hold, acts, check_free
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import GradientOverflow, Precision
@@ -31,6 +35,12 @@ from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, retie, shared_parameters
 from harmony.trainer_planning import TrainerPlanning, _load_plan
+from harmony.user_checks import (
+    check_lr_scheduler_factory,
+    check_optimizer_factory,
+    checked_optimizer_factory,
+    refuse_meta_tensors,
+)
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
@@ -44,6 +54,16 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 def _default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
+
+
+def _dropped(hold: Hold, built: list[bool]) -> None:
+    """A trainer was garbage-collected (or the interpreter ends) without close()."""
+    if not built[0]:
+        hold.release()
+    elif not hold.kept:
+        hold.keep("its harmony.Trainer was deleted without close(), and the trained weights "
+                  "went with it; close() a trainer (or use `with harmony.Trainer(...)`) to "
+                  "get the model back, or save() first")
 
 
 class Trainer(TrainerPlanning):
@@ -186,6 +206,8 @@ class Trainer(TrainerPlanning):
                  overlap_updates: bool = False) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
+        check_optimizer_factory(optimizer)  # an optimizer instance: ValueError with the form
+        check_lr_scheduler_factory(lr_scheduler)
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, int) or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int or "
@@ -264,6 +286,8 @@ class Trainer(TrainerPlanning):
         self.device_memory = parse_bytes(device_memory, "device_memory")
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
+        check_free(self.chain.model, self.chain.layers)  # another trainer's: ValueError
+        refuse_meta_tensors(self.chain.model, self.chain.layers)
         self._fixed: tuple[Any, ...] | None = None
         if plan is not None:
             given = plan if isinstance(plan, Plan) else _load_plan(plan)
@@ -282,7 +306,7 @@ class Trainer(TrainerPlanning):
             if self.update_chunk == "auto":  # the plan's chunks too
                 self.update_chunk = given.update_chunk
         self.loss_fn = loss_fn
-        self.optimizer_factory = optimizer or _default_optimizer
+        self.optimizer_factory = checked_optimizer_factory(optimizer or _default_optimizer)
         self.micro_batch_size = micro_batch_size
         self.schedule_name = schedule
         self.prefetch = prefetch
@@ -290,6 +314,12 @@ class Trainer(TrainerPlanning):
         self.step_count = 0
         self.stats = Stats()
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
+        # Where each of the model's tensors came from: close() gives the trained values back
+        # there (a tensor on the meta device comes back on the CPU).
+        self._origin = {id(e.tensor): (torch.device("cpu") if e.tensor.is_meta
+                                       else e.tensor.device,
+                                       e.shape.numel() * e.master_dtype.itemsize)
+                        for layout in self._layer_layouts for e in layout.entries}
         self._check_shared_parameters()
         if self._tied and shard_optimizer:
             raise ValueError("shard_optimizer=True with tied weights (a parameter used by several "
@@ -339,6 +369,11 @@ class Trainer(TrainerPlanning):
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
         self._probed_optimizer: str | None = None  # the optimizer's class, once probed
+        # The model is the trainer's until close(): touching it meanwhile raises, saying so.
+        # A trainer dropped without close() lets go of a model it never took the weights of.
+        self._hold = Hold(self.chain.model, self.chain.layers)
+        self._built = [False]  # whether packs hold the weights (for the finalizer below)
+        self._on_drop = weakref.finalize(self, _dropped, self._hold, self._built)
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
@@ -364,6 +399,7 @@ class Trainer(TrainerPlanning):
                     "activations, or split that layer")
 
     # -- training ---------------------------------------------------------------------------
+    @acts
     def step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
              targets: torch.Tensor) -> float:
         """Run one optimizer step over the whole batch; returns the batch's mean loss.
@@ -379,12 +415,15 @@ class Trainer(TrainerPlanning):
                 that cannot fit the budgets (before anything is changed).
             RuntimeError: with ``parallel="data"``, another rank failed during the step.
         """
-        if self._dp is None:
-            return self._step(inputs, targets)
-        # A failure on this rank tears the process group down, so no other rank hangs.
-        # (A non-finite loss or an infeasible plan is raised by every rank alike.)
-        with self._dp.failing_together(passes=(NonFiniteLoss, InfeasiblePlan)):
-            return self._step(inputs, targets)
+        try:
+            if self._dp is None:
+                return self._step(inputs, targets)
+            # A failure on this rank tears the process group down, so no other rank hangs.
+            # (A non-finite loss or an infeasible plan is raised by every rank alike.)
+            with self._dp.failing_together(passes=(NonFiniteLoss, InfeasiblePlan)):
+                return self._step(inputs, targets)
+        finally:
+            self._built[0] = self._runtime is not None
 
     def _step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
               targets: torch.Tensor) -> float:
@@ -456,6 +495,7 @@ class Trainer(TrainerPlanning):
         self.stats.seconds["step"] += time.perf_counter() - t0
         return loss
 
+    @acts
     def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
                     targets: torch.Tensor, path: str | os.PathLike[str]) -> float:
         """Run one :meth:`step` and write what happened to the JSON file ``path``.
@@ -514,17 +554,41 @@ class Trainer(TrainerPlanning):
         """The plan of the last step (None before the first step)."""
         return self._plan
 
+    @acts
     def close(self) -> None:
-        """Free buffers and stop copy threads; idempotent."""
+        """Give the model back and free buffers, files and threads; idempotent.
+
+        The model's parameters and buffers (the same ``Parameter`` objects) then hold the
+        trained values, on the devices they came from, when those fit the budgets
+        (``host_memory`` for tensors that came from the CPU). Otherwise, and after a step
+        that failed part-way, the model is not given back: a warning says why, touching the
+        model raises with the same words, and the weights must be kept with :meth:`save` or
+        :meth:`export` before closing (:meth:`release_model` refuses instead, while the
+        trainer is still open).
+
+        Example::
+
+            trainer.close()
+            torch.save(model.state_dict(), "model.pt")   # the trained weights
+        """
         if self._closed:
             return
         with contextlib.suppress(Exception):  # (a broken group fails them at once)
             self._weights_arrived()
+        why_not = self._why_not_given_back()
         self._closed = True
         self._engine.close()
         if self._runtime is not None:
             self._runtime.close()
             for pack in self._runtime.packs:
+                if why_not is None:
+                    try:
+                        pack.give_back(self._origin_device)
+                        continue
+                    except Exception as err:  # (an NVMe read failed, say)
+                        why_not = (f"giving the weights back failed ({type(err).__name__}: "
+                                   f"{err}), so the model was not given back its weights; "
+                                   "save() or export() before close()")
                 pack.close()
         for tier in self.tiers.values():
             tier.clear_cache()
@@ -535,6 +599,69 @@ class Trainer(TrainerPlanning):
             self._dp.close()
         if self._pipeline is not None:
             self._pipeline.close()
+        self._on_drop.detach()
+        if why_not is None:
+            self._hold.release()
+        else:
+            self._hold.keep(f"this model's harmony.Trainer was closed: {why_not}")
+            warnings.warn(f"harmony.Trainer.close(): {why_not}", stacklevel=3)
+
+    @acts
+    def release_model(self) -> nn.Module:
+        """Close the trainer and return the model it trained, holding the trained weights
+        (see :meth:`close`). For a model given as a list of layers, an ``nn.Sequential`` of
+        them. To train on later, :meth:`save` first and load into a new trainer.
+
+        Raises:
+            RuntimeError: the weights cannot be given back (they exceed the budgets, or a
+                step failed part-way); the trainer is left open, so :meth:`save` or
+                :meth:`export` can still keep them.
+
+        Example::
+
+            model = trainer.release_model()
+            model.eval()(x)
+        """
+        if not self._closed:
+            why_not = self._why_not_given_back()
+            if why_not is not None:
+                raise RuntimeError(f"release_model() refused: {why_not} (the trainer is still "
+                                   "open)")
+            self.close()
+        if self._hold.kept:
+            raise RuntimeError(self._hold.message)
+        return self.chain.model
+
+    def _origin_device(self, entry: Any) -> torch.device:
+        return self._origin.get(id(entry.tensor), (torch.device("cpu"), 0))[0]
+
+    def _why_not_given_back(self) -> str | None:
+        """Why close() would not give the model its trained weights (None: it will)."""
+        if self._runtime is None:  # never built: the model holds its own tensors still
+            return None
+        if self._broken is not None:
+            return (f"{self._broken}. Such weights are not given back to the model; load "
+                    "the last checkpoint into a new Trainer, or take them with "
+                    "state_dict(inconsistent_ok=True) before close()")
+        if self._pipeline is not None:
+            return ("with parallel='pipeline' each rank holds only its stage's weights, so "
+                    "they are not given back to the model; call trainer.state_dict() on every "
+                    "rank, or save() / export(), before close()")
+        if any(not p.owned and p.layout.mixed for p in self._runtime.packs):
+            return ("with shard_optimizer=True in mixed precision another rank keeps some "
+                    "packs' fp32 masters, so the weights are not given back to the model; call "
+                    "trainer.state_dict() on every rank, or save() / export(), before close()")
+        need: dict[str, int] = {}
+        for device, nbytes in self._origin.values():
+            kind = "host" if device.type in ("cpu", "meta") else "device"
+            need[kind] = need.get(kind, 0) + nbytes
+        for kind, budget in (("host", self.host_memory), ("device", self.device_memory)):
+            if budget is not None and need.get(kind, 0) > budget:
+                return (f"the trained weights ({fmt_bytes(need[kind])}) exceed "
+                        f"{kind}_memory={fmt_bytes(budget)}, so they are not given back to "
+                        "the model; call trainer.export(dir) (safetensors the model loads) "
+                        "or trainer.save(dir) before close() and load them from there")
+        return None
 
     def __enter__(self) -> Trainer:
         return self

@@ -35,6 +35,7 @@ from harmony.runtime import Runtime
 from harmony.tied import TiedWeights, retie, untie
 from harmony.trainer_state import TrainerState
 from harmony.update_worker import UpdateWorker
+from harmony.user_checks import check_lr_scheduler
 from schedules.task import Loc
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class TrainerPlanning(TrainerState):
     _plans: dict[tuple[Any, ...], Plan]
     _profiles: list[Any] | None
     _k_ratio: float
+    _origin_device: Callable[[Any], torch.device]
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -145,6 +147,20 @@ class TrainerPlanning(TrainerState):
                 chosen = self._plan_for(sizes, fixed=agreed[:2], forward_group=agreed[2],
                                         update_chunk=agreed[3])
             self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
+        # Building is all or nothing: on any failure (a raising or wrong optimizer or
+        # scheduler factory, a disk filling up) every pack built so far gives its layers their
+        # values back and its bytes back to the tiers, so the model holds what it held before
+        # and the next step (or close()) starts afresh.
+        packs: list[Pack] = []
+        before = (self._layer_layouts, self._pending_optimizer, self._pending_scheduler)
+        try:
+            self._build(chosen, key, packs)
+        except BaseException:
+            self._unbuild(packs, key, *before)
+            raise
+
+    def _build(self, chosen: Plan, key: tuple[Any, ...], packs: list[Pack]) -> None:
+        """Build ``chosen``'s packs (appended to ``packs`` as they are) and the runtime."""
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
         # (None with pipeline stages, whose bounds cover only this rank's layers)
@@ -153,7 +169,6 @@ class TrainerPlanning(TrainerState):
         if self._ties:
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
-        packs = []
         rank = self._dp.group.rank if self._dp is not None else 0
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
@@ -189,8 +204,27 @@ class TrainerPlanning(TrainerState):
             # Built before a loaded state is applied: building one sets the learning rate to
             # the schedule's start, which the loaded optimizer settings must then override.
             self.lr_schedulers = [self.lr_scheduler_factory(p.optimizer) for p in packs]
+            for scheduler in self.lr_schedulers:  # before any update: ValueError naming it
+                check_lr_scheduler(scheduler, self.lr_scheduler_factory)
+            self._scheduler_state()  # (a state JSON cannot hold: ValueError now, not at save)
         self._apply_optimizer_state()
         self._apply_scheduler_state()
+
+    def _unbuild(self, packs: list[Pack], key: tuple[Any, ...], layouts: list[Layout],
+                 pending_optimizer: Any, pending_scheduler: Any) -> None:
+        """Undo a :meth:`_build` that failed: the layers get their values back (the same
+        Parameter objects), the tiers and files theirs, the trainer its unbuilt state."""
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+        for pack in reversed(packs):
+            pack.give_back(self._origin_device)
+        retie(self._ties)
+        self._ties = []
+        self._layer_layouts = layouts
+        self._plans.pop(key, None)
+        self.lr_schedulers = []
+        self._pending_optimizer, self._pending_scheduler = pending_optimizer, pending_scheduler
 
     def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                 key: tuple[Any, ...]) -> Plan:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harmony import checkpoint
+from harmony.ownership import acts
 from harmony.pack import NothingToTrain
 from schedules.task import Loc
 
@@ -65,6 +66,7 @@ class TrainerState:
 
     # -- results ----------------------------------------------------------------------------
 
+    @acts
     def state_dict(self, inconsistent_ok: bool = False) -> dict[str, torch.Tensor]:
         """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors.
 
@@ -125,6 +127,7 @@ class TrainerState:
             self._dp.finish_broadcasts()
 
     # -- checkpoints ------------------------------------------------------------------------
+    @acts
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the full training state under directory ``path``, atomically.
 
@@ -214,6 +217,7 @@ class TrainerState:
                 lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
         return checkpoint.save(path, self.step_count, weights, tensors, meta)
 
+    @acts
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
 
@@ -297,6 +301,7 @@ class TrainerState:
                     f"parameter of this model (its trainable parameters are "
                     f"{sorted(trainable)[:5]}...); it is of another model")
 
+    @acts
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write the trained weights for use without harmony; returns the folder.
 
