@@ -25,6 +25,7 @@ from harmony.chain import Chain
 from harmony.chunks import parse_update_chunk
 from harmony.data_parallel import DataParallel
 from harmony.groups import forward_group_of
+from harmony.inplace import InputCopies
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.ownership import Hold, acts, check_free
@@ -56,8 +57,28 @@ def _default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def _dropped(hold: Hold, built: list[bool]) -> None:
+def _writable(path: Path) -> Path:
+    """A new empty file next to ``path`` that will replace it (so ``path`` can be written).
+
+    Raises:
+        OSError: of the kind the file system gave, naming ``path`` and saying the step was
+            not run.
+    """
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as err:
+        raise type(err)(err.errno, f"record_step(path={str(path)!r}): cannot write there "
+                                   f"({err.strerror}); give a writable file path. The step "
+                                   "was not run") from err
+
+
+def _dropped(hold: Hold, built: list[bool], copies: InputCopies) -> None:
     """A trainer was garbage-collected (or the interpreter ends) without close()."""
+    copies.remove()
     if not built[0]:
         hold.release()
     elif not hold.kept:
@@ -336,7 +357,7 @@ class Trainer(TrainerPlanning):
         # A tensor under several keys names its optimizer state by its first key, whichever
         # packs the plan makes (so checkpoints load across plans).
         keys: dict[int, list[str]] = {}
-        for k, v in self.chain.model.state_dict(keep_vars=True).items():
+        for k, v in self._model_tensors().items():
             keys.setdefault(id(v), []).append(k)
         self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
@@ -369,11 +390,16 @@ class Trainer(TrainerPlanning):
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
         self._probed_optimizer: str | None = None  # the optimizer's class, once probed
+        self._recording: list[dict[str, object]] | None = None  # record_step's, if any
+        self._planning_seconds = 0.0  # the first step's profile, plan and build
         # The model is the trainer's until close(): touching it meanwhile raises, saying so.
         # A trainer dropped without close() lets go of a model it never took the weights of.
         self._hold = Hold(self.chain.model, self.chain.layers)
         self._built = [False]  # whether packs hold the weights (for the finalizer below)
-        self._on_drop = weakref.finalize(self, _dropped, self._hold, self._built)
+        # Layers that change their input in place get private copies (harmony/inplace.py).
+        self._input_copies = InputCopies()
+        self._on_drop = weakref.finalize(self, _dropped, self._hold, self._built,
+                                         self._input_copies)
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
@@ -447,8 +473,12 @@ class Trainer(TrainerPlanning):
         # A profile checks each layer for forward groups on the first two micro-batches.
         self._second_input = micro_inputs[1] if len(micro_inputs) > 1 else None
         if self._runtime is None:  # (micro_batch_size='auto' planned this batch already)
+            t_plan = time.perf_counter()
             self._first_plan(micro_inputs[0], micro_targets[0], sizes, key, self._auto_plan)
             self._auto_plan = None
+            assert self._runtime is not None
+            self._runtime.record = self._recording  # (record_step on a fresh trainer)
+            self._planning_seconds = time.perf_counter() - t_plan
         plan_ = self._plans.get(key)
         if plan_ is None:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
@@ -502,50 +532,62 @@ class Trainer(TrainerPlanning):
 
         The file holds, per task of the schedule, its start and end (seconds since the step
         began) and the bytes each tier held after it; the step's bytes, busy and stall seconds
-        per link and peaks per tier; and the plan with its prediction. ``harmony report --run
-        path`` shows measured next to predicted. Returns the step's loss.
+        per link and peaks per tier; and the plan with its prediction. On a fresh trainer the
+        step recorded is the first one, which also profiles, plans and builds the packs:
+        ``"first"`` is then true, ``"planning_seconds"`` holds that time and ``"seconds"`` the
+        rest. ``harmony report --run path`` shows measured next to predicted. Returns the
+        step's loss.
+
+        Raises:
+            OSError: ``path`` cannot be written (a directory, a missing or read-only
+                directory, ...); checked before the step, which then does not run.
+
+        Example::
+
+            trainer.record_step(x, y, "step.json")   # then: harmony report --run step.json
         """
         from harmony.report import plan_to_json
 
-        before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
-                  dict(self.stats.stall_seconds))
-        for tier in self.tiers.values():
-            tier.reset_peak()
-        record: list[dict[str, object]] = []
-        t0 = time.perf_counter()
-        first = self._runtime is None
-        if self._runtime is not None:
-            self._runtime.record = record
+        out = Path(path)
+        tmp = _writable(out)  # before the step: a path it cannot write refuses the step
         try:
-            if first:  # the first step plans and builds packs: record the one after it
-                self.step(inputs, targets)
-                assert self._runtime is not None
-                self._runtime.record = record
-                for tier in self.tiers.values():
-                    tier.reset_peak()
-                before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
-                          dict(self.stats.stall_seconds))
-                t0 = time.perf_counter()
-            loss = self.step(inputs, targets)
-        finally:
+            before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
+                      dict(self.stats.stall_seconds))
+            for tier in self.tiers.values():
+                tier.reset_peak()
+            record: list[dict[str, object]] = []
+            first = self._runtime is None
+            self._recording = record  # (a fresh trainer's runtime is made inside the step)
             if self._runtime is not None:
-                self._runtime.record = None
-        seconds = time.perf_counter() - t0
-        assert self._plan is not None
+                self._runtime.record = record
+            self._planning_seconds = 0.0
+            t0 = time.perf_counter()
+            try:
+                loss = self.step(inputs, targets)
+            finally:
+                self._recording = None
+                if self._runtime is not None:
+                    self._runtime.record = None
+            seconds = time.perf_counter() - t0 - self._planning_seconds
+            assert self._plan is not None
 
-        def delta(now: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
-            return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0)}
+            def delta(now: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+                return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0)}
 
-        data = {
-            "format": "harmony-step/1", "step": self.step_count - 1, "seconds": seconds,
-            "loss": loss, "tasks": record,
-            "bytes_moved": delta(self.stats.bytes_moved, before[0]),
-            "busy_seconds": delta(self.stats.busy_seconds, before[1]),
-            "stall_seconds": delta(self.stats.stall_seconds, before[2]),
-            "peak_bytes": {loc.value: tier.peak for loc, tier in self.tiers.items()},
-            "budgets": {"device": self.device_memory, "host": self.host_memory},
-            "plan": plan_to_json(self._plan)}
-        Path(path).write_text(json.dumps(data))
+            data = {
+                "format": "harmony-step/1", "step": self.step_count - 1, "seconds": seconds,
+                "first": first, "planning_seconds": self._planning_seconds,
+                "loss": loss, "tasks": record,
+                "bytes_moved": delta(self.stats.bytes_moved, before[0]),
+                "busy_seconds": delta(self.stats.busy_seconds, before[1]),
+                "stall_seconds": delta(self.stats.stall_seconds, before[2]),
+                "peak_bytes": {loc.value: tier.peak for loc, tier in self.tiers.items()},
+                "budgets": {"device": self.device_memory, "host": self.host_memory},
+                "plan": plan_to_json(self._plan)}
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
         return loss
 
     # -- results ----------------------------------------------------------------------------
@@ -600,6 +642,7 @@ class Trainer(TrainerPlanning):
         if self._pipeline is not None:
             self._pipeline.close()
         self._on_drop.detach()
+        self._input_copies.remove()
         if why_not is None:
             self._hold.release()
         else:

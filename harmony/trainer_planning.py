@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from harmony.groups import refuse_ungroupable
+from harmony.inplace import InputCopies
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
@@ -73,6 +74,7 @@ class TrainerPlanning(TrainerState):
     _profiles: list[Any] | None
     _k_ratio: float
     _origin_device: Callable[[Any], torch.device]
+    _input_copies: InputCopies
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ class TrainerPlanning(TrainerState):
                                             self.loss_fn, self.device, self.precision,
                                             changed=self._changing,
                                             group_inputs=self._second_input if grouping
-                                            else None)
+                                            else None, copies=self._input_copies)
         finally:
             for pack in away:
                 pack.layout.bind(None)
@@ -275,7 +277,7 @@ class TrainerPlanning(TrainerState):
         retie(self._ties)  # the new packs split tied weights afresh
         self._ties = []
         with torch.no_grad():
-            for k, v in self.chain.model.state_dict(keep_vars=True).items():
+            for k, v in self._model_tensors().items():
                 v.data = weights[k].to(v.device)
         # (after the values are back: a layout takes each tensor's shape)
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]

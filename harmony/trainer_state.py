@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harmony import checkpoint
-from harmony.ownership import acts
+from harmony.ownership import acting, acts
 from harmony.pack import NothingToTrain
 from schedules.task import Loc
 
@@ -86,7 +86,7 @@ class TrainerState:
             raise RuntimeError(f"{self._broken}. state_dict() refuses such weights; pass "
                                "state_dict(inconsistent_ok=True) to get them anyway")
         self._weights_arrived()
-        model_sd = self.chain.model.state_dict(keep_vars=True)
+        model_sd = self._model_tensors()
         if self._runtime is None:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
         found: dict[int, torch.Tensor] = {}
@@ -107,6 +107,11 @@ class TrainerState:
             owned = {k for k, v in model_sd.items() if id(v) in found}
             return self._pipeline.gather_state(out, owned)
         return out
+
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict(keep_vars=True)``, read as the trainer holding it."""
+        with acting():
+            return self.chain.model.state_dict(keep_vars=True)
 
     def _masters(self, pack: Pack) -> torch.Tensor:
         """``pack.master_weights()``; with a sharded optimizer in mixed precision, sent from
@@ -239,7 +244,7 @@ class TrainerState:
         """
         weights, opt_tensors, meta = checkpoint.load(path)
         self._check_checkpoint(path, weights, opt_tensors, meta)
-        current = self.chain.model.state_dict(keep_vars=True)
+        current = self._model_tensors()
         self._broken = (f"load({str(path)!r}) stopped while it replaced the training state, "
                         "so the weights are no longer those of one consistent step: load() a "
                         "checkpoint again before training on")
@@ -267,7 +272,7 @@ class TrainerState:
         """Refuse a checkpoint that does not fit this trainer (CheckpointError naming what
         differs), before anything is replaced."""
         checkpoint.check_training_meta(meta, path)
-        current = self.chain.model.state_dict(keep_vars=True)
+        current = self._model_tensors()
         # What each key holds at full precision (a parameter may be bound to a W view in the
         # compute dtype, or to an empty tensor while its pack is away).
         own = {id(e.tensor): (e.shape, e.master_dtype) for layout in self._layer_layouts
@@ -393,7 +398,7 @@ class TrainerState:
                     pack.bind_state(c, None)
 
     def _param_keys(self, pack: Pack) -> dict[int, str]:
-        key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
+        key_of = {id(v): k for k, v in self._model_tensors().items()}
         key_of.update(self._first_key)
         return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
 

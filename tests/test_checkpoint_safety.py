@@ -9,7 +9,7 @@ import multiprocessing
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -47,7 +47,7 @@ class _Interrupting(torch.optim.AdamW):
     """AdamW whose step raises KeyboardInterrupt once armed, at the given call (as a Ctrl-C
     landing while the packs are being updated would)."""
 
-    armed: list[int] = []  # steps still to run before the interrupt; [] disarmed
+    armed: ClassVar[list[int]] = []  # steps still to run before the interrupt; [] disarmed
 
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         if _Interrupting.armed:
@@ -132,7 +132,7 @@ def test_a_reader_never_removes_a_save_in_progress(tmp_path: Path,
         def save() -> None:
             try:
                 writer.save(tmp_path)
-            except BaseException as err:  # noqa: BLE001 - reported below
+            except BaseException as err:
                 errors.append(err)
 
         thread = threading.Thread(target=save)
@@ -156,7 +156,7 @@ def _writer(root: str, seed: int, saves: int, failures: Any) -> None:
     for i in range(saves):
         try:
             checkpoint.save(root, seed * 1000 + i, {"w": torch.randn(256)}, {}, {"by": seed})
-        except BaseException as err:  # noqa: BLE001 - counted
+        except BaseException as err:
             failures.put(f"writer {seed} save {i}: {type(err).__name__}: {err}")
 
 
@@ -166,7 +166,7 @@ def _reader(root: str, stop: Any, failures: Any, loads: Any) -> None:
             weights, _, meta = checkpoint.load(root)
             assert weights["w"].shape == (256,) and "by" in meta
             loads.value += 1
-        except BaseException as err:  # noqa: BLE001 - counted
+        except BaseException as err:
             failures.put(f"reader: {type(err).__name__}: {err}")
 
 

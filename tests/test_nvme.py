@@ -9,8 +9,8 @@ skips it.
 from __future__ import annotations
 
 import errno
-import json
 import importlib.util
+import json
 import logging
 import os
 import random
