@@ -380,8 +380,8 @@ def _read(ckpt: Path, fds: dict[str, int]) -> tuple[dict[str, torch.Tensor],
     st = _safetensors()
     meta_path = ckpt / "meta.json"
     try:
-        with os.fdopen(os.dup(fds["meta.json"]), "rb") as f:
-            meta = json.loads(f.read())
+        with os.fdopen(os.dup(fds["meta.json"]), "rb") as stream:
+            meta = json.loads(stream.read())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{meta_path} is unreadable or not JSON ({err})") from err
     check_meta(meta, meta_path)

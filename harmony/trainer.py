@@ -92,11 +92,16 @@ class Trainer(TrainerPlanning):
 
     Args:
         model: an ``nn.Sequential``, a list of modules, or a module with ``harmony_chain()``.
-            Its parameters become harmony's: read them back with :meth:`state_dict`.
+            The trainer holds it until :meth:`close`: its parameters live in the trainer's
+            buffers (read them with :meth:`state_dict`), and calling or reading the model
+            meanwhile raises an error saying so; :meth:`close` (or :meth:`release_model`)
+            gives it back holding the trained weights. Its tensors must have values (not the
+            meta device).
         loss_fn: ``(output, target) -> scalar`` mean loss of one micro-batch.
         optimizer: a factory ``params -> torch.optim.Optimizer``; one optimizer is built per pack
-            over that pack's parameters (per-parameter optimizers such as SGD and AdamW give the
-            same update as one optimizer over the whole model). Default: AdamW(lr=1e-3).
+            over that pack's parameters, and it must hold exactly those (per-parameter
+            optimizers such as SGD and AdamW give the same update as one optimizer over the
+            whole model). Default: AdamW(lr=1e-3). An optimizer instance is refused.
         micro_batch_size: samples per micro-batch; a batch is split with ``torch.split`` (the
             last micro-batch may be smaller) and each micro-batch's loss is weighted by its share
             of the samples, so a step equals one full-batch step. ``"auto"``: the largest size
@@ -148,7 +153,9 @@ class Trainer(TrainerPlanning):
         lr_scheduler: a factory ``optimizer -> torch.optim.lr_scheduler.LRScheduler``; one is
             built per pack's optimizer and all step after every optimizer step, so every pack
             follows the schedule one scheduler over the whole model would (saved and loaded
-            with checkpoints).
+            with checkpoints). What it returns is checked before the first update: it needs
+            ``step()``, ``state_dict()`` and ``load_state_dict()``, and ``ReduceLROnPlateau``
+            (which steps on a metric) is refused.
         plan: a :class:`Plan`, or the JSON file ``harmony report --json`` wrote: keep its pack
             boundaries, placement, schedule and prefetch depth instead of planning (the
             budgets are still checked against them on the first step).
@@ -194,8 +201,10 @@ class Trainer(TrainerPlanning):
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer (or
-            ``shard_optimizer=True`` without ``parallel="data"``); the message names the value
-            and what to change.
+            ``shard_optimizer=True`` without ``parallel="data"``, an optimizer instance instead
+            of a factory, a model another trainer holds or on the meta device, an
+            ``nvme_dir`` that is empty, not a path or a file); the message names the value and
+            what to change.
 
     Example::
 

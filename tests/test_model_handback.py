@@ -134,7 +134,7 @@ def test_touching_a_held_model_says_who_holds_it(tmp_path: Path) -> None:
         for touch in (lambda: model(x), lambda: model.blocks[0](torch.zeros(2, 8, 32)),
                       lambda: model.state_dict(),
                       lambda: model.load_state_dict(t.state_dict())):
-            with pytest.raises(RuntimeError, match=r"held by a harmony\.Trainer.*"
+            with pytest.raises(harmony.ModelHeldError, match=r"held by a harmony\.Trainer.*"
                                                    r"trainer\.state_dict\(\).*release_model"):
                 touch()
         t.step(x, y)  # the trainer itself goes on
