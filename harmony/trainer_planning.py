@@ -157,8 +157,10 @@ class TrainerPlanning(TrainerState):
         before = (self._layer_layouts, self._pending_optimizer, self._pending_scheduler)
         try:
             self._build(chosen, key, packs)
-        except BaseException:
-            self._unbuild(packs, key, *before)
+        except BaseException as err:
+            lost = self._unbuild(packs, key, *before)
+            if lost:
+                err.add_note(lost)
             raise
 
     def _build(self, chosen: Plan, key: tuple[Any, ...], packs: list[Pack]) -> None:
@@ -213,20 +215,30 @@ class TrainerPlanning(TrainerState):
         self._apply_scheduler_state()
 
     def _unbuild(self, packs: list[Pack], key: tuple[Any, ...], layouts: list[Layout],
-                 pending_optimizer: Any, pending_scheduler: Any) -> None:
+                 pending_optimizer: Any, pending_scheduler: Any) -> str:
         """Undo a :meth:`_build` that failed: the layers get their values back (the same
-        Parameter objects), the tiers and files theirs, the trainer its unbuilt state."""
+        Parameter objects), the tiers and files theirs, the trainer its unbuilt state.
+        Returns what could not be given back ("" when everything was)."""
         if self._runtime is not None:
             self._runtime.close()
             self._runtime = None
+        lost = []
         for pack in reversed(packs):
-            pack.give_back(self._origin_device)
+            try:
+                pack.give_back(self._origin_device)
+            except Exception as err:  # (its files unreadable, say): the others still are
+                lost.append(f"pack {pack.index} ({type(err).__name__}: {err})")
         retie(self._ties)
         self._ties = []
         self._layer_layouts = layouts
         self._plans.pop(key, None)
         self.lr_schedulers = []
         self._pending_optimizer, self._pending_scheduler = pending_optimizer, pending_scheduler
+        if not lost:
+            return ""
+        return (f"giving the layers of {', '.join(lost)} their weights back failed as well: "
+                "those layers' values are lost; rebuild the model (or load it from a "
+                "checkpoint) before training it")
 
     def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                 key: tuple[Any, ...]) -> Plan:

@@ -344,3 +344,26 @@ def test_tiers_hold_nothing_after_a_refused_build() -> None:
     assert t.tiers[Loc.DEVICE].used == 0 and t.tiers[Loc.HOST].used == 0
     t.step(*_batches(1)[0])
     t.close()
+
+
+def test_a_layer_that_cannot_be_restored_is_named(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restoring the model after a failed build reads the packs' homes back; should that fail
+    too (say, the NVMe files are unreadable), the error says which layers lost their values
+    rather than hiding it."""
+    from harmony.pack import Pack
+
+    real = Pack.give_back
+
+    def unreadable(self: Pack, device_of: Any) -> None:
+        if self.index == 0:
+            raise OSError(5, "Input/output error")
+        real(self, device_of)
+
+    monkeypatch.setattr(Pack, "give_back", unreadable)
+    model = FACTORY(0.0)
+    t = harmony.Trainer(model, LOSS, optimizer=_failing_factory({2}), micro_batch_size=2,
+                        **_budgets("host", model, tmp_path))
+    with pytest.raises(RuntimeError, match="optimizer factory failed") as err:
+        t.step(*_batches(1)[0])
+    assert any("pack 0" in note and "lost" in note for note in err.value.__notes__)
