@@ -135,7 +135,8 @@ class NvmeStore:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # A store dropped without close(), or still open when the interpreter exits normally,
         # removes its directory all the same (after the worker threads are joined).
-        self._finalizer = weakref.finalize(self, _remove_tree, self.directory, self._lock_fd)
+        self._finalizer = weakref.finalize(self, _remove_tree, self.directory, self._lock_fd,
+                                           os.getpid())
         try:
             self._engine = _open_engine(backend, self.directory, alignment, chunk_bytes)
         except BaseException:
@@ -612,10 +613,13 @@ def _make_private_dir(root: Path) -> Path:
     return directory
 
 
-def _remove_tree(directory: Path, lock_fd: int) -> None:
+def _remove_tree(directory: Path, lock_fd: int, owner: int) -> None:
+    """Close the lock and remove the store's directory, in the process that made it only (a
+    forked child, say a data-loader worker, that drops its copy of the store leaves it)."""
     with contextlib.suppress(OSError):
         os.close(lock_fd)
-    shutil.rmtree(directory, ignore_errors=True)
+    if os.getpid() == owner:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

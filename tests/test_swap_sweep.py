@@ -133,3 +133,23 @@ def test_nvme_dir_naming_a_file_says_so(tmp_path: Path) -> None:
                                          r"(?!.*mkdir)"):
         harmony.Trainer(factory(0.0), loss_fn, nvme_dir=str(f))
     assert f.read_text() == "x"
+
+
+def test_a_forked_child_dropping_the_store_leaves_the_parents_directory(tmp_path: Path) -> None:
+    store = NvmeStore(tmp_path, backend="buffered")
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: drop its copy of the store, then exit normally
+            code = 0
+            try:
+                store._finalizer()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store.directory.is_dir()
+        store.write("k", torch.zeros(4)).wait()
+    finally:
+        store.close()
+    assert not store.directory.exists()
