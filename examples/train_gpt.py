@@ -44,14 +44,18 @@ state against a 4.16MiB device budget; a plan of 6 packs (embedding, 4 blocks, h
 and stashed X on the host; val loss 4.19 -> 2.60 (step 50) -> 2.36 (step 200) in 50-100 s;
 per step 20.2MiB host->device (2x the weights, as harmony promises, plus activations) and
 13.1MiB back. ``--schedule per-microbatch`` reaches the same weights bit for bit, moving about
-3x the bytes. The default budget is a third of the training state; when activations (which grow
-with micro-batch size, context and dropout) do not fit in it, the script takes the least budget
-any plan needs and says so.
+3x the bytes. The default budget is a third of the training state (at least the largest layer's
+weights and gradients, which one- or two-block models need); when activations (which grow with
+micro-batch size, context and dropout) do not fit in it, the script takes the least budget any
+plan needs and says so. Arguments that cannot work (a context longer than the text, a model
+larger than the memory available, a learning rate that is not positive) are refused with one
+line before anything is allocated.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -90,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (cuda:LOCAL_RANK)")
     p.add_argument("--device-memory", default=None,
                    help="device budget, e.g. '4MiB' or bytes (default: a third of the "
-                        "training state, so packs must swap; none for --schedule resident)")
+                        "training state, so packs must swap, and at least the largest layer's "
+                        "weights and gradients; none for --schedule resident)")
     p.add_argument("--host-memory", default=None, help="host budget (default: no limit)")
     p.add_argument("--nvme-dir", default=None,
                    help="an existing directory for the NVMe tier: with a small --host-memory, "
@@ -129,7 +134,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "micro_batch_size", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        p.error(f"--lr {args.lr:g} must be a positive learning rate, e.g. --lr 1e-3")
     return args
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the system can give this process now (None where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def fmt(n: float) -> str:
@@ -181,20 +199,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                            dropout=args.dropout)
     except ValueError as e:
         sys.exit(f"train_gpt.py: {e}")
+    shortest = min(len(split) for split in data.splits.values())
+    if args.block_size + 1 > shortest:  # (before the position table is allocated)
+        sys.exit(f"train_gpt.py: --block-size {args.block_size} is a context of that many "
+                 f"characters, but the validation text has {shortest}; use --block-size "
+                 f"{shortest - 1} or less (64 is the default)")
+    with torch.device("meta"):  # the model's size, without allocating it
+        layer_params = [sum(p.numel() for p in layer.parameters())
+                        for layer in GPT(config).harmony_chain()]
+    n_params = sum(layer_params)
+    need = 2 * n_params * 4  # the model and the evaluation copy, fp32
+    available = _available_memory()
+    if available is not None and need > available:
+        sys.exit(f"train_gpt.py: the model has {n_params / 1e6:,.1f}M parameters, whose two "
+                 f"fp32 copies (training and evaluation) need {fmt(need)} of memory, and "
+                 f"{fmt(available)} is available; use a smaller --n-layer, --n-embd or "
+                 "--block-size")
     model = GPT(config)
     # harmony takes over `model`'s parameters (it moves them into its own per-pack buffers and
     # leaves the module's tensors empty), so evaluation and sampling use a second copy built from
     # the same config, refreshed from trainer.state_dict(). It stays on the CPU: the device tier
     # is harmony's, and the eval copy must not eat into its budget.
     eval_model = GPT(config).eval()
-    n_params = model.num_params()
     state_bytes = n_params * BYTES_PER_PARAM
     if args.device_memory is not None:
         device_memory = harmony.parse_bytes(args.device_memory, "--device-memory")
     elif args.schedule == "resident":
         device_memory = None  # resident keeps everything on the device: no budget to shrink
     else:
-        device_memory = state_bytes // 3  # only a third of the state fits: packs must swap
+        # Only a third of the state fits, so packs must swap; but never less than the
+        # largest layer's weights and gradients (a model of one or two blocks), which any
+        # plan must hold on the device at once.
+        device_memory = max(state_bytes // 3, max(layer_params) * 4 * 2)
     print(f"GPT: {n_params / 1e6:.2f}M parameters, {config.n_layer} blocks of {config.n_embd} "
           f"channels, vocab {config.vocab_size}, context {config.block_size}")
 

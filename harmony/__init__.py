@@ -7,6 +7,7 @@
 
 from harmony import optim
 from harmony.checkpoint import CheckpointError
+from harmony.ownership import ModelHeldError
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import Precision
 from harmony.rng import layer_rng, layer_seed
@@ -15,7 +16,7 @@ from harmony.sizes import parse_bytes
 from harmony.trainer import Trainer
 from swap.stats import Stats
 
-__all__ = ["CheckpointError", "InfeasiblePlan", "NonFiniteLoss", "Plan", "Precision", "Stats",
-           "Trainer",
+__all__ = ["CheckpointError", "InfeasiblePlan", "ModelHeldError", "NonFiniteLoss", "Plan",
+           "Precision", "Stats", "Trainer",
            "layer_rng", "layer_seed", "optim", "parse_bytes"]
 __version__ = "0.1.0"

@@ -236,8 +236,9 @@ def checked_loss(loss_fn: Callable[..., torch.Tensor], output: object,
                  target: torch.Tensor) -> torch.Tensor:
     """``loss_fn(output, target)``, refusing anything but a scalar tensor."""
     loss = loss_fn(output, target)
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError(f"loss_fn returned {type(loss).__name__} "
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:  # (shape [1] too: not a scalar)
+        raise ValueError(f"loss_fn returned {type(loss).__name__} of shape "
                          f"{tuple(getattr(loss, 'shape', ()))}; it must return a scalar tensor "
-                         "(the mean loss of the micro-batch)")
+                         "of shape () (the mean loss of the micro-batch), e.g. loss.mean() or "
+                         "loss.squeeze()")
     return loss

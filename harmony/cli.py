@@ -15,13 +15,16 @@ are built on the meta device. See ``docs/report.md``.
     python -m harmony report my_model.py:build --seq-len 512 --device-memory 16GiB
 
 Exit status: 0 on success; 1 when ``--plot`` cannot draw (matplotlib missing); 2 for a bad
-argument or an infeasible plan (the message says what to change).
+argument, an output path that cannot be written, more than
+:data:`harmony.report.MAX_MICRO_BATCHES` micro-batches per step, or an infeasible plan (one
+line saying what to change).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +38,7 @@ from harmony.planning import InfeasiblePlan
 from harmony.report import (
     LINKS,
     PlotUnavailable,
+    check_micro_batches,
     format_report,
     load_profile,
     make_report,
@@ -188,13 +192,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _writable(path: Path | None, flag: str) -> None:
+    """Refuse an output path the report could not write, before any work.
+
+    Raises:
+        ValueError: naming the flag, the path and why.
+    """
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    why = ("is a directory; give a file name inside it" if path.is_dir()
+           else f"is in {parent}, which does not exist" if not parent.is_dir()
+           else None)
+    if why is None and not os.access(parent, os.W_OK | os.X_OK):
+        why = (f"is in {parent}, on a read-only file system (Read-only)"
+               if _read_only(parent) else f"is in {parent}, which is not writable")
+    if why is None and path.exists() and not os.access(path, os.W_OK):
+        why = "exists and is not writable"
+    if why is not None:
+        raise ValueError(f"{flag} {path} {why}")
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _report(args: argparse.Namespace) -> int:
+    for path, flag in ((args.json, "--json"), (args.plot, "--plot"),
+                       (args.measure_layers, "--measure-layers")):
+        _writable(path, flag)  # before any work: ValueError, one line and exit 2
     if args.run is not None:
         from harmony.measured import format_measured, load_measured, plot_measured
 
         step = load_measured(args.run)
         print(format_measured(step))
         return _plot(lambda: plot_measured(step, args.plot), args.plot)
+    check_micro_batches(args.batch_size, args.micro_batch_size)  # before building the model
     if args.measure_layers is not None:
         profile = measure_profile(args.model, args.micro_batch_size, args.seq_len,
                                   args.precision, args.lora)
@@ -254,6 +290,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _report(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # (a file that could not be read or written too)
         print(f"harmony {args.command}: error: {err}", file=sys.stderr)
         return 2

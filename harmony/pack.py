@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -111,6 +112,31 @@ class Pack:
         layout = Layout(layers, precision.dtype_of if precision is not None else None)
         if home is Loc.NVME and store is None:
             raise ValueError(f"pack {index} is placed on NVMe but there is no nvme_dir")
+        # Building is all or nothing: on any failure (the optimizer factory raises, the disk
+        # fills up) the layers get their own tensors back and every byte charged or written
+        # here is given back, so the caller can restore the model and try again.
+        originals = [e.tensor.data for e in layout.entries]
+        undo: list[Callable[[], None]] = []
+        try:
+            return Pack._build(index, first_layer, layers, layout, home, home_tier, factory,
+                               k_estimate, store, untrained, owned, update_chunk, k_ratio,
+                               undo)
+        except BaseException:
+            for action in reversed(undo):
+                with contextlib.suppress(Exception):  # (the error that ended it matters)
+                    action()
+            for e, t in zip(layout.entries, originals):
+                e.tensor.data = t
+            raise
+
+    @staticmethod
+    def _build(index: int, first_layer: int, layers: list[nn.Module], layout: Layout,
+               home: Loc, home_tier: Tier,
+               factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+               k_estimate: int, store: NvmeStore | None, untrained: frozenset[int],
+               owned: bool, update_chunk: int | None, k_ratio: float,
+               undo: list[Callable[[], None]]) -> Pack:
+        """:meth:`build`'s work; ``undo`` collects what gives back each thing it takes."""
         chunks = layout_chunks(layout, update_chunk if home is Loc.NVME else None, k_ratio)
 
         def at_home(kind: str, nbytes: int, fill: Callable[[torch.Tensor], None],
@@ -118,13 +144,16 @@ class Pack:
             """A flat buffer at home filled by ``fill``; on NVMe, the chunks' files (None)."""
             if home is not Loc.NVME:
                 buf = home_tier.allocate(nbytes, what)
+                undo.append(lambda: home_tier.release(buf))
                 fill(buf)
                 return buf
             assert store is not None
             staging = torch.empty(nbytes, dtype=torch.uint8)
             fill(staging)
+            undo.append(lambda: _delete_pieces(store, index, chunks, kind))
             _write_pieces(store, index, chunks, kind, staging)
             home_tier.charge(nbytes, what)
+            undo.append(lambda: home_tier.uncharge(nbytes))
             return None
 
         home_m: torch.Tensor | None = None
@@ -159,6 +188,7 @@ class Pack:
             raise TypeError(f"optimizer factory returned {type(opt).__name__}; it must return "
                             "a torch.optim.Optimizer built over the parameters it is given")
         home_tier.charge(k_estimate, f"optimizer state of pack {index}")
+        undo.append(lambda: home_tier.uncharge(k_estimate))
         held = {id(q) for group in opt.param_groups for q in group["params"]}
         pack = Pack(index, first_layer, layers, layout, home, home_tier, home_w, masters, opt,
                     k_estimate, [False] * len(layout.trainable), store=store, chunks=chunks,
@@ -166,6 +196,7 @@ class Pack:
                     stepped=frozenset(i for i, m in enumerate(masters) if id(m) in held),
                     k_estimate=k_estimate,
                     home_m=home_m, untrained=untrained, owned=owned)
+        undo.append(pack.close)
         for i, e in enumerate(layout.trainable):
             pack.hooks.append(e.tensor.register_post_accumulate_grad_hook(  # type: ignore[union-attr]
                 lambda _p, i=i: pack._mark(i)))
@@ -330,6 +361,21 @@ class Pack:
                     self.store.delete(key)
         self.optimizer.state.clear()
 
+    def give_back(self, device_of: Callable[[Entry], torch.device]) -> None:
+        """Give every parameter and buffer of the pack's layers a tensor of its own holding
+        its current value (a trainable one: its master weights, in its own dtype) on the
+        device ``device_of`` names, then :meth:`release` the pack's home bytes and files.
+        One pack's weights are copied at a time, so the peak is the home copies plus one
+        pack. Not for a pack whose masters another data-parallel rank keeps."""
+        assert self.owned or not self.layout.mixed, "another rank keeps this pack's masters"
+        flat = self.home_weights()
+        masters = self.master_weights() if self.layout.mixed else flat
+        values = [(e.gview(masters) if e.trainable else e.view(flat)).to(
+            device_of(e), copy=True) for e in self.layout.entries]
+        self.release()
+        for e, v in zip(self.layout.entries, values):
+            e.tensor.data = v
+
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
@@ -346,6 +392,13 @@ def _pieces(chunks: list[Chunk], kind: str) -> list[tuple[int, tuple[int, int]]]
 
 def _key(pack: int, kind: str, chunk: int) -> str:
     return f"pack{pack}.{kind}.{chunk}"
+
+
+def _delete_pieces(store: NvmeStore, pack: int, chunks: list[Chunk], kind: str) -> None:
+    """Delete whatever files of pack ``pack``'s ``kind`` exist (a build that failed)."""
+    for c, _ in _pieces(chunks, kind):
+        if _key(pack, kind, c) in store:
+            store.delete(_key(pack, kind, c))
 
 
 def _write_pieces(store: NvmeStore, pack: int, chunks: list[Chunk], kind: str,

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from harmony.chain import Chain, as_tuple, call, checked_loss
+from harmony.inplace import InputCopies, changed_inputs
 from harmony.layout import Layout
 from harmony.precision import Precision
 from harmony.rng import generator_index, layer_rng
@@ -89,7 +90,8 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
                    device: torch.device,
                    precision: Precision | None = None,
                    changed: set[int] | None = None,
-                   group_inputs: tuple[torch.Tensor, ...] | None = None) -> list[LayerProfile]:
+                   group_inputs: tuple[torch.Tensor, ...] | None = None,
+                   copies: InputCopies | None = None) -> list[LayerProfile]:
     """Run every layer on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
@@ -100,7 +102,25 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
     runtime must then carry and restore (:mod:`harmony.buffers`). ``group_inputs``, the next
     micro-batch's inputs, if given: each layer is also checked for forward groups and timed
     over both micro-batches at once (``no_group``, ``fwd_group_s``; see the module docstring).
+    A layer that changes its input in place gets a private copy of it from then on, through
+    ``copies`` (:mod:`harmony.inplace`; which the caller keeps for training and removes when
+    done); without ``copies``, only for the profile.
     """
+    own_copies = copies is None
+    copies = InputCopies() if copies is None else copies
+    try:
+        return _profile_layers(chain, layouts, inputs, targets, loss_fn, device, precision,
+                               changed, group_inputs, copies)
+    finally:
+        if own_copies:
+            copies.remove()
+
+
+def _profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tensor, ...],
+                    targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
+                    device: torch.device, precision: Precision | None,
+                    changed: set[int] | None, group_inputs: tuple[torch.Tensor, ...] | None,
+                    copies: InputCopies) -> list[LayerProfile]:
     autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
     value = tuple(t.to(device) for t in inputs)
@@ -115,6 +135,11 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
             e.tensor.data = e.tensor.data.to(device, e.dtype,
                                              copy=not isinstance(e.tensor, nn.Parameter))
         try:
+            if layer not in copies:  # (before any run: the value must stay as it is)
+                with autocast(device):
+                    positions = changed_inputs(layer, value)
+                if positions:
+                    copies.add(layer, positions)
             # The first run of each pass warms up (allocator, lazy initialisation, kernel
             # selection) and gives the values; the time is the median of the timed repeats,
             # so one slow run on a busy machine does not skew the plan.
@@ -270,7 +295,14 @@ def backward_saved_bytes(layer: nn.Module, value: tuple[torch.Tensor, ...], layo
         return t
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        res = call(layer, leaf)
+        try:
+            res = call(layer, leaf)
+        except RuntimeError as err:
+            if "in-place operation" not in str(err):
+                raise
+            # The layer changes its input in place (harmony.inplace): in training it gets a
+            # private copy, whose storage then counts as saved where autograd keeps it.
+            res = call(layer, tuple(t.clone() for t in leaf))
         if last:
             loss = checked_loss(loss_fn, res, targets)
             roots, grads = [loss], [torch.ones_like(loss)]

@@ -62,6 +62,12 @@ DEFAULT_BANDWIDTH = {"host->device": 11.5 * GiB, "device->host": 11.5 * GiB}
 LINKS = ("host->device", "device->host", "nvme->device", "device->nvme", "nvme->host",
          "host->nvme")
 _TIERS = (Loc.DEVICE, Loc.HOST, Loc.NVME)
+# The most micro-batches per step a report plans: the planner lowers and simulates each
+# candidate plan task by task, so its time and memory grow with the micro-batch count
+# (`harmony report gpt2-xl --batch-size 1000 --device-memory 16GiB --host-memory 64GiB`: 196 s
+# and 2.6 GB on the 2-core build machine). A count far above it is nearly always tokens given
+# as --batch-size.
+MAX_MICRO_BATCHES = 1024
 
 
 # -- where profiles come from ----------------------------------------------------------------
@@ -262,6 +268,24 @@ class Report:
         return max([self.compute_s, *links])
 
 
+def check_micro_batches(batch_size: int, micro_batch_size: int) -> None:
+    """Refuse a step of more than :data:`MAX_MICRO_BATCHES` micro-batches, before any work.
+
+    Raises:
+        ValueError: naming the count, the limit and the fixes.
+
+    >>> check_micro_batches(64, 4)
+    """
+    n = -(-batch_size // micro_batch_size)
+    if n > MAX_MICRO_BATCHES:
+        raise ValueError(
+            f"--batch-size {batch_size} in micro-batches of {micro_batch_size} makes {n} "
+            f"micro-batches per step, and a report plans at most {MAX_MICRO_BATCHES} (planning "
+            "time and memory grow with their number). --batch-size counts samples (sequences), "
+            "not tokens: give the number of sequences per step, or raise --micro-batch-size to "
+            f"at least {-(-batch_size // MAX_MICRO_BATCHES)}")
+
+
 def make_report(profile: ModelProfile, batch_size: int, device_memory: int | None,
                 host_memory: int | None, nvme: bool = False, schedule: str = "harmony",
                 bandwidth: dict[str, float] | None = None,
@@ -286,7 +310,9 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
 
     Raises:
         harmony.InfeasiblePlan: nothing fits; the message says what to change.
+        ValueError: more than :data:`MAX_MICRO_BATCHES` micro-batches.
     """
+    check_micro_batches(batch_size, profile.micro_batch_size)
     mbs = micro_batch_sizes(batch_size, profile.micro_batch_size)
     bw = {**NVME_BANDWIDTH, **DEFAULT_BANDWIDTH, **(bandwidth or {})}
     chosen = plan(profile.layers, schedule, mbs, device_memory, host_memory, profile.k_total,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,10 @@ from harmony.data_parallel import DataParallel
 from harmony.device_memory import ReservedPeak, check_fits
 from harmony.dist import bind_device
 from harmony.groups import forward_group_of
+from harmony.inplace import InputCopies
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
+from harmony.ownership import Hold, acts, check_free
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import GradientOverflow, Precision
@@ -34,6 +39,12 @@ from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, retie, shared_parameters
 from harmony.trainer_planning import TrainerPlanning, _load_plan
+from harmony.user_checks import (
+    check_lr_scheduler_factory,
+    check_optimizer_factory,
+    checked_optimizer_factory,
+    refuse_meta_tensors,
+)
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
@@ -49,16 +60,51 @@ def _default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
+def _writable(path: Path) -> Path:
+    """A new empty file next to ``path`` that will replace it (so ``path`` can be written).
+
+    Raises:
+        OSError: of the kind the file system gave, naming ``path`` and saying the step was
+            not run.
+    """
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        return Path(name)
+    except OSError as err:
+        raise type(err)(err.errno, f"record_step(path={str(path)!r}): cannot write there "
+                                   f"({err.strerror}); give a writable file path. The step "
+                                   "was not run") from err
+
+
+def _dropped(hold: Hold, built: list[bool], copies: InputCopies) -> None:
+    """A trainer was garbage-collected (or the interpreter ends) without close()."""
+    copies.remove()
+    if not built[0]:
+        hold.release()
+    elif not hold.kept:
+        hold.keep("its harmony.Trainer was deleted without close(), and the trained weights "
+                  "went with it; close() a trainer (or use `with harmony.Trainer(...)`) to "
+                  "get the model back, or save() first")
+
+
 class Trainer(TrainerPlanning):
     """Trains a chain of layers whose training state need not fit in device memory.
 
     Args:
         model: an ``nn.Sequential``, a list of modules, or a module with ``harmony_chain()``.
-            Its parameters become harmony's: read them back with :meth:`state_dict`.
+            The trainer holds it until :meth:`close`: its parameters live in the trainer's
+            buffers (read them with :meth:`state_dict`), and calling or reading the model
+            meanwhile raises an error saying so; :meth:`close` (or :meth:`release_model`)
+            gives it back holding the trained weights. Its tensors must have values (not the
+            meta device).
         loss_fn: ``(output, target) -> scalar`` mean loss of one micro-batch.
         optimizer: a factory ``params -> torch.optim.Optimizer``; one optimizer is built per pack
-            over that pack's parameters (per-parameter optimizers such as SGD and AdamW give the
-            same update as one optimizer over the whole model). Default: AdamW(lr=1e-3).
+            over that pack's parameters, and it must hold exactly those (per-parameter
+            optimizers such as SGD and AdamW give the same update as one optimizer over the
+            whole model). Default: AdamW(lr=1e-3). An optimizer instance is refused.
         micro_batch_size: samples per micro-batch; a batch is split with ``torch.split`` (the
             last micro-batch may be smaller) and each micro-batch's loss is weighted by its share
             of the samples, so a step equals one full-batch step. ``"auto"``: the largest size
@@ -112,7 +158,9 @@ class Trainer(TrainerPlanning):
         lr_scheduler: a factory ``optimizer -> torch.optim.lr_scheduler.LRScheduler``; one is
             built per pack's optimizer and all step after every optimizer step, so every pack
             follows the schedule one scheduler over the whole model would (saved and loaded
-            with checkpoints).
+            with checkpoints). What it returns is checked before the first update: it needs
+            ``step()``, ``state_dict()`` and ``load_state_dict()``, and ``ReduceLROnPlateau``
+            (which steps on a metric) is refused.
         plan: a :class:`Plan`, or the JSON file ``harmony report --json`` wrote: keep its pack
             boundaries, placement, schedule and prefetch depth instead of planning (the
             budgets are still checked against them on the first step).
@@ -163,8 +211,10 @@ class Trainer(TrainerPlanning):
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer (or
-            ``shard_optimizer=True`` without ``parallel="data"``); the message names the value
-            and what to change.
+            ``shard_optimizer=True`` without ``parallel="data"``, an optimizer instance instead
+            of a factory, a model another trainer holds or on the meta device, an
+            ``nvme_dir`` that is empty, not a path or a file); the message names the value and
+            what to change.
 
     Example::
 
@@ -199,6 +249,8 @@ class Trainer(TrainerPlanning):
         if not isinstance(check_chain, bool):
             raise ValueError(f"check_chain={check_chain!r} must be True or False")
         self._check_chain = check_chain  # (the probe runs before the first step)
+        check_optimizer_factory(optimizer)  # an optimizer instance: ValueError with the form
+        check_lr_scheduler_factory(lr_scheduler)
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
                 micro_batch_size, int) or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int or "
@@ -281,6 +333,8 @@ class Trainer(TrainerPlanning):
             check_fits(self.device_memory, torch.cuda.mem_get_info(self.device)[0], self.device)
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
+        check_free(self.chain.model, self.chain.layers)  # another trainer's: ValueError
+        refuse_meta_tensors(self.chain.model, self.chain.layers)
         self._fixed: tuple[Any, ...] | None = None
         if plan is not None:
             given = plan if isinstance(plan, Plan) else _load_plan(plan)
@@ -299,7 +353,7 @@ class Trainer(TrainerPlanning):
             if self.update_chunk == "auto":  # the plan's chunks too
                 self.update_chunk = given.update_chunk
         self.loss_fn = loss_fn
-        self.optimizer_factory = optimizer or _default_optimizer
+        self.optimizer_factory = checked_optimizer_factory(optimizer or _default_optimizer)
         self.micro_batch_size = micro_batch_size
         self.schedule_name = schedule
         self.prefetch = prefetch
@@ -307,6 +361,12 @@ class Trainer(TrainerPlanning):
         self.step_count = 0
         self.stats = Stats()
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]
+        # Where each of the model's tensors came from: close() gives the trained values back
+        # there (a tensor on the meta device comes back on the CPU).
+        self._origin = {id(e.tensor): (torch.device("cpu") if e.tensor.is_meta
+                                       else e.tensor.device,
+                                       e.shape.numel() * e.master_dtype.itemsize)
+                        for layout in self._layer_layouts for e in layout.entries}
         self._check_shared_parameters()
         if self._tied and shard_optimizer:
             raise ValueError("shard_optimizer=True with tied weights (a parameter used by several "
@@ -323,7 +383,7 @@ class Trainer(TrainerPlanning):
         # A tensor under several keys names its optimizer state by its first key, whichever
         # packs the plan makes (so checkpoints load across plans).
         keys: dict[int, list[str]] = {}
-        for k, v in self.chain.model.state_dict(keep_vars=True).items():
+        for k, v in self._model_tensors().items():
             keys.setdefault(id(v), []).append(k)
         self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
@@ -357,6 +417,17 @@ class Trainer(TrainerPlanning):
         self._gathered_scheduler: dict[str, Any] | None = None
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
+        self._probed_optimizer: str | None = None  # the optimizer's class, once probed
+        self._recording: list[dict[str, object]] | None = None  # record_step's, if any
+        self._planning_seconds = 0.0  # the first step's profile, plan and build
+        # The model is the trainer's until close(): touching it meanwhile raises, saying so.
+        # A trainer dropped without close() lets go of a model it never took the weights of.
+        self._hold = Hold(self.chain.model, self.chain.layers)
+        self._built = [False]  # whether packs hold the weights (for the finalizer below)
+        # Layers that change their input in place get private copies (harmony/inplace.py).
+        self._input_copies = InputCopies()
+        self._on_drop = weakref.finalize(self, _dropped, self._hold, self._built,
+                                         self._input_copies)
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
@@ -382,6 +453,7 @@ class Trainer(TrainerPlanning):
                     "activations, or split that layer")
 
     # -- training ---------------------------------------------------------------------------
+    @acts
     def step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
              targets: torch.Tensor) -> float:
         """Run one optimizer step over the whole batch; returns the batch's mean loss.
@@ -397,12 +469,15 @@ class Trainer(TrainerPlanning):
                 that cannot fit the budgets (before anything is changed).
             RuntimeError: with ``parallel="data"``, another rank failed during the step.
         """
-        if self._dp is None:
-            return self._step(inputs, targets)
-        # A failure on this rank tears the process group down, so no other rank hangs.
-        # (A non-finite loss or an infeasible plan is raised by every rank alike.)
-        with self._dp.failing_together(passes=(NonFiniteLoss, InfeasiblePlan)):
-            return self._step(inputs, targets)
+        try:
+            if self._dp is None:
+                return self._step(inputs, targets)
+            # A failure on this rank tears the process group down, so no other rank hangs.
+            # (A non-finite loss or an infeasible plan is raised by every rank alike.)
+            with self._dp.failing_together(passes=(NonFiniteLoss, InfeasiblePlan)):
+                return self._step(inputs, targets)
+        finally:
+            self._built[0] = self._runtime is not None
 
     def _step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
               targets: torch.Tensor) -> float:
@@ -430,8 +505,12 @@ class Trainer(TrainerPlanning):
         # A profile checks each layer for forward groups on the first two micro-batches.
         self._second_input = micro_inputs[1] if len(micro_inputs) > 1 else None
         if self._runtime is None:  # (micro_batch_size='auto' planned this batch already)
+            t_plan = time.perf_counter()
             self._first_plan(micro_inputs[0], micro_targets[0], sizes, key, self._auto_plan)
             self._auto_plan = None
+            assert self._runtime is not None
+            self._runtime.record = self._recording  # (record_step on a fresh trainer)
+            self._planning_seconds = time.perf_counter() - t_plan
         plan_ = self._plans.get(key)
         if plan_ is None:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
@@ -443,11 +522,19 @@ class Trainer(TrainerPlanning):
         data = StepData(micro_inputs, micro_targets, weights, single)
         if self._pipeline is not None:  # later stages receive their inputs
             data = self._pipeline.step_data(data)
+        step = self.step_count
         try:
             loss = self._runtime.run(plan_.schedule, plan_.sizes, data, self.step_count,
                                      self.stats.seconds)
             if self._pipeline is not None:
                 self._pipeline.finish()
+            # The step's bookkeeping belongs to it: an interrupt here (every pack updated, the
+            # count or the schedulers not) leaves the trainer as inconsistent as one between
+            # two packs' updates.
+            self.precision.update_scale(overflow=False)
+            self.step_count += 1
+            for scheduler in self.lr_schedulers:
+                scheduler.step()
         except GradientOverflow:  # fp16: nothing was updated; retry later at a lower scale
             self.precision.update_scale(overflow=True)
             self.stats.skipped_steps += 1
@@ -460,14 +547,10 @@ class Trainer(TrainerPlanning):
         except BaseException as err:
             if self._runtime.updated:  # some packs took the step, others did not
                 self._broken = (
-                    f"step {self.step_count} failed ({type(err).__name__}: {err}) after "
-                    f"updating packs {self._runtime.updated}; the weights are no longer those "
-                    "of one consistent step: load() a checkpoint before training on")
+                    f"step {step} failed ({type(err).__name__}: {err}) after updating packs "
+                    f"{self._runtime.updated}; the weights are no longer those of one "
+                    "consistent step: load() a checkpoint before training on")
             raise
-        self.precision.update_scale(overflow=False)
-        self.step_count += 1
-        for scheduler in self.lr_schedulers:
-            scheduler.step()
         for loc, tier in self.tiers.items():
             self.stats.peak_bytes[loc.value] = max(self.stats.peak_bytes.get(loc.value, 0),
                                                    tier.peak)
@@ -479,56 +562,69 @@ class Trainer(TrainerPlanning):
         self.stats.seconds["step"] += time.perf_counter() - t0
         return loss
 
+    @acts
     def record_step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
                     targets: torch.Tensor, path: str | os.PathLike[str]) -> float:
         """Run one :meth:`step` and write what happened to the JSON file ``path``.
 
         The file holds, per task of the schedule, its start and end (seconds since the step
         began) and the bytes each tier held after it; the step's bytes, busy and stall seconds
-        per link and peaks per tier; and the plan with its prediction. ``harmony report --run
-        path`` shows measured next to predicted. Returns the step's loss.
+        per link and peaks per tier; and the plan with its prediction. On a fresh trainer the
+        step recorded is the first one, which also profiles, plans and builds the packs:
+        ``"first"`` is then true, ``"planning_seconds"`` holds that time and ``"seconds"`` the
+        rest. ``harmony report --run path`` shows measured next to predicted. Returns the
+        step's loss.
+
+        Raises:
+            OSError: ``path`` cannot be written (a directory, a missing or read-only
+                directory, ...); checked before the step, which then does not run.
+
+        Example::
+
+            trainer.record_step(x, y, "step.json")   # then: harmony report --run step.json
         """
         from harmony.report import plan_to_json
 
-        before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
-                  dict(self.stats.stall_seconds))
-        for tier in self.tiers.values():
-            tier.reset_peak()
-        record: list[dict[str, object]] = []
-        t0 = time.perf_counter()
-        first = self._runtime is None
-        if self._runtime is not None:
-            self._runtime.record = record
+        out = Path(path)
+        tmp = _writable(out)  # before the step: a path it cannot write refuses the step
         try:
-            if first:  # the first step plans and builds packs: record the one after it
-                self.step(inputs, targets)
-                assert self._runtime is not None
-                self._runtime.record = record
-                for tier in self.tiers.values():
-                    tier.reset_peak()
-                before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
-                          dict(self.stats.stall_seconds))
-                t0 = time.perf_counter()
-            loss = self.step(inputs, targets)
-        finally:
+            before = (dict(self.stats.bytes_moved), dict(self.stats.busy_seconds),
+                      dict(self.stats.stall_seconds))
+            for tier in self.tiers.values():
+                tier.reset_peak()
+            record: list[dict[str, object]] = []
+            first = self._runtime is None
+            self._recording = record  # (a fresh trainer's runtime is made inside the step)
             if self._runtime is not None:
-                self._runtime.record = None
-        seconds = time.perf_counter() - t0
-        assert self._plan is not None
+                self._runtime.record = record
+            self._planning_seconds = 0.0
+            t0 = time.perf_counter()
+            try:
+                loss = self.step(inputs, targets)
+            finally:
+                self._recording = None
+                if self._runtime is not None:
+                    self._runtime.record = None
+            seconds = time.perf_counter() - t0 - self._planning_seconds
+            assert self._plan is not None
 
-        def delta(now: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
-            return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0)}
+            def delta(now: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+                return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0)}
 
-        data = {
-            "format": "harmony-step/1", "step": self.step_count - 1, "seconds": seconds,
-            "loss": loss, "tasks": record,
-            "bytes_moved": delta(self.stats.bytes_moved, before[0]),
-            "busy_seconds": delta(self.stats.busy_seconds, before[1]),
-            "stall_seconds": delta(self.stats.stall_seconds, before[2]),
-            "peak_bytes": {loc.value: tier.peak for loc, tier in self.tiers.items()},
-            "budgets": {"device": self.device_memory, "host": self.host_memory},
-            "plan": plan_to_json(self._plan)}
-        Path(path).write_text(json.dumps(data))
+            data = {
+                "format": "harmony-step/1", "step": self.step_count - 1, "seconds": seconds,
+                "first": first, "planning_seconds": self._planning_seconds,
+                "loss": loss, "tasks": record,
+                "bytes_moved": delta(self.stats.bytes_moved, before[0]),
+                "busy_seconds": delta(self.stats.busy_seconds, before[1]),
+                "stall_seconds": delta(self.stats.stall_seconds, before[2]),
+                "peak_bytes": {loc.value: tier.peak for loc, tier in self.tiers.items()},
+                "budgets": {"device": self.device_memory, "host": self.host_memory},
+                "plan": plan_to_json(self._plan)}
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
         return loss
 
     # -- results ----------------------------------------------------------------------------
@@ -537,17 +633,41 @@ class Trainer(TrainerPlanning):
         """The plan of the last step (None before the first step)."""
         return self._plan
 
+    @acts
     def close(self) -> None:
-        """Free buffers and stop copy threads; idempotent."""
+        """Give the model back and free buffers, files and threads; idempotent.
+
+        The model's parameters and buffers (the same ``Parameter`` objects) then hold the
+        trained values, on the devices they came from, when those fit the budgets
+        (``host_memory`` for tensors that came from the CPU). Otherwise, and after a step
+        that failed part-way, the model is not given back: a warning says why, touching the
+        model raises with the same words, and the weights must be kept with :meth:`save` or
+        :meth:`export` before closing (:meth:`release_model` refuses instead, while the
+        trainer is still open).
+
+        Example::
+
+            trainer.close()
+            torch.save(model.state_dict(), "model.pt")   # the trained weights
+        """
         if self._closed:
             return
         with contextlib.suppress(Exception):  # (a broken group fails them at once)
             self._weights_arrived()
+        why_not = self._why_not_given_back()
         self._closed = True
         self._engine.close()
         if self._runtime is not None:
             self._runtime.close()
             for pack in self._runtime.packs:
+                if why_not is None:
+                    try:
+                        pack.give_back(self._origin_device)
+                        continue
+                    except Exception as err:  # (an NVMe read failed, say)
+                        why_not = (f"giving the weights back failed ({type(err).__name__}: "
+                                   f"{err}), so the model was not given back its weights; "
+                                   "save() or export() before close()")
                 pack.close()
         for tier in self.tiers.values():
             tier.clear_cache()
@@ -558,6 +678,70 @@ class Trainer(TrainerPlanning):
             self._dp.close()
         if self._pipeline is not None:
             self._pipeline.close()
+        self._on_drop.detach()
+        self._input_copies.remove()
+        if why_not is None:
+            self._hold.release()
+        else:
+            self._hold.keep(f"this model's harmony.Trainer was closed: {why_not}")
+            warnings.warn(f"harmony.Trainer.close(): {why_not}", stacklevel=3)
+
+    @acts
+    def release_model(self) -> nn.Module:
+        """Close the trainer and return the model it trained, holding the trained weights
+        (see :meth:`close`). For a model given as a list of layers, an ``nn.Sequential`` of
+        them. To train on later, :meth:`save` first and load into a new trainer.
+
+        Raises:
+            RuntimeError: the weights cannot be given back (they exceed the budgets, or a
+                step failed part-way); the trainer is left open, so :meth:`save` or
+                :meth:`export` can still keep them.
+
+        Example::
+
+            model = trainer.release_model()
+            model.eval()(x)
+        """
+        if not self._closed:
+            why_not = self._why_not_given_back()
+            if why_not is not None:
+                raise RuntimeError(f"release_model() refused: {why_not} (the trainer is still "
+                                   "open)")
+            self.close()
+        if self._hold.kept:
+            raise RuntimeError(self._hold.message)
+        return self.chain.model
+
+    def _origin_device(self, entry: Any) -> torch.device:
+        return self._origin.get(id(entry.tensor), (torch.device("cpu"), 0))[0]
+
+    def _why_not_given_back(self) -> str | None:
+        """Why close() would not give the model its trained weights (None: it will)."""
+        if self._runtime is None:  # never built: the model holds its own tensors still
+            return None
+        if self._broken is not None:
+            return (f"{self._broken}. Such weights are not given back to the model; load "
+                    "the last checkpoint into a new Trainer, or take them with "
+                    "state_dict(inconsistent_ok=True) before close()")
+        if self._pipeline is not None:
+            return ("with parallel='pipeline' each rank holds only its stage's weights, so "
+                    "they are not given back to the model; call trainer.state_dict() on every "
+                    "rank, or save() / export(), before close()")
+        if any(not p.owned and p.layout.mixed for p in self._runtime.packs):
+            return ("with shard_optimizer=True in mixed precision another rank keeps some "
+                    "packs' fp32 masters, so the weights are not given back to the model; call "
+                    "trainer.state_dict() on every rank, or save() / export(), before close()")
+        need: dict[str, int] = {}
+        for device, nbytes in self._origin.values():
+            kind = "host" if device.type in ("cpu", "meta") else "device"
+            need[kind] = need.get(kind, 0) + nbytes
+        for kind, budget in (("host", self.host_memory), ("device", self.device_memory)):
+            if budget is not None and need.get(kind, 0) > budget:
+                return (f"the trained weights ({fmt_bytes(need[kind])}) exceed "
+                        f"{kind}_memory={fmt_bytes(budget)}, so they are not given back to "
+                        "the model; call trainer.export(dir) (safetensors the model loads) "
+                        "or trainer.save(dir) before close() and load them from there")
+        return None
 
     def __enter__(self) -> Trainer:
         return self

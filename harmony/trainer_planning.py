@@ -27,6 +27,7 @@ from torch import nn
 
 from harmony.device_memory import ReservedPeak
 from harmony.groups import refuse_ungroupable
+from harmony.inplace import InputCopies
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
@@ -36,6 +37,7 @@ from harmony.runtime import Runtime
 from harmony.tied import TiedWeights, retie, untie
 from harmony.trainer_state import TrainerState
 from harmony.update_worker import UpdateWorker
+from harmony.user_checks import check_lr_scheduler
 from schedules.task import Loc
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ class TrainerPlanning(TrainerState):
     _profiles: list[Any] | None
     _k_ratio: float
     _reserved: ReservedPeak
+    _origin_device: Callable[[Any], torch.device]
+    _input_copies: InputCopies
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -90,7 +94,7 @@ class TrainerPlanning(TrainerState):
                                             self.loss_fn, self.device, self.precision,
                                             changed=self._changing,
                                             group_inputs=self._second_input if grouping
-                                            else None)
+                                            else None, copies=self._input_copies)
         finally:
             for pack in away:
                 pack.layout.bind(None)
@@ -149,6 +153,22 @@ class TrainerPlanning(TrainerState):
             self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
         if self._reserved.base is None:  # the profile's and the probe's blocks are freed now
             self._reserved.start()
+        # Building is all or nothing: on any failure (a raising or wrong optimizer or
+        # scheduler factory, a disk filling up) every pack built so far gives its layers their
+        # values back and its bytes back to the tiers, so the model holds what it held before
+        # and the next step (or close()) starts afresh.
+        packs: list[Pack] = []
+        before = (self._layer_layouts, self._pending_optimizer, self._pending_scheduler)
+        try:
+            self._build(chosen, key, packs)
+        except BaseException as err:
+            lost = self._unbuild(packs, key, *before)
+            if lost:
+                err.add_note(lost)
+            raise
+
+    def _build(self, chosen: Plan, key: tuple[Any, ...], packs: list[Pack]) -> None:
+        """Build ``chosen``'s packs (appended to ``packs`` as they are) and the runtime."""
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
         # (None with pipeline stages, whose bounds cover only this rank's layers)
@@ -157,7 +177,6 @@ class TrainerPlanning(TrainerState):
         if self._ties:
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
-        packs = []
         rank = self._dp.group.rank if self._dp is not None else 0
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
@@ -193,8 +212,37 @@ class TrainerPlanning(TrainerState):
             # Built before a loaded state is applied: building one sets the learning rate to
             # the schedule's start, which the loaded optimizer settings must then override.
             self.lr_schedulers = [self.lr_scheduler_factory(p.optimizer) for p in packs]
+            for scheduler in self.lr_schedulers:  # before any update: ValueError naming it
+                check_lr_scheduler(scheduler, self.lr_scheduler_factory)
+            self._scheduler_state()  # (a state JSON cannot hold: ValueError now, not at save)
         self._apply_optimizer_state()
         self._apply_scheduler_state()
+
+    def _unbuild(self, packs: list[Pack], key: tuple[Any, ...], layouts: list[Layout],
+                 pending_optimizer: Any, pending_scheduler: Any) -> str:
+        """Undo a :meth:`_build` that failed: the layers get their values back (the same
+        Parameter objects), the tiers and files theirs, the trainer its unbuilt state.
+        Returns what could not be given back ("" when everything was)."""
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+        lost = []
+        for pack in reversed(packs):
+            try:
+                pack.give_back(self._origin_device)
+            except Exception as err:  # (its files unreadable, say): the others still are
+                lost.append(f"pack {pack.index} ({type(err).__name__}: {err})")
+        retie(self._ties)
+        self._ties = []
+        self._layer_layouts = layouts
+        self._plans.pop(key, None)
+        self.lr_schedulers = []
+        self._pending_optimizer, self._pending_scheduler = pending_optimizer, pending_scheduler
+        if not lost:
+            return ""
+        return (f"giving the layers of {', '.join(lost)} their weights back failed as well: "
+                "those layers' values are lost; rebuild the model (or load it from a "
+                "checkpoint) before training it")
 
     def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                 key: tuple[Any, ...]) -> Plan:
@@ -255,7 +303,7 @@ class TrainerPlanning(TrainerState):
         retie(self._ties)  # the new packs split tied weights afresh
         self._ties = []
         with torch.no_grad():
-            for k, v in self.chain.model.state_dict(keep_vars=True).items():
+            for k, v in self._model_tensors().items():
                 v.data = weights[k].to(v.device)
         # (after the values are back: a layout takes each tensor's shape)
         self._layer_layouts = [Layout([m], self.precision.dtype_of) for m in self.chain.layers]

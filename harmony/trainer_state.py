@@ -21,6 +21,8 @@ import torch
 
 from harmony import checkpoint
 from harmony.hf_export import adapter_keys, write_adapter, write_config
+from harmony.ownership import acting, acts
+from harmony.pack import NothingToTrain
 from schedules.task import Loc
 
 if TYPE_CHECKING:
@@ -60,14 +62,34 @@ class TrainerState:
     _pending_scheduler: dict[str, Any] | None
     _gathered_scheduler: dict[str, Any] | None
     _broken: str | None
+    _probed_optimizer: str | None
+    optimizer_factory: Any
 
     # -- results ----------------------------------------------------------------------------
 
-    def state_dict(self, keys: Collection[str] | None = None) -> dict[str, torch.Tensor]:
-        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors
-        (only ``keys``, if given: a LoRA adapter's, say)."""
+    @acts
+    def state_dict(self, keys: Collection[str] | None = None,
+                   inconsistent_ok: bool = False) -> dict[str, torch.Tensor]:
+        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors.
+
+        Args:
+            keys: only these keys (a LoRA adapter's, say); None: all.
+            inconsistent_ok: give the weights even after a step failed part-way (some packs
+                updated, others not), when they are no longer those of one step.
+
+        Raises:
+            RuntimeError: a step failed part-way (and ``inconsistent_ok`` is False); the
+                message says what happened and how to recover (:meth:`load`).
+
+        Example::
+
+            model.load_state_dict(trainer.state_dict())
+        """
+        if self._broken is not None and not inconsistent_ok:
+            raise RuntimeError(f"{self._broken}. state_dict() refuses such weights; pass "
+                               "state_dict(inconsistent_ok=True) to get them anyway")
         self._weights_arrived()
-        model_sd = {k: v for k, v in self.chain.model.state_dict(keep_vars=True).items()
+        model_sd = {k: v for k, v in self._model_tensors().items()
                     if keys is None or k in keys}
         if self._runtime is None:
             return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
@@ -90,6 +112,11 @@ class TrainerState:
             return self._pipeline.gather_state(out, owned)
         return out
 
+    def _model_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's ``state_dict(keep_vars=True)``, read as the trainer holding it."""
+        with acting():
+            return self.chain.model.state_dict(keep_vars=True)
+
     def _masters(self, pack: Pack) -> torch.Tensor:
         """``pack.master_weights()``; with a sharded optimizer in mixed precision, sent from
         the rank owning the pack (collective: every rank calls it for every pack in order)."""
@@ -109,6 +136,7 @@ class TrainerState:
             self._dp.finish_broadcasts()
 
     # -- checkpoints ------------------------------------------------------------------------
+    @acts
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the full training state under directory ``path``, atomically.
 
@@ -121,7 +149,12 @@ class TrainerState:
 
         Raises:
             OSError: the disk is full or unwritable; the previous checkpoint stays loadable.
+            RuntimeError: a step failed part-way (say, interrupted by Ctrl-C after some packs
+                were updated), so the weights are not those of one step: nothing is written,
+                the checkpoints in ``path`` stay as they are.
         """
+        self._refuse_if_broken("save()", f"the checkpoints already in {str(path)!r} are "
+                                         "intact")
         if self._dp is not None:  # rank 0 writes; the others wait for its folder
             if not self._dp.shard:
                 return self._dp.save(lambda: self._save(path))
@@ -129,6 +162,28 @@ class TrainerState:
             weights = self.state_dict()  # (collective in mixed precision: the masters)
             return self._dp.save(lambda: self._save(path, full, weights))
         return self._save(path)
+
+    def _refuse_if_broken(self, what: str, intact: str) -> None:
+        """RuntimeError if a step failed part-way (the weights mix two steps)."""
+        if self._broken is not None:
+            raise RuntimeError(f"{what} refused: {self._broken}. Nothing was written; {intact}")
+
+    def _optimizer_name(self) -> str:
+        """The optimizer's class (``module.QualName``) the factory builds, from a built pack,
+        else from a probe over a stand-in parameter; "" if it cannot be told."""
+        if self._runtime is not None:
+            for pack in self._runtime.packs:
+                if not isinstance(pack.optimizer, NothingToTrain):
+                    cls = type(pack.optimizer)
+                    return f"{cls.__module__}.{cls.__qualname__}"
+        if self._probed_optimizer is None:
+            try:
+                probe = self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+                cls = type(probe)
+                self._probed_optimizer = f"{cls.__module__}.{cls.__qualname__}"
+            except Exception:  # a factory that cannot build over a stand-in: not checked
+                self._probed_optimizer = ""
+        return self._probed_optimizer
 
     def _full_optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]:
         """Every pack's optimizer state, gathered from the ranks owning them (sharded
@@ -154,6 +209,7 @@ class TrainerState:
         if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
             tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
         meta = {"step_count": self.step_count, "seed": self.seed,
+                "optimizer": self._optimizer_name(),
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
                 "lr_scheduler": self._gathered_scheduler if optimizer is not None
@@ -170,18 +226,57 @@ class TrainerState:
                 lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
         return checkpoint.save(path, self.step_count, weights, tensors, meta)
 
+    @acts
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
 
+        The whole checkpoint is checked first (every file's SHA-256, ``meta.json``'s fields,
+        the weights' keys, shapes and dtypes, the optimizer's class and the parameters its
+        state belongs to); only then is anything replaced. Reads only: a training job may save
+        into ``path`` meanwhile. Loading makes a trainer whose step failed part-way whole
+        again.
+
         Raises:
             FileNotFoundError: no complete checkpoint there.
-            harmony.CheckpointError: a truncated or corrupted file, or a checkpoint of another
-                model (the message lists the differing keys or shapes); nothing is changed.
+            harmony.CheckpointError: a truncated or corrupted file, a malformed ``meta.json``,
+                a checkpoint of another model (the message lists the differing keys or shapes)
+                or of another optimizer (naming both); nothing is changed.
+
+        Example::
+
+            trainer.load("ckpt")   # then trainer.step_count is the saved step
         """
         weights, opt_tensors, meta = checkpoint.load(path)
-        if self._dp is None or self._dp.group.rank == 0:  # (save() keeps one checkpoint)
-            checkpoint.finish_interrupted_save(path)
-        current = self.chain.model.state_dict(keep_vars=True)
+        self._check_checkpoint(path, weights, opt_tensors, meta)
+        current = self._model_tensors()
+        self._broken = (f"load({str(path)!r}) stopped while it replaced the training state, "
+                        "so the weights are no longer those of one consistent step: load() a "
+                        "checkpoint again before training on")
+        # (an exception from here on leaves the trainer refusing to train until a load ends)
+        homes, flats = self._home_views()
+        with torch.no_grad():
+            for k, v in current.items():
+                for home in homes.get(id(v), [v]):
+                    home.copy_(weights[k])
+        for pack, kind, flat in flats:  # weights that live on NVMe go back to their files
+            pack.write_flat(kind, flat)
+        self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
+                                   meta["optimizer_groups"])
+        self._pending_scheduler = meta.get("lr_scheduler")
+        if self._runtime is not None:
+            self._apply_optimizer_state()
+            self._apply_scheduler_state()
+        self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
+        self.step_count = meta["step_count"]
+        self._broken = None
+
+    def _check_checkpoint(self, path: str | os.PathLike[str],
+                          weights: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor],
+                          meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint that does not fit this trainer (CheckpointError naming what
+        differs), before anything is replaced."""
+        checkpoint.check_training_meta(meta, path)
+        current = self._model_tensors()
         # What each key holds at full precision (a parameter may be bound to a W view in the
         # compute dtype, or to an empty tensor while its pack is away).
         own = {id(e.tensor): (e.shape, e.master_dtype) for layout in self._layer_layouts
@@ -197,23 +292,25 @@ class TrainerState:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
                     f"{weights[k].dtype} there, {tuple(shape)} {dtype} here")
-        homes, flats = self._home_views()
-        with torch.no_grad():
-            for k, v in current.items():
-                for home in homes.get(id(v), [v]):
-                    home.copy_(weights[k])
-        for pack, kind, flat in flats:  # weights that live on NVMe go back to their files
-            pack.write_flat(kind, flat)
-        self._pending_optimizer = (opt_tensors, meta["optimizer_scalars"],
-                                   meta["optimizer_groups"])
-        self._pending_scheduler = meta.get("lr_scheduler")
-        if self._runtime is not None:
-            self._apply_optimizer_state()
-            self._apply_scheduler_state()
-        self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
-        self.step_count = int(meta["step_count"])
-        self._broken = None
+        saved, mine = meta.get("optimizer") or "", self._optimizer_name()
+        if saved and mine and saved != mine:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} holds the state of a {saved.rpartition('.')[2]} optimizer "
+                f"({saved}), but this trainer's optimizer factory builds "
+                f"{mine.rpartition('.')[2]} ({mine}); load it into a trainer with the same "
+                "optimizer, or load only its weights: model.load_state_dict(harmony."
+                "checkpoint.load(path)[0])")
+        trainable = {k for k, v in current.items()
+                     if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+        for name in list(opt_tensors) + list(meta["optimizer_scalars"]):
+            key, sep, _ = name.rpartition("/")
+            if not sep or key not in trainable:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path} holds optimizer state {name!r} for no trainable "
+                    f"parameter of this model (its trainable parameters are "
+                    f"{sorted(trainable)[:5]}...); it is of another model")
 
+    @acts
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write the trained weights for use without harmony; returns the folder.
 
@@ -224,8 +321,17 @@ class TrainerState:
         (``adapter_config.json``, ``adapter_model.safetensors``), which
         ``PeftModel.from_pretrained(base_model, path)`` loads (:mod:`harmony.hf_export`).
         With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
+
+        Raises:
+            OSError: the disk is full or unwritable (naming the file and the bytes it needs);
+                a ``model.safetensors`` already there is left as it was.
+            RuntimeError: a step failed part-way, so the weights are not those of one step.
+
+        Example::
+
+            trainer.export("out")   # out/model.safetensors (and out/config.json for HF)
         """
-        st = checkpoint._safetensors()
+        self._refuse_if_broken("export()", "nothing in the export folder was changed")
         out = Path(path)
         adapter = adapter_keys(self.chain.model)  # None unless a peft model
         weights = self.state_dict(adapter)  # fresh CPU copies: no two keys share memory
@@ -235,8 +341,13 @@ class TrainerState:
         if adapter is not None:
             return write_adapter(self.chain.model, weights, out)
         tmp = out / ".model.safetensors.tmp"
-        st.save_file(weights, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
+        try:
+            checkpoint.write_safetensors(weights, tmp, metadata={"format": "pt"},
+                                         todo=f"free space in {out} or export elsewhere")
+            os.replace(tmp, out / "model.safetensors")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         write_config(self.chain.model, out)
         return out
 
@@ -295,7 +406,7 @@ class TrainerState:
                     pack.bind_state(c, None)
 
     def _param_keys(self, pack: Pack) -> dict[int, str]:
-        key_of = {id(v): k for k, v in self.chain.model.state_dict(keep_vars=True).items()}
+        key_of = {id(v): k for k, v in self._model_tensors().items()}
         key_of.update(self._first_key)
         return {id(m): key_of[id(e.tensor)] for m, e in zip(pack.masters, pack.layout.trainable)}
 

@@ -22,14 +22,18 @@ for a GPU tensor still on its way to a host staging buffer; ``start(src)`` on th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +58,7 @@ _DESCRIPTION = {
 }
 _DIR_PATTERN = re.compile(r"harmony-(\d+)-[A-Za-z0-9_]+")
 _LOCK_NAME = ".lock"
+MARKER = ".harmony-swap"  # in each swap directory: who made it (pid, start time, boot)
 
 
 class NvmeIOError(OSError):
@@ -71,8 +76,12 @@ class NvmeStore:
 
     Args:
         root: an existing, writable directory (ideally on an NVMe drive). The store works in a
-            new subdirectory ``root/harmony-<pid>-<random>`` (mode 0700, files 0600) and
-            removes the subdirectories that dead runs left behind.
+            new subdirectory ``root/harmony-<pid>-<random>`` (mode 0700, files 0600) holding a
+            marker file (:data:`MARKER`: its pid, the process's start time and the boot), and
+            removes the subdirectories that dead runs left behind: only those whose marker
+            names a process that has ended, never a directory without a valid marker. The
+            directory goes on :meth:`close`, when the store is garbage-collected, or at a
+            normal interpreter exit.
         backend: ``"auto"`` (the best that works), ``"aio"`` (DeepSpeed async I/O; builds the
             op if needed, 5-15 minutes), ``"odirect"`` or ``"buffered"``. A backend that does
             not work here degrades to the next one with a one-line warning saying why.
@@ -83,8 +92,8 @@ class NvmeStore:
             of each staging buffer (``threads`` of them at most).
 
     Raises:
-        ValueError: ``root`` missing or not writable, or a bad argument; the message says
-            what to do.
+        ValueError: ``root`` not a path, empty, a file, missing or not writable, or a bad
+            argument; the message names it and says what to do.
 
     Attributes:
         backend: what is in use: ``"aio"``, ``"odirect"``, ``"odirect(off: tmpfs)"`` (the file
@@ -121,14 +130,17 @@ class NvmeStore:
             raise ValueError(
                 f"chunk_bytes={chunk_bytes} must be a positive multiple of alignment={alignment}"
             )
-        self.root = Path(root)
-        _check_root(self.root)
+        self.root = check_root(root)
         _remove_stale(self.root)
         self.directory = _make_private_dir(self.root)
         # Held for the store's life: another run's stale-directory sweep skips a locked directory
         # even when our pid means nothing to it (another pid namespace on the same disk).
         self._lock_fd = os.open(self.directory / _LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # A store dropped without close(), or still open when the interpreter exits normally,
+        # removes its directory all the same (after the worker threads are joined).
+        self._finalizer = weakref.finalize(self, _remove_tree, self.directory, self._lock_fd,
+                                           os.getpid())
         try:
             self._engine = _open_engine(backend, self.directory, alignment, chunk_bytes)
         except BaseException:
@@ -516,8 +528,7 @@ class NvmeStore:
         return err
 
     def _remove_directory(self) -> None:
-        os.close(self._lock_fd)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._finalizer()  # (once: a second call does nothing)
 
 
 class PendingWrite:
@@ -649,29 +660,63 @@ class _Request:
         self.wait()
 
 
-def _check_root(root: Path) -> None:
-    if not root.is_dir():
-        what = "is not a directory" if root.exists() else "does not exist"
+def check_root(root: object) -> Path:
+    """``root`` as a Path if it can hold the store's directory: a str or PathLike naming an
+    existing, writable directory.
+
+    Raises:
+        ValueError: naming the value and what to give instead.
+    """
+    text = os.fspath(root) if isinstance(root, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise ValueError(f"nvme_dir={root!r} is not a path; give a directory (a str or "
+                         "pathlib.Path), or None for no NVMe tier")
+    if not text.strip():
+        raise ValueError(f"nvme_dir={root!r} is empty (an unset environment variable?); give "
+                         "the directory for the swap files, or None for no NVMe tier")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"nvme_dir {text!r} is a file, not a directory; give the directory "
+                         f"that should hold harmony's swap files (such as {str(path.parent)!r})")
+    if not path.is_dir():
         raise ValueError(
-            f"nvme_dir {str(root)!r} {what}; create it (mkdir -p {root}) or pick another nvme_dir"
-        )
-    if not os.access(root, os.W_OK | os.X_OK):
+            f"nvme_dir {text!r} does not exist; create it (mkdir -p {path}) or pick another "
+            "nvme_dir")
+    if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(
-            f"nvme_dir {str(root)!r} is not writable by this process; fix its permissions "
+            f"nvme_dir {text!r} is not writable by this process; fix its permissions "
             f"(or remount it read-write) or pick another nvme_dir"
         )
+    return path
 
 
 def _make_private_dir(root: Path) -> Path:
     try:
         directory = Path(tempfile.mkdtemp(prefix=f"harmony-{os.getpid()}-", dir=root))
+        directory.chmod(0o700)
+        # The marker proves to a later sweep that harmony made this directory and for whom.
+        fd = os.open(directory / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, json.dumps({"harmony": "swap", "pid": os.getpid(),
+                                     "start": _process_start(os.getpid()),
+                                     "boot": _boot_id()}).encode())
+        finally:
+            os.close(fd)
     except OSError as e:
         raise ValueError(
             f"cannot create a swap directory in nvme_dir {str(root)!r}: {e.strerror}; make it "
             f"writable (permissions, or remount read-write) or pick another nvme_dir"
         ) from e
-    directory.chmod(0o700)
     return directory
+
+
+def _remove_tree(directory: Path, lock_fd: int, owner: int) -> None:
+    """Close the lock and remove the store's directory, in the process that made it only (a
+    forked child, say a data-loader worker, that drops its copy of the store leaves it)."""
+    with contextlib.suppress(OSError):
+        os.close(lock_fd)
+    if os.getpid() == owner:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -684,16 +729,91 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    """This boot's id (pids and start times restart with each boot); None where unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started, as text (so a reused pid is told apart from the one a
+    marker names): ``/proc/<pid>/stat``'s start time, else psutil's; None where neither
+    can tell (then only the pid is compared)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime, clock ticks)
+    except (OSError, IndexError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    try:
+        return f"psutil:{psutil.Process(pid).create_time()!r}"
+    except Exception:  # gone, or not ours to ask about
+        return None
+
+
+def _marker(directory: Path) -> dict[str, object] | None:
+    """The owner a swap directory's marker names, if it is a valid marker: a regular file
+    (not a symlink) of ours holding harmony's JSON; else None (never swept)."""
+    path = directory / MARKER
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > 4096:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("harmony") != "swap" \
+            or not isinstance(data.get("pid"), int):
+        return None
+    return data
+
+
+def _owner_gone(marker: dict[str, object]) -> bool:
+    """Whether the process a marker names has ended (a reboot since, its pid gone, or the pid
+    now another process's, told by its start time)."""
+    pid = marker["pid"]
+    assert isinstance(pid, int)
+    boot = _boot_id()
+    if marker.get("boot") is not None and boot is not None and marker["boot"] != boot:
+        return True
+    if not _pid_alive(pid):
+        return True
+    start = _process_start(pid)
+    if marker.get("start") is None or start is None:
+        global _WARNED_NO_START
+        if not _WARNED_NO_START:
+            _WARNED_NO_START = True
+            log.warning("harmony: cannot read process start times here (no /proc, no psutil: "
+                        "pip install psutil); a swap directory whose pid was reused by another "
+                        "process is kept until that process ends")
+        return False
+    return start != marker["start"]
+
+
+_WARNED_NO_START = False
+
+
 def _remove_stale(root: Path) -> None:
-    """Remove ``harmony-<pid>-*`` directories whose run is dead (pid gone and lock free)."""
+    """Remove swap directories harmony made whose run is gone: named ``harmony-<pid>-*``,
+    holding a valid marker for that pid whose owner has ended, and not locked by a live
+    store. A directory without such a marker is never touched."""
     removed: list[str] = []
     for entry in os.scandir(root):
         match = _DIR_PATTERN.fullmatch(entry.name)
         if not match or not entry.is_dir(follow_symlinks=False):
             continue
-        if _pid_alive(int(match.group(1))) or _locked(Path(entry.path) / _LOCK_NAME):
+        directory = Path(entry.path)
+        marker = _marker(directory)
+        if marker is None or marker["pid"] != int(match.group(1)):
             continue
-        shutil.rmtree(entry.path, ignore_errors=True)
+        if not _owner_gone(marker) or _locked(directory / _LOCK_NAME):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
         removed.append(entry.name)
     if removed:
         log.warning(

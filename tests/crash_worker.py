@@ -242,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint.latest(args.ckpt_dir) is not None:
         trainer.load(args.ckpt_dir)
     PROGRESS.log("train", trainer.step_count)
+    if trainer.step_count >= args.steps:  # nothing left to save: finish what a killed save left
+        checkpoint.finish_interrupted_save(args.ckpt_dir)
     while trainer.step_count < args.steps:
         s = trainer.step_count
         PROGRESS.log("step+", s)

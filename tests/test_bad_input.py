@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -211,3 +213,27 @@ def test_forward_groups_on_a_model_whose_layers_cannot_group() -> None:
         t.step(x, y)
         assert t.plan is not None and len(t.plan.bounds) > 1
         assert all(len(task.mbs) <= 1 for task in t.plan.schedule.tasks)
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1)])
+def test_a_loss_that_is_not_a_scalar_is_refused_up_front_with_its_shape(
+        shape: tuple[int, ...]) -> None:
+    model = mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return LOSS(out, y).reshape(1).expand(shape) if shape != (1,) else LOSS(out, y)[None]
+
+    with harmony.Trainer(model, loss_fn, micro_batch_size=2, device_memory="200KiB") as t:
+        with pytest.raises(ValueError, match=rf"loss_fn returned .*{re.escape(str(shape))}.*"
+                                             r"scalar"):
+            t.step(*_xy())
+        assert t.step_count == 0
+        assert all(torch.equal(v, initial[k]) for k, v in t.state_dict().items())
+
+
+def test_a_model_on_the_meta_device_without_weights_is_refused_up_front() -> None:
+    with torch.device("meta"):
+        model = mlp()
+    with pytest.raises(ValueError, match=r"meta device.*init=.*weights="):
+        harmony.Trainer(model, LOSS)

@@ -76,33 +76,6 @@ def test_files_private_and_previous_replaced(tmp_path: Path) -> None:
     assert stat.S_IMODE(second.stat().st_mode) == 0o700
 
 
-def test_load_finishes_a_save_killed_before_it_removed_the_old_one(tmp_path: Path) -> None:
-    """A save killed after LATEST moved on leaves the older checkpoint (and maybe a half-written
-    one); the next load removes them, as the save would have, and loads the newest."""
-    import shutil
-
-    with _trainer() as t:
-        t.step(*_batches()[0])
-        first = t.save(tmp_path)
-        kept = tmp_path.parent / "kept"
-        shutil.copytree(first, kept)
-        t.step(*_batches()[1])
-        second = t.save(tmp_path)
-        want = t.state_dict()
-    shutil.copytree(kept, first)  # what the killed save had not removed yet
-    (tmp_path / ".tmp-ckpt-debris").mkdir()
-    with _trainer() as t:
-        t.load(tmp_path)
-        assert t.step_count == 2
-        got = t.state_dict()
-    assert sorted(os.listdir(tmp_path)) == ["LATEST", second.name]
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    with _trainer() as t:  # a checkpoint folder named directly is only read
-        shutil.copytree(kept, first)
-        t.load(first)
-        assert t.step_count == 1 and first.exists()
-
-
 def test_corrupted_and_truncated_files_refused(tmp_path: Path) -> None:
     with _trainer() as t:
         t.step(*_batches()[0])

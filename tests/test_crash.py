@@ -15,7 +15,8 @@ the last killed run left, and kills it:
 After each kill the newest checkpoint must load (its SHA-256 sums verify) and be the
 uninterrupted run's checkpoint of that step, byte for byte, and no completed checkpoint may be
 lost. When a run finishes, its final weights must equal the reference's (``torch.equal``), its
-checkpoint directory must hold exactly one checkpoint plus ``LATEST``, and the NVMe directory
+checkpoint directory must hold exactly one checkpoint plus ``LATEST`` (and the writers' lock
+file), and the NVMe directory
 must be empty: the dead runs' private directories were swept.
 """
 
@@ -226,7 +227,8 @@ def _check_finished(campaign: Campaign, want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), f"{k} differs from the uninterrupted run's"
-    assert sorted(os.listdir(campaign.ckpt)) == ["LATEST", f"ckpt-{STEPS:09d}"]
+    assert sorted(set(os.listdir(campaign.ckpt)) - {checkpoint.LOCK_NAME}) == [
+        "LATEST", f"ckpt-{STEPS:09d}"]
     assert (campaign.ckpt / "LATEST").read_text().strip() == f"ckpt-{STEPS:09d}"
     assert os.listdir(campaign.nvme) == [], "NVMe directories of dead runs were left behind"
 

@@ -29,7 +29,7 @@ def test_record_step_writes_every_task_and_matching_totals(tmp_path: Path) -> No
         data = json.loads(path.read_text())
         assert t.plan is not None
         assert [r["task"] for r in data["tasks"]] == [str(x) for x in t.plan.schedule.tasks]
-        assert data["step"] == 1 and t.step_count == 2  # the first step planned; the second ran
+        assert data["step"] == 0 and t.step_count == 1  # one call, one step (the first)
         starts = [r["start"] for r in data["tasks"]]
         assert starts == sorted(starts) and data["seconds"] >= data["tasks"][-1]["end"]
         peak = max(r["bytes"]["device"] for r in data["tasks"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import logging
 import os
 import random
@@ -300,7 +301,7 @@ def test_missing_root_is_refused(tmp_path: Path) -> None:
         NvmeStore(tmp_path / "nope")
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(ValueError, match="is not a directory"):
+    with pytest.raises(ValueError, match="is a file, not a directory"):
         NvmeStore(a_file)
     with pytest.raises(ValueError, match=str(a_file / "sub")):
         NvmeStore(a_file / "sub")  # its parent is a file: cannot exist
@@ -338,6 +339,8 @@ def test_stale_directories_of_dead_runs_are_removed(
     stale = tmp_path / f"harmony-{pid}-abc123"
     stale.mkdir()
     (stale / "000001-x").write_bytes(b"old")
+    (stale / nvme.MARKER).write_text(json.dumps({"harmony": "swap", "pid": pid, "start": None,
+                                                 "boot": None}))
     alive = tmp_path / f"harmony-{os.getpid()}-zzz"  # a live run: ours
     alive.mkdir()
     other = tmp_path / "harmony-data"  # not ours by name
@@ -361,8 +364,11 @@ def test_locked_directory_of_unknown_pid_is_kept(tmp_path: Path) -> None:
     # A run in another pid namespace looks dead by pid, but holds its directory's lock.
     import fcntl
 
-    held = tmp_path / f"harmony-{dead_pid()}-other"
+    pid = dead_pid()
+    held = tmp_path / f"harmony-{pid}-other"
     held.mkdir()
+    (held / nvme.MARKER).write_text(json.dumps({"harmony": "swap", "pid": pid, "start": None,
+                                                "boot": None}))
     fd = os.open(held / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
