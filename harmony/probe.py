@@ -191,15 +191,16 @@ def _run(chain: Chain, x: tuple[torch.Tensor, ...], single: bool,
          sample: Sequence[tuple[str, nn.Parameter]]) -> tuple[str, float, float]:
     """Compare once; returns what differs most, by how much and how much relatively. The
     chain runs first: a layer that cannot run is reported by harmony's own message."""
+    # Each run gets its own copy of the batch: a layer may change its input in place.
     torch.manual_seed(0)
-    got = _floats(_compose(chain, x, single))
+    got = _floats(_compose(chain, tuple(t.clone() for t in x), single))
     weights = _weights(got)
     _backward(got, weights)
     got_g = [p.grad.detach().clone() if p.grad is not None else None for _, p in sample]
     for _, p in sample:
         p.grad = None
     torch.manual_seed(0)
-    want = _floats(chain.reference(x, single))
+    want = _floats(chain.reference(tuple(t.clone() for t in x), single))
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
         return (f"the output (shapes {[tuple(t.shape) for t in got]}, the model's "
                 f"{[tuple(t.shape) for t in want]})", float("inf"), float("inf"))
