@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from harmony.tensor_files import Streamed, write_safetensors
+
 FORMAT = 1
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 
@@ -60,15 +62,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(root: str | os.PathLike[str], step: int, model: dict[str, torch.Tensor],
-         optimizer: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 1) -> Path:
+def save(root: str | os.PathLike[str], step: int,
+         model: dict[str, torch.Tensor] | Streamed,
+         optimizer: dict[str, torch.Tensor] | Streamed, meta: dict[str, Any],
+         keep: int = 1) -> Path:
     """Write a checkpoint for ``step`` under ``root`` atomically; returns its directory.
+
+    ``model`` and ``optimizer`` are dicts of tensors, or :class:`~harmony.tensor_files.Streamed`
+    producers: either way the files are written one tensor at a time.
 
     Raises:
         OSError: the disk is full or not writable; the previous checkpoint is left intact and
             the partial one is removed.
     """
-    st = _safetensors()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=root))
@@ -79,8 +85,7 @@ def save(root: str | os.PathLike[str], step: int, model: dict[str, torch.Tensor]
         for name, tensors in zip(TENSOR_FILES, (model, optimizer)):
             path = tmp / name
             try:
-                st.save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                             path)
+                write_safetensors(path, tensors)
             except OSError:
                 raise
             except Exception as err:  # safetensors reports I/O failures as its own error

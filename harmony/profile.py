@@ -24,10 +24,12 @@ micro-batch).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -79,7 +81,9 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
                    device: torch.device,
                    precision: Precision | None = None,
                    changed: set[int] | None = None,
-                   group_inputs: tuple[torch.Tensor, ...] | None = None) -> list[LayerProfile]:
+                   group_inputs: tuple[torch.Tensor, ...] | None = None,
+                   values: Callable[[int], AbstractContextManager[object]] | None = None,
+                   ) -> list[LayerProfile]:
     """Run every layer on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
@@ -90,6 +94,10 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
     runtime must then carry and restore (:mod:`harmony.buffers`). ``group_inputs``, the next
     micro-batch's inputs, if given: each layer is also checked for forward groups and timed
     over both micro-batches at once (``no_group``, ``fwd_group_s``; see the module docstring).
+    ``values(i)``, if given, is entered around layer ``i``'s runs: it gives the layer its
+    weights for that long (a model built on the meta device, see :mod:`harmony.materialize`,
+    or packs whose weights live away from their layers), so that only one layer's weights
+    are in host memory at a time.
     """
     autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
@@ -98,33 +106,34 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
     out: list[LayerProfile] = []
     n = len(chain)
     for i, (name, layer, layout) in enumerate(zip(chain.names, chain.layers, layouts)):
-        homes = [e.tensor.data for e in layout.entries]
-        for e in layout.entries:
-            # Buffers are copied even on the same device: the profile's forward passes must
-            # not change running statistics the training run will use.
-            e.tensor.data = e.tensor.data.to(device, e.dtype,
-                                             copy=not isinstance(e.tensor, nn.Parameter))
-        try:
-            # The first run of each pass warms up (allocator, lazy initialisation, kernel
-            # selection) and gives the values; the time is the median of the timed repeats,
-            # so one slow run on a busy machine does not skew the plan.
-            forward = partial(_forward, layer, value, i, device, autocast)
-            backward = partial(_backward, layer, value, layout, loss_fn, targets.to(device),
-                               i, i == n - 1, name, device, autocast)
-            out_value = as_tuple(forward(), f"layer {name!r}")
-            saved = backward()
-            fwd, bwd = _typical(forward, device), _typical(backward, device)
-            check = Grouping(UNCHECKED, None, None)
-            if other is not None:
-                check = _group_check(layer, layout, value, other, out_value, i, device,
-                                     autocast)
-            if changed is not None:  # buffers the runs changed (on the profile's copies)
-                changed.update(id(e.tensor) for e, h in zip(layout.entries, homes)
-                               if not isinstance(e.tensor, nn.Parameter) and not torch.equal(
-                                   e.tensor.data, h.to(e.tensor.device, e.tensor.dtype)))
-        finally:
-            for e, h in zip(layout.entries, homes):
-                e.tensor.data = h
+        with values(i) if values is not None else contextlib.nullcontext():
+            homes = [e.tensor.data for e in layout.entries]
+            for e in layout.entries:
+                # Buffers are copied even on the same device: the profile's forward passes must
+                # not change running statistics the training run will use.
+                e.tensor.data = e.tensor.data.to(device, e.dtype,
+                                                 copy=not isinstance(e.tensor, nn.Parameter))
+            try:
+                # The first run of each pass warms up (allocator, lazy initialisation, kernel
+                # selection) and gives the values; the time is the median of the timed repeats,
+                # so one slow run on a busy machine does not skew the plan.
+                forward = partial(_forward, layer, value, i, device, autocast)
+                backward = partial(_backward, layer, value, layout, loss_fn, targets.to(device),
+                                   i, i == n - 1, name, device, autocast)
+                out_value = as_tuple(forward(), f"layer {name!r}")
+                saved = backward()
+                fwd, bwd = _typical(forward, device), _typical(backward, device)
+                check = Grouping(UNCHECKED, None, None)
+                if other is not None:
+                    check = _group_check(layer, layout, value, other, out_value, i, device,
+                                         autocast)
+                if changed is not None:  # buffers the runs changed (on the profile's copies)
+                    changed.update(id(e.tensor) for e, h in zip(layout.entries, homes)
+                                   if not isinstance(e.tensor, nn.Parameter) and not torch.equal(
+                                       e.tensor.data, h.to(e.tensor.device, e.tensor.dtype)))
+            finally:
+                for e, h in zip(layout.entries, homes):
+                    e.tensor.data = h
         out.append(LayerProfile(
             name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
             in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,

@@ -22,7 +22,9 @@ from harmony.chain import Chain
 from harmony.chunks import parse_update_chunk
 from harmony.data_parallel import DataParallel
 from harmony.groups import forward_group_of
+from harmony.host_memory import bound_malloc
 from harmony.layout import Layout
+from harmony.materialize import Materializer
 from harmony.microbatch import split_batch
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan
@@ -37,7 +39,7 @@ from swap.engine import SwapEngine
 from swap.nvme import NvmeStore
 from swap.stats import Stats
 from swap.streams import host_pinning
-from swap.tier import Tier, fmt_bytes
+from swap.tier import OutOfCapacity, Tier, fmt_bytes
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -183,7 +185,9 @@ class Trainer(TrainerPlanning):
                  shard_optimizer: bool = False,
                  forward_micro_batch_size: int | str | None = None,
                  update_chunk: int | str | None = "auto",
-                 overlap_updates: bool = False) -> None:
+                 overlap_updates: bool = False,
+                 init: Callable[[nn.Module], None] | None = None,
+                 weights: str | os.PathLike[str] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if micro_batch_size != "auto" and (isinstance(micro_batch_size, bool) or not isinstance(
@@ -261,9 +265,14 @@ class Trainer(TrainerPlanning):
             self.device = self._dp.device  # "cuda" -> this rank's GPU
         self.precision = Precision.parse(precision)  # ValueError naming the choices
         self.precision.check_device(self.device)
+        # Freed buffers go back to the kernel, so the process stays within its budgets.
+        bound_malloc()
         self.device_memory = parse_bytes(device_memory, "device_memory")
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
+        # Where the values of a model built on the meta device come from, layer by layer
+        # (or of any model, from weights=); ValueError/WeightsError naming the fix.
+        self._materializer = Materializer(self.chain, init=init, weights=weights, seed=seed)
         self._fixed: tuple[Any, ...] | None = None
         if plan is not None:
             given = plan if isinstance(plan, Plan) else _load_plan(plan)
@@ -318,15 +327,20 @@ class Trainer(TrainerPlanning):
         aligned = self.store.allocate if self.store is not None else None
         self.tiers = {
             # On CPU the device tier stands in for a GPU whose caching allocator keeps freed
-            # blocks: its pool keeps every freed buffer, so steady-state steps allocate nothing.
+            # blocks: its pool keeps freed buffers, so steady-state steps allocate nothing;
+            # but they are host memory, so kept ones share the budget (used + cached).
             Loc.DEVICE: Tier("device", self.device, self.device_memory,
                              cache_limit=None if self.device.type == "cpu" else 0,
+                             share_capacity=self.device.type == "cpu",
                              alloc=aligned if self.device.type == "cpu" else None),
             Loc.HOST: Tier("host", torch.device("cpu"), self.host_memory, pin=pin,
                            share_capacity=True, alloc=None if pin else aligned),
         }
         if self.store is not None:
             self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)
+        # Layers being materialized live in host memory, counted in the host budget.
+        self._materializer.memory(self._scratch, self._release_scratch)
+        self._scratch_tiers: dict[int, Tier] = {}
         self._engine = SwapEngine(self.device, self.stats)
         self._runtime: Runtime | None = None
         self._plan: Plan | None = None
@@ -338,6 +352,25 @@ class Trainer(TrainerPlanning):
         self._gathered_scheduler: dict[str, Any] | None = None
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
+
+    def _scratch(self, nbytes: int, what: str) -> torch.Tensor:
+        """A host buffer for a layer being materialized: from the host tier, or on CPU from
+        the device tier (host memory too) when the host budget has no room for it."""
+        tiers = [self.tiers[Loc.HOST]] + ([self.tiers[Loc.DEVICE]]
+                                          if self.device.type == "cpu" else [])
+        for i, tier in enumerate(tiers):
+            try:
+                buf = tier.allocate(nbytes, what)
+            except OutOfCapacity:
+                if i == len(tiers) - 1:
+                    raise
+                continue
+            self._scratch_tiers[buf.data_ptr()] = tier
+            return buf
+        raise AssertionError("unreachable")
+
+    def _release_scratch(self, buf: torch.Tensor) -> None:
+        self._scratch_tiers.pop(buf.data_ptr()).release(buf)
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:

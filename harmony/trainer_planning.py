@@ -14,10 +14,11 @@ declared here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,18 +27,20 @@ import torch
 from torch import nn
 
 from harmony.groups import refuse_ungroupable
+from harmony.host_memory import trim
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.planning import InfeasiblePlan, Plan, largest_micro_batch, plan
 from harmony.profile import UNCHECKED, optimizer_state_ratio, profile_layers
 from harmony.runtime import Runtime
-from harmony.tied import TiedWeights, retie, untie
+from harmony.tied import Tie, TiedWeights, retie, untie
 from harmony.trainer_state import TrainerState
 from harmony.update_worker import UpdateWorker
 from schedules.task import Loc
 
 if TYPE_CHECKING:
+    from harmony.materialize import Materializer
     from swap.engine import SwapEngine
     from swap.stats import Stats
     from swap.tier import Tier
@@ -71,33 +74,47 @@ class TrainerPlanning(TrainerState):
     _plans: dict[tuple[Any, ...], Plan]
     _profiles: list[Any] | None
     _k_ratio: float
+    _materializer: Materializer
 
     # -- planning ---------------------------------------------------------------------------
 
     def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
         self._weights_arrived()
-        # Between steps, the layers of packs homed off the device hold empty tensors: give
-        # them their home weights while the profile runs (new input shapes re-profile).
-        away = [] if self._runtime is None else [
-            p for p in self._runtime.packs if p.home is not Loc.DEVICE]
-        for pack in away:
-            pack.layout.bind(pack.home_weights())
         grouping = self._forward_group != 1 and self._second_input is not None
         try:
             self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
                                             self.loss_fn, self.device, self.precision,
                                             changed=self._changing,
                                             group_inputs=self._second_input if grouping
-                                            else None)
+                                            else None, values=self._layer_values)
         finally:
-            for pack in away:
-                pack.layout.bind(None)
             for pack in self._runtime.packs if self._runtime is not None else []:
                 pack.got_grad = [False] * len(pack.got_grad)  # the profile's backward set them
         try:
             self._k_ratio = optimizer_state_ratio(self.optimizer_factory)
         except Exception:  # an optimizer that cannot be probed: assume Adam-like state
             self._k_ratio = 2.0
+
+    @contextlib.contextmanager
+    def _layer_values(self, i: int) -> Iterator[None]:
+        """Layer ``i``'s weights while the profile runs it, one layer's at a time in host
+        memory: before the packs are built, a model on the meta device materializes it;
+        between steps, a pack homed off the device binds its home weights (read from NVMe
+        when they live there) to its layers, which otherwise hold empty tensors."""
+        if self._runtime is None:
+            with self._materializer.layer(i):
+                yield
+            return
+        pack = next((p for p in self._runtime.packs
+                     if p.first_layer <= i < p.first_layer + len(p.layers)), None)
+        if pack is None or pack.home is Loc.DEVICE:  # (another pipeline stage's layer)
+            yield
+            return
+        pack.layout.bind(pack.home_weights())
+        try:
+            yield
+        finally:
+            pack.layout.bind(None)
 
     def _plan_for(self, sizes: list[int], fixed: Any = None,
                   forward_group: int | str | None = "asked",
@@ -113,7 +130,7 @@ class TrainerPlanning(TrainerState):
         # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
         # checks every gradient for overflow before any update, as clipping needs every one.
         k_ratio = self.precision.k_ratio(self._k_ratio)
-        bandwidth, ranks, local_ranks = _bandwidth(self.device), 1, 1
+        bandwidth, ranks, local_ranks = _bandwidth(self.device, self._probe_room()), 1, 1
         if self._dp is not None:  # all-reduce rate; ranks sharing this machine's links
             bandwidth, ranks, local_ranks = self._dp.planning(bandwidth)
         chosen = plan(self._profiles, self.schedule_name, sizes, self.device_memory,
@@ -131,6 +148,15 @@ class TrainerPlanning(TrainerState):
             refuse_ungroupable(self.forward_micro_batch_size, len(chosen.bounds),
                                chosen.ungrouped, self.chain.names)
         return chosen
+
+    def _probe_room(self) -> int | None:
+        """Bytes the bandwidth probe may take on each side: what the host and device budgets
+        leave now (None: no budget)."""
+        rooms = [t.capacity - t.used for loc, t in self.tiers.items()
+                 if loc in (Loc.HOST, Loc.DEVICE) and t.capacity is not None]
+        if self.device.type == "cpu" and len(rooms) == 2:  # both sides are host memory
+            rooms = [sum(rooms) // 2]
+        return min(rooms) if rooms else None
 
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...], chosen: Plan | None = None) -> None:
@@ -153,8 +179,12 @@ class TrainerPlanning(TrainerState):
         if self._ties:
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
-        packs = []
+        packs: list[Pack] = []
         rank = self._dp.group.rank if self._dp is not None else 0
+        values = self._materializer.active
+        for tie in self._ties if values else []:  # a copy takes its master's value
+            for sharer in tie.sharers:
+                self._materializer.alias(sharer.copy, partial(_master_value, packs, tie))
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
             # Sharded optimizer: another rank may own this pack's optimizer state and masters
@@ -165,7 +195,11 @@ class TrainerPlanning(TrainerState):
                                     untrained=TiedWeights.untrained(self._ties, p),
                                     owned=chosen.owners is None or chosen.owners[p] == rank,
                                     update_chunk=chosen.update_chunk,
-                                    k_ratio=self.precision.k_ratio(self._k_ratio)))
+                                    k_ratio=self.precision.k_ratio(self._k_ratio),
+                                    values=partial(self._materializer.pack_values,
+                                                   self.chain.layers[a:b], a) if values
+                                    else None, staging=self.tiers[Loc.HOST]))
+        trim()  # what building freed (the model's own weights, staging) goes back
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
@@ -267,6 +301,13 @@ class TrainerPlanning(TrainerState):
         return self._auto_sizes[key]
 
 
+def _master_value(packs: list[Pack], tie: Tie) -> torch.Tensor:
+    """The value of tied weight ``tie`` at its owner's home (the owner pack is built first)."""
+    pack = packs[tie.owner]
+    e = next(e for e in pack.layout.trainable if e.tensor is tie.master)
+    return e.gview(pack.master_weights()).clone()
+
+
 def _load_plan(path: str | os.PathLike[str]) -> Plan:
     from harmony.report import plan_from_json  # the JSON format lives with the report
 
@@ -281,11 +322,13 @@ def _load_plan(path: str | os.PathLike[str]) -> Plan:
 _BANDWIDTH: dict[str, dict[str, float]] = {}
 
 
-def _bandwidth(device: torch.device) -> dict[str, float]:
-    """Bytes/s of host<->device copies, measured once per device type (64 MiB copies)."""
+def _bandwidth(device: torch.device, room: int | None = None) -> dict[str, float]:
+    """Bytes/s of host<->device copies, measured once per device type (64 MiB copies, or
+    ``room`` bytes on each side if that is less, but at least 1 MiB: the trainer passes what
+    its budgets leave, so the probe stays within them)."""
     key = str(device)
     if key not in _BANDWIDTH:
-        n = 64 << 20
+        n = max(1 << 20, min(64 << 20, room if room is not None else 64 << 20))
         src = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
         dst = torch.empty(n, dtype=torch.uint8, device=device)
         dst.copy_(src)

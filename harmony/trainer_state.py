@@ -19,13 +19,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from harmony import checkpoint
+from harmony import checkpoint, streaming
+from harmony.export import write_shards
+from harmony.sizes import parse_bytes
+from harmony.tensor_files import Streamed
 from schedules.task import Loc
 
 if TYPE_CHECKING:
     from harmony.chain import Chain
     from harmony.data_parallel import DataParallel
     from harmony.layout import Layout
+    from harmony.materialize import Materializer
     from harmony.pack import Pack
     from harmony.pipeline import Pipeline
     from harmony.planning import Plan
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
     from harmony.runtime import Runtime
     from harmony.tied import Tie
     from swap.nvme import NvmeStore
+    from swap.tier import Tier
 
 
 class TrainerState:
@@ -59,30 +64,31 @@ class TrainerState:
     _pending_scheduler: dict[str, Any] | None
     _gathered_scheduler: dict[str, Any] | None
     _broken: str | None
+    _materializer: Materializer
+    tiers: dict[Loc, Tier]
 
     # -- results ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors."""
+        """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors.
+
+        They are read pack by pack (an NVMe-homed pack chunk by chunk), so that reading them
+        takes no more memory than what is returned.
+
+        Raises:
+            MemoryError: they would take more than the memory the system has available; the
+                message gives both numbers. :meth:`export` and :meth:`save` write them to disk
+                one pack at a time instead.
+        """
         self._weights_arrived()
         model_sd = self.chain.model.state_dict(keep_vars=True)
-        if self._runtime is None:
-            return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
-        found: dict[int, torch.Tensor] = {}
-        for pack in self._runtime.packs:
-            flat, masters = pack.home_weights(), self._masters(pack)
-            for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
-                found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
-        for tie in self._ties:  # a tied weight's copies show the owner's master
-            for sharer in tie.sharers:
-                found[id(sharer.copy)] = found[id(tie.master)]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        out = {}
-        for k, v in model_sd.items():
-            src = found.get(id(v))
-            out[k] = (src if src is not None else v.detach()).cpu().clone()
+        tensors = streaming.weights(self)
+        streaming.refuse_unless_fits(tensors.nbytes)
+        got = {k: v.cpu().clone() for k, v in tensors.produce()}
+        out = {k: got[k] for k in model_sd}
         if self._pipeline is not None:  # each key from the rank that trains it (collective)
+            assert self._runtime is not None
+            found = {id(e.tensor) for p in self._runtime.packs for e in p.layout.entries}
             owned = {k for k, v in model_sd.items() if id(v) in found}
             return self._pipeline.gather_state(out, owned)
         return out
@@ -146,10 +152,15 @@ class TrainerState:
     def _save(self, path: str | os.PathLike[str],
               optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None = None,
               weights: dict[str, torch.Tensor] | None = None) -> Path:
-        tensors, scalars, groups = optimizer if optimizer is not None \
-            else self._optimizer_state()
+        tensors: dict[str, torch.Tensor] | Streamed
         if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
+            tensors, scalars, groups = optimizer if optimizer is not None \
+                else self._optimizer_state()
             tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
+        elif optimizer is not None:
+            tensors, scalars, groups = optimizer
+        else:  # one pack (or chunk) of the state in memory at a time
+            tensors, scalars, groups = streaming.optimizer(self)
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
                 "optimizer_scalars": scalars, "optimizer_groups": groups,
@@ -160,12 +171,13 @@ class TrainerState:
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json(),
                     "forward_group": self._plan.forward_group}}
-        if weights is None:
-            weights = self.state_dict()
         if self._pipeline is not None:
+            whole = self.state_dict() if weights is None else weights
             return self._pipeline.on_rank0(
-                lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
-        return checkpoint.save(path, self.step_count, weights, tensors, meta)
+                lambda: checkpoint.save(path, self.step_count, whole, tensors, meta))
+        return checkpoint.save(path, self.step_count,
+                               streaming.weights(self) if weights is None else weights,
+                               tensors, meta)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore the state :meth:`save` wrote (the newest complete checkpoint under ``path``).
@@ -211,23 +223,33 @@ class TrainerState:
         self.step_count = int(meta["step_count"])
         self._broken = None
 
-    def export(self, path: str | os.PathLike[str]) -> Path:
+    def export(self, path: str | os.PathLike[str],
+               max_shard_size: int | str = "5GB") -> Path:
         """Write the trained weights for use without harmony; returns the folder.
 
-        ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
-        from Hugging Face transformers, ``path/config.json`` is written too, so
-        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it.
+        The weights (:meth:`state_dict`'s keys and values) go to ``path/model.safetensors``,
+        or, beyond ``max_shard_size`` bytes, to shards ``model-00001-of-0000N.safetensors``
+        named by ``model.safetensors.index.json``, as Hugging Face's ``save_pretrained``
+        writes them; they are read and written one pack at a time (an NVMe-homed pack chunk
+        by chunk), so a model larger than host memory is exported too. For a model from
+        Hugging Face transformers, ``path/config.json`` is written as well, so
+        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it, and
+        ``harmony.hf_weights.load_meta(path)`` builds it on the meta device for training.
         With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
         """
-        st = checkpoint._safetensors()
         out = Path(path)
-        weights = self.state_dict()  # fresh CPU copies: no two keys share memory
-        if self._pipeline is not None and self._pipeline.rank != 0:
-            return out
+        shard = parse_bytes(max_shard_size, "max_shard_size")
+        if not shard:
+            raise ValueError(f"max_shard_size={max_shard_size!r} must be a positive size, "
+                             "e.g. '5GB'")
+        if self._pipeline is not None:
+            weights: dict[str, torch.Tensor] | Streamed = self.state_dict()  # (collective)
+            if self._pipeline.rank != 0:
+                return out
+        else:
+            weights = streaming.weights(self)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".model.safetensors.tmp"
-        st.save_file(weights, tmp, metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
+        write_shards(out, weights, shard)
         config = getattr(self.chain.model, "config", None)
         if config is not None and hasattr(config, "to_json_file"):
             config.to_json_file(out / "config.json")

@@ -522,6 +522,10 @@ class _Request:
             self._finish(self.error)
         except BaseException as e:  # e.g. close() of the fd failed: still complete, report it
             self.error = self.error or e
+        # The finisher holds the job, which holds this request and the caller's tensor: a
+        # reference cycle that would keep the tensor's memory until the garbage collector
+        # runs (a pack's weights per request). Dropping it frees the tensor with its last user.
+        self._finish = _finished
         with self._lock:
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
@@ -550,6 +554,10 @@ class _Request:
 
     def synchronize(self) -> None:
         self.wait()
+
+
+def _finished(error: BaseException | None) -> None:
+    """A completed request's finisher: it has run already."""
 
 
 def _check_root(root: Path) -> None:
