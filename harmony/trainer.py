@@ -29,6 +29,12 @@ from harmony.microbatch import split_batch
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import GradientOverflow, Precision
+from harmony.profile import optimizer_state_ratio
+from harmony.refusals import (
+    refuse_host_without_nvme,
+    refuse_model_in_memory,
+    refuse_nvme_early,
+)
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, retie, shared_parameters
@@ -46,6 +52,15 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 def _default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
+
+
+def _probe_k_ratio(factory: OptimizerFactory) -> float:
+    """Optimizer-state bytes per parameter byte (:func:`harmony.profile.optimizer_state_ratio`);
+    2.0, Adam's, for an optimizer that cannot be probed on a stand-in parameter."""
+    try:
+        return optimizer_state_ratio(factory)
+    except Exception:
+        return 2.0
 
 
 class Trainer(TrainerPlanning):
@@ -319,6 +334,8 @@ class Trainer(TrainerPlanning):
             keys.setdefault(id(v), []).append(k)
         self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
+        self._k_ratio = _probe_k_ratio(self.optimizer_factory)
+        self._refuse_before_training(model, nvme_dir, shard_optimizer)
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
                       if nvme_dir is not None else None)
         # CPU buffers that files are read into or written from come page-aligned from the
@@ -327,8 +344,8 @@ class Trainer(TrainerPlanning):
         aligned = self.store.allocate if self.store is not None else None
         self.tiers = {
             # On CPU the device tier stands in for a GPU whose caching allocator keeps freed
-            # blocks: its pool keeps freed buffers, so steady-state steps allocate nothing;
-            # but they are host memory, so kept ones share the budget (used + cached).
+            # blocks: its pool keeps freed buffers for reuse; but they are host memory, so
+            # they share the budget (used + cached <= device_memory).
             Loc.DEVICE: Tier("device", self.device, self.device_memory,
                              cache_limit=None if self.device.type == "cpu" else 0,
                              share_capacity=self.device.type == "cpu",
@@ -346,7 +363,6 @@ class Trainer(TrainerPlanning):
         self._plan: Plan | None = None
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._profiles: list[Any] | None = None
-        self._k_ratio = 2.0
         self._pending_optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None \
             = None
         self._gathered_scheduler: dict[str, Any] | None = None
@@ -372,6 +388,24 @@ class Trainer(TrainerPlanning):
     def _release_scratch(self, buf: torch.Tensor) -> None:
         self._scratch_tiers.pop(buf.data_ptr()).release(buf)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], loss_fn: Callable[..., torch.Tensor],
+                        model_class: Any = None, **kwargs: Any) -> Trainer:
+        """A trainer of the Hugging Face model in directory ``path`` (``config.json`` and
+        safetensors weights, as ``save_pretrained`` or :meth:`export` write them), built on
+        the meta device and read into its packs' homes one tensor at a time: the model never
+        exists whole in memory. Same as ``Trainer(harmony.load_meta(path, model_class),
+        loss_fn, weights=path, **kwargs)``; ``trainer.chain.model`` is that model.
+
+        Example::
+
+            trainer = harmony.Trainer.from_pretrained("llama-3b", loss_fn, device="cuda",
+                                                      host_memory="8GiB", nvme_dir="/nvme")
+        """
+        from harmony.hf_weights import load_meta
+
+        return cls(load_meta(path, model_class), loss_fn, weights=path, **kwargs)
+
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
         # Parameters shared across layers are tied weights (harmony/tied.py); buffers are refused.
@@ -382,6 +416,25 @@ class Trainer(TrainerPlanning):
             e = next(e for e in self._layer_layouts[layers[0]].entries if id(e.tensor) == tid)
             if e.trainable:
                 self._tied.append((tuple(layers), e.shape.numel() * e.master_dtype.itemsize))
+
+    def _refuse_before_training(self, model: nn.Module | Sequence[nn.Module],
+                                nvme_dir: str | None, shard_optimizer: bool) -> None:
+        """What no plan can fix, refused with the numbers before anything is profiled
+        (:mod:`harmony.refusals`); a pipeline stage holds only part of the model, so its
+        budgets are checked by its plan."""
+        if self._pipeline is not None:
+            return
+        # (with a sharded optimizer each rank holds only its packs' state)
+        k_ratio = 0.0 if shard_optimizer else self.precision.k_ratio(self._k_ratio)
+        if not self._materializer.meta:
+            refuse_model_in_memory(self.chain.model, self.device, self.device_memory,
+                                   self.host_memory)
+        if nvme_dir is None:
+            refuse_host_without_nvme(self._layer_layouts, k_ratio, self.device_memory,
+                                     self.host_memory)
+        elif Path(nvme_dir).is_dir():  # (NvmeStore says what is wrong with it otherwise)
+            refuse_nvme_early(self._layer_layouts, k_ratio, self.device_memory,
+                              self.host_memory, nvme_dir)
 
     def _check_layers_fit(self) -> None:
         if self.device_memory is None:

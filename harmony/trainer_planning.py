@@ -32,7 +32,8 @@ from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.planning import InfeasiblePlan, Plan, largest_micro_batch, plan
-from harmony.profile import UNCHECKED, optimizer_state_ratio, profile_layers
+from harmony.profile import UNCHECKED, profile_layers
+from harmony.refusals import refuse_nvme_space
 from harmony.runtime import Runtime
 from harmony.tied import Tie, TiedWeights, retie, untie
 from harmony.trainer_state import TrainerState
@@ -90,10 +91,6 @@ class TrainerPlanning(TrainerState):
         finally:
             for pack in self._runtime.packs if self._runtime is not None else []:
                 pack.got_grad = [False] * len(pack.got_grad)  # the profile's backward set them
-        try:
-            self._k_ratio = optimizer_state_ratio(self.optimizer_factory)
-        except Exception:  # an optimizer that cannot be probed: assume Adam-like state
-            self._k_ratio = 2.0
 
     @contextlib.contextmanager
     def _layer_values(self, i: int) -> Iterator[None]:
@@ -130,7 +127,7 @@ class TrainerPlanning(TrainerState):
         # Mixed precision: K holds the fp32 masters too, one more byte per (fp32) G byte; fp16
         # checks every gradient for overflow before any update, as clipping needs every one.
         k_ratio = self.precision.k_ratio(self._k_ratio)
-        bandwidth, ranks, local_ranks = _bandwidth(self.device, self._probe_room()), 1, 1
+        bandwidth, ranks, local_ranks = _bandwidth(self.device), 1, 1
         if self._dp is not None:  # all-reduce rate; ranks sharing this machine's links
             bandwidth, ranks, local_ranks = self._dp.planning(bandwidth)
         chosen = plan(self._profiles, self.schedule_name, sizes, self.device_memory,
@@ -149,15 +146,6 @@ class TrainerPlanning(TrainerState):
                                chosen.ungrouped, self.chain.names)
         return chosen
 
-    def _probe_room(self) -> int | None:
-        """Bytes the bandwidth probe may take on each side: what the host and device budgets
-        leave now (None: no budget)."""
-        rooms = [t.capacity - t.used for loc, t in self.tiers.items()
-                 if loc in (Loc.HOST, Loc.DEVICE) and t.capacity is not None]
-        if self.device.type == "cpu" and len(rooms) == 2:  # both sides are host memory
-            rooms = [sum(rooms) // 2]
-        return min(rooms) if rooms else None
-
     def _first_plan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                     key: tuple[Any, ...], chosen: Plan | None = None) -> None:
         """Profile, plan (unless ``chosen`` is given) and build the packs and the runtime."""
@@ -171,6 +159,8 @@ class TrainerPlanning(TrainerState):
                 chosen = self._plan_for(sizes, fixed=agreed[:2], forward_group=agreed[2],
                                         update_chunk=agreed[3])
             self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
+        if self.store is not None:  # the disk must hold what the plan puts there
+            refuse_nvme_space(chosen, self.store.root, held=self.store.used_bytes)
         placement = chosen.placement
         # Tied weights: packs after the first that uses one get a copy (harmony/tied.py).
         # (None with pipeline stages, whose bounds cover only this rank's layers)
@@ -322,13 +312,12 @@ def _load_plan(path: str | os.PathLike[str]) -> Plan:
 _BANDWIDTH: dict[str, dict[str, float]] = {}
 
 
-def _bandwidth(device: torch.device, room: int | None = None) -> dict[str, float]:
-    """Bytes/s of host<->device copies, measured once per device type (64 MiB copies, or
-    ``room`` bytes on each side if that is less, but at least 1 MiB: the trainer passes what
-    its budgets leave, so the probe stays within them)."""
+def _bandwidth(device: torch.device) -> dict[str, float]:
+    """Bytes/s of host<->device copies, measured once per device type (64 MiB copies; freed
+    at once, and covered by the fixed part of the bound on resident memory)."""
     key = str(device)
     if key not in _BANDWIDTH:
-        n = max(1 << 20, min(64 << 20, room if room is not None else 64 << 20))
+        n = 64 << 20
         src = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
         dst = torch.empty(n, dtype=torch.uint8, device=device)
         dst.copy_(src)

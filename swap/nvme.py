@@ -664,9 +664,11 @@ def _open_engine(backend: str, directory: Path, alignment: int, chunk_bytes: int
             engine = PosixIO("buffered", direct=False, alignment=alignment)
         break
     assert engine is not None  # the loop always ends on a PosixIO
-    if reasons:
-        using = _DESCRIPTION[engine.name] if engine.direct else "buffered I/O threads"
+    using = _DESCRIPTION[engine.name] if engine.direct else "buffered I/O threads"
+    if reasons:  # one line: which backend, and why not a faster one (how to get it)
         log.warning("harmony NVMe store: %s: using %s", "; ".join(reasons), using)
+    else:
+        log.info("harmony NVMe store: using %s", using)
     return engine
 
 

@@ -159,11 +159,11 @@ def instrument() -> None:
         PROGRESS.hook("ck.fsyncdir", "tmp" if Path(path).name.startswith(".tmp-") else "root")
         real_fsync_dir(path)
 
-    real_write = checkpoint.write_safetensors
+    real_write_tensors = checkpoint.write_safetensors
 
     def write_safetensors(path: Any, tensors: Any, metadata: Any = None) -> None:
         PROGRESS.hook("ck.write", Path(path).name)
-        real_write(path, tensors, metadata)
+        real_write_tensors(path, tensors, metadata)
 
     def rmtree(path: Any, ignore_errors: bool = False) -> None:
         PROGRESS.hook("ck.rmtree", Path(path).name)

@@ -32,5 +32,5 @@ def fix_timing(setattr_: Callable[[Any, str, Any], None] = setattr) -> None:
 
     setattr_(harmony.trainer_planning, "profile_layers", constant_times)
     setattr_(harmony.trainer_planning, "_bandwidth",
-             lambda device, *room: {"host->device": BANDWIDTH, "device->host": BANDWIDTH})
+             lambda device: {"host->device": BANDWIDTH, "device->host": BANDWIDTH})
     setattr_(harmony.data_parallel.hdist, "measure_allreduce", lambda device: BANDWIDTH)
