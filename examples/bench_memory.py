@@ -39,12 +39,13 @@ MIB = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """Budgets as fractions of the model's training state (16 bytes per parameter)."""
+    """Budgets, and the chunks of NVMe updates, as fractions of the model's training state
+    (16 bytes per parameter); ``update_chunk`` None: whole packs."""
 
     device: float
     host: float
     nvme: bool = False
-    update_chunk: str | None = "auto"
+    update_chunk: float | None = None
     overlap: bool = False
 
 
@@ -53,9 +54,17 @@ CASES = {
     "host": Case(device=0.12, host=1.2),
     "host, overlapped": Case(device=0.12, host=1.2, overlap=True),
     "nvme": Case(device=0.12, host=0.3, nvme=True),
-    "nvme, chunked": Case(device=0.12, host=0.08, nvme=True),
-    "nvme, chunked, overlapped": Case(device=0.12, host=0.1, nvme=True, overlap=True),
+    "nvme, chunked": Case(device=0.12, host=0.2, nvme=True, update_chunk=0.015),
+    "nvme, chunked, overlapped": Case(device=0.12, host=0.2, nvme=True, update_chunk=0.015,
+                                      overlap=True),
 }
+
+
+def peak_rss_supported() -> bool:
+    """Whether this system reports the peak resident set (Linux's VmHWM)."""
+    from harmony.host_memory import peak_rss_bytes
+
+    return peak_rss_bytes() is not None
 
 
 def bound(device: int, host: int) -> int:
@@ -78,6 +87,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     import harmony
     from harmony.builtin_models import Transformer, _init_weights, token_cross_entropy
     from harmony.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim
+    from harmony.materialize import default_init
 
     torch.set_num_threads(args.threads)
     case = CASES[args.case]
@@ -100,14 +110,15 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     base = rss_bytes()
     reset_peak_rss()
     kwargs: dict[str, object] = {}
-    if args.build == "meta":
-        kwargs["init"] = lambda layer: layer.apply(_init_weights)
+    if args.build == "meta":  # each module's defaults (norms), then the model's own init
+        kwargs["init"] = lambda layer: (default_init(layer), layer.apply(_init_weights))
     t0 = time.perf_counter()
     trainer = harmony.Trainer(
         model, token_cross_entropy, micro_batch_size=args.micro_batch_size,
         device_memory=device, host_memory=host,
         nvme_dir=args.nvme_dir if case.nvme else None,
-        update_chunk=case.update_chunk, overlap_updates=case.overlap, **kwargs)
+        update_chunk=None if case.update_chunk is None else int(case.update_chunk * state),
+        overlap_updates=case.overlap, **kwargs)
     after: list[int] = []
     with trainer:
         for x, y in data:
