@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import bench_memory  # noqa: E402
+import bench_memory
 
 MIB = 1 << 20
 
