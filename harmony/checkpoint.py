@@ -166,6 +166,19 @@ def latest(root: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint :func:`load` reads for ``path`` (a root, or one ``ckpt-*``).
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there.
+    """
+    path = Path(path)
+    ckpt = path if (path / "meta.json").is_file() else latest(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint in {path}")
+    return ckpt
+
+
 def load(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
                                                   dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a checkpoint: ``(model tensors, optimizer tensors, meta)``.

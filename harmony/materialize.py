@@ -190,6 +190,28 @@ class Materializer:
         """Whether this materializer gives values at all (a meta model, or ``weights=``)."""
         return self.meta or self.files is not None
 
+    def use_weights(self, weights: str | os.PathLike[str] | WeightFiles) -> None:
+        """Take the values from ``weights`` from now on (a checkpoint loaded into a model
+        whose packs are not built yet), instead of ``init`` or earlier files.
+
+        Raises:
+            harmony.weights.WeightsError: as for ``weights=``; nothing changes then.
+        """
+        files = weights if isinstance(weights, WeightFiles) else WeightFiles.open(weights)
+        before = self.files, self.init, self._given_init
+        self.files, self.init, self._given_init = files, None, False
+        try:
+            self._check()
+        except BaseException:
+            self.files, self.init, self._given_init = before
+            raise
+
+    def done(self) -> None:
+        """The packs are built and hold every value: give none from now on (a re-plan takes
+        the trained values, not the files or ``init``)."""
+        self.files, self.meta = None, False
+        self._aliases.clear()
+
     def memory(self, alloc: Alloc, free: Free) -> None:
         """Take the buffers of materialized layers from ``alloc`` (the trainer's host tier, so
         they count against its budget) and give them back with ``free``."""

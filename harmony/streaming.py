@@ -94,7 +94,10 @@ def weights(trainer: TrainerState) -> Streamed:
                     for k in keys.get(id(e.tensor), []):
                         yield k, value
         for k, v in rest:
-            yield k, v.detach()
+            if v.is_meta and trainer._pipeline is not None:  # another stage's: it sends it
+                yield k, torch.zeros(v.shape, dtype=v.dtype)
+            else:
+                yield k, trainer._materializer.value(v)
 
     return Streamed(specs, produce)
 

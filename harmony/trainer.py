@@ -68,7 +68,12 @@ class Trainer(TrainerPlanning):
 
     Args:
         model: an ``nn.Sequential``, a list of modules, or a module with ``harmony_chain()``.
-            Its parameters become harmony's: read them back with :meth:`state_dict`.
+            Its parameters become harmony's: read them back with :meth:`state_dict`. It may be
+            built on the meta device (``with torch.device("meta"):``, or
+            :func:`harmony.empty_weights`, which keeps buffers real), so that it never exists
+            whole in memory: each layer is then given its values from ``init`` or
+            ``weights`` when it is profiled and when its pack is built, straight into the
+            pack's home (device, host or NVMe files; :mod:`harmony.materialize`).
         loss_fn: ``(output, target) -> scalar`` mean loss of one micro-batch.
         optimizer: a factory ``params -> torch.optim.Optimizer``; one optimizer is built per pack
             over that pack's parameters (per-parameter optimizers such as SGD and AdamW give the
@@ -168,10 +173,27 @@ class Trainer(TrainerPlanning):
             collective then. Not with tied weights yet. Default False (every rank holds every
             pack's state).
 
+        init: for a model on the meta device, ``layer -> None`` initializing one layer's
+            parameters (and meta buffers) in place, run under torch's generator seeded from
+            ``(seed, layer index)``; default :func:`harmony.materialize.default_init` (each
+            module's ``reset_parameters()``, or a Hugging Face model's ``_init_weights``).
+            What it leaves unset is refused by name.
+        weights: a safetensors file, a directory with ``model.safetensors`` or shards and
+            ``model.safetensors.index.json`` (Hugging Face's layout), or a harmony
+            checkpoint directory: every tensor it holds is read from it, one tensor at a time,
+            into its pack's home (:mod:`harmony.weights`; never unpickled). For a model on
+            the meta device or built normally.
+
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer (or
             ``shard_optimizer=True`` without ``parallel="data"``); the message names the value
-            and what to change.
+            and what to change. Before anything is profiled (:mod:`harmony.refusals`): a
+            ``host_memory`` that cannot hold what ``device_memory`` does not, without an
+            ``nvme_dir``; an ``nvme_dir`` whose file system lacks room for what fits in
+            neither budget; a model already in host memory beyond ``host_memory`` (plus
+            ``device_memory`` on CPU), which belongs on the meta device.
+        harmony.WeightsError: ``weights`` unreadable, or missing or misshaping a tensor of
+            the model.
 
     Example::
 

@@ -189,6 +189,7 @@ class TrainerPlanning(TrainerState):
                                     values=partial(self._materializer.pack_values,
                                                    self.chain.layers[a:b], a) if values
                                     else None, staging=self.tiers[Loc.HOST]))
+        self._materializer.done()  # (the packs hold the values now)
         trim()  # what building freed (the model's own weights, staging) goes back
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)

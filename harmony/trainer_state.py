@@ -206,9 +206,15 @@ class TrainerState:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
                     f"{weights[k].dtype} there, {tuple(shape)} {dtype} here")
+        if self._runtime is None and self._materializer.meta:
+            # A model on the meta device takes these values when its packs are built,
+            # read from the checkpoint one tensor at a time.
+            self._materializer.use_weights(checkpoint.checkpoint_dir(path))
         homes, flats = self._home_views()
         with torch.no_grad():
             for k, v in current.items():
+                if v.is_meta:
+                    continue
                 for home in homes.get(id(v), [v]):
                     home.copy_(weights[k])
         for pack, kind, flat in flats:  # weights that live on NVMe go back to their files

@@ -15,7 +15,14 @@ from torch import nn
 import harmony
 from harmony.materialize import Materializer
 from harmony.weights import WeightsError
-from tests.models import MODELS, TinyTransformer, reference_train, tied_transformer
+from tests.models import (
+    MODELS,
+    TinyTransformer,
+    reference_train,
+    tied_transformer,
+    training_state_bytes,
+)
+from tests.timing import fix_timing
 
 LOSS = MODELS["transformer"][1]
 
@@ -274,3 +281,55 @@ def test_a_corrupted_checkpoint_is_refused_as_weights(tmp_path: Path) -> None:
     f.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="SHA-256"):
         harmony.Trainer(_meta(TinyTransformer), LOSS, weights=tmp_path / "ckpt")
+
+
+def test_a_checkpoint_loaded_before_the_first_step_gives_a_meta_model_its_values(
+        tmp_path: Path) -> None:
+    batches = _batches(3)
+    with _trainer(TinyTransformer(), tmp_path, "host") as t:
+        t.step(*batches[0])
+        t.save(tmp_path / "ckpt")
+        t.step(*batches[1])
+        t.step(*batches[2])
+        want = t.state_dict()
+    with _trainer(_meta(TinyTransformer), tmp_path, "nvme, chunked") as t:
+        t.load(tmp_path / "ckpt")  # nothing built yet: the packs are filled from it
+        assert t.step_count == 1
+        t.step(*batches[1])
+        t.step(*batches[2])
+        got = t.state_dict()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_a_re_plan_keeps_the_trained_weights_not_the_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Longer sequences re-home the training state to new packs: what they are filled with
+    is the trained weights, not the file the model was first read from."""
+    fix_timing(monkeypatch.setattr)
+    rehomed: list[int] = []
+    original = harmony.Trainer._rehome
+
+    def spy(self: harmony.Trainer, *args: object) -> object:
+        rehomed.append(self.step_count)
+        return original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harmony.Trainer, "_rehome", spy)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randint(0, 11, (4, n), generator=g) for n in (4, 4, 16, 8)]
+    batches = [(x, x.roll(-1, 1)) for x in xs]
+    path = _saved(TinyTransformer(length=16), tmp_path / "w.safetensors")
+    state = training_state_bytes(TinyTransformer(length=16), 8)
+    runs = []
+    for kw in ({}, {"weights": path}):
+        model = _meta(lambda: TinyTransformer(length=16)) if kw else TinyTransformer(length=16)
+        (tmp_path / "nvme").mkdir(exist_ok=True)
+        with harmony.Trainer(model, LOSS, optimizer=_adamw, micro_batch_size=2,
+                             device_memory=state // 3, host_memory=state // 2,
+                             nvme_dir=tmp_path / "nvme", **kw) as t:  # type: ignore[arg-type]
+            for x, y in batches:
+                t.step(x, y)
+            runs.append(t.state_dict())
+    assert len(rehomed) == 2  # (one re-plan in each run)
+    for k in runs[0]:
+        assert torch.equal(runs[1][k], runs[0][k]), k
