@@ -7,9 +7,8 @@ threshold, the first large block freed raises the threshold to that block's size
 MiB): from then on, blocks below it (a pack's weights or gradients, a layer's activations)
 come from malloc's heaps, whose freed memory goes back to the kernel only from the top of a
 heap. Blocks of many sizes, freed in another order than allocated, then leave the heaps
-fragmented: measured on a 98M-parameter model with its weights and optimizer state on NVMe, the
-RSS grew by 370 MiB over the budgets in five steps, 424 MiB of it free memory malloc kept
-(``examples/bench_memory.py``). :func:`bound_malloc` fixes the threshold at 1 MiB
+fragmented, holding hundreds of MiB that no tensor uses (``examples/bench_memory.py`` with
+``HARMONY_MALLOC=off`` shows it; BENCHMARKS.md). :func:`bound_malloc` fixes the threshold at 1 MiB
 (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic adjustment off), so every block of
 1 MiB or more is a mapping of its own, returned to the kernel when freed; the cost is a page
 fault per 4 KiB page the next time such memory is touched, small next to the compute that

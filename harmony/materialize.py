@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from harmony.weights import WeightFiles, WeightsError
+from swap.tier import OutOfCapacity, Tier
 
 if TYPE_CHECKING:
     from harmony.chain import Chain
@@ -134,6 +135,34 @@ def _placeholder(t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+class Scratch:
+    """Host buffers for layers being materialized, counted in a budget: from the first of
+    ``tiers`` with room (the host tier; on CPU then the device tier, host memory too).
+
+    Raises (from :meth:`alloc`):
+        swap.tier.OutOfCapacity: no tier has room for one layer; the message names it.
+    """
+
+    def __init__(self, tiers: Sequence[Tier]) -> None:
+        self.tiers = list(tiers)
+        self._from: dict[int, Tier] = {}
+
+    def alloc(self, nbytes: int, what: str) -> torch.Tensor:
+        for tier in self.tiers[:-1]:
+            try:
+                buf = tier.allocate(nbytes, what)
+            except OutOfCapacity:
+                continue
+            self._from[buf.data_ptr()] = tier
+            return buf
+        buf = self.tiers[-1].allocate(nbytes, what)
+        self._from[buf.data_ptr()] = self.tiers[-1]
+        return buf
+
+    def free(self, buf: torch.Tensor) -> None:
+        self._from.pop(buf.data_ptr()).release(buf)
+
+
 class Materializer:
     """The values of a chain's meta tensors, made one layer at a time (see the module's text).
 
@@ -212,10 +241,10 @@ class Materializer:
         self.files, self.meta = None, False
         self._aliases.clear()
 
-    def memory(self, alloc: Alloc, free: Free) -> None:
-        """Take the buffers of materialized layers from ``alloc`` (the trainer's host tier, so
-        they count against its budget) and give them back with ``free``."""
-        self._alloc, self._free = alloc, free
+    def memory(self, scratch: Scratch) -> None:
+        """Take the buffers of materialized layers from ``scratch`` (the trainer's tiers, so
+        they count against the budgets) and give them back to it."""
+        self._alloc, self._free = scratch.alloc, scratch.free
 
     # -- checks -----------------------------------------------------------------------------
     def _check(self) -> None:

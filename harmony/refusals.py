@@ -23,6 +23,26 @@ from swap.tier import fmt_bytes
 FILE_SLACK = 4096
 
 
+def refuse_before_training(model: torch.nn.Module, layouts: Sequence[Layout], k_ratio: float,
+                           device: torch.device, device_memory: int | None,
+                           host_memory: int | None, nvme_dir: str | os.PathLike[str] | None,
+                           built: bool) -> None:
+    """The checks a trainer makes at construction: a model ``built`` in host memory beyond
+    the budgets (:func:`refuse_model_in_memory`); without ``nvme_dir``, a host budget that
+    cannot hold what the device's does not (:func:`refuse_host_without_nvme`); with it, a
+    file system without room for what fits in neither (:func:`refuse_nvme_early`).
+
+    Raises:
+        ValueError: the first that fails, with its numbers.
+    """
+    if built:
+        refuse_model_in_memory(model, device, device_memory, host_memory)
+    if nvme_dir is None:
+        refuse_host_without_nvme(layouts, k_ratio, device_memory, host_memory)
+    elif Path(nvme_dir).is_dir():  # (the NVMe store says what is wrong with it otherwise)
+        refuse_nvme_early(layouts, k_ratio, device_memory, host_memory, nvme_dir)
+
+
 def state_bytes(layouts: Sequence[Layout], k_ratio: float) -> tuple[int, int]:
     """(weights, optimizer state) of the whole model: the flat W of every layer (each tensor
     once), and ``k_ratio`` times its gradient bytes (masters included in mixed precision)."""

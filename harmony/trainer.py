@@ -24,17 +24,13 @@ from harmony.data_parallel import DataParallel
 from harmony.groups import forward_group_of
 from harmony.host_memory import bound_malloc
 from harmony.layout import Layout
-from harmony.materialize import Materializer
+from harmony.materialize import Materializer, Scratch
 from harmony.microbatch import split_batch
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import GradientOverflow, Precision
 from harmony.profile import optimizer_state_ratio
-from harmony.refusals import (
-    refuse_host_without_nvme,
-    refuse_model_in_memory,
-    refuse_nvme_early,
-)
+from harmony.refusals import refuse_before_training
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, retie, shared_parameters
@@ -45,7 +41,7 @@ from swap.engine import SwapEngine
 from swap.nvme import NvmeStore
 from swap.stats import Stats
 from swap.streams import host_pinning
-from swap.tier import OutOfCapacity, Tier, fmt_bytes
+from swap.tier import Tier, fmt_bytes
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -357,7 +353,14 @@ class Trainer(TrainerPlanning):
         self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
         self._k_ratio = _probe_k_ratio(self.optimizer_factory)
-        self._refuse_before_training(model, nvme_dir, shard_optimizer)
+        if self._pipeline is None:  # (a stage holds part of the model: its plan checks it)
+            # What no plan can fix, with the numbers, before anything is profiled; with a
+            # sharded optimizer each rank holds only its packs' optimizer state.
+            refuse_before_training(
+                self.chain.model, self._layer_layouts,
+                0.0 if shard_optimizer else self.precision.k_ratio(self._k_ratio),
+                self.device, self.device_memory, self.host_memory, nvme_dir,
+                built=not self._materializer.meta)
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
                       if nvme_dir is not None else None)
         # CPU buffers that files are read into or written from come page-aligned from the
@@ -377,9 +380,10 @@ class Trainer(TrainerPlanning):
         }
         if self.store is not None:
             self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)
-        # Layers being materialized live in host memory, counted in the host budget.
-        self._materializer.memory(self._scratch, self._release_scratch)
-        self._scratch_tiers: dict[int, Tier] = {}
+        # Layers being materialized live in host memory, counted in the host budget (on
+        # CPU, in the device budget when the host's is full: that is host memory too).
+        self._materializer.memory(Scratch([self.tiers[Loc.HOST]] + (
+            [self.tiers[Loc.DEVICE]] if self.device.type == "cpu" else [])))
         self._engine = SwapEngine(self.device, self.stats)
         self._runtime: Runtime | None = None
         self._plan: Plan | None = None
@@ -391,43 +395,6 @@ class Trainer(TrainerPlanning):
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
 
-    def _scratch(self, nbytes: int, what: str) -> torch.Tensor:
-        """A host buffer for a layer being materialized: from the host tier, or on CPU from
-        the device tier (host memory too) when the host budget has no room for it."""
-        tiers = [self.tiers[Loc.HOST]] + ([self.tiers[Loc.DEVICE]]
-                                          if self.device.type == "cpu" else [])
-        for i, tier in enumerate(tiers):
-            try:
-                buf = tier.allocate(nbytes, what)
-            except OutOfCapacity:
-                if i == len(tiers) - 1:
-                    raise
-                continue
-            self._scratch_tiers[buf.data_ptr()] = tier
-            return buf
-        raise AssertionError("unreachable")
-
-    def _release_scratch(self, buf: torch.Tensor) -> None:
-        self._scratch_tiers.pop(buf.data_ptr()).release(buf)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], loss_fn: Callable[..., torch.Tensor],
-                        model_class: Any = None, **kwargs: Any) -> Trainer:
-        """A trainer of the Hugging Face model in directory ``path`` (``config.json`` and
-        safetensors weights, as ``save_pretrained`` or :meth:`export` write them), built on
-        the meta device and read into its packs' homes one tensor at a time: the model never
-        exists whole in memory. Same as ``Trainer(harmony.load_meta(path, model_class),
-        loss_fn, weights=path, **kwargs)``; ``trainer.chain.model`` is that model.
-
-        Example::
-
-            trainer = harmony.Trainer.from_pretrained("llama-3b", loss_fn, device="cuda",
-                                                      host_memory="8GiB", nvme_dir="/nvme")
-        """
-        from harmony.hf_weights import load_meta
-
-        return cls(load_meta(path, model_class), loss_fn, weights=path, **kwargs)
-
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
         # Parameters shared across layers are tied weights (harmony/tied.py); buffers are refused.
@@ -438,25 +405,6 @@ class Trainer(TrainerPlanning):
             e = next(e for e in self._layer_layouts[layers[0]].entries if id(e.tensor) == tid)
             if e.trainable:
                 self._tied.append((tuple(layers), e.shape.numel() * e.master_dtype.itemsize))
-
-    def _refuse_before_training(self, model: nn.Module | Sequence[nn.Module],
-                                nvme_dir: str | None, shard_optimizer: bool) -> None:
-        """What no plan can fix, refused with the numbers before anything is profiled
-        (:mod:`harmony.refusals`); a pipeline stage holds only part of the model, so its
-        budgets are checked by its plan."""
-        if self._pipeline is not None:
-            return
-        # (with a sharded optimizer each rank holds only its packs' state)
-        k_ratio = 0.0 if shard_optimizer else self.precision.k_ratio(self._k_ratio)
-        if not self._materializer.meta:
-            refuse_model_in_memory(self.chain.model, self.device, self.device_memory,
-                                   self.host_memory)
-        if nvme_dir is None:
-            refuse_host_without_nvme(self._layer_layouts, k_ratio, self.device_memory,
-                                     self.host_memory)
-        elif Path(nvme_dir).is_dir():  # (NvmeStore says what is wrong with it otherwise)
-            refuse_nvme_early(self._layer_layouts, k_ratio, self.device_memory,
-                              self.host_memory, nvme_dir)
 
     def _check_layers_fit(self) -> None:
         if self.device_memory is None:
