@@ -21,13 +21,18 @@ Exit status 1 if any case broke the bound.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 try:
     import harmony  # noqa: F401
@@ -60,10 +65,33 @@ CASES = {
 }
 
 
+# The measurement is the script's own (not harmony's), so that it measures any version.
+def rss_bytes() -> int:
+    """The process's resident set, bytes."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss_bytes() -> int | None:
+    """Linux's VmHWM: the peak resident set since start or :func:`reset_peak_rss`."""
+    try:
+        match = re.search(r"VmHWM:\s+(\d+)\s+kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def trim() -> None:
+    """Return malloc's free heap pages before the baseline is taken (glibc only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def peak_rss_supported() -> bool:
     """Whether this system reports the peak resident set (Linux's VmHWM)."""
-    from harmony.host_memory import peak_rss_bytes
-
     return peak_rss_bytes() is not None
 
 
@@ -86,8 +114,6 @@ def child(args: argparse.Namespace) -> dict[str, object]:
 
     import harmony
     from harmony.builtin_models import Transformer, _init_weights, token_cross_entropy
-    from harmony.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim
-    from harmony.materialize import default_init
 
     torch.set_num_threads(args.threads)
     case = CASES[args.case]
@@ -111,6 +137,8 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     reset_peak_rss()
     kwargs: dict[str, object] = {}
     if args.build == "meta":  # each module's defaults (norms), then the model's own init
+        from harmony.materialize import default_init
+
         kwargs["init"] = lambda layer: (default_init(layer), layer.apply(_init_weights))
     t0 = time.perf_counter()
     trainer = harmony.Trainer(
