@@ -395,6 +395,24 @@ class Trainer(TrainerPlanning):
         self._closed = False
         self._broken: str | None = None  # why stepping on would train on inconsistent weights
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], loss_fn: Callable[..., torch.Tensor],
+                        model_class: Any = None, **kwargs: Any) -> Trainer:
+        """A trainer of the Hugging Face model in directory ``path`` (``config.json`` and
+        safetensors weights, as ``save_pretrained`` or :meth:`export` write them), built on
+        the meta device and read into its packs' homes one tensor at a time: the model never
+        exists whole in memory. Same as ``Trainer(harmony.load_meta(path, model_class),
+        loss_fn, weights=path, **kwargs)``; ``trainer.chain.model`` is that model.
+
+        Example::
+
+            trainer = harmony.Trainer.from_pretrained("llama-3b", loss_fn, device="cuda",
+                                                      host_memory="8GiB", nvme_dir="/nvme")
+        """
+        from harmony.hf_weights import load_meta
+
+        return cls(load_meta(path, model_class), loss_fn, weights=path, **kwargs)
+
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:
         # Parameters shared across layers are tied weights (harmony/tied.py); buffers are refused.
