@@ -98,7 +98,7 @@ def test_cpu_device_tier_keeps_its_free_buffers_within_its_budget() -> None:
         assert device.used + device.cached <= device.capacity
 
 
-def test_resident_set_helpers() -> None:
+def test_resident_set_measurements() -> None:
     assert rss_bytes() > 0 and available_bytes() > 0
     if peak_rss_bytes() is None:
         pytest.skip("no VmHWM here")
