@@ -76,6 +76,12 @@ class OneArgument(nn.Module):
         return out
 
 
+def user_module(layer: nn.Module) -> nn.Module:
+    """The user's own module behind a chain layer (an ``nn.Sequential`` entry's adapter
+    stands for its module), for naming what belongs to it."""
+    return layer.module if isinstance(layer, OneArgument) else layer
+
+
 class Chain:
     """The layers of a model in the order data flows through them.
 

@@ -25,7 +25,6 @@ anything.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -34,13 +33,14 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from swap.tier import fmt_bytes
+from harmony import tensor_files
+from harmony.tensor_files import Streamed
 
 FORMAT = 1
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
@@ -91,30 +91,19 @@ def _sha256(path: Path | int) -> str:
     return h.hexdigest()
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+def write_safetensors(tensors: Mapping[str, torch.Tensor] | Streamed, path: Path,
                       metadata: dict[str, str] | None = None, todo: str = "") -> None:
-    """``safetensors.torch.save_file``, with its I/O failures raised as ``OSError``.
-
-    safetensors reports a full disk as its own ``SafetensorError``, which ``except OSError``
-    misses; here it becomes an ``OSError`` (``ENOSPC`` when the disk is full, else ``EIO``)
-    naming ``path``, the bytes the file needs and ``todo`` (what the caller's user should do).
+    """Write ``tensors`` (a dict, or a :class:`~harmony.tensor_files.Streamed` producer) as the
+    safetensors file ``path``, one tensor in memory at a time
+    (:func:`harmony.tensor_files.write_safetensors`; a test's hook replaces this name).
 
     Raises:
-        OSError: the file could not be written (a partial file may remain: the caller writes
-            under a temporary name and removes it).
+        OSError: the file could not be written (``ENOSPC`` when the disk is full), naming
+            ``path``, the bytes the file needs and ``todo`` (what the caller's user should do).
+            A partial file may remain: the caller writes under a temporary name and removes
+            it.
     """
-    st = _safetensors()
-    try:
-        st.save_file(tensors, path, metadata=metadata) if metadata is not None \
-            else st.save_file(tensors, path)
-    except OSError:
-        raise
-    except Exception as err:  # safetensors reports I/O failures as its own error
-        full = "No space" in str(err) or "os error 28" in str(err)
-        need = sum(t.numel() * t.element_size() for t in tensors.values())
-        raise OSError(errno.ENOSPC if full else errno.EIO,
-                      f"writing {path} failed ({err}); the file needs {fmt_bytes(need)} plus "
-                      f"its header{'; ' + todo if todo else ''}") from err
+    tensor_files.write_safetensors(path, tensors, metadata, todo)
 
 
 # -- the writers' lock ----------------------------------------------------------------------
@@ -180,9 +169,14 @@ def _entries(root: Path, prefix: str) -> list[Path]:
 
 # -- writing ----------------------------------------------------------------------------------
 
-def save(root: str | os.PathLike[str], step: int, model: dict[str, torch.Tensor],
-         optimizer: dict[str, torch.Tensor], meta: dict[str, Any], keep: int = 1) -> Path:
+def save(root: str | os.PathLike[str], step: int,
+         model: dict[str, torch.Tensor] | Streamed,
+         optimizer: dict[str, torch.Tensor] | Streamed, meta: dict[str, Any],
+         keep: int = 1) -> Path:
     """Write a checkpoint for ``step`` under ``root`` atomically; returns its directory.
+
+    ``model`` and ``optimizer`` are dicts of tensors, or :class:`~harmony.tensor_files.Streamed`
+    producers: either way the files are written one tensor at a time.
 
     Holds the directory's writer lock throughout (:func:`writer_lock`), so concurrent savers
     take turns; removes what writers that died left, and all but the ``keep`` newest
@@ -205,8 +199,8 @@ def save(root: str | os.PathLike[str], step: int, model: dict[str, torch.Tensor]
     return final
 
 
-def _write(root: Path, step: int, model: dict[str, torch.Tensor],
-           optimizer: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def _write(root: Path, step: int, model: dict[str, torch.Tensor] | Streamed,
+           optimizer: dict[str, torch.Tensor] | Streamed, meta: dict[str, Any]) -> Path:
     """The new checkpoint, complete and named by ``LATEST`` (writer lock held)."""
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
     final = root / f"ckpt-{step:09d}"
@@ -215,9 +209,8 @@ def _write(root: Path, step: int, model: dict[str, torch.Tensor],
         sums = {}
         for name, tensors in zip(TENSOR_FILES, (model, optimizer)):
             path = tmp / name
-            write_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                              path, todo=f"free space in {root} or save elsewhere; the "
-                                         "previous checkpoint is intact")
+            write_safetensors(tensors, path, todo=f"free space in {root} or save elsewhere; "
+                                                  "the previous checkpoint is intact")
             os.chmod(path, 0o600)
             _fsync_file(path)
             sums[name] = _sha256(path)
@@ -324,6 +317,19 @@ def latest(root: str | os.PathLike[str]) -> Path | None:
         warnings.warn(f"ignoring incomplete checkpoint {p} (a save that did not finish)",
                       stacklevel=2)
     return None
+
+
+def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint :func:`load` reads for ``path`` (a root, or one ``ckpt-*``).
+
+    Raises:
+        FileNotFoundError: no complete checkpoint there.
+    """
+    path = Path(path)
+    ckpt = path if (path / "meta.json").is_file() else latest(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint in {path}")
+    return ckpt
 
 
 def load(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],

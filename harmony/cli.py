@@ -14,9 +14,12 @@ are built on the meta device. See ``docs/report.md``.
         --forward-micro-batch-size auto --device-memory 10GiB --host-memory 256GiB
     python -m harmony report my_model.py:build --seq-len 512 --device-memory 16GiB
 
-Exit status: 0 on success; 1 when ``--plot`` cannot draw (matplotlib missing); 2 for a bad
-argument, an output path that cannot be written, more than
-:data:`harmony.report.MAX_MICRO_BATCHES` micro-batches per step, or an infeasible plan (one
+``harmony env [--nvme-dir DIR] [--build-aio]`` prints what this machine gives harmony
+(:mod:`harmony.env`).
+
+Exit status: 0 on success; 1 when ``--plot`` cannot draw (matplotlib missing) or
+``--build-aio`` cannot build; 2 for a bad argument, an output path that cannot be written, more
+than :data:`harmony.report.MAX_MICRO_BATCHES` micro-batches per step, or an infeasible plan (one
 line saying what to change).
 """
 
@@ -189,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--run", type=Path, default=None, metavar="STEP.json",
                      help="a step a Trainer recorded (Trainer.record_step): show what "
                           "happened next to what its plan predicted; MODEL is then ignored")
+    env = sub.add_parser(
+        "env", help="what this machine gives harmony: torch, CUDA, GPUs, pinned memory, "
+                    "NVMe backends, CPU Adam, budgets",
+        description="Print torch and CUDA versions, GPUs, whether pinned memory works, each "
+                    "NVMe backend's availability (and O_DIRECT in --nvme-dir), DeepSpeed's CPU "
+                    "Adam op, host memory and the budgets' defaults. Builds nothing unless "
+                    "--build-aio.")
+    env.add_argument("--nvme-dir", default=None, metavar="DIR",
+                     help="probe O_DIRECT with a test block written in a temporary "
+                          "directory there")
+    env.add_argument("--build-aio", action="store_true",
+                     help="build DeepSpeed's async I/O op for the NVMe store (may take "
+                          "several minutes; needs libaio-dev)")
     return parser
 
 
@@ -218,6 +234,20 @@ def _read_only(path: Path) -> bool:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
     except OSError:
         return False
+
+
+def _env(args: argparse.Namespace) -> int:
+    from harmony.env import build_aio, report
+    from swap.aio import AioUnavailable
+
+    if args.build_aio:
+        try:
+            print(build_aio())
+        except AioUnavailable as err:
+            print(f"harmony env: cannot build the async I/O op: {err}", file=sys.stderr)
+            return 1
+    print(report(args.nvme_dir))
+    return 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -289,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _report(args)
+        return _env(args) if args.command == "env" else _report(args)
     except (ValueError, OSError) as err:  # (a file that could not be read or written too)
         print(f"harmony {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -15,11 +15,14 @@ differs from it by up to 4.8e-7 absolute on weights of order 1, DeepSpeed's CPU 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from swap.aio import built_op
 
 Factory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -40,13 +43,18 @@ def deepspeed_cpu_adam(lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99
                        eps: float = 1e-8, weight_decay: float = 0.01) -> Factory:
     """DeepSpeed's CPU Adam (AdamW mode), for packs whose optimizer state lives on the host.
 
-    It builds its C++ op on first use (about a minute; cached under ``TORCH_EXTENSIONS_DIR``).
+    It builds its C++ op on first use (a few minutes, logged when it starts; cached under
+    ``TORCH_EXTENSIONS_DIR``; ``harmony env`` says whether it is built).
 
     Raises:
         ImportError: DeepSpeed or its CPU Adam op is unavailable; the message says how to get it
             and that :func:`adamw` is the exact alternative.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if built_op("cpu_adam") is None:  # (no silent minutes: DeepSpeed compiles it on first use)
+        logging.getLogger("harmony").warning(
+            "harmony: DeepSpeed's CPU Adam op is not built; the first optimizer builds it, "
+            "which may take a few minutes (once: later runs load the build)")
     try:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
     except Exception as err:  # ImportError, or a failing accelerator probe

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -26,6 +27,38 @@ class NothingToTrain(torch.optim.Optimizer):
         self.param_groups = []
 
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
+        return None
+
+
+class PackValues(Protocol):
+    """What fills a pack's buffers as :meth:`Pack.build` lays them out."""
+
+    def fill(self, kind: str, flat: torch.Tensor, start: int, end: int) -> None:
+        """Write the weights (``kind`` ``"W"``) or fp32 masters (``"M"``) whose bytes start in
+        ``[start, end)`` of the layout into ``flat``, which holds those bytes."""
+
+    def settle(self) -> None:
+        """Called once every buffer is filled, before the layers' tensors are bound to them."""
+
+
+class OwnValues:
+    """The layers' tensors' own values (a model built with its weights)."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def fill(self, kind: str, flat: torch.Tensor, start: int, end: int) -> None:
+        with torch.no_grad():
+            if kind == "M":
+                for e in self.layout.trainable:
+                    if start <= e.g_offset < end:
+                        e.gview(flat, start).copy_(e.tensor.detach())
+                return
+            for e in self.layout.entries:
+                if start <= e.offset < end:
+                    e.view(flat, start).copy_(e.tensor.detach())
+
+    def settle(self) -> None:
         return None
 
 
@@ -96,8 +129,16 @@ class Pack:
               k_estimate: int, store: NvmeStore | None = None,
               precision: Precision | None = None,
               untrained: frozenset[int] = frozenset(), owned: bool = True,
-              update_chunk: int | None = None, k_ratio: float = 0.0) -> Pack:
+              update_chunk: int | None = None, k_ratio: float = 0.0,
+              values: Callable[[Layout], PackValues] | None = None,
+              staging: Tier | None = None) -> Pack:
         """Move the layers' weights into a flat buffer at ``home`` and build the optimizer.
+
+        ``values``: makes, for the pack's layout, what fills its buffers (default: the layers'
+        tensors' own values; a model built on the meta device gets them from
+        :meth:`harmony.materialize.Materializer.pack_values`, layer by layer). ``staging``: the
+        host tier, which lends the buffer each chunk of an NVMe home passes through on its way
+        to its file (one chunk at a time; without it, an uncounted buffer).
 
         ``k_estimate`` counts the optimizer state and, in mixed precision, the fp32 masters
         (allocated here, so only the rest is charged as an estimate). ``untrained``: ids of
@@ -120,7 +161,7 @@ class Pack:
         try:
             return Pack._build(index, first_layer, layers, layout, home, home_tier, factory,
                                k_estimate, store, untrained, owned, update_chunk, k_ratio,
-                               undo)
+                               values, staging, undo)
         except BaseException:
             for action in reversed(undo):
                 with contextlib.suppress(Exception):  # (the error that ended it matters)
@@ -135,23 +176,31 @@ class Pack:
                factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
                k_estimate: int, store: NvmeStore | None, untrained: frozenset[int],
                owned: bool, update_chunk: int | None, k_ratio: float,
+               values: Callable[[Layout], PackValues] | None, staging: Tier | None,
                undo: list[Callable[[], None]]) -> Pack:
         """:meth:`build`'s work; ``undo`` collects what gives back each thing it takes."""
         chunks = layout_chunks(layout, update_chunk if home is Loc.NVME else None, k_ratio)
+        fill = values(layout) if values is not None else OwnValues(layout)
 
-        def at_home(kind: str, nbytes: int, fill: Callable[[torch.Tensor], None],
-                    what: str) -> torch.Tensor | None:
-            """A flat buffer at home filled by ``fill``; on NVMe, the chunks' files (None)."""
+        def at_home(kind: str, nbytes: int, what: str) -> torch.Tensor | None:
+            """A flat buffer at home filled with the weights (``kind`` ``"W"``) or masters
+            (``"M"``); on NVMe, the chunks' files (None), written one chunk at a time."""
             if home is not Loc.NVME:
                 buf = home_tier.allocate(nbytes, what)
                 undo.append(lambda: home_tier.release(buf))
-                fill(buf)
+                fill.fill(kind, buf, 0, nbytes)
                 return buf
             assert store is not None
-            staging = torch.empty(nbytes, dtype=torch.uint8)
-            fill(staging)
             undo.append(lambda: _delete_pieces(store, index, chunks, kind))
-            _write_pieces(store, index, chunks, kind, staging)
+            for c, (a, b) in _pieces(chunks, kind):
+                buf = staging.allocate(b - a, f"{what} (chunk {c}) on its way to NVMe") \
+                    if staging is not None else torch.empty(b - a, dtype=torch.uint8)
+                try:
+                    fill.fill(kind, buf, a, b)
+                    store.write(_key(index, kind, c), buf).synchronize()
+                finally:
+                    if staging is not None:
+                        staging.release(buf)
             home_tier.charge(nbytes, what)
             undo.append(lambda: home_tier.uncharge(nbytes))
             return None
@@ -160,11 +209,10 @@ class Pack:
         if layout.mixed and not owned:  # another rank keeps the masters
             k_estimate = 0
         elif layout.mixed:  # fp32 masters, from the fp32 weights before they are rebound
-            home_m = at_home("M", layout.g_bytes, layout.pack_masters,
-                             f"master weights of pack {index}")
+            home_m = at_home("M", layout.g_bytes, f"master weights of pack {index}")
             k_estimate = max(0, k_estimate - layout.g_bytes)
-        home_w = at_home("W", layout.w_bytes, layout.pack_into,
-                         f"weights of pack {index}")
+        home_w = at_home("W", layout.w_bytes, f"weights of pack {index}")
+        fill.settle()
         if layout.mixed:
             layout.bind(home_w if home is Loc.DEVICE else None)
             masters = [nn.Parameter(e.gview(home_m) if home_m is not None

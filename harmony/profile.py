@@ -27,10 +27,12 @@ micro-batch).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -91,7 +93,9 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
                    precision: Precision | None = None,
                    changed: set[int] | None = None,
                    group_inputs: tuple[torch.Tensor, ...] | None = None,
-                   copies: InputCopies | None = None) -> list[LayerProfile]:
+                   copies: InputCopies | None = None,
+                   values: Callable[[int], AbstractContextManager[object]] | None = None,
+                   ) -> list[LayerProfile]:
     """Run every layer on ``inputs`` (one micro-batch) and measure it.
 
     Weights are moved to ``device`` one layer at a time and moved back, so the profile needs no
@@ -105,12 +109,17 @@ def profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Tens
     A layer that changes its input in place gets a private copy of it from then on, through
     ``copies`` (:mod:`harmony.inplace`; which the caller keeps for training and removes when
     done); without ``copies``, only for the profile.
+
+    ``values(i)``, if given, is entered around layer ``i``'s runs: it gives the layer its
+    weights for that long (a model built on the meta device, see :mod:`harmony.materialize`,
+    or packs whose weights live away from their layers), so that only one layer's weights
+    are in host memory at a time.
     """
     own_copies = copies is None
     copies = InputCopies() if copies is None else copies
     try:
         return _profile_layers(chain, layouts, inputs, targets, loss_fn, device, precision,
-                               changed, group_inputs, copies)
+                               changed, group_inputs, copies, values)
     finally:
         if own_copies:
             copies.remove()
@@ -120,7 +129,9 @@ def _profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Ten
                     targets: torch.Tensor, loss_fn: Callable[..., torch.Tensor],
                     device: torch.device, precision: Precision | None,
                     changed: set[int] | None, group_inputs: tuple[torch.Tensor, ...] | None,
-                    copies: InputCopies) -> list[LayerProfile]:
+                    copies: InputCopies,
+                    values: Callable[[int], AbstractContextManager[object]] | None,
+                    ) -> list[LayerProfile]:
     autocast = (precision or Precision()).autocast
     samples = inputs[0].shape[0]
     value = tuple(t.to(device) for t in inputs)
@@ -128,43 +139,44 @@ def _profile_layers(chain: Chain, layouts: list[Layout], inputs: tuple[torch.Ten
     out: list[LayerProfile] = []
     n = len(chain)
     for i, (name, layer, layout) in enumerate(zip(chain.names, chain.layers, layouts)):
-        homes = [e.tensor.data for e in layout.entries]
-        for e in layout.entries:
-            # Buffers are copied even on the same device: the profile's forward passes must
-            # not change running statistics the training run will use.
-            e.tensor.data = e.tensor.data.to(device, e.dtype,
-                                             copy=not isinstance(e.tensor, nn.Parameter))
-        try:
-            if layer not in copies:  # (before any run: the value must stay as it is)
-                with autocast(device):
-                    positions = changed_inputs(layer, value)
-                if positions:
-                    copies.add(layer, positions)
-            # The first run of each pass warms up (allocator, lazy initialisation, kernel
-            # selection) and gives the values; the time is the median of the timed repeats,
-            # so one slow run on a busy machine does not skew the plan.
-            forward = partial(_forward, layer, value, i, device, autocast)
-            backward = partial(_backward, layer, value, layout, loss_fn, targets.to(device),
-                               i, i == n - 1, name, device, autocast)
-            out_value = as_tuple(forward(), f"layer {name!r}")
-            saved = backward()
-            fwd, bwd = _typical(forward, device), _typical(backward, device)
-            # (after the warm-up, so one-time workspaces are not taken for working memory)
-            grads = sum(e.tensor.numel() * e.tensor.element_size() for e in layout.trainable)
-            grads += _nbytes(value, floating_only=True)
-            grads += 0 if i == n - 1 else _nbytes(out_value, floating_only=True)
-            work = max(0, peak_allocated(backward, device) - grads)
-            check = Grouping(UNCHECKED, None, None)
-            if other is not None:
-                check = _group_check(layer, layout, value, other, out_value, i, device,
-                                     autocast)
-            if changed is not None:  # buffers the runs changed (on the profile's copies)
-                changed.update(id(e.tensor) for e, h in zip(layout.entries, homes)
-                               if not isinstance(e.tensor, nn.Parameter) and not torch.equal(
-                                   e.tensor.data, h.to(e.tensor.device, e.tensor.dtype)))
-        finally:
-            for e, h in zip(layout.entries, homes):
-                e.tensor.data = h
+        with values(i) if values is not None else contextlib.nullcontext():
+            homes = [e.tensor.data for e in layout.entries]
+            for e in layout.entries:
+                # Buffers are copied even on the same device: the profile's forward passes must
+                # not change running statistics the training run will use.
+                e.tensor.data = e.tensor.data.to(device, e.dtype,
+                                                 copy=not isinstance(e.tensor, nn.Parameter))
+            try:
+                if layer not in copies:  # (before any run: the value must stay as it is)
+                    with autocast(device):
+                        positions = changed_inputs(layer, value)
+                    if positions:
+                        copies.add(layer, positions)
+                # The first run of each pass warms up (allocator, lazy initialisation, kernel
+                # selection) and gives the values; the time is the median of the timed repeats,
+                # so one slow run on a busy machine does not skew the plan.
+                forward = partial(_forward, layer, value, i, device, autocast)
+                backward = partial(_backward, layer, value, layout, loss_fn, targets.to(device),
+                                   i, i == n - 1, name, device, autocast)
+                out_value = as_tuple(forward(), f"layer {name!r}")
+                saved = backward()
+                fwd, bwd = _typical(forward, device), _typical(backward, device)
+                # (after the warm-up, so one-time workspaces are not taken for working memory)
+                grads = sum(e.tensor.numel() * e.tensor.element_size() for e in layout.trainable)
+                grads += _nbytes(value, floating_only=True)
+                grads += 0 if i == n - 1 else _nbytes(out_value, floating_only=True)
+                work = max(0, peak_allocated(backward, device) - grads)
+                check = Grouping(UNCHECKED, None, None)
+                if other is not None:
+                    check = _group_check(layer, layout, value, other, out_value, i, device,
+                                         autocast)
+                if changed is not None:  # buffers the runs changed (on the profile's copies)
+                    changed.update(id(e.tensor) for e, h in zip(layout.entries, homes)
+                                   if not isinstance(e.tensor, nn.Parameter) and not torch.equal(
+                                       e.tensor.data, h.to(e.tensor.device, e.tensor.dtype)))
+            finally:
+                for e, h in zip(layout.entries, homes):
+                    e.tensor.data = h
         out.append(LayerProfile(
             name=name, w_bytes=layout.w_bytes, g_bytes=layout.g_bytes,
             in_bytes=_nbytes(value) / samples, in_grad_bytes=_nbytes(value, True) / samples,

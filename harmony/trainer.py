@@ -27,14 +27,18 @@ from harmony.data_parallel import DataParallel
 from harmony.device_memory import ReservedPeak, check_fits
 from harmony.dist import bind_device
 from harmony.groups import forward_group_of
+from harmony.host_memory import bound_malloc
 from harmony.inplace import InputCopies
 from harmony.layout import Layout
+from harmony.materialize import Materializer, Scratch
 from harmony.microbatch import split_batch
 from harmony.ownership import Hold, acts, check_free
 from harmony.pipeline import Pipeline
 from harmony.planning import InfeasiblePlan, Plan
 from harmony.precision import GradientOverflow, Precision
 from harmony.probe import check_chain
+from harmony.profile import optimizer_state_ratio
+from harmony.refusals import refuse_before_training
 from harmony.runtime import NonFiniteLoss, Runtime, StepData
 from harmony.sizes import parse_bytes
 from harmony.tied import Tie, retie, shared_parameters
@@ -43,7 +47,6 @@ from harmony.user_checks import (
     check_lr_scheduler_factory,
     check_optimizer_factory,
     checked_optimizer_factory,
-    refuse_meta_tensors,
 )
 from schedules.generators import GENERATORS
 from schedules.task import Loc
@@ -90,6 +93,15 @@ def _dropped(hold: Hold, built: list[bool], copies: InputCopies) -> None:
                   "get the model back, or save() first")
 
 
+def _probe_k_ratio(factory: OptimizerFactory) -> float:
+    """Optimizer-state bytes per parameter byte (:func:`harmony.profile.optimizer_state_ratio`);
+    2.0, Adam's, for an optimizer that cannot be probed on a stand-in parameter."""
+    try:
+        return optimizer_state_ratio(factory)
+    except Exception:
+        return 2.0
+
+
 class Trainer(TrainerPlanning):
     """Trains a chain of layers whose training state need not fit in device memory.
 
@@ -98,8 +110,12 @@ class Trainer(TrainerPlanning):
             The trainer holds it until :meth:`close`: its parameters live in the trainer's
             buffers (read them with :meth:`state_dict`), and calling or reading the model
             meanwhile raises an error saying so; :meth:`close` (or :meth:`release_model`)
-            gives it back holding the trained weights. Its tensors must have values (not the
-            meta device).
+            gives it back holding the trained weights. It may be built on the meta device
+            (``with torch.device("meta"):``, or :func:`harmony.empty_weights`, which keeps
+            buffers real), so that it never exists whole in memory: each layer is then given
+            its values from ``init`` or ``weights`` when it is profiled and when its pack is
+            built, straight into the pack's home (device, host or NVMe files;
+            :mod:`harmony.materialize`).
         loss_fn: ``(output, target) -> scalar`` mean loss of one micro-batch.
         optimizer: a factory ``params -> torch.optim.Optimizer``; one optimizer is built per pack
             over that pack's parameters, and it must hold exactly those (per-parameter
@@ -209,12 +225,29 @@ class Trainer(TrainerPlanning):
             a chain that does not is refused with :class:`harmony.probe.ChainMismatch`.
             False skips the check. Chains declared by ``harmony_chain()`` are not checked.
 
+        init: for a model on the meta device, ``layer -> None`` initializing one layer's
+            parameters (and meta buffers) in place, run under torch's generator seeded from
+            ``(seed, layer index)``; default :func:`harmony.materialize.default_init` (each
+            module's ``reset_parameters()``, or a Hugging Face model's ``_init_weights``).
+            What it leaves unset is refused by name.
+        weights: a safetensors file, a directory with ``model.safetensors`` or shards and
+            ``model.safetensors.index.json`` (Hugging Face's layout), or a harmony
+            checkpoint directory: every tensor it holds is read from it, one tensor at a time,
+            into its pack's home (:mod:`harmony.weights`; never unpickled). For a model on
+            the meta device or built normally.
+
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer (or
             ``shard_optimizer=True`` without ``parallel="data"``, an optimizer instance instead
-            of a factory, a model another trainer holds or on the meta device, an
-            ``nvme_dir`` that is empty, not a path or a file); the message names the value and
-            what to change.
+            of a factory, a model another trainer holds, an ``nvme_dir`` that is empty, not a
+            path or a file); the message names the value and what to change. Before anything
+            is profiled (:mod:`harmony.refusals`): a ``host_memory`` that cannot hold what
+            ``device_memory`` does not, without an ``nvme_dir``; an ``nvme_dir`` whose file
+            system lacks room for what fits in neither budget; a model already in host memory
+            beyond ``host_memory`` (plus ``device_memory`` on CPU), which belongs on the meta
+            device.
+        harmony.WeightsError: ``weights`` unreadable, or missing or misshaping a tensor of
+            the model.
 
     Example::
 
@@ -243,7 +276,9 @@ class Trainer(TrainerPlanning):
                  shard_optimizer: bool = False,
                  forward_micro_batch_size: int | str | None = None,
                  update_chunk: int | str | None = "auto",
-                 overlap_updates: bool = False, check_chain: bool = True) -> None:
+                 overlap_updates: bool = False, check_chain: bool = True,
+                 init: Callable[[nn.Module], None] | None = None,
+                 weights: str | os.PathLike[str] | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn={loss_fn!r} is not callable; pass (output, target) -> loss")
         if not isinstance(check_chain, bool):
@@ -328,13 +363,17 @@ class Trainer(TrainerPlanning):
             self.device = bind_device(self.device)
         self.precision = Precision.parse(precision)  # ValueError naming the choices
         self.precision.check_device(self.device)
+        # Freed buffers go back to the kernel, so the process stays within its budgets.
+        bound_malloc()
         self.device_memory = parse_bytes(device_memory, "device_memory")
         if self.device.type == "cuda":  # the budget must fit beside the context and workspaces
             check_fits(self.device_memory, torch.cuda.mem_get_info(self.device)[0], self.device)
         self.host_memory = parse_bytes(host_memory, "host_memory")
         self.chain = Chain(model)
         check_free(self.chain.model, self.chain.layers)  # another trainer's: ValueError
-        refuse_meta_tensors(self.chain.model, self.chain.layers)
+        # Where the values of a model built on the meta device come from, layer by layer
+        # (or of any model, from weights=); ValueError/WeightsError naming the fix.
+        self._materializer = Materializer(self.chain, init=init, weights=weights, seed=seed)
         self._fixed: tuple[Any, ...] | None = None
         if plan is not None:
             given = plan if isinstance(plan, Plan) else _load_plan(plan)
@@ -387,6 +426,15 @@ class Trainer(TrainerPlanning):
             keys.setdefault(id(v), []).append(k)
         self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
+        self._k_ratio = _probe_k_ratio(self.optimizer_factory)
+        if self._pipeline is None:  # (a stage holds part of the model: its plan checks it)
+            # What no plan can fix, with the numbers, before anything is profiled; with a
+            # sharded optimizer each rank holds only its packs' optimizer state.
+            refuse_before_training(
+                self.chain.model, self._layer_layouts,
+                0.0 if shard_optimizer else self.precision.k_ratio(self._k_ratio),
+                self.device, self.device_memory, self.host_memory, nvme_dir,
+                built=not self._materializer.meta)
         self.store = (NvmeStore(nvme_dir, backend=nvme_backend)  # ValueError if unusable
                       if nvme_dir is not None else None)
         # CPU buffers that files are read into or written from come page-aligned from the
@@ -396,22 +444,27 @@ class Trainer(TrainerPlanning):
         aligned = self.store.allocate if self.store is not None else None
         self.tiers = {
             # On CPU the device tier stands in for a GPU whose caching allocator keeps freed
-            # blocks: its pool keeps every freed buffer, so steady-state steps allocate nothing.
+            # blocks: its pool keeps freed buffers for reuse; but they are host memory, so
+            # they share the budget (used + cached <= device_memory).
             Loc.DEVICE: Tier("device", self.device, self.device_memory,
                              cache_limit=None if self.device.type == "cpu" else 0,
+                             share_capacity=self.device.type == "cpu",
                              alloc=aligned if self.device.type == "cpu" else None),
             Loc.HOST: Tier("host", torch.device("cpu"), self.host_memory, pin=pin,
                            share_capacity=True, alloc=None if pin else aligned),
         }
         if self.store is not None:
             self.tiers[Loc.NVME] = Tier("nvme", torch.device("cpu"), None)
+        # Layers being materialized live in host memory, counted in the host budget (on
+        # CPU, in the device budget when the host's is full: that is host memory too).
+        self._materializer.memory(Scratch([self.tiers[Loc.HOST]] + (
+            [self.tiers[Loc.DEVICE]] if self.device.type == "cpu" else [])))
         self._engine = SwapEngine(self.device, self.stats, self.tiers[Loc.DEVICE])
         self._reserved = ReservedPeak(self.device)  # started once the first plan is made
         self._runtime: Runtime | None = None
         self._plan: Plan | None = None
         self._plans: dict[tuple[Any, ...], Plan] = {}
         self._profiles: list[Any] | None = None
-        self._k_ratio = 2.0
         self._pending_optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None \
             = None
         self._gathered_scheduler: dict[str, Any] | None = None
@@ -428,6 +481,24 @@ class Trainer(TrainerPlanning):
         self._input_copies = InputCopies()
         self._on_drop = weakref.finalize(self, _dropped, self._hold, self._built,
                                          self._input_copies)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], loss_fn: Callable[..., torch.Tensor],
+                        model_class: Any = None, **kwargs: Any) -> Trainer:
+        """A trainer of the Hugging Face model in directory ``path`` (``config.json`` and
+        safetensors weights, as ``save_pretrained`` or :meth:`export` write them), built on
+        the meta device and read into its packs' homes one tensor at a time: the model never
+        exists whole in memory. Same as ``Trainer(harmony.load_meta(path, model_class),
+        loss_fn, weights=path, **kwargs)``; ``trainer.chain.model`` is that model.
+
+        Example::
+
+            trainer = harmony.Trainer.from_pretrained("llama-3b", loss_fn, device="cuda",
+                                                      host_memory="8GiB", nvme_dir="/nvme")
+        """
+        from harmony.hf_weights import load_meta
+
+        return cls(load_meta(path, model_class), loss_fn, weights=path, **kwargs)
 
     # -- checks -----------------------------------------------------------------------------
     def _check_shared_parameters(self) -> None:

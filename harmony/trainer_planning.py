@@ -14,10 +14,11 @@ declared here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,20 +28,23 @@ from torch import nn
 
 from harmony.device_memory import ReservedPeak
 from harmony.groups import refuse_ungroupable
+from harmony.host_memory import trim
 from harmony.inplace import InputCopies
 from harmony.layout import Layout
 from harmony.microbatch import split_batch
 from harmony.pack import Pack
 from harmony.planning import InfeasiblePlan, Plan, largest_micro_batch, plan
-from harmony.profile import UNCHECKED, optimizer_state_ratio, profile_layers
+from harmony.profile import UNCHECKED, profile_layers
+from harmony.refusals import refuse_nvme_space
 from harmony.runtime import Runtime
-from harmony.tied import TiedWeights, retie, untie
+from harmony.tied import Tie, TiedWeights, retie, untie
 from harmony.trainer_state import TrainerState
 from harmony.update_worker import UpdateWorker
 from harmony.user_checks import check_lr_scheduler
 from schedules.task import Loc
 
 if TYPE_CHECKING:
+    from harmony.materialize import Materializer
     from swap.engine import SwapEngine
     from swap.stats import Stats
     from swap.tier import Tier
@@ -77,33 +81,44 @@ class TrainerPlanning(TrainerState):
     _reserved: ReservedPeak
     _origin_device: Callable[[Any], torch.device]
     _input_copies: InputCopies
+    _materializer: Materializer
 
     # -- planning ---------------------------------------------------------------------------
 
     def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
         self._weights_arrived()
-        # Between steps, the layers of packs homed off the device hold empty tensors: give
-        # them their home weights while the profile runs (new input shapes re-profile).
-        away = [] if self._runtime is None else [
-            p for p in self._runtime.packs if p.home is not Loc.DEVICE]
-        for pack in away:
-            pack.layout.bind(pack.home_weights())
         grouping = self._forward_group != 1 and self._second_input is not None
         try:
             self._profiles = profile_layers(self.chain, self._layer_layouts, x, y,
                                             self.loss_fn, self.device, self.precision,
                                             changed=self._changing,
                                             group_inputs=self._second_input if grouping
-                                            else None, copies=self._input_copies)
+                                            else None, copies=self._input_copies,
+                                            values=self._layer_values)
         finally:
-            for pack in away:
-                pack.layout.bind(None)
             for pack in self._runtime.packs if self._runtime is not None else []:
                 pack.got_grad = [False] * len(pack.got_grad)  # the profile's backward set them
+
+    @contextlib.contextmanager
+    def _layer_values(self, i: int) -> Iterator[None]:
+        """Layer ``i``'s weights while the profile runs it, one layer's at a time in host
+        memory: before the packs are built, a model on the meta device materializes it;
+        between steps, a pack homed off the device binds its home weights (read from NVMe
+        when they live there) to its layers, which otherwise hold empty tensors."""
+        if self._runtime is None:
+            with self._materializer.layer(i):
+                yield
+            return
+        pack = next((p for p in self._runtime.packs
+                     if p.first_layer <= i < p.first_layer + len(p.layers)), None)
+        if pack is None or pack.home is Loc.DEVICE:  # (another pipeline stage's layer)
+            yield
+            return
+        pack.layout.bind(pack.home_weights())
         try:
-            self._k_ratio = optimizer_state_ratio(self.optimizer_factory)
-        except Exception:  # an optimizer that cannot be probed: assume Adam-like state
-            self._k_ratio = 2.0
+            yield
+        finally:
+            pack.layout.bind(None)
 
     def _plan_for(self, sizes: list[int], fixed: Any = None,
                   forward_group: int | str | None = "asked",
@@ -153,6 +168,8 @@ class TrainerPlanning(TrainerState):
             self._forward_group = chosen.forward_group  # (later shapes keep rank 0's choice)
         if self._reserved.base is None:  # the profile's and the probe's blocks are freed now
             self._reserved.start()
+        if self.store is not None:  # the disk must hold what the plan puts there
+            refuse_nvme_space(chosen, self.store.root, held=self.store.used_bytes)
         # Building is all or nothing: on any failure (a raising or wrong optimizer or
         # scheduler factory, a disk filling up) every pack built so far gives its layers their
         # values back and its bytes back to the tiers, so the model holds what it held before
@@ -166,6 +183,9 @@ class TrainerPlanning(TrainerState):
             if lost:
                 err.add_note(lost)
             raise
+        # The packs hold the values now: a re-plan takes the trained ones, not init= or the
+        # weights= files (a failed build above gives the next try the same values again).
+        self._materializer.done()
 
     def _build(self, chosen: Plan, key: tuple[Any, ...], packs: list[Pack]) -> None:
         """Build ``chosen``'s packs (appended to ``packs`` as they are) and the runtime."""
@@ -178,6 +198,10 @@ class TrainerPlanning(TrainerState):
             self._layer_layouts = [Layout([m], self.precision.dtype_of)
                                    for m in self.chain.layers]
         rank = self._dp.group.rank if self._dp is not None else 0
+        values = self._materializer.active
+        for tie in self._ties if values else []:  # a copy takes its master's value
+            for sharer in tie.sharers:
+                self._materializer.alias(sharer.copy, partial(_master_value, packs, tie))
         for p, (a, b) in enumerate(chosen.bounds):
             home = placement.w[p]
             # Sharded optimizer: another rank may own this pack's optimizer state and masters
@@ -188,7 +212,11 @@ class TrainerPlanning(TrainerState):
                                     untrained=TiedWeights.untrained(self._ties, p),
                                     owned=chosen.owners is None or chosen.owners[p] == rank,
                                     update_chunk=chosen.update_chunk,
-                                    k_ratio=self.precision.k_ratio(self._k_ratio)))
+                                    k_ratio=self.precision.k_ratio(self._k_ratio),
+                                    values=partial(self._materializer.pack_values,
+                                                   self.chain.layers[a:b], a) if values
+                                    else None, staging=self.tiers[Loc.HOST]))
+        trim()  # what building freed (the model's own weights, staging) goes back
         self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
                                 self.seed, self.store)
         self._runtime.precision = self.precision
@@ -285,7 +313,7 @@ class TrainerPlanning(TrainerState):
             self._profiles = profiles  # (the packs stay those of the first shapes)
             raise
         # Buffers outside the state dict (non-persistent ones: rotary tables) keep their values.
-        keys = {id(v) for v in self.chain.model.state_dict(keep_vars=True).values()}
+        keys = {id(v) for v in self._model_tensors().values()}
         loose = []
         for pack in self._runtime.packs:
             mine = [e for e in pack.layout.buffers if id(e.tensor) not in keys]
@@ -329,6 +357,13 @@ class TrainerPlanning(TrainerState):
         return self._auto_sizes[key]
 
 
+def _master_value(packs: list[Pack], tie: Tie) -> torch.Tensor:
+    """The value of tied weight ``tie`` at its owner's home (the owner pack is built first)."""
+    pack = packs[tie.owner]
+    e = next(e for e in pack.layout.trainable if e.tensor is tie.master)
+    return e.gview(pack.master_weights()).clone()
+
+
 def _load_plan(path: str | os.PathLike[str]) -> Plan:
     from harmony.report import plan_from_json  # the JSON format lives with the report
 
@@ -344,7 +379,8 @@ _BANDWIDTH: dict[str, dict[str, float]] = {}
 
 
 def _bandwidth(device: torch.device) -> dict[str, float]:
-    """Bytes/s of host<->device copies, measured once per device (64 MiB copies).
+    """Bytes/s of host<->device copies, measured once per device (64 MiB copies; freed
+    at once, and covered by the fixed part of the bound on resident memory).
 
     On CUDA the host side is pinned as the host tier pins (:mod:`swap.pinned`, unpinned
     when the probe ends, never kept by PyTorch's caching host allocator), and the device

@@ -19,16 +19,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from harmony import checkpoint
+from harmony import checkpoint, streaming
+from harmony.export import write_shards
 from harmony.hf_export import adapter_keys, write_adapter, write_config
 from harmony.ownership import acting, acts
 from harmony.pack import NothingToTrain
+from harmony.sizes import parse_bytes
+from harmony.tensor_files import Streamed
 from schedules.task import Loc
 
 if TYPE_CHECKING:
     from harmony.chain import Chain
     from harmony.data_parallel import DataParallel
     from harmony.layout import Layout
+    from harmony.materialize import Materializer
     from harmony.pack import Pack
     from harmony.pipeline import Pipeline
     from harmony.planning import Plan
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from harmony.runtime import Runtime
     from harmony.tied import Tie
     from swap.nvme import NvmeStore
+    from swap.tier import Tier
 
 
 class TrainerState:
@@ -65,12 +70,18 @@ class TrainerState:
     _probed_optimizer: str | None
     optimizer_factory: Any
 
+    _materializer: Materializer
+    tiers: dict[Loc, Tier]
+
     # -- results ----------------------------------------------------------------------------
 
     @acts
     def state_dict(self, keys: Collection[str] | None = None,
                    inconsistent_ok: bool = False) -> dict[str, torch.Tensor]:
         """The trained weights under the model's own ``state_dict()`` keys, as CPU tensors.
+
+        They are read pack by pack (an NVMe-homed pack chunk by chunk), so that reading them
+        takes no more memory than what is returned.
 
         Args:
             keys: only these keys (a LoRA adapter's, say); None: all.
@@ -80,6 +91,9 @@ class TrainerState:
         Raises:
             RuntimeError: a step failed part-way (and ``inconsistent_ok`` is False); the
                 message says what happened and how to recover (:meth:`load`).
+            MemoryError: they would take more than the memory the system has available; the
+                message gives both numbers. :meth:`export` and :meth:`save` write them to disk
+                one pack at a time instead.
 
         Example::
 
@@ -91,23 +105,13 @@ class TrainerState:
         self._weights_arrived()
         model_sd = {k: v for k, v in self._model_tensors().items()
                     if keys is None or k in keys}
-        if self._runtime is None:
-            return {k: v.detach().cpu().clone() for k, v in model_sd.items()}
-        found: dict[int, torch.Tensor] = {}
-        for pack in self._runtime.packs:
-            flat, masters = pack.home_weights(), self._masters(pack)
-            for e in pack.layout.entries:  # trainable: the masters (fp32 in mixed precision)
-                found[id(e.tensor)] = e.gview(masters) if e.trainable else e.view(flat)
-        for tie in self._ties:  # a tied weight's copies show the owner's master
-            for sharer in tie.sharers:
-                found[id(sharer.copy)] = found[id(tie.master)]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        out = {}
-        for k, v in model_sd.items():
-            src = found.get(id(v))
-            out[k] = (src if src is not None else v.detach()).cpu().clone()
+        tensors = streaming.weights(self)
+        streaming.refuse_unless_fits(sum(s.nbytes for s in tensors.specs if s.key in model_sd))
+        got = {k: v.cpu().clone() for k, v in tensors.produce() if k in model_sd}
+        out = {k: got[k] for k in model_sd}
         if self._pipeline is not None:  # each key from the rank that trains it (collective)
+            assert self._runtime is not None
+            found = {id(e.tensor) for p in self._runtime.packs for e in p.layout.entries}
             owned = {k for k, v in model_sd.items() if id(v) in found}
             return self._pipeline.gather_state(out, owned)
         return out
@@ -204,10 +208,15 @@ class TrainerState:
     def _save(self, path: str | os.PathLike[str],
               optimizer: tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]] | None = None,
               weights: dict[str, torch.Tensor] | None = None) -> Path:
-        tensors, scalars, groups = optimizer if optimizer is not None \
-            else self._optimizer_state()
+        tensors: dict[str, torch.Tensor] | Streamed
         if self._pipeline is not None:  # rank 0 writes every stage's state (collective)
+            tensors, scalars, groups = optimizer if optimizer is not None \
+                else self._optimizer_state()
             tensors, scalars, groups = self._pipeline.gather_optimizer(tensors, scalars, groups)
+        elif optimizer is not None:
+            tensors, scalars, groups = optimizer
+        else:  # one pack (or chunk) of the state in memory at a time
+            tensors, scalars, groups = streaming.optimizer(self)
         meta = {"step_count": self.step_count, "seed": self.seed,
                 "optimizer": self._optimizer_name(),
                 "schedule": self.schedule_name, "micro_batch_size": self.micro_batch_size,
@@ -219,12 +228,13 @@ class TrainerState:
                     "bounds": [list(b) for b in self._plan.bounds],
                     "placement": self._plan.placement.to_json(),
                     "forward_group": self._plan.forward_group}}
-        if weights is None:
-            weights = self.state_dict()
         if self._pipeline is not None:
+            whole = self.state_dict() if weights is None else weights
             return self._pipeline.on_rank0(
-                lambda: checkpoint.save(path, self.step_count, weights, tensors, meta))
-        return checkpoint.save(path, self.step_count, weights, tensors, meta)
+                lambda: checkpoint.save(path, self.step_count, whole, tensors, meta))
+        return checkpoint.save(path, self.step_count,
+                               streaming.weights(self) if weights is None else weights,
+                               tensors, meta)
 
     @acts
     def load(self, path: str | os.PathLike[str]) -> None:
@@ -253,9 +263,15 @@ class TrainerState:
                         "so the weights are no longer those of one consistent step: load() a "
                         "checkpoint again before training on")
         # (an exception from here on leaves the trainer refusing to train until a load ends)
+        if self._runtime is None and self._materializer.meta:
+            # A model on the meta device takes these values when its packs are built,
+            # read from the checkpoint one tensor at a time.
+            self._materializer.use_weights(checkpoint.checkpoint_dir(path))
         homes, flats = self._home_views()
         with torch.no_grad():
             for k, v in current.items():
+                if v.is_meta:
+                    continue
                 for home in homes.get(id(v), [v]):
                     home.copy_(weights[k])
         for pack, kind, flat in flats:  # weights that live on NVMe go back to their files
@@ -267,7 +283,7 @@ class TrainerState:
             self._apply_optimizer_state()
             self._apply_scheduler_state()
         self.precision.load_state_dict(meta.get("precision"))  # fp16's loss scale
-        self.step_count = meta["step_count"]
+        self.step_count = int(meta["step_count"])
         self._broken = None
 
     def _check_checkpoint(self, path: str | os.PathLike[str],
@@ -311,13 +327,19 @@ class TrainerState:
                     f"{sorted(trainable)[:5]}...); it is of another model")
 
     @acts
-    def export(self, path: str | os.PathLike[str]) -> Path:
+    def export(self, path: str | os.PathLike[str],
+               max_shard_size: int | str = "5GB") -> Path:
         """Write the trained weights for use without harmony; returns the folder.
 
-        ``path/model.safetensors`` holds :meth:`state_dict` (the model's own keys). For a model
-        from Hugging Face transformers, ``path/config.json`` is written too, so
-        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it. For a
-        ``peft`` model, the adapter alone, as its ``save_pretrained`` writes it
+        The weights (:meth:`state_dict`'s keys and values) go to ``path/model.safetensors``,
+        or, beyond ``max_shard_size`` bytes, to shards ``model-00001-of-0000N.safetensors``
+        named by ``model.safetensors.index.json``, as Hugging Face's ``save_pretrained``
+        writes them; they are read and written one pack at a time (an NVMe-homed pack chunk
+        by chunk), so a model larger than host memory is exported too. For a model from
+        Hugging Face transformers, ``path/config.json`` is written as well, so
+        ``AutoModelForCausalLM.from_pretrained(path)`` (or the model's class) loads it, and
+        ``harmony.hf_weights.load_meta(path)`` builds it on the meta device for training. For
+        a ``peft`` model, the adapter alone, as its ``save_pretrained`` writes it
         (``adapter_config.json``, ``adapter_model.safetensors``), which
         ``PeftModel.from_pretrained(base_model, path)`` loads (:mod:`harmony.hf_export`).
         With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
@@ -333,21 +355,23 @@ class TrainerState:
         """
         self._refuse_if_broken("export()", "nothing in the export folder was changed")
         out = Path(path)
+        shard = parse_bytes(max_shard_size, "max_shard_size")
+        if not shard:
+            raise ValueError(f"max_shard_size={max_shard_size!r} must be a positive size, "
+                             "e.g. '5GB'")
         adapter = adapter_keys(self.chain.model)  # None unless a peft model
-        weights = self.state_dict(adapter)  # fresh CPU copies: no two keys share memory
-        if self._pipeline is not None and self._pipeline.rank != 0:
-            return out
+        weights: dict[str, torch.Tensor] | Streamed
+        if self._pipeline is not None or adapter is not None:
+            weights = self.state_dict(adapter)  # (collective with pipeline stages)
+            if self._pipeline is not None and self._pipeline.rank != 0:
+                return out
+        else:
+            weights = streaming.weights(self)
         out.mkdir(parents=True, exist_ok=True)
         if adapter is not None:
+            assert isinstance(weights, dict)
             return write_adapter(self.chain.model, weights, out)
-        tmp = out / ".model.safetensors.tmp"
-        try:
-            checkpoint.write_safetensors(weights, tmp, metadata={"format": "pt"},
-                                         todo=f"free space in {out} or export elsewhere")
-            os.replace(tmp, out / "model.safetensors")
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_shards(out, weights, shard)
         write_config(self.chain.model, out)
         return out
 

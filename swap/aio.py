@@ -2,8 +2,11 @@
 
 DeepSpeed's ``async_io`` op submits O_DIRECT reads and writes through libaio with a queue of
 blocks per request and takes page-locked buffers. Building it is a JIT C++ compile of 5 to
-15 minutes, so the store only uses an op that is already built unless asked for "aio" by
-name; ``.ci/install-aio.sh`` builds it ahead of time.
+15 minutes, so nothing builds it unless asked: the store's ``"auto"`` uses an op that is
+already built, found without compiling anything (:func:`find_aio`: a JIT build in the torch
+extensions cache, loaded straight from its shared libraries, or an op installed with
+DeepSpeed), and otherwise O_DIRECT threads. ``harmony env --build-aio``, ``.ci/install-aio.sh``
+or ``backend="aio"`` given by name build it, saying first that it may take minutes.
 
 What the op does not do, and the store makes up for:
 - it does not report the result of each block (``io_event.res`` is ignored), so a full disk is
@@ -18,7 +21,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import importlib
+import importlib.util
+import logging
 import os
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -27,6 +33,9 @@ from typing import Any
 import torch
 
 OP_NAME = "async_io"
+BUILD_HINT = "harmony env --build-aio builds it (may take several minutes; needs libaio-dev)"
+log = logging.getLogger("harmony.swap")
+_loaded: dict[str, Any] = {}
 
 
 class AioUnavailable(RuntimeError):
@@ -40,18 +49,74 @@ def extensions_dir() -> Path:
     )
 
 
+def _build_dirs(name: str) -> list[Path]:
+    """Where a JIT build of op ``name`` may be: under :func:`extensions_dir` itself (where
+    this module and ``.ci/install-aio.sh`` build), or in torch's default per-Python folder
+    (``py311_cpu``, ``py311_cu124``: where DeepSpeed builds by default)."""
+    root = extensions_dir()
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return [root / name, root / f"{py}_{accel}" / name]
+
+
+def built_op(name: str) -> Path | None:
+    """The shared library of a finished JIT build of DeepSpeed op ``name`` (no build in
+    progress), or None. Cheap: imports and compiles nothing."""
+    for d in _build_dirs(name):
+        if (d / f"{name}.so").is_file() and not (d / "lock").exists():
+            return d / f"{name}.so"
+    return None
+
+
+def _installed_op() -> bool:
+    """Whether DeepSpeed was installed with its async I/O op compiled in (DS_BUILD_AIO=1),
+    found without importing DeepSpeed."""
+    try:
+        spec = importlib.util.find_spec("deepspeed")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or spec.origin is None:
+        return False
+    return any((Path(spec.origin).parent / "ops" / "aio").glob("async_io_op*.so"))
+
+
+def find_aio() -> str | None:
+    """Where an async I/O op that loads without building is (a path, or "installed with
+    DeepSpeed"), or None."""
+    so, pin = built_op(OP_NAME), built_op("pin_memory")
+    if so is not None and pin is not None:
+        return str(so.parent)
+    return "installed with DeepSpeed" if _installed_op() else None
+
+
 def aio_prebuilt() -> bool:
-    """True if finished builds of the op and of the pin_memory op it needs are in
-    :func:`extensions_dir` (cheap: imports nothing)."""
-    for name in (OP_NAME, "pin_memory"):
-        build = extensions_dir() / name
-        if not (build / f"{name}.so").is_file() or (build / "lock").exists():
-            return False
-    return True
+    """True if :func:`find_aio` finds an op (cheap: imports nothing)."""
+    return find_aio() is not None
+
+
+def _load_built() -> Any:
+    """The JIT-built op, loaded straight from its shared library: no DeepSpeed import, no
+    compiler, no ninja (which would rebuild it if anything about the sources changed)."""
+    so, pin = built_op(OP_NAME), built_op("pin_memory")
+    assert so is not None and pin is not None
+    if not torch.cuda.is_available():  # (the op imports DeepSpeed, which probes otherwise)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        # The op calls the pin manager compiled into pin_memory.so: its symbols first, global.
+        ctypes.CDLL(str(pin), mode=ctypes.RTLD_GLOBAL)
+        spec = importlib.util.spec_from_file_location(OP_NAME, so)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (OSError, ImportError) as e:
+        raise AioUnavailable(f"the op built at {so.parent} does not load ({e}); rebuild it: "
+                             f"{BUILD_HINT}") from e
+    return module
 
 
 def load_aio_op(build: bool) -> Any:
-    """Import DeepSpeed and load its async I/O op, building it first if ``build`` allows.
+    """Load DeepSpeed's async I/O op: one already built (:func:`find_aio`), or, if ``build``
+    allows, build it first (logging that it may take minutes).
 
     Sets DS_ACCELERATOR=cpu when unset and CUDA is absent (else DeepSpeed probes for
     accelerators) and TORCH_EXTENSIONS_DIR to :func:`extensions_dir` so the build is found by
@@ -61,27 +126,34 @@ def load_aio_op(build: bool) -> Any:
         AioUnavailable: deepspeed missing, libaio missing, op not built (and ``build`` false),
             or the build failed.
     """
+    where = find_aio()
+    if where is None and not build:
+        raise AioUnavailable(f"op not built in {extensions_dir()}; {BUILD_HINT}")
+    if OP_NAME in _loaded:  # (loaded once per process)
+        return _loaded[OP_NAME]
+    if where is not None and where != "installed with DeepSpeed":
+        _loaded[OP_NAME] = _load_built()
+        return _loaded[OP_NAME]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not build and not aio_prebuilt():
-        raise AioUnavailable(
-            f"op not built in {extensions_dir()}; run .ci/install-aio.sh or "
-            f"NvmeStore(backend='aio') once, 5-15 minutes"
-        )
     try:
         builder_mod = importlib.import_module("deepspeed.ops.op_builder")
     except Exception as e:  # ImportError, or DeepSpeed failing on its own imports
         raise AioUnavailable(f"deepspeed not importable: {type(e).__name__}: {e}") from e
     builder = builder_mod.AsyncIOBuilder()
-    # DeepSpeed checks by compiling a test program against libaio: where it fails, say so
-    # rather than show the compiler error of a doomed build.
-    if not builder.is_compatible(verbose=False):
-        raise AioUnavailable("libaio-dev missing: apt-get install -y libaio-dev")
+    if where is None:
+        # DeepSpeed checks by compiling a test program against libaio: where it fails, say
+        # so rather than show the compiler error of a doomed build.
+        if not builder.is_compatible(verbose=False):
+            raise AioUnavailable("libaio-dev missing: apt-get install -y libaio-dev")
+        log.warning("harmony: building DeepSpeed's async I/O op into %s; this may take "
+                    "several minutes (once: later runs load the build)", extensions_dir())
     try:
-        return builder.load(verbose=False)
+        _loaded[OP_NAME] = builder.load(verbose=False)
     except Exception as e:  # a compiler error, ninja missing, a link error...
         raise AioUnavailable(f"op build failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    return _loaded[OP_NAME]
 
 
 class AioIO:

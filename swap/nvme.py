@@ -630,6 +630,10 @@ class _Request:
             self._finish(self.error)
         except BaseException as e:  # e.g. close() of the fd failed: still complete, report it
             self.error = self.error or e
+        # The finisher holds the job, which holds this request and the caller's tensor: a
+        # reference cycle that would keep the tensor's memory until the garbage collector
+        # runs (a pack's weights per request). Dropping it frees the tensor with its last user.
+        self._finish = _finished
         with self._lock:
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
@@ -658,6 +662,10 @@ class _Request:
 
     def synchronize(self) -> None:
         self.wait()
+
+
+def _finished(error: BaseException | None) -> None:
+    """A completed request's finisher: it has run already."""
 
 
 def check_root(root: object) -> Path:
@@ -873,9 +881,11 @@ def _open_engine(backend: str, directory: Path, alignment: int, chunk_bytes: int
             engine = PosixIO("buffered", direct=False, alignment=alignment)
         break
     assert engine is not None  # the loop always ends on a PosixIO
-    if reasons:
-        using = _DESCRIPTION[engine.name] if engine.direct else "buffered I/O threads"
+    using = _DESCRIPTION[engine.name] if engine.direct else "buffered I/O threads"
+    if reasons:  # one line: which backend, and why not a faster one (how to get it)
         log.warning("harmony NVMe store: %s: using %s", "; ".join(reasons), using)
+    else:
+        log.info("harmony NVMe store: using %s", using)
     return engine
 
 

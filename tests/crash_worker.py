@@ -160,15 +160,18 @@ def instrument() -> None:
         PROGRESS.hook("ck.fsyncdir", "tmp" if Path(path).name.startswith(".tmp-") else "root")
         real_fsync_dir(path)
 
-    def save_file(tensors: dict[str, torch.Tensor], path: Any) -> None:
+    real_write_tensors = checkpoint.write_safetensors
+
+    def write_safetensors(tensors: Any, path: Any, metadata: Any = None, todo: str = "") -> None:
         PROGRESS.hook("ck.write", Path(path).name)
-        real_st.save_file(tensors, path)
+        real_write_tensors(tensors, path, metadata, todo)
 
     def rmtree(path: Any, ignore_errors: bool = False) -> None:
         PROGRESS.hook("ck.rmtree", Path(path).name)
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    shim = SimpleNamespace(save_file=save_file, load_file=real_st.load_file)
+    shim = SimpleNamespace(save_file=real_st.save_file, load_file=real_st.load_file)
+    checkpoint.write_safetensors = write_safetensors  # type: ignore[assignment]
     checkpoint._fsync_file = fsync_file
     checkpoint._fsync_dir = fsync_dir
     checkpoint._safetensors = lambda: shim

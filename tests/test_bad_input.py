@@ -232,8 +232,12 @@ def test_a_loss_that_is_not_a_scalar_is_refused_up_front_with_its_shape(
         assert all(torch.equal(v, initial[k]) for k, v in t.state_dict().items())
 
 
-def test_a_model_on_the_meta_device_without_weights_is_refused_up_front() -> None:
+def test_a_model_on_the_meta_device_without_weights_says_how_it_is_initialized() -> None:
+    """Without init= or weights= a meta-built model is initialized by its modules' own
+    reset_parameters(), and the user is told, with the arguments that give other values."""
     with torch.device("meta"):
         model = mlp()
-    with pytest.raises(ValueError, match=r"meta device.*init=.*weights="):
-        harmony.Trainer(model, LOSS)
+    x, y = _xy()
+    with harmony.Trainer(model, LOSS) as t, \
+            pytest.warns(UserWarning, match=r"meta device.*init=.*weights="):
+        t.step(x, y)
