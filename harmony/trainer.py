@@ -51,7 +51,7 @@ from harmony.user_checks import (
 from schedules.generators import GENERATORS
 from schedules.task import Loc
 from swap.engine import SwapEngine
-from swap.nvme import NvmeStore
+from swap.nvme import NvmeStore, check_root
 from swap.stats import Stats
 from swap.streams import host_pinning
 from swap.tier import Tier, fmt_bytes
@@ -427,6 +427,8 @@ class Trainer(TrainerPlanning):
         self._first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
         self._check_layers_fit()
         self._k_ratio = _probe_k_ratio(self.optimizer_factory)
+        if nvme_dir is not None:  # (a bad value is named before any budget arithmetic)
+            check_root(nvme_dir)
         if self._pipeline is None:  # (a stage holds part of the model: its plan checks it)
             # What no plan can fix, with the numbers, before anything is profiled; with a
             # sharded optimizer each rank holds only its packs' optimizer state.
