@@ -1,6 +1,6 @@
 """GPU benchmark: harmony beside plain PyTorch and DeepSpeed ZeRO offload, on one decoder model.
 
-One built-in decoder model (``harmony.builtin_models``; default ``gpt2-xl``, 1.64B parameters)
+One built-in decoder model (``harmony.tools.builtin_models``; default ``gpt2-xl``, 1.64B parameters)
 trains with bf16 compute and fp32 master weights and AdamW state, on random tokens:
 
 * **harmony**, with ``device_memory`` a quarter of the training state (``--device-fraction``);
@@ -53,9 +53,9 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import harmony
 
-from harmony.builtin_models import BUILTINS, build
-from harmony.precision import CHOICES
-from harmony.sizes import parse_bytes
+from harmony.model.precision import CHOICES
+from harmony.planning.sizes import parse_bytes
+from harmony.tools.builtin_models import BUILTINS, build
 from swap.tier import fmt_bytes
 
 VARIANTS = ("harmony", "pytorch", "zero-offload", "zero3-offload")
@@ -63,7 +63,7 @@ TITLES = {"harmony": "harmony", "pytorch": "plain PyTorch",
           "zero-offload": "DeepSpeed ZeRO-Offload (stage 2, CPU)",
           "zero3-offload": "DeepSpeed ZeRO-3 (params + optimizer on CPU)"}
 # Bytes of training state per parameter: W in the compute dtype, G in fp32, K = fp32 masters +
-# AdamW's two fp32 moments (harmony/precision.py); fp32 training keeps no separate masters.
+# AdamW's two fp32 moments (harmony/model/precision.py); fp32 training keeps no separate masters.
 STATE_PER_PARAM = {"bf16": 2 + 4 + 12, "fp32": 4 + 4 + 8}
 VARIANT_CAP_S = {"harmony": 170.0, "pytorch": 80.0, "zero-offload": 120.0,
                  "zero3-offload": 140.0}  # the most one row may take (less if time is short)
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gpt2-xl", choices=sorted(BUILTINS),
-                    help="a built-in decoder (harmony.builtin_models)")
+                    help="a built-in decoder (harmony.tools.builtin_models)")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step")
     ap.add_argument("--micro-batch-size", type=int, default=2)

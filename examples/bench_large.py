@@ -1,6 +1,6 @@
 """A model whose training state is twice the machine's memory, trained within 12 GiB.
 
-A decoder (``harmony.builtin_models.Transformer``, Llama-style; 3.37B parameters by default,
+A decoder (``harmony.tools.builtin_models.Transformer``, Llama-style; 3.37B parameters by default,
 50 GiB of fp32 AdamW training state) is built on the meta device, so it never exists whole in
 memory: the trainer initializes it one layer at a time straight into its packs' homes (the
 device tier, the host tier, or NVMe files) and trains a few steps with ``host_memory="8GiB"``
@@ -44,14 +44,14 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import harmony
 
-from harmony import streaming
-from harmony.builtin_models import Transformer, TransformerConfig, _init_weights
-from harmony.builtin_models import token_cross_entropy as loss_fn
-from harmony.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim
-from harmony.materialize import default_init
-from harmony.refusals import free_bytes
-from harmony.sizes import parse_bytes
-from harmony.weights import WeightFiles
+from harmony.io.weights import WeightFiles
+from harmony.model.materialize import default_init
+from harmony.planning.refusals import free_bytes
+from harmony.planning.sizes import parse_bytes
+from harmony.runtime.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes, trim
+from harmony.tools.builtin_models import Transformer, TransformerConfig, _init_weights
+from harmony.tools.builtin_models import token_cross_entropy as loss_fn
+from harmony.training import streaming
 from schedules.placement import Placement
 from schedules.task import Loc
 from swap.tier import fmt_bytes

@@ -1,6 +1,6 @@
 """The process's resident memory while training, against the budgets it was given.
 
-Each case trains a decoder (``harmony.builtin_models.Transformer``, 98M parameters by default:
+Each case trains a decoder (``harmony.tools.builtin_models.Transformer``, 98M parameters by default:
 391 MB of fp32 weights, 1.5 GiB of AdamW training state) for a few steps in a fresh process,
 under budgets sized from its training state, and prints per case: the budgets, the peaks the
 tiers accounted, the peak resident set (RSS) above the baseline, and the bound harmony keeps,
@@ -101,7 +101,7 @@ def bound(device: int, host: int) -> int:
 
 
 def _config(args: argparse.Namespace) -> object:
-    from harmony.builtin_models import TransformerConfig
+    from harmony.tools.builtin_models import TransformerConfig
 
     return TransformerConfig(vocab_size=args.vocab, n_layer=args.n_layer, dim=args.dim,
                              n_head=args.dim // 64, ffn_hidden=4 * args.dim,
@@ -113,7 +113,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
     import harmony
-    from harmony.builtin_models import Transformer, _init_weights, token_cross_entropy
+    from harmony.tools.builtin_models import Transformer, _init_weights, token_cross_entropy
 
     torch.set_num_threads(args.threads)
     case = CASES[args.case]
@@ -137,7 +137,7 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     reset_peak_rss()
     kwargs: dict[str, object] = {}
     if args.build == "meta":  # each module's defaults (norms), then the model's own init
-        from harmony.materialize import default_init
+        from harmony.model.materialize import default_init
 
         kwargs["init"] = lambda layer: (default_init(layer), layer.apply(_init_weights))
     t0 = time.perf_counter()

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import batches
 from gpt import GPT, GPTConfig, loss_fn
 
-from harmony.pack import Pack
+from harmony.runtime.pack import Pack
 from schedules.placement import Placement
 from schedules.task import Loc
 from swap.tier import fmt_bytes

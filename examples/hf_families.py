@@ -5,7 +5,7 @@ thousand parameters.
 For each family it prints one line:
 
 * ``split``: the chain's composition equals ``model(x, use_cache=False).logits`` bit for bit
-  and the probe harmony runs before training (``harmony.probe``) agrees;
+  and the probe harmony runs before training (``harmony.model.probe``) agrees;
 * ``refused``: harmony refuses to split it automatically, and why (declare its chain by hand:
   docs/hf.md);
 * ``DIFFERENT``: the composition differs from the model's logits and the probe did not refuse
@@ -38,9 +38,9 @@ try:
 except ModuleNotFoundError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harmony.chain import Chain
-from harmony.hf import Unsplittable
-from harmony.probe import ChainMismatch, check_chain
+from harmony.model.chain import Chain
+from harmony.model.hf import Unsplittable
+from harmony.model.probe import ChainMismatch, check_chain
 
 # shrunk sizes, set wherever a config has the attribute
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -2,21 +2,21 @@
 
 >>> import harmony
 >>> harmony.Trainer  # doctest: +ELLIPSIS
-<class 'harmony.trainer.Trainer'>
+<class 'harmony.training.trainer.Trainer'>
 """
 
-from harmony import optim
-from harmony.checkpoint import CheckpointError
-from harmony.hf_weights import load_meta
-from harmony.materialize import empty_weights
-from harmony.ownership import ModelHeldError
-from harmony.planning import InfeasiblePlan, Plan
-from harmony.precision import Precision
-from harmony.rng import layer_rng, layer_seed
-from harmony.runtime import NonFiniteLoss
-from harmony.sizes import parse_bytes
-from harmony.trainer import Trainer
-from harmony.weights import WeightsError
+from harmony.io.checkpoint import CheckpointError
+from harmony.io.weights import WeightsError
+from harmony.model.hf_weights import load_meta
+from harmony.model.materialize import empty_weights
+from harmony.model.precision import Precision
+from harmony.model.rng import layer_rng, layer_seed
+from harmony.planning.planner import InfeasiblePlan, Plan
+from harmony.planning.sizes import parse_bytes
+from harmony.runtime.runtime import NonFiniteLoss
+from harmony.training import optim
+from harmony.training.ownership import ModelHeldError
+from harmony.training.trainer import Trainer
 from swap.stats import Stats
 
 __all__ = ["CheckpointError", "InfeasiblePlan", "ModelHeldError", "NonFiniteLoss", "Plan",

@@ -1,5 +1,5 @@
 """``python -m harmony report ...``: the same as the ``harmony`` command."""
 
-from harmony.cli import main
+from harmony.tools.cli import main
 
 raise SystemExit(main())

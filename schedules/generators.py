@@ -15,7 +15,7 @@ forward: its backward runs the forward (and the loss) itself.
 A forward may cover a group of micro-batches (``F1.0-3``: one call over their samples
 together), which keeps a device busier than several small calls. Backward, stashes and updates
 stay per micro-batch, so only a schedule that recomputes can group forwards, and only packs whose
-layers treat samples independently and draw no random numbers (:mod:`harmony.profile` finds
+layers treat samples independently and draw no random numbers (:mod:`harmony.planning.profile` finds
 them) give the same result. Forwards in groups of two, pack 1 per micro-batch::
 
     harmony(3, 4, group=2, grouped={0})

@@ -2,7 +2,7 @@
 
 With K on NVMe, a pack's master weights and optimizer state are read into host memory from its
 first backward on (so the reads hide behind the backward) and written back after its update,
-in chunks when ``Sizes.chunks`` splits the pack (as :mod:`harmony.chunked_update` streams
+in chunks when ``Sizes.chunks`` splits the pack (as :mod:`harmony.runtime.chunked_update` streams
 them): the first two chunks are read from the pack's first backward on; before chunk i steps,
 chunk i-2's writes are waited for and its bytes released, and chunk i+1 is read; each chunk's
 step takes its share (by bytes) of the update's time; the host holds at most three chunks.
@@ -21,8 +21,8 @@ all-reduce ``&G p`` moves :func:`schedules.data_parallel.ring_bytes` over the
 ``"allreduce"`` link once G p is ready, and whatever reads G p afterwards waits for it.
 
 With ``overlap_updates``, the update of a pack whose K lives on the host or on NVMe runs on a
-worker (``harmony.update_worker``): the thread goes on once the update has started, the update
-ends ``times.upd`` later on the worker (streamed chunk by chunk from NVMe, on its own clock),
+worker (``harmony.runtime.update_worker``): the thread goes on once the update has started, the
+update ends ``times.upd`` later on the worker (streamed chunk by chunk from NVMe, on its own clock),
 and the next update, the pack's weight broadcast or load, and the step's end wait for it; the
 pack's G stays at home until then. An NVMe pack's update holds, from its start until it is
 joined, the host bytes of its three largest consecutive chunks (the runtime's reservation),

@@ -87,7 +87,7 @@ class DeferredCopy:
         self.error: BaseException | None = None
 
     def describe(self) -> str:
-        """``'copy #3 on host->device (issued at harmony/runtime.py:318)'``."""
+        """``'copy #3 on host->device (issued at harmony/runtime/runtime.py:318)'``."""
         return f"copy #{self.seq} on {self.link} (issued at {self.site})"
 
 

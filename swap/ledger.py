@@ -48,14 +48,33 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from swap.handle import Handle, parts
 
-if TYPE_CHECKING:
-    from swap.deferred import DeferredCopier, DeferredCopy
+
+class DeferredCopy(Protocol):
+    """What the ledger reads of a copy (:class:`swap.deferred.DeferredCopy`)."""
+
+    link: str
+    seq: int
+    src: torch.Tensor
+    dst: torch.Tensor
+
+    def describe(self) -> str: ...
+
+
+class DeferredCopier(Protocol):
+    """What the ledger asks the copier feeding it (:class:`swap.deferred.DeferredCopier`)."""
+
+    # (a copy of the copier's own kind: typed Any so the copier's own signatures match)
+    def known(self, copy: Any) -> bool: ...
+
+    def ordered(self, copy: Any) -> bool: ...
+
+    def implied(self, copy: Any) -> dict[str, int]: ...
 
 _ROOT = Path(__file__).resolve().parents[1]
 _SKIP = {str(Path(__file__).resolve().parent / f) for f in
@@ -74,8 +93,9 @@ class WatchedTier(Protocol):
 
 
 def caller_site(depth: int = 2) -> str:
-    """``'harmony/runtime.py:550 (from harmony/runtime.py:258)'``: the first ``depth`` frames
-    of the calling stack outside the swap engine, tiers, handles and this ledger."""
+    """``'harmony/runtime/runtime.py:550 (from harmony/runtime/runtime.py:258)'``: the first
+    ``depth`` frames of the calling stack outside the swap engine, tiers, handles and this
+    ledger."""
     frame = sys._getframe(1)
     found: list[str] = []
     while frame is not None and len(found) < depth:

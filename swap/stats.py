@@ -19,7 +19,7 @@ class Stats:
         stall_seconds: seconds compute waited for each link's copies.
         peak_bytes: highest accounted bytes per tier (``"device"``, ``"host"``, ``"nvme"``);
             on CUDA also ``"device reserved"``, what PyTorch's caching allocator reserved at
-            most since the trainer's first plan (see :mod:`harmony.device_memory`), and
+            most since the trainer's first plan (see :mod:`harmony.planning.device_memory`), and
             ``"host pinned"``, the most host bytes page-locked at once.
         seconds: wall seconds per phase (``"forward"``, ``"backward"``, ``"update"``, ``"step"``).
         skipped_steps: steps skipped for a non-finite loss (``Trainer(nonfinite="skip")``).

@@ -66,7 +66,7 @@ import safetensors.torch
 import torch
 
 import harmony
-from harmony import checkpoint
+from harmony.io import checkpoint
 from swap import nvme
 from tests import copier
 from tests.models import MODELS, training_state_bytes
@@ -128,7 +128,7 @@ _instrumented = False
 
 
 class _OsProxy:
-    """``os`` as harmony.checkpoint sees it: with a hook before ``replace``."""
+    """``os`` as harmony.io.checkpoint sees it: with a hook before ``replace``."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
@@ -141,7 +141,7 @@ class _OsProxy:
 def instrument() -> None:
     """Put progress hooks around the checkpoint writer's steps and the NVMe store's writes.
 
-    Only this process's module attributes change (harmony.checkpoint gets its own ``os`` and
+    Only this process's module attributes change (harmony.io.checkpoint gets its own ``os`` and
     ``shutil`` stand-ins); what runs between the hooks is harmony's code, unchanged.
     """
     global _instrumented

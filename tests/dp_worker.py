@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 import harmony
-from harmony.report import plan_to_json
+from harmony.tools.report import plan_to_json
 from schedules.task import Loc
 from tests import copier
 from tests.models import MODELS as SHARED_MODELS

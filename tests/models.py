@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from harmony.rng import layer_rng
+from harmony.model.rng import layer_rng
 
 
 def mlp(dropout: float = 0.0) -> nn.Sequential:

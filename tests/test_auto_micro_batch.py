@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import harmony
-from harmony.planning import largest_micro_batch
+from harmony.planning.planner import largest_micro_batch
 from tests.models import MODELS, reference_train, training_state_bytes
 
 

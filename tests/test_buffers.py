@@ -1,6 +1,6 @@
 """Buffers a forward changes (BatchNorm's running statistics) are updated once per
 micro-batch, as in plain PyTorch, whatever the schedule recomputes and wherever the pack
-lives (harmony.buffers)."""
+lives (harmony.model.buffers)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import harmony
-from harmony.planning import Plan
+from harmony.planning.planner import Plan
 from schedules.placement import Placement
 from schedules.task import Loc
 from tests.models import reference_train

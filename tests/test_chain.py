@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import harmony
-from harmony.chain import Chain, as_tuple, call
-from harmony.probe import ChainMismatch, check_chain
+from harmony.model.chain import Chain, as_tuple, call
+from harmony.model.probe import ChainMismatch, check_chain
 from tests.models import assert_weights_close
 
 

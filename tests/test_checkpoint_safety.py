@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import harmony
-from harmony import checkpoint
+from harmony.io import checkpoint
 from tests.fs import tmpfs
 from tests.models import MODELS, training_state_bytes
 

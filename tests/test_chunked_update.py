@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import harmony
-from harmony.microbatch import micro_batch_sizes
-from harmony.planning import Plan, plan
+from harmony.planning.microbatch import micro_batch_sizes
+from harmony.planning.planner import Plan, plan
 from schedules.placement import Placement
 from schedules.task import Loc
 from tests.models import reference_train, tied_transformer
@@ -101,7 +101,7 @@ def test_chunked_update_equals_pytorch(tmp_path: Path, opt: Factory) -> None:
 
 
 def _cpu_adam() -> Factory:
-    from harmony.optim import deepspeed_cpu_adam
+    from harmony.training.optim import deepspeed_cpu_adam
 
     return deepspeed_cpu_adam(lr=1e-2)
 

@@ -12,15 +12,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from harmony.chunks import (
+from harmony.model.layout import Layout
+from harmony.model.precision import Precision
+from harmony.planning.chunks import (
     STATE_SLACK,
     layout_chunks,
     parse_update_chunk,
     profile_chunks,
     split_chunks,
 )
-from harmony.layout import Layout
-from harmony.precision import Precision
 
 
 @given(st.lists(st.integers(0, 100), max_size=30), st.integers(1, 150))

@@ -41,7 +41,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from harmony import checkpoint
+from harmony.io import checkpoint
 from tests import copier
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux",

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 import harmony
-from harmony.device_memory import reserved_allowance
-from harmony.planning import Plan
+from harmony.planning.device_memory import reserved_allowance
+from harmony.planning.planner import Plan
 from schedules.placement import Placement
 from schedules.task import Loc
 from swap.tier import Tier

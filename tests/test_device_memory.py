@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from harmony import device_memory as dm
-from harmony.planning import pack_sizes
-from harmony.profile import LayerProfile, peak_allocated
+from harmony.planning import device_memory as dm
+from harmony.planning.planner import pack_sizes
+from harmony.planning.profile import LayerProfile, peak_allocated
 
 MIB = 1 << 20
 

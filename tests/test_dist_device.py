@@ -1,6 +1,6 @@
-"""harmony.dist on CUDA, checked on CPU with the process-group and device calls recorded: each
-rank makes its own GPU current before NCCL starts (object collectives stage their bytes on the
-current device) and binds the group to it."""
+"""harmony.parallel.dist on CUDA, checked on CPU with the process-group and device calls
+recorded: each rank makes its own GPU current before NCCL starts (object collectives stage their
+bytes on the current device) and binds the group to it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harmony import dist as hdist
+from harmony.parallel import dist as hdist
 
 
 class Recorder:

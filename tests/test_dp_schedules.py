@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from harmony.planning import plan
-from harmony.profile import LayerProfile
+from harmony.planning.planner import plan
+from harmony.planning.profile import LayerProfile
 from schedules.data_parallel import add_allreduce, lag_updates, ring_bytes, shared_bandwidth
 from schedules.generators import generate, harmony, per_microbatch
 from schedules.lower import lower

@@ -1,5 +1,5 @@
 """``harmony env`` and the NVMe backend chosen at once, building nothing unasked
-(harmony/env.py, swap/aio.py)."""
+(harmony/tools/env.py, swap/aio.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harmony.cli import main
+from harmony.tools.cli import main
 from swap import aio
 from swap.aio import AioUnavailable, find_aio, load_aio_op
 

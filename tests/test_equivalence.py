@@ -99,7 +99,7 @@ def test_some_packs_resident_others_swapped_equals_pytorch(model: str, schedule:
     (no weight traffic) while the others swap; the result is still plain PyTorch's."""
     # The placement under test is the first the planner tries that fits (resident packs, the
     # least traffic); a faster one of the same tier (fewer packs, all swapped) must not win.
-    monkeypatch.setattr(harmony.planning, "CLEARLY_FASTER", 1.0)
+    monkeypatch.setattr(harmony.planning.planner, "CLEARLY_FASTER", 1.0)
     limit = int(training_state_bytes(MODELS[model][0](0.0), OPTIMIZERS["adamw"][1]) * 0.75)
     trainer, got = _train(model, "adamw", "three", schedule, limit)
     with trainer:

@@ -1,5 +1,5 @@
 """Forward groups: which layers the profiles let group, the forward-time model, and the
-checks of ``forward_micro_batch_size`` (harmony/groups.py, harmony/profile.py)."""
+checks of ``forward_micro_batch_size`` (harmony/planning/groups.py, harmony/planning/profile.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from harmony.chain import Chain
-from harmony.groups import (
+from harmony.model.chain import Chain
+from harmony.model.layout import Layout
+from harmony.planning.groups import (
     forward_group_of,
     forward_seconds,
     group_sizes,
@@ -18,10 +19,9 @@ from harmony.groups import (
     refuse_ungroupable,
     ungrouped,
 )
-from harmony.layout import Layout
-from harmony.meta import meta_profile
-from harmony.paper_profiles import load as load_paper
-from harmony.profile import UNCHECKED, LayerProfile, group_tolerance, profile_layers
+from harmony.planning.meta import meta_profile
+from harmony.planning.profile import UNCHECKED, LayerProfile, group_tolerance, profile_layers
+from harmony.tools.paper_profiles import load as load_paper
 
 
 class Shared(nn.Module):

@@ -1,4 +1,4 @@
-"""Hugging Face models as harmony chains (harmony/hf.py, hf_split.py), compared with plain HF.
+"""Hugging Face models as harmony chains (harmony/model/hf.py, hf_split.py), compared with plain HF.
 
 Tiny configs built from scratch (nothing is downloaded) of many families, none of which has
 code of its own in harmony: the chain is found by running the model's forward. Untied LM heads
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import harmony
-from harmony.chain import Chain
-from harmony.hf import Unsplittable, hf_chain, is_hf_model
-from harmony.probe import ChainMismatch, check_chain
+from harmony.model.chain import Chain
+from harmony.model.hf import Unsplittable, hf_chain, is_hf_model
+from harmony.model.probe import ChainMismatch, check_chain
 from schedules.task import Loc
 from tests.models import assert_weights_close, cross_entropy_tokens, training_state_bytes
 
@@ -158,7 +158,7 @@ def test_chain_composes_to_logits(family: str, impl: str) -> None:
 
 def _adamw(tied: bool) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
     # With a tied head, the tied gradient is summed in another order than plain autograd's (see
-    # harmony/tied.py); eps=1e-3 keeps AdamW from blowing the rounding noise of gradients that
+    # harmony/model/tied.py); eps=1e-3 keeps AdamW from blowing the rounding noise of gradients that
     # are zero in exact arithmetic (attention key biases) up to full-size steps.
     eps = 1e-3 if tied else 1e-8
     return lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, eps=eps)

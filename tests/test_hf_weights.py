@@ -1,5 +1,5 @@
 """Hugging Face directories built on the meta device and read one tensor at a time:
-``harmony.load_meta`` and ``Trainer.from_pretrained`` (harmony/hf_weights.py), and
+``harmony.load_meta`` and ``Trainer.from_pretrained`` (harmony/model/hf_weights.py), and
 ``export()`` back to shards that ``from_pretrained`` reads."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What keeps the process's resident memory within the budgets, piece by piece
-(harmony/host_memory.py, the NVMe store's requests, the CPU device tier's pool); the bound as
-a whole is tests/test_budgets_rss.py."""
+(harmony/runtime/host_memory.py, the NVMe store's requests, the CPU device tier's pool); the
+bound as a whole is tests/test_budgets_rss.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import harmony
-from harmony.host_memory import (
+from harmony.runtime.host_memory import (
     available_bytes,
     bound_malloc,
     peak_rss_bytes,
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # them the resident set still holds.
 _FRAGMENT = """
 import ctypes, sys
-from harmony.host_memory import bound_malloc, rss_bytes
+from harmony.runtime.host_memory import bound_malloc, rss_bytes
 print(bound_malloc(), file=sys.stderr)
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

@@ -83,7 +83,7 @@ def test_the_callers_batch_is_not_changed() -> None:
 
 
 def test_harmony_report_profiles_in_place_layers_on_the_meta_device(tmp_path: Path) -> None:
-    from harmony.cli import main
+    from harmony.tools.cli import main
 
     source = tmp_path / "inplace_model.py"
     source.write_text(

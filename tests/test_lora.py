@@ -152,7 +152,7 @@ def test_adapter_export_loads_with_peft(tmp_path: Path) -> None:
 def test_lora_report_counts_frozen_layers_as_weights_only() -> None:
     """harmony report --lora: frozen layers are W only, so the plan's host memory for the
     training state falls to about the weights'."""
-    from harmony.report import load_profile, make_report
+    from harmony.tools.report import load_profile, make_report
 
     full = load_profile("llama-tiny", 1)
     lora = load_profile("llama-tiny", 1, lora=4)
@@ -171,7 +171,7 @@ def test_lora_report_counts_frozen_layers_as_weights_only() -> None:
 
 def test_lora_report_without_peft_or_with_a_profile_file_says_what_to_do(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from harmony.report import load_profile
+    from harmony.tools.report import load_profile
 
     with pytest.raises(ValueError, match="profile already"):
         load_profile("paper:gpt2_medium", 1, lora=4)

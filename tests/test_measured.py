@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import harmony
-from harmony.cli import main
+from harmony.tools.cli import main
 from tests.models import MODELS, training_state_bytes
 
 

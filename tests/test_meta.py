@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from harmony.builtin_models import BUILTINS, build, parameter_count
-from harmony.chain import Chain
-from harmony.layout import Layout
-from harmony.meta import FlopCount, meta_profile, profile_on_meta
-from harmony.paper_profiles import load as load_paper
-from harmony.profile import profile_layers
+from harmony.model.chain import Chain
+from harmony.model.layout import Layout
+from harmony.planning.meta import FlopCount, meta_profile, profile_on_meta
+from harmony.planning.profile import profile_layers
+from harmony.tools.builtin_models import BUILTINS, build, parameter_count
+from harmony.tools.paper_profiles import load as load_paper
 
 SIZES = ("w_bytes", "g_bytes", "in_bytes", "in_grad_bytes", "out_bytes", "saved_bytes")
 
@@ -54,7 +54,7 @@ def test_meta_profile_allocates_nothing_and_refuses_real_weights() -> None:
 def test_identical_layers_are_profiled_once_with_the_same_result() -> None:
     cfg = dataclasses.replace(BUILTINS["llama-tiny"], n_layer=4)
     with torch.device("meta"):
-        from harmony.builtin_models import Transformer, token_cross_entropy
+        from harmony.tools.builtin_models import Transformer, token_cross_entropy
         model = Transformer(cfg)
         x = torch.randint(0, cfg.vocab_size, (2, 16))
     chain = Chain(model)
@@ -111,7 +111,7 @@ def test_builtin_refuses_bad_names_and_lengths() -> None:
 def test_saved_bytes_leave_out_the_targets_of_the_whole_batch() -> None:
     """A loss saves its targets, here a micro-batch's view of the whole batch's tensor: that
     storage is the caller's batch, not activation memory, so it is not counted."""
-    from harmony.profile import backward_saved_bytes
+    from harmony.planning.profile import backward_saved_bytes
 
     head = torch.nn.Linear(16, 10)
     x = torch.randn(4, 16)

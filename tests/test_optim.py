@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import harmony
-from harmony.optim import adamw, deepspeed_cpu_adam
+from harmony.training.optim import adamw, deepspeed_cpu_adam
 from tests.models import MODELS, reference_train, training_state_bytes
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import harmony
-from harmony.dist import Group
+from harmony.parallel.dist import Group
 from schedules.placement import Placement
 from schedules.task import Loc
 from swap.deferred import DeferredCopier
@@ -223,7 +223,7 @@ def test_recorded_task_times_come_from_the_device_clock(monkeypatch: pytest.Monk
                                                         tmp_path: Path) -> None:
     """On CUDA the host's clock says when a task was issued: record_step reads timing
     events recorded on the compute stream, after the step's synchronization."""
-    from harmony import runtime, timeline
+    from harmony.runtime import runtime, timeline
 
     recorded: list[float] = []
 
@@ -259,7 +259,7 @@ def test_a_broadcast_source_goes_back_after_the_copy_reading_it(one_rank: Group)
     """Under NCCL a host buffer travels through a device buffer: the owner's host copy goes
     back to its pool only once the copy reading it is known to have ended (before: a
     stream-ordered ``.to(device)`` the pool knew nothing of)."""
-    from harmony.data_parallel import DataParallel
+    from harmony.parallel.data_parallel import DataParallel
 
     engine = SwapEngine(torch.device("cpu"), Stats())
     host = Tier("host", torch.device("cpu"), 1 << 20)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import harmony
-from harmony.chunked_update import ChunkedUpdate
-from harmony.runtime import Runtime
+from harmony.runtime.chunked_update import ChunkedUpdate
+from harmony.runtime.runtime import Runtime
 from schedules.task import Loc
 from swap.nvme import NvmeIOError
 from tests.models import reference_train

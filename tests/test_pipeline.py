@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 import harmony
-from harmony import checkpoint
+from harmony.io import checkpoint
 from schedules.simulate import simulate
 from schedules.task import Loc
 from tests import copier

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import harmony
-from harmony.report import plan_to_json
+from harmony.tools.report import plan_to_json
 from tests.models import MODELS, reference_train, training_state_bytes
 
 

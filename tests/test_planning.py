@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from harmony.chunks import STATE_SLACK
-from harmony.planning import InfeasiblePlan, greedy_bounds, pack_times, plan
-from harmony.profile import LayerProfile
+from harmony.planning.chunks import STATE_SLACK
+from harmony.planning.planner import InfeasiblePlan, greedy_bounds, pack_times, plan
+from harmony.planning.profile import LayerProfile
 from schedules.placement import Placement
 from schedules.task import Kind, Loc, Op
 from schedules.validate import validate

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import harmony
-from harmony.precision import Precision
+from harmony.model.precision import Precision
 from schedules.task import Loc
 from tests.models import MODELS, layers_of, training_state_bytes
 
@@ -237,11 +237,11 @@ def test_bf16_accounted_peaks_within_budget_and_prediction(schedule: str) -> Non
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
 def test_meta_bf16_profile_equals_measured(name: str) -> None:
     """Meta profiles stand in for autocast; their bytes equal a real bf16 profile's."""
-    from harmony.builtin_models import build
-    from harmony.chain import Chain
-    from harmony.layout import Layout
-    from harmony.meta import profile_on_meta
-    from harmony.profile import profile_layers
+    from harmony.model.chain import Chain
+    from harmony.model.layout import Layout
+    from harmony.planning.meta import profile_on_meta
+    from harmony.planning.profile import profile_layers
+    from harmony.tools.builtin_models import build
 
     bf16 = Precision("bf16")
     with torch.device("meta"):
@@ -260,8 +260,8 @@ def test_meta_bf16_profile_equals_measured(name: str) -> None:
 def test_report_predicts_bytes_in_their_dtypes(capsys: pytest.CaptureFixture[str]) -> None:
     """bf16: W about half of fp32's, G the same (fp32), K = masters + optimizer state; the
     planner's sizes and the weights crossing the link follow."""
-    from harmony.cli import main
-    from harmony.report import load_profile, make_report
+    from harmony.tools.cli import main
+    from harmony.tools.report import load_profile, make_report
 
     p32, p16 = load_profile("gpt-tiny", 2), load_profile("gpt-tiny", 2, precision="bf16")
     assert p16.precision == "bf16" and p16.k_total == p32.k_total + 1
@@ -284,7 +284,7 @@ def test_report_predicts_bytes_in_their_dtypes(capsys: pytest.CaptureFixture[str
 
 
 def test_profiles_of_another_precision_are_refused() -> None:
-    from harmony.report import load_profile
+    from harmony.tools.report import load_profile
 
     with pytest.raises(ValueError, match="paper:gpt2-medium was profiled in fp32, not bf16"):
         load_profile("paper:gpt2-medium", 1, precision="bf16")

@@ -1,4 +1,4 @@
-"""Requests refused before training with the numbers (harmony/refusals.py): a host budget
+"""Requests refused before training with the numbers (harmony/planning/refusals.py): a host budget
 that cannot hold what the device does not, an nvme_dir without room for the plan, a model
 already in host memory beyond the budgets."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import harmony
-from harmony import refusals
+from harmony.planning import refusals
 from tests.models import MODELS, TinyTransformer
 
 LOSS = MODELS["transformer"][1]
@@ -25,7 +25,7 @@ def _no_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("profiled before refusing")
 
-    monkeypatch.setattr("harmony.trainer_planning.profile_layers", fail)
+    monkeypatch.setattr("harmony.training.trainer_planning.profile_layers", fail)
 
 
 def test_host_budget_too_small_without_nvme_is_refused_at_construction(

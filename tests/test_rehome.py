@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import harmony
-from harmony.trainer import Trainer
+from harmony.training.trainer import Trainer
 from tests.models import (
     TinyTransformer,
     assert_weights_close,

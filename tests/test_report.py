@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harmony.cli import main
-from harmony.paper_profiles import load as load_paper
-from harmony.planning import InfeasiblePlan, plan
-from harmony.profile import LayerProfile
-from harmony.report import (
+from harmony.planning.planner import InfeasiblePlan, plan
+from harmony.planning.profile import LayerProfile
+from harmony.tools.cli import main
+from harmony.tools.paper_profiles import load as load_paper
+from harmony.tools.report import (
     load_profile,
     make_report,
     micro_batch_sizes,
@@ -360,7 +360,7 @@ def test_paper_cli(capsys: pytest.CaptureFixture[str]) -> None:
 
 LLAMA_70B = """
 import resource, sys, time, runpy, psutil
-import harmony.cli, torch  # imports are not the report's cost
+import harmony.tools.cli, torch  # imports are not the report's cost
 proc = psutil.Process()
 rss0, peak0 = proc.memory_info().rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 sys.argv = ["harmony", "report", "llama-70b", "--batch-size", "8", "--micro-batch-size", "1",

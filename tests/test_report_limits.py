@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harmony.cli import main
-from harmony.report import MAX_MICRO_BATCHES
+from harmony.tools.cli import main
+from harmony.tools.report import MAX_MICRO_BATCHES
 from tests.fs import tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -67,7 +67,7 @@ def test_each_layer_draws_its_own_masks_on_the_gpu_that_runs_it(
 
 
 def test_generator_index(gpus: TwoGpus) -> None:
-    from harmony.rng import generator_index
+    from harmony.model.rng import generator_index
 
     gpus.current = 1
     assert generator_index(torch.device("cuda")) == 1

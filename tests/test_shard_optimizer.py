@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import harmony
-from harmony import checkpoint
-from harmony.planning import InfeasiblePlan, plan
+from harmony.io import checkpoint
+from harmony.planning.planner import InfeasiblePlan, plan
 from schedules.data_parallel import add_reduce_broadcast, lag_updates, owners
 from schedules.generators import generate
 from schedules.lower import lower

@@ -1,6 +1,6 @@
 """state_dict(), save() and export() read the training state pack by pack (chunk by chunk on
-NVMe) and write safetensors one tensor at a time (harmony/streaming.py,
-harmony/tensor_files.py, harmony/export.py)."""
+NVMe) and write safetensors one tensor at a time (harmony/training/streaming.py,
+harmony/io/tensor_files.py, harmony/io/export.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import harmony
-from harmony import streaming
-from harmony.export import shard_names
-from harmony.tensor_files import Streamed, TensorSpec, write_safetensors
-from harmony.weights import WeightFiles
+from harmony.io.export import shard_names
+from harmony.io.tensor_files import Streamed, TensorSpec, write_safetensors
+from harmony.io.weights import WeightFiles
+from harmony.training import streaming
 from tests.models import MODELS, TinyTransformer
 
 LOSS = MODELS["transformer"][1]

@@ -1,4 +1,4 @@
-"""Tied weights across packs (harmony/tied.py) against plain PyTorch gradient accumulation.
+"""Tied weights across packs (harmony/model/tied.py) against plain PyTorch gradient accumulation.
 
 The model is TinyTransformer with its head's projection tied to the token embedding, so the
 tied tensor is used by the first and the last layer, which the tests put in different packs.
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import harmony
-from harmony.tied import TiedWeights, untie
+from harmony.model.tied import TiedWeights, untie
 from schedules.placement import Placement
 from schedules.schedule import Schedule
 from schedules.task import Loc, Op, Task

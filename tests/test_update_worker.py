@@ -82,8 +82,8 @@ def test_overlap_beside_nvme_packs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # (the planner's first fitting family, some packs on the host and the rest on NVMe: a
     # clearly faster all-NVMe plan, or moving the host packs onto the device, must not
     # replace it here)
-    monkeypatch.setattr(harmony.planning, "CLEARLY_FASTER", 1.0)
-    monkeypatch.setattr(harmony.planning, "refine", lambda best, fitting: best)
+    monkeypatch.setattr(harmony.planning.planner, "CLEARLY_FASTER", 1.0)
+    monkeypatch.setattr(harmony.planning.planner, "refine", lambda best, fitting: best)
     factory, loss_fn, _ = MODELS["transformer"]
     state = training_state_bytes(factory(0.0), 8)
     batches = _batches("transformer")
