@@ -101,7 +101,7 @@ def test_only_buffers_a_forward_changes_are_carried() -> None:
         assert t.plan is not None and len(t.plan.bounds) > 1  # (packs swap)
         rt = t._runtime
         assert rt is not None and rt.changing is not None
-        carried = {e.name for p in range(len(rt.packs)) for e in rt._changing(p)}
+        carried = {e.name for p in range(len(rt.packs)) for e in rt.changing_buffers(p)}
         every = {e.name for pack in rt.packs for e in pack.layout.buffers}
     assert carried == {"running_mean", "running_var", "num_batches_tracked"}
     assert "scale" in every

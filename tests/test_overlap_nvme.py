@@ -137,13 +137,13 @@ def test_a_full_host_tier_joins_the_update_in_flight(tmp_path: Path,
 
     monkeypatch.setattr(ChunkedUpdate, "window_bytes", greedy)
     joins: list[bool] = []
-    full = Runtime._host_full
+    full = Runtime.host_full
 
     def counted(self: Runtime) -> bool:
         joins.append(full(self))
         return joins[-1]
 
-    monkeypatch.setattr(Runtime, "_host_full", counted)
+    monkeypatch.setattr(Runtime, "host_full", counted)
     batches = _batches()
     host = 1 << 20
     with _train(tmp_path, adamw, batches, host_memory=host, overlap_updates=True) as t:

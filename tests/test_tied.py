@@ -303,11 +303,11 @@ def test_gradient_kept_for_the_owner_is_charged_to_its_tier(tmp_path: Path, home
         tied_bytes = tied_transformer().embed.tok.weight.numel() * 4
         original = ties.before_update
 
-        def spy(rt_: object, p: int) -> None:
+        def spy(p: int) -> None:
             loc = HOMES[homes][2]
             rt.tiers[loc].drain()  # (releases waiting for copies: not what is measured)
             before = rt.tiers[loc].used
-            original(rt, p)
+            original(p)
             if p == 2:  # the head: its gradient for the tied weight is now held aside
                 assert [loc_ for _, loc_ in ties.held.values()] == [loc]
                 seen.append(rt.tiers[loc].used - before)

@@ -10,20 +10,20 @@ split at build time (:func:`untie`) into
   the sharer's flat weights, with its own slot in the sharer's gradients, that the sharer's
   optimizer never steps.
 
-During a step (:class:`TiedWeights`, called by the runtime), before the owner's update (and
-before global-norm clipping, which must count the tied gradient once, as ``clip_grad_norm_``
-does on the plain model) each sharer's gradient for the copy is added into the owner's
-gradient; if the sharer's own update comes first, that gradient is copied aside on the tier
-where the sharer's gradients live, and charged there, until then. After the owner's update the
-new value is written into every sharer's copy at the sharer's home (device, host, or its NVMe
-file) and into a device copy of the sharer's weights, if one is loaded.
+During a step the runtime (:class:`harmony.runtime.tied.TiedCopies`), before the owner's
+update (and before global-norm clipping, which must count the tied gradient once, as
+``clip_grad_norm_`` does on the plain model) adds each sharer's gradient for the copy into the
+owner's gradient; if the sharer's own update comes first, that gradient is copied aside on the
+tier where the sharer's gradients live, and charged there, until then. After the owner's update
+the new value is written into every sharer's copy at the sharer's home (device, host, or its
+NVMe file) and into a device copy of the sharer's weights, if one is loaded.
 
 The gradient of the tied tensor is thus ``sum(owner's micro-batches) + sum(sharer's
 micro-batches)`` instead of plain autograd's micro-batch by micro-batch interleaving: the same
 terms, added in another order (a few ulps apart). Every other gradient is computed as before.
 
-:meth:`TiedWeights.check` refuses a schedule that runs an owner's update before a sharer's last
-backward.
+:class:`TiedWeights` finds each tie in the built packs and refuses a schedule that runs an
+owner's update before a sharer's last backward (:meth:`TiedWeights.check`).
 """
 
 from __future__ import annotations
@@ -31,21 +31,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from harmony.model.layout import Layout
 from schedules.schedule import Schedule
-from schedules.simulate import link
-from schedules.task import Kind, Loc, Op, Ref
+from schedules.task import Op
 
-if TYPE_CHECKING:  # the runtime imports this module
-    from harmony.runtime.pack import Pack
-    from harmony.runtime.runtime import Runtime
-
-__all__ = ["Sharer", "Tie", "TiedWeights", "alias", "retie", "shared_parameters", "untie"]
+__all__ = ["HasLayout", "Sharer", "Tie", "TiedWeights", "alias", "retie", "shared_parameters",
+           "trainable_index", "untie"]
 
 
 @dataclass
@@ -154,34 +150,41 @@ def retie(ties: Sequence[Tie]) -> None:
                 setattr(mod, name, tie.master)
 
 
-def _typed(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The start of uint8 pool buffer ``buf`` viewed with ``like``'s dtype and shape."""
-    n = like.numel() * like.element_size()
-    return buf[:n].view(like.dtype).view(like.shape)
+class HasLayout(Protocol):
+    """A pack as :class:`TiedWeights` sees it: its flat layout."""
+
+    @property
+    def layout(self) -> Layout: ...
 
 
-def _index(pack: Pack, tensor: torch.Tensor) -> int:
+def trainable_index(pack: HasLayout, tensor: torch.Tensor) -> int:
+    """The index of ``tensor`` among ``pack``'s trainable layout entries."""
     return next(i for i, e in enumerate(pack.layout.trainable) if e.tensor is tensor)
 
 
 class TiedWeights:
-    """The runtime's side of tied weights: merging gradients and refreshing copies.
+    """The ties of a model split into packs, found in the packs' layouts, and the check of a
+    schedule against them (the runtime's side, during a step, is
+    :class:`harmony.runtime.tied.TiedCopies`).
 
     Args:
         ties: what :func:`untie` returned. packs: the built packs (sharers' optimizers must
             not hold the copies: see ``Pack.build(untrained=...)``).
+
+    Example::
+
+        ties = untie(model, layers, bounds)
+        tied = TiedWeights(ties, packs)
+        tied.check(schedule)   # ValueError if an owner's update comes too early
     """
 
-    def __init__(self, ties: Sequence[Tie], packs: Sequence[Pack]) -> None:
+    def __init__(self, ties: Sequence[Tie], packs: Sequence[HasLayout]) -> None:
         self.ties = list(ties)
         # (tie, owner's trainable index, [(sharer pack, copy's trainable index)]) for trainable
-        self.trained = [(t, _index(packs[t.owner], t.master),
-                         [(s.pack, _index(packs[s.pack], s.copy)) for s in t.sharers])
+        self.trained = [(t, trainable_index(packs[t.owner], t.master),
+                         [(s.pack, trainable_index(packs[s.pack], s.copy)) for s in t.sharers])
                         for t in self.ties if t.master.requires_grad]
         self.checked: set[int] = set()
-        # (tie number, sharer pack) -> gradient copied aside, with the tier it is charged to
-        self.held: dict[tuple[int, int], tuple[torch.Tensor, Loc]] = {}
-        self.merged: set[int] = set()  # ties whose gradients are summed in the owner's
 
     @staticmethod
     def untrained(ties: Sequence[Tie], pack: int) -> frozenset[int]:
@@ -215,146 +218,3 @@ class TiedWeights:
                         "gradient: use a schedule that updates packs after their backward "
                         "in reverse order ('harmony', 'per-microbatch', 'resident')")
         self.checked.add(id(schedule))
-
-    def start(self, schedule: Schedule) -> None:
-        """Begin a step: check the schedule, forget the last step's merges."""
-        self.check(schedule)
-        self.merged.clear()
-
-    # -- gradients ----------------------------------------------------------------------------
-    @staticmethod
-    def _live_grad(rt: Runtime, p: int, i: int) -> torch.Tensor | None:
-        """Pack ``p``'s gradient ``i`` wherever it is now (None: it got none)."""
-        pack = rt.packs[p]
-        if not pack.got_grad[i]:
-            return None
-        ref = Ref(Kind.G, p)
-        slot = rt.values[ref]
-        rt._wait_allreduce(p)  # data parallelism: the sum over the ranks
-        if slot.dev is not None and slot.dev[0] is not None:
-            rt._wait_dev(slot, ref)
-            flat = slot.dev[0]
-        else:
-            if slot.home_ready is not None:  # stored behind: the host must see the bytes
-                rt.engine.synchronize(slot.home_ready,
-                                      link(Loc.DEVICE, rt.placement.update_loc(p)))
-                slot.home_ready = None
-            assert slot.home is not None and slot.home[0] is not None, f"G{p} is nowhere"
-            flat = slot.home[0]
-        return pack.layout.trainable[i].view(flat)
-
-    def merge_all(self, rt: Runtime) -> None:
-        """Sum every tie's gradients into its owner's (before clipping: the norm counts the
-        tied gradient once); every gradient of the step exists here."""
-        for n in range(len(self.trained)):
-            self._merge(rt, n)
-
-    def _merge(self, rt: Runtime, n: int) -> None:
-        if n in self.merged:
-            return
-        tie, i, sharers = self.trained[n]
-        owner = rt.packs[tie.owner]
-        rt._grad_views(tie.owner)  # waits until the owner's gradients are where it updates
-        target = owner.layout.trainable[i].view(self._flat_of(rt, tie.owner))
-        for s, j in sharers:
-            held = self.held.pop((n, s), None)
-            if held is not None:
-                buf, loc = held
-                src: torch.Tensor | None = _typed(buf, target)
-            else:
-                src = self._live_grad(rt, s, j)
-            if src is not None:
-                rt.engine.host_write(target, f"the gradient of tied {tie.name} (merged)")
-                target.add_(src.to(target.device))
-                owner.got_grad[i] = True
-            if held is not None:
-                rt.tiers[loc].release(held[0])
-        self.merged.add(n)
-
-    @staticmethod
-    def _flat_of(rt: Runtime, p: int) -> torch.Tensor:
-        """Pack ``p``'s flat gradients where its update reads them."""
-        slot = rt.values[Ref(Kind.G, p)]
-        flat = slot.dev[0] if rt.placement.update_loc(p) is Loc.DEVICE and slot.dev is not None \
-            else slot.home[0] if slot.home is not None else None
-        assert flat is not None, f"G{p} is not where its update runs"
-        return flat
-
-    def before_update(self, rt: Runtime, p: int) -> None:
-        """Called as pack ``p``'s update begins (after clipping, if any)."""
-        for n, (tie, _, sharers) in enumerate(self.trained):
-            if tie.owner == p:
-                self._merge(rt, n)
-                continue
-            if n in self.merged:
-                continue
-            for s, j in sharers:
-                if s != p:
-                    continue
-                # The sharer's gradients go when its update is done; the owner's update is
-                # still to come: keep this one aside, on the tier the gradients are on.
-                src = self._live_grad(rt, s, j)
-                if src is None:
-                    continue
-                loc = rt.placement.update_loc(s)
-                nbytes = src.numel() * src.element_size()
-                buf = rt.tiers[loc].allocate(nbytes, f"gradient of tied {tie.name} from pack {s}")
-                _typed(buf, src).copy_(src)
-                self.held[(n, s)] = (buf, loc)
-
-    # -- weights ------------------------------------------------------------------------------
-    def after_update(self, rt: Runtime, p: int, flat: torch.Tensor, base: int = 0,
-                     params: range | None = None) -> None:
-        """Pack ``p`` was updated and its new weights are ``flat``: refresh the copies. With
-        ``params`` (trainable indices: one chunk of an NVMe pack's update), only the copies
-        of those parameters, and ``flat`` holds the pack's weights from byte ``base`` on."""
-        for tie in self.ties:
-            if tie.owner != p or not tie.master.requires_grad:
-                continue
-            owner = rt.packs[p]
-            if params is not None and _index(owner, tie.master) not in params:
-                continue
-            src_entry = next(e for e in owner.layout.entries if e.tensor is tie.master)
-            src = src_entry.view(flat, base)
-            src_loc = owner.home if owner.home is not Loc.NVME else Loc.HOST
-            for sharer in tie.sharers:
-                self._refresh(rt, rt.packs[sharer.pack], sharer.copy, src, src_loc)
-
-    @staticmethod
-    def _refresh(rt: Runtime, pack: Pack, copy: nn.Parameter, src: torch.Tensor,
-                 src_loc: Loc) -> None:
-        entry = next(e for e in pack.layout.entries if e.tensor is copy)
-        nbytes = entry.nbytes
-        if pack.index in rt.w_dev:  # a loaded device copy of the sharer's weights
-            rt._wait_w(pack.index)  # (its load must not land after this write)
-            rt.engine.host_write(entry.view(rt.w_dev[pack.index]),
-                                 f"the tied copy in pack {pack.index}'s loaded weights")
-            entry.view(rt.w_dev[pack.index]).copy_(src)
-            if src_loc is not Loc.DEVICE:
-                rt.engine.count(link(src_loc, Loc.DEVICE), "W", nbytes)
-        if pack.home_w is not None:
-            rt.engine.host_write(entry.view(pack.home_w),
-                                 f"the tied copy in pack {pack.index}'s home weights")
-            entry.view(pack.home_w).copy_(src)
-            if src_loc is not pack.home:
-                rt.engine.count(link(src_loc, pack.home), "W", nbytes)
-            return
-        # Home on NVMe: the file of the chunk holding the copy is rewritten with the new
-        # slice (the read waits in the store for a write of that file still in flight: the
-        # sharer's own update may have just written it).
-        chunk = pack.chunk_of(entry)
-        key = pack.key("W", chunk.index)
-        host = rt.tiers[Loc.HOST]
-        buf = host.allocate(chunk.w_bytes, f"weights of pack {pack.index} (tied copy)")
-        rt.engine.synchronize(rt._nvme_read(key, buf, link(Loc.NVME, Loc.HOST), "W"),
-                              link(Loc.NVME, Loc.HOST))
-        entry.view(buf, chunk.w[0]).copy_(src)
-        handle = rt._nvme_write(key, buf, link(Loc.HOST, Loc.NVME), "W")
-        host.release(buf, after=handle)
-
-    def abandon(self, rt: Runtime) -> None:
-        """A failed step: give the gradients held aside back to their tiers."""
-        for buf, loc in self.held.values():
-            rt.tiers[loc].release(buf)
-        self.held.clear()
-        self.merged.clear()

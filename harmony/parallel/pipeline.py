@@ -28,6 +28,7 @@ error instead of waiting forever.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 from collections.abc import Callable, Sequence
@@ -46,7 +47,8 @@ from harmony.planning.planner import (
     pack_times,
     plan,
 )
-from harmony.runtime.runtime import StepData
+from harmony.runtime.hooks import Exchange
+from harmony.runtime.options import RuntimeOptions, StepData
 from schedules.lower import lower
 from schedules.pipeline import balance, check_stages, peer, peer_link, stage_schedule
 from schedules.placement import Placement
@@ -56,7 +58,6 @@ from schedules.task import Kind, Loc, Op, Task
 from swap.tier import fmt_bytes
 
 if TYPE_CHECKING:
-    from harmony.runtime.runtime import Runtime
     from harmony.training.trainer_planning import TrainerPlanning
 
 # Messages carry a header of this many int64 values before the tensors.
@@ -284,11 +285,11 @@ class Pipeline:
         return Plan(self.bounds[a:b], schedule, local, predicted)
 
     # -- the step ----------------------------------------------------------------------------
-    def attach(self, runtime: Runtime) -> None:
-        """Make ``runtime`` run this rank's SEND/RECV and, after the first stage, pass the
-        gradient of its first pack's input back."""
-        runtime.comm = self.communicate
-        runtime.input_grad = self.first_pack > 0
+    def runtime_options(self, options: RuntimeOptions) -> RuntimeOptions:
+        """``options`` for this rank's runtime: it runs this rank's SEND/RECV and, after the
+        first stage, passes the gradient of its first pack's input back."""
+        return dataclasses.replace(options, comm=self.communicate,
+                                   input_grad=self.first_pack > 0)
 
     def step_data(self, data: StepData) -> StepData:
         """Only the first stage reads the inputs (later stages receive theirs)."""
@@ -309,18 +310,17 @@ class Pipeline:
         finally:
             self.pending.clear()
 
-    def communicate(self, runtime: Runtime, task: Task) -> None:
-        """Run one SEND or RECV of ``runtime``'s (local) schedule."""
+    def communicate(self, task: Task, step: Exchange) -> None:
+        """Run one SEND or RECV of this rank's (local) schedule, on the ``step`` being run."""
         ref, other = task.ref, peer(self.rank, task)
         name = peer_link(self.rank, task)
         what = (f"{task.op.name} {ref.kind.value}{ref.pack + self.first_pack}.{ref.mb} "
                 f"{'to' if task.op is Op.SEND else 'from'} rank {other}")
         try:
             if task.op is Op.SEND:
-                value = runtime._read(ref)
-                single = runtime.values[ref].single
+                value, single = step.read(ref)
                 # D messages carry the loss so far: the last stage's is the batch loss
-                header = _header(value, single, float(runtime.loss)).to(self.wire)
+                header = _header(value, single, float(step.loss)).to(self.wire)
                 tensors = [t.detach().contiguous() for t in value if t is not None]
                 works = [dist.isend(header, other)] + [dist.isend(t, other) for t in tensors]
                 # The sends read these tensors until they complete: keep them until then (the
@@ -340,16 +340,15 @@ class Pipeline:
                         continue
                     t = torch.empty(spec[1], dtype=spec[0], device=self.wire)
                     dist.recv(t, other)
-                    received.append(t.to(runtime.device))
+                    received.append(t.to(step.device))
                 if ref.kind is Kind.D:
-                    runtime.loss = torch.tensor(loss, dtype=torch.float64,
-                                                device=runtime.device)
-                runtime._produce(ref, tuple(received), single)
+                    step.set_loss(torch.tensor(loss, dtype=torch.float64, device=step.device))
+                step.produce(ref, tuple(received), single)
                 nbytes = sum(t.numel() * t.element_size() for t in received if t is not None)
         except Exception as err:
             raise RuntimeError(f"pipeline rank {self.rank}: {what} failed ({err}); another "
                                "rank probably failed or timed out: see its output") from err
-        runtime.engine.count(name, ref.kind.value, nbytes)
+        step.count(name, ref.kind.value, nbytes)
 
     # -- state across ranks ------------------------------------------------------------------
     def gather_state(self, mine: dict[str, torch.Tensor],

@@ -23,33 +23,38 @@ the last three chunks' buffers go back as their writes end, behind the next pack
 
 What waits for what: a chunk's step waits for its reads (``engine.synchronize``, counted as
 ``nvme->host`` stall); a read waits for the write of chunk i-2 (``host->nvme`` stall); the step
-that wrote a chunk ends only once every write is on disk (:meth:`Runtime.run`); a read of a
-chunk's file issued later (the next load of the weights) waits in the store for its write.
+that wrote a chunk ends only once every write is on disk
+(:meth:`harmony.runtime.runtime.Runtime.run`); a read of a chunk's file issued later (the next
+load of the weights) waits in the store for its write.
 
 With ``Trainer(overlap_updates=True)`` :meth:`ChunkedUpdate.run` runs on the update worker
 (:mod:`harmony.runtime.update_worker`), behind the next pack's backward.
-:meth:`ChunkedUpdate.prepare` first takes what it reads from the runtime on the runtime's thread,
-and :meth:`ChunkedUpdate.reserve` charges its host bytes up front, so that on the worker it touches
-nothing the runtime's thread uses but the store, the engine's counters and its reservation.
+:meth:`ChunkedUpdate.prepare` first takes what it reads (the gradients, the changed buffers) from
+their owners on the runtime's thread, and :meth:`ChunkedUpdate.reserve` charges its host bytes up
+front, so that on the worker it touches nothing the runtime's thread uses but the store, the
+engine's counters and its reservation.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from harmony.model.buffers import restore_buffers
 from harmony.planning.chunks import Chunk
+from harmony.runtime.gradients import Gradients
+from harmony.runtime.nvme_io import NvmeIO
+from harmony.runtime.pack import Pack
+from harmony.runtime.tied import TiedCopies
+from harmony.runtime.weights import DeviceWeights
 from schedules.simulate import link
-from schedules.task import Kind, Loc, Ref
+from schedules.task import Loc
+from swap.engine import SwapEngine
 from swap.handle import GroupHandle, Handle
 from swap.tier import OutOfCapacity, Reservation, Tier
-
-if TYPE_CHECKING:  # the runtime imports this module
-    from harmony.runtime.runtime import Runtime
 
 WINDOW = 3  # chunks in host memory at most: being read, stepping, being written
 STAGED = 2  # chunks read while the pack's backward runs (the first, and the next one)
@@ -77,16 +82,30 @@ class ChunkedUpdate:
     """The update of NVMe-homed pack ``p``, streamed chunk by chunk (see the module's text).
 
     Args:
-        rt: the runtime (its host tier, NVMe reads and writes, gradients, tied weights).
-        p: the pack.
+        pack: the pack. host: the host tier. io: the runtime's NVMe reads and writes.
+        engine: the swap engine. grads: the packs' gradients. weights: the packs' device
+        copies (the buffers the pack's forward changed). ties: tied weights, whose copies
+        each chunk's new weights refresh (None: none).
+        keep: with a sharded optimizer, receives the host weights of a pack of one chunk,
+            and their write, kept for the broadcast (None: no broadcast).
 
-    Use: :meth:`stage` while the pack's backward runs (optional), then :meth:`run` once its
-    gradients are complete; :meth:`abandon` after a failure.
+    Use: :meth:`stage` while the pack's backward runs (optional), then :meth:`prepare` and
+    :meth:`run` once its gradients are complete, and :meth:`finish`; :meth:`abandon` after a
+    failure.
+
+    Example::
+
+        update = ChunkedUpdate(pack, host, io, engine, grads, weights, None)
+        update.stage()      # behind the backward
+        update.prepare(); update.run(); update.finish()
     """
 
-    def __init__(self, rt: Runtime, p: int) -> None:
-        self.rt, self.p, self.pack = rt, p, rt.packs[p]
-        self.host = rt.tiers[Loc.HOST]
+    def __init__(self, pack: Pack, host: Tier, io: NvmeIO, engine: SwapEngine,
+                 grads: Gradients, weights: DeviceWeights, ties: TiedCopies | None,
+                 keep: Callable[[torch.Tensor, Handle], None] | None = None) -> None:
+        self.p, self.pack, self.host = pack.index, pack, host
+        self._io, self._engine, self._grads, self._weights = io, engine, grads, weights
+        self._ties, self._keep = ties, keep
         # where the chunks' buffers come from: the host tier, or (on the update worker) a
         # reservation of it made by :meth:`reserve`
         self.mem: Tier | Reservation = self.host
@@ -106,14 +125,9 @@ class ChunkedUpdate:
 
     def prepare(self) -> None:
         """On the runtime's thread, once the pack's gradients are complete: take what the
-        update reads from the runtime (its gradients, the buffers its forward changed)."""
-        rt = self.rt
-        slot = rt.values[Ref(Kind.G, self.p)]
-        assert slot.home is not None and slot.home[0] is not None
-        self.grads = (slot.home[0], slot.home_ready)
-        slot.home_ready = None  # (waited for by run())
-        self.new_buffers = rt.new_buffers.pop(self.p, None)
-        self.buffers_ready = rt.buffer_copies.pop(self.p, None)
+        update reads from their owners (its gradients, the buffers its forward changed)."""
+        self.grads = self._grads.take_home(self.p)  # (their copy home: waited for by run())
+        self.new_buffers, self.buffers_ready = self._weights.take_changed(self.p)
 
     def chunk_bytes(self, c: int) -> int:
         """Host bytes chunk ``c`` holds during the update (weights, masters, state)."""
@@ -166,12 +180,12 @@ class ChunkedUpdate:
         if self.on_worker:
             handle.synchronize()
         else:
-            self.rt.engine.synchronize(handle, name)
+            self._engine.synchronize(handle, name)
 
     def run(self) -> None:
         """Step the optimizer over every chunk and write each back behind (after
         :meth:`prepare`; on the update worker after :meth:`reserve` too)."""
-        rt, pack = self.rt, self.pack
+        pack = self.pack
         assert self.grads is not None, "prepare() first"
         grads, ready = self.grads
         if ready is not None:  # the host optimizer reads these gradients
@@ -190,8 +204,8 @@ class ChunkedUpdate:
         while self.held:
             held = self.held.pop(next(iter(self.held)))
             done = GroupHandle(held.writes)
-            if rt.owners is not None and len(pack.chunks) == 1:
-                rt.sending[self.p] = (held.w, done)
+            if self._keep is not None and len(pack.chunks) == 1:
+                self._keep(held.w, done)
                 bufs = [b for b in held.buffers() if b is not held.w]
             else:
                 bufs = held.buffers()
@@ -219,7 +233,7 @@ class ChunkedUpdate:
 
     # -- one chunk ----------------------------------------------------------------------------
     def _read(self) -> None:
-        rt, pack, c = self.rt, self.pack, self.next
+        io, pack, c = self._io, self.pack, self.next
         chunk = pack.chunks[c]
         self.next += 1
         what = f"pack {self.p} (chunk {c})"
@@ -227,13 +241,13 @@ class ChunkedUpdate:
         # Held from here on, so that abandon() gives back what a failure below leaves (an
         # allocation may raise the error of an earlier failed write, which the tier reclaims).
         held = self.held[c] = _Held(chunk, w, None, None, 0, [])
-        held.reads.append(rt._nvme_read(pack.key("W", c), w, READ, "W"))
+        held.reads.append(io.read(pack.key("W", c), w, READ, "W"))
         if pack.layout.mixed and chunk.params:  # the fp32 masters are part of K
             held.m = self.mem.allocate(chunk.m_bytes, f"master weights of {what}")
-            held.reads.append(rt._nvme_read(pack.key("M", c), held.m, READ, "K"))
+            held.reads.append(io.read(pack.key("M", c), held.m, READ, "K"))
         if pack.optimizes(c) and pack.state_laid_out(c):
             held.k = self.mem.allocate(pack.k_sizes[c], f"optimizer state of {what}")
-            held.reads.append(rt._nvme_read(pack.key("K", c), held.k, READ, "K"))
+            held.reads.append(io.read(pack.key("K", c), held.k, READ, "K"))
         elif pack.optimizes(c):  # its first update creates the state: hold room for it
             estimate = pack.state_estimate(c)
             self.host.charge(estimate, f"optimizer state of {what}")
@@ -251,7 +265,7 @@ class ChunkedUpdate:
             self.mem.release(buf)
 
     def _step(self, c: int, grads: torch.Tensor) -> None:
-        rt, pack, held = self.rt, self.pack, self.held[c]
+        io, pack, held = self._io, self.pack, self.held[c]
         chunk = held.chunk
         for handle in held.reads:  # the optimizer reads these bytes on this thread
             self._wait(handle, READ)
@@ -259,19 +273,19 @@ class ChunkedUpdate:
             # buffers (after the trainable parameters) are in the last chunk's weights
             if self.buffers_ready is not None:  # (the host reads them)
                 self._wait(self.buffers_ready, link(Loc.DEVICE, Loc.HOST))
-            restore_buffers(rt._changing(self.p), self.new_buffers, held.w, chunk.w[0])
+            restore_buffers(self._weights.changing(self.p), self.new_buffers, held.w, chunk.w[0])
             self.new_buffers = self.buffers_ready = None
         if pack.optimizes(c):
             self._step_optimizer(c, held, grads)
         if pack.layout.mixed and chunk.params:
             pack.refresh_weights(held.w, chunk)
-        if rt.ties is not None:  # sharers' copies of tied weights in this chunk (W refreshed)
-            rt.ties.after_update(rt, self.p, held.w, chunk.w[0], chunk.params)
-        held.writes.append(rt._nvme_write(pack.key("W", c), held.w, WRITE, "W"))
+        if self._ties is not None:  # sharers' copies of tied weights in this chunk
+            self._ties.after_update(self.p, held.w, chunk.w[0], chunk.params)
+        held.writes.append(io.write(pack.key("W", c), held.w, WRITE, "W"))
         if held.m is not None:
-            held.writes.append(rt._nvme_write(pack.key("M", c), held.m, WRITE, "K"))
+            held.writes.append(io.write(pack.key("M", c), held.m, WRITE, "K"))
         if held.k is not None:
-            held.writes.append(rt._nvme_write(pack.key("K", c), held.k, WRITE, "K"))
+            held.writes.append(io.write(pack.key("K", c), held.k, WRITE, "K"))
         if chunk.params:
             pack.bind_masters(None, chunk)
         if pack.k_layouts[c] is not None:
@@ -304,29 +318,3 @@ class ChunkedUpdate:
             if old is not None:  # (the state of before, now copied into the new layout)
                 self.mem.release(old)
 
-
-def broadcast_chunks(rt: Runtime, p: int) -> None:
-    """Sharded optimizer: send NVMe-homed pack ``p``'s new weights from its owner to every
-    other rank chunk by chunk, one chunk in host memory at a time. The owner reads each
-    chunk's file back (its update did not keep the weights); the others receive each into a
-    host buffer and write their file. Frozen parameters did not change: not sent. Blocks
-    until done."""
-    assert rt.dp is not None and rt.owners is not None
-    pack, host, owner = rt.packs[p], rt.tiers[Loc.HOST], rt.owners[p]
-    sent: list[Handle | None] = []
-    for c, chunk in enumerate(pack.chunks):
-        if chunk.frozen:
-            continue
-        buf = host.allocate(chunk.w_bytes, f"weights of pack {p} (chunk {c})")
-        key = pack.key("W", c)
-        sent.clear()
-        if rt.owns(p):
-            rt.engine.synchronize(rt._nvme_read(key, buf, READ, "W"), READ)
-            rt.dp.start_broadcast(p, owner, buf, rt.engine, sent.append)
-            rt.dp.finish_broadcast(p)
-        else:
-            rt.dp.start_broadcast(p, owner, buf, rt.engine)
-            rt.dp.finish_broadcast(p)
-            rt.engine.synchronize(rt._nvme_write(key, buf, WRITE, "W"), WRITE)
-        # (the owner's copy to a device buffer, for NCCL, may still read it)
-        host.release(buf, after=sent[0] if sent else None)

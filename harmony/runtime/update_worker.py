@@ -85,9 +85,10 @@ class UpdateWorker:
 
         self._job = (pack, self._executor.submit(timed), then)
 
-    def join(self) -> None:
-        """Wait for the step in flight (re-raising its error) and run its ``then``."""
-        if self._job is None:
+    def join(self, pack: int | None = None) -> None:
+        """Wait for the step in flight (re-raising its error) and run its ``then``; with
+        ``pack``, only if the step in flight is that pack's."""
+        if self._job is None or (pack is not None and self._job[0] != pack):
             return
         _, future, then = self._job
         self._job = None

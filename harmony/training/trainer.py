@@ -584,24 +584,23 @@ class Trainer(TrainerPlanning):
             t_plan = time.perf_counter()
             self._first_plan(micro_inputs[0], micro_targets[0], sizes, key, self._auto_plan)
             self._auto_plan = None
-            assert self._runtime is not None
-            self._runtime.record = self._recording  # (record_step on a fresh trainer)
             self._planning_seconds = time.perf_counter() - t_plan
         plan_ = self._plans.get(key)
         if plan_ is None:
             plan_ = self._replan(micro_inputs[0], micro_targets[0], sizes, key)
         self._plan = plan_
         assert self._runtime is not None
-        if self._dp is not None:  # global loss weights and micro-batch numbers; all-reduces
-            weights, self._runtime.mb_offset = self._dp.loss_weights(sizes)
-            self._runtime.dp = self._dp
+        mb_offset = 0
+        if self._dp is not None:  # global loss weights and micro-batch numbers
+            weights, mb_offset = self._dp.loss_weights(sizes)
         data = StepData(micro_inputs, micro_targets, weights, single)
         if self._pipeline is not None:  # later stages receive their inputs
             data = self._pipeline.step_data(data)
         step = self.step_count
         try:
             loss = self._runtime.run(plan_.schedule, plan_.sizes, data, self.step_count,
-                                     self.stats.seconds)
+                                     self.stats.seconds, mb_offset=mb_offset,
+                                     record=self._recording)
             if self._pipeline is not None:
                 self._pipeline.finish()
             # The step's bookkeeping belongs to it: an interrupt here (every pack updated, the
@@ -670,17 +669,13 @@ class Trainer(TrainerPlanning):
                 tier.reset_peak()
             record: list[dict[str, object]] = []
             first = self._runtime is None
-            self._recording = record  # (a fresh trainer's runtime is made inside the step)
-            if self._runtime is not None:
-                self._runtime.record = record
+            self._recording = record  # (the step passes it to the runtime)
             self._planning_seconds = 0.0
             t0 = time.perf_counter()
             try:
                 loss = self.step(inputs, targets)
             finally:
                 self._recording = None
-                if self._runtime is not None:
-                    self._runtime.record = None
             seconds = time.perf_counter() - t0 - self._planning_seconds
             assert self._plan is not None
 

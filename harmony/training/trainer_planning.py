@@ -36,9 +36,9 @@ from harmony.planning.planner import InfeasiblePlan, Plan, largest_micro_batch, 
 from harmony.planning.profile import UNCHECKED, profile_layers
 from harmony.planning.refusals import refuse_nvme_space
 from harmony.runtime.host_memory import trim
+from harmony.runtime.options import RuntimeOptions
 from harmony.runtime.pack import Pack
 from harmony.runtime.runtime import Runtime
-from harmony.runtime.update_worker import UpdateWorker
 from harmony.training.trainer_state import TrainerState
 from harmony.training.user_checks import check_lr_scheduler
 from schedules.task import Loc
@@ -217,24 +217,23 @@ class TrainerPlanning(TrainerState):
                                                    self.chain.layers[a:b], a) if values
                                     else None, staging=self.tiers[Loc.HOST]))
         trim()  # what building freed (the model's own weights, staging) goes back
-        self._runtime = Runtime(packs, self.tiers, self._engine, self.loss_fn, self.device,
-                                self.seed, self.store)
-        self._runtime.precision = self.precision
-        if self.overlap_updates and chosen.overlap_updates:
-            self._runtime.worker = UpdateWorker(self.stats)
-        self._runtime.changing = self._changing  # (grows if later shapes are profiled)
-        self._runtime.owners = chosen.owners
-        if self._ties:
-            self._runtime.ties = TiedWeights(self._ties, packs)
-        if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
-            self._pipeline.attach(self._runtime)
+        clip = None
         if self.clip_grad_norm is not None:
             # The norm is taken over the gradients in the model's parameter order, as
             # clip_grad_norm_(model.parameters()) does, so the sum is rounded the same way.
             where = {id(e.tensor): (p, i) for p, pack in enumerate(packs)
                      for i, e in enumerate(pack.layout.trainable)}
-            self._runtime.clip = (self.clip_grad_norm, [
-                where[id(q)] for q in self._params if id(q) in where])
+            clip = (self.clip_grad_norm, tuple(
+                where[id(q)] for q in self._params if id(q) in where))
+        options = RuntimeOptions(
+            loss_fn=self.loss_fn, device=self.device, seed=self.seed, precision=self.precision,
+            clip=clip, ties=TiedWeights(self._ties, packs) if self._ties else None,
+            dp=self._dp, owners=chosen.owners,
+            overlap_updates=bool(self.overlap_updates and chosen.overlap_updates),
+            changing=self._changing)  # (the profile's set: grows if later shapes are profiled)
+        if self._pipeline is not None:  # SEND/RECV with the neighbouring ranks
+            options = self._pipeline.runtime_options(options)
+        self._runtime = Runtime(packs, self.tiers, self._engine, options, self.store)
         self._plans[key] = chosen
         if self.lr_scheduler_factory is not None:
             # Built before a loaded state is applied: building one sets the learning rate to
