@@ -14,7 +14,8 @@ and although device copies of weights are never written back. So:
 The copies between the device and the host are asynchronous, through the swap engine: the
 functions return their handle, which the runtime keeps with the pack and waits for where the
 bytes are used next (before the pack's next forward changes them again, before its next load
-reads the home copy, before the host reads them; see :class:`harmony.runtime.runtime.Runtime`).
+reads the home copy, before the host reads them; see
+:class:`harmony.runtime.weights.DeviceWeights`).
 
 Only buffers a forward was seen to change while profiling are handled (most buffers, such as
 position ids, rotary frequencies or causal masks, never change): the functions take those
