@@ -61,7 +61,8 @@ PARALLEL_MODES = (None, "none", "data", "pipeline")  # "pipeline": harmony.paral
 class DataParallel:
     """One rank's part of a data-parallel trainer: weights, all-reduces, agreement.
 
-    Built by :meth:`create`; the trainer and runtime call it at a few points of a step.
+    Built by :meth:`create`; the trainer and runtime call it at a few points of a step (the
+    runtime as :class:`harmony.runtime.hooks.DataParallelHooks`, passed in its options).
 
     Example::
 

@@ -12,12 +12,11 @@ from typing import Any, Protocol
 
 import torch
 
+from harmony.runtime.slot import Value
 from schedules.task import Ref, Task
 from swap.engine import SwapEngine
 from swap.handle import Handle
 from swap.stats import Stats
-
-Value = tuple[torch.Tensor | None, ...]
 
 
 class RankGroup(Protocol):

@@ -19,7 +19,6 @@ first waits for the handles of what it reads (docs/design-runtime.md).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -87,6 +86,7 @@ class Runtime:
                                 self._weights, self._updates, options)
         self._clock: Clock = clock_for(options.device)  # (times the tasks of a recorded step)
         self._step: StepState | None = None  # the last step run (or running)
+        self._staging: bool | None = None  # stage_batch, if set (else the options say)
         tiers[Loc.HOST].when_full = self.host_full
         # checking mode (HARMONY_COPIER=deferred): the tiers check their buffers' lifetimes
         engine.watch(tiers.values(), device=tiers[Loc.DEVICE])
@@ -121,14 +121,14 @@ class Runtime:
     def stage_batch(self) -> bool:
         """Whether a step first copies its inputs and targets into host-tier buffers (see
         :mod:`harmony.runtime.batch`): as the options say, by default where the host tier is
-        pinned."""
-        staged = self._options.stage_batch
+        pinned. Settable between steps, to force staging where the host tier is not pinned
+        (checks of the staging on CPU)."""
+        staged = self._options.stage_batch if self._staging is None else self._staging
         return self._tiers[Loc.HOST].pin if staged is None else staged
 
     @stage_batch.setter
     def stage_batch(self, value: bool) -> None:
-        # (for checks that stage on a CPU host tier: new options, not a changed one)
-        self._options = dataclasses.replace(self._options, stage_batch=value)
+        self._staging = value
 
     @property
     def loss(self) -> torch.Tensor:
