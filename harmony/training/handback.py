@@ -1,34 +1,70 @@
-"""Whether a trainer can give its model the trained weights back when it closes, and what
-happens to a model whose trainer was dropped without closing.
+"""A trainer's hold on its user's model, and giving the model back.
 
-A trainer holds its model (:mod:`harmony.training.ownership`) and gives it back on
-``close()``, its parameters holding the trained values on the devices they came from. It
-cannot when the weights are no longer those of one step, live partly on other ranks, or exceed
-the budgets the model's own devices were given; :func:`why_not_given_back` says which, in words
-the user then sees (a warning, and the error touching the model raises).
+A trainer holds its model (:mod:`harmony.training.ownership`) from construction and gives it
+back on ``close()``, its parameters holding the trained values on the devices they came from.
+It cannot when the weights are no longer those of one step, live partly on other ranks, or
+exceed the budgets the model's own devices were given; :func:`why_not_given_back` says which,
+in words the user then sees (a warning, and the error touching the model raises). A trainer
+dropped without ``close()`` lets go of a model it never took the weights of
+(:class:`Handback`'s finalizer).
 
 Example::
 
+    handback = Handback(trainer, chain, copies)     # model(x) now raises ModelHeldError
     why = why_not_given_back(built, broken, pipeline, origin, host_memory, device_memory)
-    if why is None:
-        ...  # the packs give their layers the trained values
+    handback.finish(why)                            # the user's again (or kept, saying why)
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
+from harmony.training.ownership import Hold
 from swap.tier import fmt_bytes
 
 if TYPE_CHECKING:
+    from harmony.model.chain import Chain
     from harmony.model.inplace import InputCopies
     from harmony.parallel.pipeline import Pipeline
     from harmony.training.built import Built
-    from harmony.training.ownership import Hold
 
-__all__ = ["dropped", "why_not_given_back"]
+__all__ = ["Handback", "dropped", "why_not_given_back"]
+
+
+class Handback:
+    """A trainer's hold on its model (see the module docstring).
+
+    Args:
+        owner: the trainer (when it is garbage-collected without ``close()``, the finalizer
+            lets go of the model, or keeps it marked if the packs held its weights).
+        chain: the model's chain. copies: the private copies of inputs layers change.
+
+    Attributes:
+        hold: the marks on the model and its layers.
+        built: ``built[0]``: whether packs hold the weights now (the finalizer reads it).
+
+    Raises:
+        ValueError: another trainer holds the model.
+    """
+
+    def __init__(self, owner: object, chain: Chain, copies: InputCopies) -> None:
+        self.hold = Hold(chain.model, chain.layers)
+        self.built = [False]
+        self._copies = copies
+        self._on_drop = weakref.finalize(owner, dropped, self.hold, self.built, copies)
+
+    def finish(self, why_not: str | None) -> None:
+        """The trainer closed: the model is the user's again, or, if ``why_not`` says why
+        the weights were not given back, stays marked with those words."""
+        self._on_drop.detach()
+        self._copies.remove()
+        if why_not is None:
+            self.hold.release()
+        else:
+            self.hold.keep(f"this model's harmony.Trainer was closed: {why_not}")
 
 
 def why_not_given_back(built: Built | None, broken: str | None, pipeline: Pipeline | None,

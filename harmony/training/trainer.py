@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,9 @@ from harmony.planning.plan import InfeasiblePlan, Plan
 from harmony.runtime.runtime import NonFiniteLoss, Runtime
 from harmony.training.built import ShapeKey
 from harmony.training.config import TrainerConfig
-from harmony.training.handback import dropped, why_not_given_back
+from harmony.training.handback import Handback, why_not_given_back
 from harmony.training.optimizer_state import OptimizerTensors
-from harmony.training.ownership import Hold, acts
+from harmony.training.ownership import acts
 from harmony.training.planner import TrainerPlanner
 from harmony.training.recording import Recorder
 from harmony.training.setup import set_up
@@ -51,6 +50,11 @@ def _held(name: str, doc: str) -> Any:
     return property(lambda self: getattr(self._holdings, name), doc=doc)
 
 
+def _planned(name: str, doc: str) -> Any:
+    """A read-only property giving ``name`` of the trainer's planner."""
+    return property(lambda self: getattr(self._planner, name), doc=doc)
+
+
 class Trainer:
     """Trains a chain of layers whose training state need not fit in device memory.
 
@@ -68,14 +72,9 @@ class Trainer:
         loss_fn: ``(output, target) -> scalar`` mean loss of one micro-batch.
         config: the settings as one :class:`~harmony.training.config.TrainerConfig` (then no
             other keyword arguments).
-        **settings: the settings as keyword arguments, each a field of
-            :class:`~harmony.training.config.TrainerConfig`, which says what it means:
-            ``optimizer``, ``micro_batch_size``, ``forward_micro_batch_size``, ``device``,
-            ``device_memory``, ``host_memory``, ``nvme_dir``, ``nvme_backend``,
-            ``update_chunk``, ``overlap_updates``, ``clip_grad_norm``, ``lr_scheduler``,
-            ``plan``, ``schedule``, ``prefetch``, ``seed``, ``nonfinite``, ``precision``,
-            ``parallel``, ``stages``, ``shard_optimizer``, ``check_chain``, ``init``,
-            ``weights``.
+        **settings: the settings as keyword arguments (``optimizer``, ``micro_batch_size``,
+            ``device``, ``device_memory``, ``host_memory``, ``nvme_dir``, ...), each a field
+            of :class:`~harmony.training.config.TrainerConfig`, which says what it means.
 
     Raises:
         ValueError: a bad argument or a budget that cannot hold the largest layer (or
@@ -122,10 +121,7 @@ class Trainer:
                             self.optimizer_factory, self._recorder)
         self._closed = False
         # The model is the trainer's until close(): touching it meanwhile raises, saying so.
-        # A trainer dropped without close() lets go of a model it never took the weights of.
-        self._hold = Hold(h.chain.model, h.chain.layers)
-        self._holding = [False]  # whether packs hold the weights (for the finalizer below)
-        self._on_drop = weakref.finalize(self, dropped, self._hold, self._holding, h.copies)
+        self._handback = Handback(self, h.chain, h.copies)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], loss_fn: Callable[..., torch.Tensor],
@@ -172,21 +168,12 @@ class Trainer:
     overlap_updates = _setting("overlap_updates", "Whether updates may run on a worker.")
     shard_optimizer = _setting("shard_optimizer", "Whether data-parallel ranks shard K.")
 
-    @property
-    def schedule_name(self) -> str:
-        """The schedule every plan runs (a given plan's, else ``schedule``)."""
-        return self._planner.schedule_name
-
-    @property
-    def prefetch(self) -> int | None:
-        """The prefetch depth every plan keeps (None: the planner chooses)."""
-        return self._planner.prefetch
-
-    @property
-    def update_chunk(self) -> int | str | None:
-        """The update chunks' budget in bytes, ``"auto"`` or None (a given plan's for
-        ``"auto"``); the plan's choice is ``plan.update_chunk``."""
-        return self._planner.update_chunk
+    schedule_name = _planned("schedule_name", "The schedule every plan runs (a given plan's, "
+                             "else ``schedule``).")
+    prefetch = _planned("prefetch", "The prefetch depth every plan keeps (None: the planner "
+                        "chooses).")
+    update_chunk = _planned("update_chunk", "The update chunks' budget in bytes, 'auto' or "
+                            "None (a given plan's for 'auto'); the plan's is plan.update_chunk.")
 
     @property
     def device_memory(self) -> int | None:
@@ -279,7 +266,7 @@ class Trainer:
             with dp.failing_together(passes=(NonFiniteLoss, InfeasiblePlan)):
                 return self._step(inputs, targets)
         finally:
-            self._holding[0] = self._steps.built is not None
+            self._handback.built[0] = self._steps.built is not None
 
     def _step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
               targets: torch.Tensor) -> float:
@@ -481,12 +468,8 @@ class Trainer:
         if self._steps.built is not None:
             why_not = self._steps.built.give_back(self._facts.origin_device, why_not)
         h.close()
-        self._on_drop.detach()
-        h.copies.remove()
-        if why_not is None:
-            self._hold.release()
-        else:
-            self._hold.keep(f"this model's harmony.Trainer was closed: {why_not}")
+        self._handback.finish(why_not)
+        if why_not is not None:
             warnings.warn(f"harmony.Trainer.close(): {why_not}", stacklevel=3)
 
     @acts
@@ -511,8 +494,8 @@ class Trainer:
                 raise RuntimeError(f"release_model() refused: {why_not} (the trainer is still "
                                    "open)")
             self.close()
-        if self._hold.kept:
-            raise RuntimeError(self._hold.message)
+        if self._handback.hold.kept:
+            raise RuntimeError(self._handback.hold.message)
         return self.chain.model
 
     def _why_not_given_back(self) -> str | None:
