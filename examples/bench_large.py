@@ -124,7 +124,7 @@ def compute_only(args: argparse.Namespace,
                             seed=1)
         n = blocks + 2
         bounds = tuple((i, i + 1) for i in range(n))
-        t._fixed = (bounds, Placement.uniform(len(bounds), Loc.DEVICE))  # (the same packs)
+        t.planner.fixed = (bounds, Placement.uniform(len(bounds), Loc.DEVICE))  # (same packs)
         with t:
             t.step(*data[0])
             times = []

@@ -4,6 +4,7 @@ and the trainer composed of owners instead of base classes."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 import harmony
 from harmony.training.config import TrainerConfig
-from tests.models import mlp, reference_train
+from tests.models import cross_entropy_tokens, mlp, reference_train
 
 
 def _sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -126,3 +127,22 @@ def test_the_trainer_is_composed_not_inherited() -> None:
         assert set(tensors) == {f"{k}/{name}" for k, _ in mlp().named_parameters()
                                 for name in ("step", "exp_avg", "exp_avg_sq")}
         assert len(groups) == len(t.runtime.packs)
+
+
+def test_from_pretrained_takes_a_config(tmp_path: Path) -> None:
+    """``from_pretrained(path, loss_fn, config=...)`` reads the weights from ``path`` as the
+    keyword form does, leaving the given config as it was."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    from tests.test_hf_weights import _batches as token_batches
+    from tests.test_hf_weights import _llama
+
+    _llama(False).save_pretrained(tmp_path / "src")  # type: ignore[attr-defined]
+    config = TrainerConfig(micro_batch_size=2, device_memory="200KiB")
+    with harmony.Trainer(_llama(False), cross_entropy_tokens, config=config) as ref, \
+            harmony.Trainer.from_pretrained(tmp_path / "src", cross_entropy_tokens,
+                                            config=config) as t:
+        assert t.config.weights == tmp_path / "src" and config.weights is None
+        for x, y in token_batches():
+            assert ref.step(x, y) == t.step(x, y)
+        want, got = ref.state_dict(), t.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
