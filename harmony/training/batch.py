@@ -3,7 +3,7 @@ its share of the samples, and the shape its plans are kept by.
 
 Example::
 
-    batch = StepBatch.split(torch.zeros(10, 3), torch.zeros(10), 4, torch.device("cpu"))
+    batch = StepBatch.split(torch.zeros(10, 3), torch.zeros(10), 4)
     batch.sizes                 # [4, 4, 2]
     batch.key                   # ((4, 4, 2), ((3,), torch.float32))
 """
@@ -37,21 +37,26 @@ class StepBatch:
 
     @classmethod
     def split(cls, inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor,
-              micro_batch_size: int, device: torch.device) -> StepBatch:
+              micro_batch_size: int) -> StepBatch:
         """``inputs`` and ``targets`` split into micro-batches of ``micro_batch_size``.
 
         Raises:
-            ValueError: an empty batch, mismatched batch sizes, non-tensor inputs, or
-                tensors on another device than the CPU or ``device``, naming them.
+            ValueError: an empty batch, mismatched batch sizes or non-tensor inputs, naming
+                them.
         """
-        micro_inputs, micro_targets, weights, single = split_batch(inputs, targets,
-                                                                   micro_batch_size)
-        for name, t in [("inputs", x) for x in micro_inputs[0]] + [("targets", micro_targets[0])]:
+        return cls(*split_batch(inputs, targets, micro_batch_size))
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse tensors on another device than the CPU or ``device``.
+
+        Raises:
+            ValueError: naming the tensors, their device and what to pass instead.
+        """
+        for name, t in [("inputs", x) for x in self.inputs[0]] + [("targets", self.targets[0])]:
             if t.device.type != "cpu" and t.device != device:
                 raise ValueError(f"{name} are on {t.device}, but this trainer computes on "
                                  f"{device}; pass CPU tensors (harmony moves each "
                                  f"micro-batch) or tensors on {device}")
-        return cls(micro_inputs, micro_targets, weights, single)
 
     @property
     def sizes(self) -> list[int]:

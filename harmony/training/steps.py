@@ -107,8 +107,9 @@ class Steps:
         given = self.config.micro_batch_size
         mbs = given if isinstance(given, int) else self.planner.micro_batch_size(
             inputs, targets, profile, first=self.built is None)
-        batch = StepBatch.split(inputs, targets, mbs, h.device)
+        batch = StepBatch.split(inputs, targets, mbs)
         self.micro_batch_size_used = mbs
+        batch.check_device(h.device)
         x, y = batch.inputs[0], batch.targets[0]
         if self._check_chain:  # does the chain compute what the model computes? (once)
             check_chain(h.chain, x, batch.single)
