@@ -82,7 +82,7 @@ def io_only(trainer: harmony.Trainer) -> float:
     pack's weights read for the forward (if the schedule loads them twice), then from the
     last pack: its weights read for the backward, its weights and optimizer state read for
     the update and written back, one pack's buffers in memory at a time."""
-    store, runtime, plan = trainer.store, trainer._runtime, trainer.plan
+    store, runtime, plan = trainer.store, trainer.runtime, trainer.plan
     assert store is not None and runtime is not None and plan is not None
     packs = [p for p in runtime.packs if p.home is Loc.NVME]
     loads = plan.schedule.weight_loads()
@@ -124,7 +124,7 @@ def compute_only(args: argparse.Namespace,
                             seed=1)
         n = blocks + 2
         bounds = tuple((i, i + 1) for i in range(n))
-        t._fixed = (bounds, Placement.uniform(len(bounds), Loc.DEVICE))  # (the same packs)
+        t.planner.fixed = (bounds, Placement.uniform(len(bounds), Loc.DEVICE))  # (same packs)
         with t:
             t.step(*data[0])
             times = []

@@ -64,7 +64,7 @@ def io_only(trainer: harmony.Trainer) -> float:
     """Replay one step's NVMe traffic (the plan's weight loads, the update's reads and
     writes of the packs homed on NVMe, chunk by chunk) with no compute, in the order the
     schedule issues it."""
-    store, runtime, plan = trainer.store, trainer._runtime, trainer.plan
+    store, runtime, plan = trainer.store, trainer.runtime, trainer.plan
     assert store is not None and runtime is not None and plan is not None
     packs = [p for p in runtime.packs if p.home is Loc.NVME]  # the others stay on the host
     bufs = {p.index: torch.empty(p.layout.w_bytes, dtype=torch.uint8) for p in packs}

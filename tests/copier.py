@@ -14,4 +14,4 @@ def expected() -> str:
 
 def used(trainer: harmony.Trainer) -> str:
     """The copier class of ``trainer``'s swap engine."""
-    return type(trainer._engine._copier).__name__
+    return type(trainer.engine._copier).__name__

@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         raise
     assert trainer.plan is not None
     last = {k: v - before.get(k, 0) for k, v in trainer.stats.bytes_moved.items()}
-    assert trainer._runtime is not None
-    packs = trainer._runtime.packs
+    assert trainer.runtime is not None
+    packs = trainer.runtime.packs
     shard = {  # what each rank holds of the optimizer
         "owners": trainer.plan.owners,
         "k_charged": [p.k_charged for p in packs],

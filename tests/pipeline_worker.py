@@ -94,7 +94,7 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
         if save is not None:
             trainer.save(save)
             trainer.export(save + "-export")
-        pipe = trainer._pipeline
+        pipe = trainer.pipeline
         assert pipe is not None
         torch.save({"state": state, "losses": losses, "steps": trainer.step_count,
                     "bytes": dict(trainer.stats.bytes_moved),

@@ -59,8 +59,8 @@ def test_running_statistics_equal_pytorch(schedule: str, w: Loc, x: Loc, chunk: 
         for b in batches:
             t.step(*b)
         assert t.plan is not None and t.plan.placement.w[0] is w
-        assert t._runtime is not None
-        assert (max(len(p.chunks) for p in t._runtime.packs) > 1) == (chunk is not None)
+        assert t.runtime is not None
+        assert (max(len(p.chunks) for p in t.runtime.packs) > 1) == (chunk is not None)
         assert t.plan.schedule.recompute  # the forward runs twice: once must not count
         got = t.state_dict()
     assert int(got["1.num_batches_tracked"]) == 2 * len(batches)
@@ -99,7 +99,7 @@ def test_only_buffers_a_forward_changes_are_carried() -> None:
                          device_memory=16000) as t:
         t.step(*_batches()[0])
         assert t.plan is not None and len(t.plan.bounds) > 1  # (packs swap)
-        rt = t._runtime
+        rt = t.runtime
         assert rt is not None and rt.changing is not None
         carried = {e.name for p in range(len(rt.packs)) for e in rt.changing_buffers(p)}
         every = {e.name for pack in rt.packs for e in pack.layout.buffers}

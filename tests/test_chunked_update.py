@@ -64,7 +64,7 @@ def everything_on_nvme(model: Callable[[], nn.Module], opt: Factory, chunk: int 
     with harmony.Trainer(model(), loss, optimizer=opt, micro_batch_size=MBS,
                          precision=precision) as probe:
         probe.step(x, y)  # (profiles the layers)
-        profiles, k_ratio = probe._profiles, probe.precision.k_ratio(probe._k_ratio)
+        profiles, k_ratio = probe.planner.profiles, probe.precision.k_ratio(probe.planner.k_ratio)
     assert profiles is not None
     n = len(profiles)
     return plan(profiles, "harmony", micro_batch_sizes(len(y), MBS), None, None, k_ratio,
@@ -82,8 +82,8 @@ def _train(nvme: Path, given: Plan, opt: Factory, batches: list[tuple[torch.Tens
 
 
 def _chunks(t: harmony.Trainer) -> list[int]:
-    assert t._runtime is not None
-    return [len(p.chunks) for p in t._runtime.packs]
+    assert t.runtime is not None
+    return [len(p.chunks) for p in t.runtime.packs]
 
 
 @pytest.mark.parametrize("opt", [adamw, adamw_fused, sgd])
@@ -192,8 +192,8 @@ def test_host_budget_smaller_than_one_pack(tmp_path: Path) -> None:
         for b in batches:
             t.step(*b)
         assert t.plan is not None and t.plan.update_chunk is not None
-        assert t._runtime is not None
-        nvme = [p for p in t._runtime.packs if p.home is Loc.NVME]
+        assert t.runtime is not None
+        nvme = [p for p in t.runtime.packs if p.home is Loc.NVME]
         assert nvme and all(len(p.chunks) >= 4 for p in nvme if p.layout.w_bytes > 64 << 10)
         whole = max(p.layout.w_bytes + p.k_bytes for p in nvme)
         assert host < whole  # the update of one pack at once would not fit

@@ -62,7 +62,7 @@ def test_clipping_equals_clip_grad_norm(tmp_path: Path, model: str, placement: s
         assert all(task.op is Op.UPD for task in tasks[first_update:])  # the schedule says so
         if placement == "nvme":
             assert Loc.NVME in t.plan.placement.w
-        assert t._runtime is not None and t._runtime.grad_norm > 0.05  # clipping was active
+        assert t.runtime is not None and t.runtime.grad_norm > 0.05  # clipping was active
         got = t.state_dict()
     want = _reference(model, batches, 3, 0.05)
     for k in want:

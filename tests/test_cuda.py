@@ -248,8 +248,8 @@ def test_host_buffers_are_pinned_at_their_own_size() -> None:
     with harmony.Trainer(factory(0.0), loss_fn, micro_batch_size=2, device="cuda",
                          plan=pinned_plan("mlp", Loc.HOST, Loc.HOST)) as t:
         t.step(*data(4, torch.Generator().manual_seed(0)))
-        assert t._runtime is not None
-        assert all(p.home_w is not None and p.home_w.is_pinned() for p in t._runtime.packs)
+        assert t.runtime is not None
+        assert all(p.home_w is not None and p.home_w.is_pinned() for p in t.runtime.packs)
         assert t.stats.peak_bytes["host pinned"] > 0  # reported beside the accounted peak
         if before is not None:
             assert stats()["allocated_bytes.current"] == before

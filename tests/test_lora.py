@@ -101,7 +101,7 @@ def test_lora_trains_as_plain_peft(where: str, tmp_path: Path) -> None:
             home = Loc.NVME if where == "nvme" else Loc.HOST
             assert len(plan.bounds) > 1 and home in plan.placement.w, \
                 plan.describe(trainer.chain.names)
-        state = sum(t.numel() * t.element_size() for pack in trainer._runtime.packs  # type: ignore[union-attr]
+        state = sum(t.numel() * t.element_size() for pack in trainer.runtime.packs  # type: ignore[union-attr]
                     for s in pack.optimizer.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor) and t.dim() > 0) if where != "nvme" else None
     assert got.keys() == want.keys()

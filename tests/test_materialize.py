@@ -147,7 +147,7 @@ def test_init_is_each_modules_reset_parameters_under_the_layers_seed(tmp_path: P
         t.step(torch.randn(4, 64), torch.randn(4, 16))  # profile, packs on NVMe, lr 0
         assert t.plan is not None and "nvme" in t.plan.placement.to_json()["w"]
         after = t.state_dict()
-    seed = Materializer(harmony.training.trainer.Chain(nn.Sequential(nn.Linear(1, 1))), seed=5)
+    seed = Materializer(harmony.model.chain.Chain(nn.Sequential(nn.Linear(1, 1))), seed=5)
     for i, shape in ((0, (64, 128)), (2, (128, 16))):
         torch.manual_seed(seed._layer_seed(i))
         want = nn.Linear(*shape)  # (the constructor runs reset_parameters())

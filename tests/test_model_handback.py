@@ -267,7 +267,7 @@ def test_the_disk_filling_while_packs_are_built_leaves_the_model_as_it_was(
         pytest.skip("mounting a small filesystem needs root")
     # The plan's free-space check passes (another process fills the disk just after it), so
     # the disk fills while the packs are being written.
-    monkeypatch.setattr("harmony.training.trainer_planning.refuse_nvme_space", lambda *a, **k: None)
+    monkeypatch.setattr("harmony.training.steps.refuse_nvme_space", lambda *a, **k: None)
     model = FACTORY(0.0)
     before = _snapshot(model)
     state = training_state_bytes(model, 8)

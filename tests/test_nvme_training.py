@@ -157,7 +157,7 @@ def test_disk_full_mid_step_is_clear_and_checkpoint_survives(tmp_path: Path) -> 
                 t.step(*batches[1])
             assert "nvme_dir" in str(err.value) or str(small) in str(err.value)
             assert t.step_count == 1
-            if t._runtime is not None and t._runtime.updated:
+            if t.runtime is not None and t.runtime.updated:
                 with pytest.raises(RuntimeError, match="load"):  # no training on mixed weights
                     t.step(*batches[2])
     (tmp_path / "other").mkdir()

@@ -93,7 +93,7 @@ def test_a_failed_copy_fails_its_own_step() -> None:
     batches = _batches("mlp")
     with _trainer("mlp", Loc.HOST, Loc.DEVICE) as t:
         t.step(*batches[0])
-        copier = t._engine._copier
+        copier = t.engine._copier
         assert isinstance(copier, DeferredCopier)
         issue = copier.copy
 
@@ -153,17 +153,17 @@ def test_inputs_and_targets_are_copied_from_staged_host_buffers() -> None:
     batches = _batches("tuple")
     with _trainer("tuple", Loc.HOST, Loc.HOST) as t:
         t.step(*batches[0])
-        rt = t._runtime
+        rt = t.runtime
         assert rt is not None
         rt.stage_batch = True
         sources: list[torch.Tensor] = []
-        issue = t._engine.copy
+        issue = t.engine.copy
 
         def spy(dst: torch.Tensor, src: torch.Tensor, link: str, kind: str) -> Any:
             sources.append(src)
             return issue(dst, src, link, kind)
 
-        t._engine.copy = spy  # type: ignore[method-assign]
+        t.engine.copy = spy  # type: ignore[method-assign]
         x, y = batches[1]
         t.step(x, y)
         callers = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
@@ -177,7 +177,7 @@ def test_staging_that_does_not_fit_gives_back_what_it_staged() -> None:
     batches = _batches("mlp")
     with _trainer("mlp", Loc.HOST, Loc.DEVICE) as t:
         t.step(*batches[0])
-        rt = t._runtime
+        rt = t.runtime
         assert rt is not None
         rt.stage_batch = True
         host = t.tiers[Loc.HOST]

@@ -68,8 +68,8 @@ def test_overlapped_nvme_updates_equal_pytorch(tmp_path: Path, opt: Factory) -> 
     batches = _batches()
     record = OnThreads(opt)
     with _train(tmp_path, opt, batches, record, overlap_updates=True) as t:
-        assert t._runtime is not None
-        assert max(len(p.chunks) for p in t._runtime.packs) >= 6
+        assert t.runtime is not None
+        assert max(len(p.chunks) for p in t.runtime.packs) >= 6
         # the first step creates the optimizer state (its size only estimated): in line;
         # the next ones on the update worker
         assert not any(n.startswith("harmony-update") for n in record.threads[1])

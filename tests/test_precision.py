@@ -161,8 +161,8 @@ def test_bf16_with_nvme_homes_tracks_autocast(tmp_path: Path) -> None:
         assert trainer.host_memory is not None
         assert trainer.stats.peak_bytes["host"] <= trainer.host_memory
         on_nvme = [p for p, loc in enumerate(plan.placement.w) if loc is Loc.NVME]
-        assert trainer._runtime is not None and trainer.store is not None
-        assert all(trainer._runtime.packs[p].key("M", 0) in trainer.store for p in on_nvme)
+        assert trainer.runtime is not None and trainer.store is not None
+        assert all(trainer.runtime.packs[p].key("M", 0) in trainer.store for p in on_nvme)
         _check_tracks_autocast(model, got, batches, 2)
 
 
@@ -196,8 +196,8 @@ def test_bf16_halves_weight_traffic_and_counts_masters_in_k() -> None:
             assert w16 / 2 == sum(loads[p] * plan.sizes.w[p] for p in loads)
             assert w16 / 2 == plan.predicted.bytes_by_kind[("host->device", "W")]
             assert 0.5 * w32 <= w16 <= 0.55 * w32, (w16, w32)
-            assert bf16._runtime is not None
-            packs = bf16._runtime.packs
+            assert bf16.runtime is not None
+            packs = bf16.runtime.packs
             entries = [e for p in packs for e in p.layout.trainable]  # (params are away)
             params = sum(e.shape.numel() for e in entries)
             masters = sum(p.layout.g_bytes for p in packs)
@@ -309,7 +309,7 @@ def test_clipping_and_lr_scheduler_track_autocast(precision: str, dtype: torch.d
                           clip_grad_norm=0.5, lr_scheduler=_step_lr)
     with trainer:
         assert trainer.stats.skipped_steps == 0
-        assert trainer._runtime is not None and trainer._runtime.grad_norm > 0.5
+        assert trainer.runtime is not None and trainer.runtime.grad_norm > 0.5
         _check_tracks_autocast(model, got, batches, 2, dtype, clip=0.5, lr_scheduler=_step_lr)
 
 
@@ -328,7 +328,7 @@ def test_fp16_overflow_skips_the_step_and_backs_off() -> None:
         assert t.precision.scale == 2.0 ** 39 and precision.scale == 2.0 ** 40  # a copy
         after = t.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
-        assert t._optimizer_state()[0] == {}  # no momentum was created
+        assert t.optimizer_state()[0] == {}  # no momentum was created
         def used() -> dict[Loc, int]:
             for tier in t.tiers.values():
                 tier.drain()  # releases that wait for copies still in flight

@@ -25,7 +25,7 @@ def _no_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("profiled before refusing")
 
-    monkeypatch.setattr("harmony.training.trainer_planning.profile_layers", fail)
+    monkeypatch.setattr("harmony.training.planner.profile_layers", fail)
 
 
 def test_host_budget_too_small_without_nvme_is_refused_at_construction(
@@ -61,7 +61,7 @@ def test_nvme_dir_without_room_for_the_plan_is_refused_before_any_update(
     with t, pytest.raises(ValueError, match=r"has 117.19KiB free, but training needs "
                           r"[\d.]+KiB there: the plan's NVMe peak \(\d+ of \d+ packs"):
         t.step(*_batch())
-    assert t._runtime is None  # no pack was built
+    assert t.runtime is None  # no pack was built
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -84,11 +84,11 @@ def test_longer_sequences_move_the_state_to_new_packs(tmp_path: Path, monkeypatc
         assert nvme_packs
         # the old packs' files are gone: one weight and one state file per chunk of each
         # NVMe pack now
-        assert t._runtime is not None
+        assert t.runtime is not None
         assert sorted(t.store.keys()) == sorted(
-            t._runtime.packs[p].key(k, c) for p in nvme_packs
-            for c in range(len(t._runtime.packs[p].chunks)) for k in ("W", "K"))
-        chunks = max(len(t._runtime.packs[p].chunks) for p in nvme_packs)
+            t.runtime.packs[p].key(k, c) for p in nvme_packs
+            for c in range(len(t.runtime.packs[p].chunks)) for k in ("W", "K"))
+        chunks = max(len(t.runtime.packs[p].chunks) for p in nvme_packs)
         assert (chunks > 1) == (chunk != "auto"), chunks
     want = _reference(batches)
     assert got.keys() == want.keys()

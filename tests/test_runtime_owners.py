@@ -1,6 +1,6 @@
 """The runtime's shape: every piece of its state has one owner (harmony/runtime/), helpers get
 the owners they use and never the runtime, nothing outside the runtime reaches into it or sets
-its attributes, its modules stay small, and its imports go one way (docs/design-runtime.md)."""
+its attributes, its modules stay small, and its imports go one way (docs/design.md)."""
 
 from __future__ import annotations
 

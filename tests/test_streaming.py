@@ -137,7 +137,7 @@ def test_save_reads_one_chunk_at_a_time_and_loads_back(
         t.save(tmp_path / "ckpt")
         t.step(*batches[1])
         want = t.state_dict()
-        chunk = max(p.layout.w_bytes for p in t._runtime.packs)  # type: ignore[union-attr]
+        chunk = max(p.layout.w_bytes for p in t.runtime.packs)  # type: ignore[union-attr]
     assert 0 < most[0] == largest[0] < chunk  # one buffer at a time, less than a pack
     with _nvme_trainer(tmp_path) as fresh:
         fresh.load(tmp_path / "ckpt")

@@ -108,7 +108,7 @@ def _trainer(tmp_path: Path, homes: str, schedule: str, make_opt, **kw) -> harmo
 def _check_split(t: harmony.Trainer) -> None:
     plan = t.plan
     assert plan is not None and len(plan.bounds) > 1, "the tied users must be in two packs"
-    assert t._runtime is not None and t._runtime.ties is not None
+    assert t.runtime is not None and t.runtime.ties is not None
 
 
 # resident keeps everything on the device: its packs are all homed there
@@ -155,7 +155,7 @@ def test_clipping_counts_the_tied_gradient_once(tmp_path: Path, homes: str,
         for b in batches:
             t.step(*b)
         _check_split(t)
-        assert t._runtime is not None and t._runtime.grad_norm > 0.05  # clipping was active
+        assert t.runtime is not None and t.runtime.grad_norm > 0.05  # clipping was active
         got = t.state_dict()
     _close(got, _reference(_adamw, batches, max_norm=0.05))
 
@@ -203,15 +203,15 @@ def test_optimizer_state_keys_do_not_depend_on_the_plan(tmp_path: Path) -> None:
         with t:
             t.step(*batch)
             assert t.plan is not None and len(t.plan.bounds) == (1 if homes == "one-pack" else 3)
-            keys.append(sorted(t._optimizer_state()[0]))
+            keys.append(sorted(t.optimizer_state()[0]))
             t.save(tmp_path / homes)
     assert keys[0] == keys[1]
     assert f"{TIED[0]}/exp_avg" in keys[0]
     with _trainer(tmp_path, "host", "harmony", _adamw) as t:
         t.load(tmp_path / "one-pack")
         t.step(*batch)  # builds the packs, then applies the loaded state
-        assert t._runtime is not None
-        owner = t._runtime.packs[0]
+        assert t.runtime is not None
+        owner = t.runtime.packs[0]
         state = owner.optimizer.state[owner.masters[0]]
         assert int(state["step"]) == 2, "the tied parameter's loaded state was not applied"
 
@@ -224,8 +224,8 @@ def test_close_reties_and_memory_is_given_back(tmp_path: Path) -> None:
     for b in _batches():
         t.step(*b)
         used.append(t.tiers[Loc.HOST].used)  # where this plan's gradients wait for updates
-        assert t._runtime is not None and t._runtime.ties is not None
-        assert not t._runtime.ties.held, "a gradient held for the owner was not merged"
+        assert t.runtime is not None and t.runtime.ties is not None
+        assert not t.runtime.ties.held, "a gradient held for the owner was not merged"
     _check_split(t)
     assert model.head.out.weight is not model.embed.tok.weight  # a copy while training
     assert used[1] == used[2], "a held gradient was not given back"
@@ -297,7 +297,7 @@ def test_gradient_kept_for_the_owner_is_charged_to_its_tier(tmp_path: Path, home
     batches = _batches(2)
     with _trainer(tmp_path, homes, "harmony", _adamw) as t:
         t.step(*batches[0])
-        rt = t._runtime
+        rt = t.runtime
         assert rt is not None and rt.ties is not None
         ties, seen = rt.ties, []
         tied_bytes = tied_transformer().embed.tok.weight.numel() * 4

@@ -33,7 +33,7 @@ import datetime
 import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,6 +42,7 @@ from harmony.parallel.dist import join, local_device
 from harmony.planning.planner import (
     InfeasiblePlan,
     Plan,
+    PlanRequest,
     greedy_bounds,
     pack_sizes,
     pack_times,
@@ -56,9 +57,6 @@ from schedules.schedule import Schedule
 from schedules.simulate import SimResult, Sizes, Times, simulate
 from schedules.task import Kind, Loc, Op, Task
 from swap.tier import fmt_bytes
-
-if TYPE_CHECKING:
-    from harmony.training.trainer_planning import TrainerPlanning
 
 # Messages carry a header of this many int64 values before the tensors.
 HEADER = 128
@@ -117,17 +115,13 @@ class Pipeline:
     def first_pack(self) -> int:
         return self.stage[0]
 
-    def _choose_stages(self, trainer: TrainerPlanning, micro_batches: list[int],
-                       fixed: tuple[Any, ...] | None) -> None:
+    def _choose_stages(self, request: PlanRequest) -> None:
         """Pick pack bounds and stages on rank 0 (profiled times differ between ranks) and
         share them, so every rank agrees."""
-        profiles = trainer._profiles
-        assert profiles is not None
-        layers = len(profiles)
         choice: list[Any] = [None]
         if self.rank == 0:
             try:
-                choice[0] = ("ok", self._stages_on_rank0(trainer, micro_batches, fixed, layers))
+                choice[0] = ("ok", self._stages_on_rank0(request))
             except InfeasiblePlan as err:  # every rank raises the same error
                 choice[0] = ("infeasible", str(err), err.device_needed, err.host_needed)
             except ValueError as err:
@@ -139,11 +133,10 @@ class Pipeline:
             raise ValueError(choice[0][1])
         self.bounds, self.stages = choice[0][1]
 
-    def _stages_on_rank0(self, trainer: TrainerPlanning, micro_batches: list[int],
-                         fixed: tuple[Any, ...] | None, layers: int,
+    def _stages_on_rank0(self, request: PlanRequest,
                          ) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
-        profiles = trainer._profiles
-        assert profiles is not None
+        profiles, fixed = request.profiles, request.fixed
+        layers = len(profiles)
         cuts: set[int] = set()
         if self.layer_stages is not None:
             layer_stages = check_stages(self.layer_stages, layers, self.ranks, "layers")
@@ -152,14 +145,15 @@ class Pipeline:
             raise ValueError(f"{self.ranks} ranks but the model's chain has only {layers} "
                              f"layers: every rank needs at least one; run with at most "
                              f"{layers} ranks")
+        bounds: tuple[tuple[int, int], ...]
         if fixed is not None:
-            bounds = tuple(tuple(b) for b in fixed[0])
+            bounds = tuple((a, b) for a, b in fixed[0])
         else:
             # The packs a single device would use (each pack fits the device budget).
-            bounds = plan(profiles, "harmony", micro_batches, trainer.device_memory, None,
-                          trainer.precision.k_ratio(trainer._k_ratio), _bandwidth(trainer),
-                          prefetch=trainer.prefetch,
-                          nvme=trainer.store is not None).bounds
+            bounds = plan(PlanRequest(profiles, "harmony", request.micro_batches,
+                                      request.device_budget, None, request.k_ratio,
+                                      request.bandwidth, prefetch=request.prefetch,
+                                      nvme=request.nvme)).bounds
             if len(bounds) < self.ranks and not cuts:
                 bounds = greedy_bounds([lp.w_bytes for lp in profiles], self.ranks)
         # A pack never spans two stages: cut packs at the stage boundaries.
@@ -179,27 +173,29 @@ class Pipeline:
         return bounds, stages
 
     # -- the plan ----------------------------------------------------------------------------
-    def plan(self, trainer: TrainerPlanning, micro_batches: list[int]) -> Plan:
-        """This rank's plan for these micro-batch sizes, in the runtime's local pack numbers.
+    def plan(self, request: PlanRequest) -> Plan:
+        """This rank's plan for the request's micro-batch sizes, in the runtime's local pack
+        numbers.
 
-        The first call chooses the stages (keeping the pack bounds of a ``plan=`` the trainer
-        was given) and this rank's placement; later calls (new micro-batch sizes) keep both.
+        The first call chooses the stages (keeping the pack bounds of ``request.fixed``, a
+        ``plan=`` the trainer was given) and this rank's placement; later calls (new
+        micro-batch sizes) keep both. Of the request it reads the profiles, micro-batch sizes,
+        budgets, optimizer-state ratio (with mixed precision's fp32 masters), link rates,
+        prefetch depth, whether there is an NVMe tier and whether NVMe moves are staged.
         """
-        profiles = trainer._profiles
-        assert profiles is not None
+        profiles, micro_batches = request.profiles, request.micro_batches
         first_time = self.stages is None
         if first_time:
-            self._choose_stages(trainer, micro_batches, trainer._fixed)
+            self._choose_stages(request)
         assert self.bounds is not None and self.stages is not None
-        k_ratio = trainer.precision.k_ratio(trainer._k_ratio)  # (fp32 masters in K)
-        sizes = pack_sizes(profiles, self.bounds, micro_batches, k_ratio)
-        times = pack_times(profiles, self.bounds, micro_batches, 1e-9, _bandwidth(trainer))
+        sizes = pack_sizes(profiles, self.bounds, micro_batches, request.k_ratio)
+        times = pack_times(profiles, self.bounds, micro_batches, 1e-9, request.bandwidth)
         compute = stage_schedule(len(self.bounds), len(micro_batches), self.stages, self.rank)
         if first_time:
-            given = trainer._fixed[1] if trainer._fixed is not None else None
+            given = request.fixed[1] if request.fixed is not None else None
             placed: tuple[Schedule, SimResult] | InfeasiblePlan
             try:
-                placed = self._place(trainer, compute, sizes, times, given)
+                placed = self._place(request, compute, sizes, times, given)
             except InfeasiblePlan as err:
                 placed = err
             # Every rank goes on only if every rank's placement fits (else all raise the
@@ -216,24 +212,23 @@ class Pipeline:
         else:
             assert self.placement is not None and self.schedule is not None
             lowered = lower(compute, self.placement, self.schedule.prefetch or 0)
-            predicted = simulate(lowered, sizes, times,
-                                 staging=trainer.device.type == "cuda")
+            predicted = simulate(lowered, sizes, times, staging=request.staging)
         self.schedule, self.sizes, self.placement = lowered, sizes, lowered.placement
         return self._local_plan(lowered, sizes, predicted)
 
-    def _place(self, trainer: TrainerPlanning, compute: Schedule, sizes: Sizes, times: Times,
+    def _place(self, request: PlanRequest, compute: Schedule, sizes: Sizes, times: Times,
                given: Placement | None) -> tuple[Schedule, SimResult]:
         """The fastest placement of this rank's packs that fits its budgets (the planner's
         candidates, in its order), with every other pack's entry on the device."""
         a, b = self.stage
         P = len(sizes.w)
         tiers = [(Loc.DEVICE, Loc.DEVICE), (Loc.HOST, Loc.DEVICE), (Loc.HOST, Loc.HOST)]
-        if trainer.store is not None:
+        if request.nvme:
             tiers += [(Loc.NVME, Loc.DEVICE), (Loc.NVME, Loc.HOST), (Loc.NVME, Loc.NVME)]
         if given is not None:
             tiers = [(given.w[a], given.x[a])]
-        prefetches = [trainer.prefetch] if trainer.prefetch is not None else [1, 0]
-        dev_budget, host_budget = trainer.device_memory, trainer.host_memory
+        prefetches = [request.prefetch] if request.prefetch is not None else [1, 0]
+        dev_budget, host_budget = request.device_budget, request.host_budget
         tightest: tuple[int, int, Schedule, SimResult] | None = None
         for wk, x in tiers:
             # A received input's home is the host unless it stays on the device (the runtime
@@ -245,8 +240,7 @@ class Pipeline:
             best: tuple[Schedule, SimResult] | None = None
             for pf in prefetches:
                 lowered = lower(compute, placement, pf)
-                result = simulate(lowered, sizes, times,
-                                  staging=trainer.device.type == "cuda")
+                result = simulate(lowered, sizes, times, staging=request.staging)
                 dev, host = result.peak.get(Loc.DEVICE, 0), result.peak.get(Loc.HOST, 0)
                 if tightest is None or (dev, host) < tightest[:2]:
                     tightest = (dev, host, lowered, result)
@@ -429,12 +423,6 @@ def _parse_header(header: torch.Tensor,
         specs.append((dtype, words[i + 2:i + 2 + ndim]))
         i += 2 + ndim
     return specs, single, loss
-
-
-def _bandwidth(trainer: TrainerPlanning) -> dict[str, float]:
-    from harmony.training.trainer_planning import _bandwidth as measured
-
-    return measured(trainer.device)
 
 
 def _fmt(n: int | None) -> str:

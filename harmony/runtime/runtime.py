@@ -14,7 +14,7 @@ object that owns what the task touches:
 
 What belongs to one step is a :class:`~harmony.runtime.step.StepState`, made fresh by each
 :meth:`Runtime.run`. Data moves go through the swap engine and return handles; a compute task
-first waits for the handles of what it reads (docs/design-runtime.md).
+first waits for the handles of what it reads (docs/design.md).
 """
 
 from __future__ import annotations

@@ -39,14 +39,13 @@ from harmony.planning.planner import InfeasiblePlan
 from harmony.planning.sizes import parse_bytes
 from harmony.tools.builtin_models import BUILTINS
 from harmony.tools.paper_profiles import PAPER_MODELS
+from harmony.tools.profiles import load_profile, measure_profile
 from harmony.tools.report import (
     LINKS,
     PlotUnavailable,
     check_micro_batches,
     format_report,
-    load_profile,
     make_report,
-    measure_profile,
     plot_report,
     report_to_json,
 )

@@ -14,9 +14,9 @@ unless ``--build-aio`` asks, which builds the async I/O op (minutes) and says so
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import importlib.metadata
 import importlib.util
-import inspect
 import platform
 import sys
 import tempfile
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from harmony.runtime.host_memory import available_bytes, bound_malloc
+from harmony.training.config import TrainerConfig
 from swap.aio import BUILD_HINT, AioUnavailable, built_op, find_aio, load_aio_op
 from swap.direct_io import odirect_refusal
 from swap.tier import fmt_bytes
@@ -92,12 +93,11 @@ def _cpu_adam() -> str:
 
 
 def _defaults() -> list[str]:
-    from harmony.training.trainer import Trainer
-
-    sig = inspect.signature(Trainer.__init__).parameters
+    """The defaults of the settings that concern this machine (TrainerConfig's fields)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainerConfig)}
     names = ("device_memory", "host_memory", "nvme_dir", "nvme_backend", "update_chunk",
              "overlap_updates", "precision", "micro_batch_size")
-    return [f"{n}={sig[n].default!r}" for n in names if n in sig]
+    return [f"{n}={defaults[n]!r}" for n in names if n in defaults]
 
 
 def _version() -> str:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harmony.planning.planner import Plan
-from harmony.tools.report import PlotUnavailable, plan_from_json
+from harmony.planning.plan import Plan
+from harmony.tools.report import PlotUnavailable
 from schedules.task import Loc, Task
 from swap.tier import fmt_bytes
 
@@ -32,7 +32,7 @@ def load_measured(path: str | Path) -> MeasuredStep:
         data = json.loads(Path(path).read_text())
         if data.get("format") != "harmony-step/1":
             raise ValueError("no 'format': 'harmony-step/1'")
-        return MeasuredStep(data, plan_from_json(data["plan"]))
+        return MeasuredStep(data, Plan.from_json(data["plan"]))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a step recorded by Trainer.record_step ({err})") from err
 

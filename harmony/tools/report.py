@@ -14,7 +14,9 @@ sets it beside two references:
   off the device goes out and comes back once per micro-batch. The step time is bounded below
   by max(compute, bytes on each link / its bandwidth).
 
-:func:`plan_to_json` / :func:`plan_from_json` carry a plan through a file, exactly.
+The plan's JSON form is the plan's own (:meth:`harmony.planning.plan.Plan.to_json`);
+:func:`plan_to_json` and :func:`plan_from_json` call it. Profiles come from
+:mod:`harmony.tools.profiles`.
 
 >>> from harmony.tools.paper_profiles import load
 >>> r = make_report(load("gpt2_medium", 4), batch_size=32, device_memory=10 << 30,
@@ -25,36 +27,27 @@ True
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import inspect
-import json
-import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from harmony.model.chain import Chain
-from harmony.model.layout import Layout
-from harmony.model.precision import Precision
-from harmony.planning.lora import add_lora
-from harmony.planning.meta import GPU_FLOPS, ModelProfile, ModelSpec, profile_on_meta
+from harmony.planning.meta import ModelProfile
 from harmony.planning.microbatch import micro_batch_sizes
-from harmony.planning.planner import NVME_BANDWIDTH, Plan, pack_times, plan
-from harmony.planning.profile import profile_layers, scaled
-from harmony.tools import builtin_models, paper_profiles
+from harmony.planning.plan import Plan, sim_to_json
+from harmony.planning.planner import NVME_BANDWIDTH, pack_times, plan
+from harmony.planning.profile import scaled
+from harmony.tools.profiles import load_profile, load_spec, measure_profile
 from schedules.generators import generate
 from schedules.lower import lower
 from schedules.placement import Placement
-from schedules.schedule import Schedule
 from schedules.simulate import SimResult, Sizes, link, simulate
 from schedules.task import Kind, Loc, Op
 from swap.tier import fmt_bytes
+
+__all__ = ["DEFAULT_BANDWIDTH", "LINKS", "MAX_MICRO_BATCHES", "PlotUnavailable", "Report",
+           "check_micro_batches", "format_report", "layer_rows", "load_profile", "load_spec",
+           "make_report", "measure_profile", "micro_batch_sizes", "plan_from_json",
+           "plan_to_json", "plot_report", "report_to_json", "traffic_arithmetic"]
 
 GiB = 1 << 30
 # PCIe 3.0 x16 as the Harmony paper measured it, per direction.
@@ -68,172 +61,6 @@ _TIERS = (Loc.DEVICE, Loc.HOST, Loc.NVME)
 # and 2.6 GB on the 2-core build machine). A count far above it is nearly always tokens given
 # as --batch-size.
 MAX_MICRO_BATCHES = 1024
-
-
-# -- where profiles come from ----------------------------------------------------------------
-
-def _default_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output.flatten(0, -2), target.flatten())
-
-
-def load_spec(ref: str, seq_len: int | None = None) -> ModelSpec:
-    """The model named by ``ref``, built on the current default device.
-
-    ``ref`` is a built-in name (:data:`harmony.tools.builtin_models.BUILTINS`) or
-    ``path/to/file.py:function``. The function is called as ``function(seq_len=T)`` when a
-    sequence length is given (else ``function()``) and returns one of:
-
-    * a :class:`~harmony.planning.meta.ModelSpec`;
-    * a tuple ``(model, loss_fn, example_inputs)``, where ``example_inputs(n)`` returns
-      ``(inputs, targets)`` for a micro-batch of ``n`` samples (inputs: a tensor or a tuple);
-    * a model alone, which then has a method ``harmony_example(n)`` returning the same and may
-      have ``harmony_loss(output, target)`` (default: cross entropy over the last dimension).
-
-    The model must be a chain harmony can split (``nn.Sequential``, a list, or
-    ``harmony_chain()``). Build it and its inputs on the default device (no ``.to("cpu")``,
-    no ``device=`` arguments), so that under ``torch.device("meta")`` nothing is allocated.
-
-    Raises:
-        ValueError: an unknown name, a missing file or function, or a result of another shape.
-    """
-    if ":" not in ref or ref in builtin_models.BUILTINS:
-        return builtin_models.build(ref, seq_len)
-    path_text, func_name = ref.rsplit(":", 1)
-    path = Path(path_text)
-    if not path.is_file():
-        raise ValueError(f"model {ref!r}: no file {path_text!r}; give a built-in name "
-                         f"({', '.join(builtin_models.BUILTINS)}), paper:NAME, or "
-                         "path/to/file.py:function")
-    mod_spec = importlib.util.spec_from_file_location(f"_harmony_model_{path.stem}", path)
-    assert mod_spec is not None and mod_spec.loader is not None
-    module = importlib.util.module_from_spec(mod_spec)
-    with _on_path(path.resolve().parent):
-        mod_spec.loader.exec_module(module)
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise ValueError(f"model {ref!r}: {path_text} has no function {func_name!r}")
-    kwargs: dict[str, Any] = {}
-    if seq_len is not None:
-        params = inspect.signature(func).parameters
-        if "seq_len" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ValueError(f"--seq-len {seq_len} given but {func_name}() takes no seq_len "
-                             "argument; add one or leave --seq-len out")
-        kwargs["seq_len"] = seq_len
-    result = func(**kwargs)
-    name = f"{path.name}:{func_name}"
-    if isinstance(result, ModelSpec):
-        return result
-    if isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], nn.Module):
-        model, loss_fn, example = result
-        return ModelSpec(name, model, loss_fn, example, seq_len)
-    if isinstance(result, nn.Module):
-        example = getattr(result, "harmony_example", None)
-        if not callable(example):
-            raise ValueError(f"{name} returned a bare {type(result).__name__} without a "
-                             "harmony_example(n) method; return (model, loss_fn, "
-                             "example_inputs) instead, or add the method")
-        return ModelSpec(name, result, getattr(result, "harmony_loss", _default_loss), example,
-                         seq_len)
-    raise ValueError(f"{name} returned a {type(result).__name__}; return (model, loss_fn, "
-                     "example_inputs), a harmony.planning.meta.ModelSpec, or a model with "
-                     "harmony_example(n)")
-
-
-@contextlib.contextmanager
-def _on_path(folder: Path) -> Iterator[None]:
-    sys.path.insert(0, str(folder))  # so the file can import its neighbours
-    try:
-        yield
-    finally:
-        sys.path.remove(str(folder))
-
-
-def load_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
-                 device_flops: float = GPU_FLOPS, precision: str = "fp32",
-                 lora: int | None = None) -> ModelProfile:
-    """The profile of ``model`` at ``micro_batch_size``, without allocating the model.
-
-    ``model``: ``paper:NAME`` (the paper's measured profiles), a ``.json`` file written by
-    ``harmony report ... --run FILE`` or ``--json FILE`` or by :meth:`ModelProfile.to_json`, or
-    anything
-    :func:`load_spec` takes (built on the meta device and profiled there). ``precision``
-    (``"fp32"``, ``"bf16"``, ``"fp16"``): the dtypes W, G and activations are profiled in;
-    profiles from files keep the precision they were made in, which must match. ``lora``: the
-    rank of LoRA adapters added to every ``nn.Linear`` of the blocks, everything else frozen
-    (:func:`harmony.planning.lora.add_lora`): frozen layers count as weights only.
-
-    Raises:
-        ValueError: as :func:`load_spec` and :func:`harmony.tools.paper_profiles.load`; an unknown
-            precision, or a profile file made in another precision; ``lora`` with a profile
-            file, or without ``peft`` installed.
-    """
-    Precision.parse(precision)  # ValueError naming the choices
-    if model.startswith("paper:") or model.endswith(".json"):
-        if lora is not None:
-            raise ValueError(f"--lora {lora} adds adapters to a model harmony builds; {model} "
-                             "is a profile already: give a built-in name or "
-                             "path/to/file.py:function")
-        prof = _load_profile_file(model, micro_batch_size, seq_len)
-        if prof.precision != precision:
-            raise ValueError(f"{model} was profiled in {prof.precision}, not {precision}; "
-                             f"pass --precision {prof.precision}, or profile the model itself "
-                             f"in {precision}")
-        return prof
-    with torch.device("meta"):
-        spec = load_spec(model, seq_len)
-        if lora is not None:
-            adapted = add_lora(spec.model, lora, Chain(spec.model).layers)
-    prof = profile_on_meta(spec, micro_batch_size, device_flops, precision=precision)
-    if lora is not None:
-        trainable = sum(p.numel() for p in spec.model.parameters() if p.requires_grad)
-        prof.extra["lora"] = {"r": lora, "adapted_linears": adapted, "trainable": trainable}
-    return prof
-
-
-def _load_profile_file(model: str, micro_batch_size: int, seq_len: int | None) -> ModelProfile:
-    if model.startswith("paper:"):
-        if seq_len not in (None, paper_profiles.SEQ_LEN):
-            raise ValueError(f"paper profiles are measured at seq_len={paper_profiles.SEQ_LEN};"
-                             f" leave --seq-len out (got {seq_len})")
-        return paper_profiles.load(model[len("paper:"):], micro_batch_size)
-    if model.endswith(".json"):
-        data = json.loads(Path(model).read_text())
-        if data.get("format") == "harmony-report/1":  # a --json report carries its profile
-            data = data["profile"]
-        prof = ModelProfile.from_json(data)
-        if prof.micro_batch_size != micro_batch_size:  # per-sample values scale linearly
-            prof.extra["profiled_micro_batch_size"] = prof.micro_batch_size
-            prof.micro_batch_size = micro_batch_size
-        return prof
-    raise ValueError(f"{model!r} is not a profile file")
-
-
-def measure_profile(model: str, micro_batch_size: int, seq_len: int | None = None,
-                    precision: str = "fp32", lora: int | None = None) -> ModelProfile:
-    """Build ``model`` for real on the CPU and measure every layer with
-    :func:`harmony.planning.profile.profile_layers` (this allocates the whole model), in
-    ``precision`` (W in its dtypes, layers under autocast), on one micro-batch; a second one checks
-    each layer for forward groups and times them. ``lora``: as :func:`load_profile`."""
-    prec = Precision.parse(precision)
-    if model.startswith("paper:") or model.endswith(".json"):
-        raise ValueError(f"--run measures a model by running it; {model!r} is a profile "
-                         "already. Give a built-in name or path/to/file.py:function")
-    torch.manual_seed(0)
-    spec = load_spec(model, seq_len)
-    if lora is not None:
-        add_lora(spec.model, lora, Chain(spec.model).layers)
-    chain = Chain(spec.model)
-    inputs, targets = spec.example_inputs(2 * micro_batch_size)
-    both = inputs if isinstance(inputs, tuple) else (inputs,)
-    u = micro_batch_size
-    # (copies: a tensor saved for backward counts its whole storage, not a half's view of it)
-    layers = profile_layers(chain, [Layout([m], prec.dtype_of) for m in chain.layers],
-                            tuple(t[:u].clone() for t in both), targets[:u].clone(),
-                            spec.loss_fn, torch.device("cpu"), prec,
-                            group_inputs=tuple(t[u:].clone() for t in both))
-    params = [sum(p.numel() for p in m.parameters()) for m in chain.layers]
-    return ModelProfile(spec.name, "measured on cpu (harmony.planning.profile.profile_layers)",
-                        layers, params, micro_batch_size, seq_len=spec.seq_len, precision=precision)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -507,67 +334,19 @@ def format_report(r: Report) -> str:
 
 # -- JSON ------------------------------------------------------------------------------------
 
-def _sim_to_json(res: SimResult) -> dict[str, Any]:
-    return {"peak": {k.value: v for k, v in res.peak.items()},
-            "bytes_moved": dict(res.bytes_moved),
-            "bytes_by_kind": [[lk, kind, n] for (lk, kind), n in res.bytes_by_kind.items()],
-            "step_time": res.step_time,
-            "timeline": [{k.value: v for k, v in point.items()} for point in res.timeline]}
-
-
-def _sim_from_json(data: dict[str, Any]) -> SimResult:
-    return SimResult({Loc(k): int(v) for k, v in data["peak"].items()},
-                     {k: int(v) for k, v in data["bytes_moved"].items()},
-                     {(lk, kind): int(n) for lk, kind, n in data["bytes_by_kind"]},
-                     data["step_time"],
-                     [{Loc(k): int(v) for k, v in point.items()} for point in data["timeline"]])
-
-
 def plan_to_json(p: Plan) -> dict[str, Any]:
-    """A plan as JSON-ready data; :func:`plan_from_json` gives back an equal :class:`Plan`.
-
-    Holds the pack bounds, the lowered schedule (name, counts, placement, prefetch depth and its
-    tasks' text form), the sizes it was planned with and the prediction (peaks, bytes per link,
-    step time, bytes per tier after every task).
-    """
-    s = p.schedule
-    assert s.placement is not None
-    return {"bounds": [list(b) for b in p.bounds],
-            "forward_group": p.forward_group, "ungrouped": [list(u) for u in p.ungrouped],
-            "schedule": {"name": s.name, "packs": s.packs, "micro_batches": s.micro_batches,
-                         "recompute": s.recompute, "prefetch": s.prefetch,
-                         "placement": s.placement.to_json(), "tasks": str(s)},
-            "sizes": {f: [list(v) if isinstance(v, (list, tuple)) else v
-                          for v in getattr(p.sizes, f)]
-                      for f in ("w", "g", "k", "x", "d", "s", "work", "held")}
-            | {"chunks": [[list(c) for c in cs] for cs in p.sizes.chunks]},
-            "update_chunk": p.update_chunk, "overlap_updates": p.overlap_updates,
-            "predicted": _sim_to_json(p.predicted)}
+    """``p.to_json()`` (:meth:`harmony.planning.plan.Plan.to_json`): a plan as JSON-ready data."""
+    return p.to_json()
 
 
 def plan_from_json(data: dict[str, Any]) -> Plan:
-    """Inverse of :func:`plan_to_json`."""
-    s = data["schedule"]
-    schedule = Schedule.parse(s["tasks"], name=s["name"], packs=s["packs"],
-                              micro_batches=s["micro_batches"], recompute=s["recompute"],
-                              placement=Placement.from_json(s["placement"]),
-                              prefetch=s["prefetch"])
-    z = data["sizes"]
-    sizes = Sizes(*(z[f] for f in ("w", "g", "k", "x", "d", "s", "work")),
-                  held=tuple(tuple(h) for h in z.get("held", ())),  # type: ignore[misc]
-                  chunks=tuple(tuple(tuple(c) for c in cs) for cs in z.get("chunks", ())))
-    return Plan(tuple((a, b) for a, b in data["bounds"]), schedule, sizes,
-                _sim_from_json(data["predicted"]),
-                forward_group=int(data.get("forward_group", 1)),
-                ungrouped=tuple((int(p), int(i), str(why)) for p, i, why in
-                                data.get("ungrouped", ())),
-                update_chunk=data.get("update_chunk"),
-                overlap_updates=bool(data.get("overlap_updates", False)))
+    """``Plan.from_json(data)`` (:meth:`harmony.planning.plan.Plan.from_json`)."""
+    return Plan.from_json(data)
 
 
 def report_to_json(r: Report) -> dict[str, Any]:
-    """Everything the report shows, plus the plan in :func:`plan_to_json` form and the profile,
-    so a later run can load the plan (``plan_from_json(data["plan"])``) and re-check it."""
+    """Everything the report shows, plus the plan in :meth:`Plan.to_json` form and the profile,
+    so a later run can load the plan (``Plan.from_json(data["plan"])``) and re-check it."""
     return {"format": "harmony-report/1",
             "model": r.profile.name,
             "layers": r.profile.names,
@@ -576,8 +355,8 @@ def report_to_json(r: Report) -> dict[str, Any]:
             "bandwidth": r.bandwidth, "k_ratio": r.profile.k_ratio,
             "precision": r.profile.precision,
             "upd_s_per_byte": r.profile.upd_s_per_byte,
-            "plan": plan_to_json(r.plan),
-            "baseline": {"schedule": "per-microbatch", **_sim_to_json(r.baseline)},
+            "plan": r.plan.to_json(),
+            "baseline": {"schedule": "per-microbatch", **sim_to_json(r.baseline)},
             "design_arithmetic": {"bytes": r.arithmetic, "compute_s": r.compute_s,
                                   "step_time_bound_s": r.step_bound},
             "profile": r.profile.to_json()}

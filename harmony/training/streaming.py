@@ -9,7 +9,16 @@ next chunk is read. Before the first step the values are the model's own, a mode
 meta device being materialized one layer at a time (:mod:`harmony.model.materialize`).
 
 Both producers are :class:`harmony.io.tensor_files.Streamed`: the keys, dtypes and shapes first,
-known without reading anything, then the values in that order.
+known without reading anything, then the values in that order. Each reads a trainer's
+holdings (:mod:`harmony.training.holdings`) and what is built under its plan
+(:mod:`harmony.training.built`; None before the first step).
+
+Example::
+
+    tensors = weights(holdings, built)
+    [s.key for s in tensors.specs]          # the model's state_dict() keys
+    for key, value in tensors.produce():    # one pack (or one chunk) in memory at a time
+        ...
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ from swap.tier import OutOfCapacity, fmt_bytes
 if TYPE_CHECKING:
     from harmony.model.layout import Entry
     from harmony.runtime.pack import Pack
-    from harmony.training.trainer_state import TrainerState
+    from harmony.training.built import Built
+    from harmony.training.holdings import Holdings
+    from swap.tier import Tier
 
 Item = tuple[str, torch.Tensor]
 
@@ -45,11 +56,9 @@ def refuse_unless_fits(nbytes: int) -> None:
             "weights= read) or trainer.save(dir) (a checkpoint, with the optimizer state)")
 
 
-def host_buffer(trainer: TrainerState, nbytes: int, what: str
-                ) -> tuple[torch.Tensor, Callable[[], None]]:
-    """A host buffer for reading back a chunk, and its release: from the host tier when its
-    budget has room (between steps it has a chunk's room), else outside it."""
-    host = trainer.tiers[Loc.HOST]
+def host_buffer(host: Tier, nbytes: int, what: str) -> tuple[torch.Tensor, Callable[[], None]]:
+    """A host buffer for reading back a chunk, and its release: from the ``host`` tier when
+    its budget has room (between steps it has a chunk's room), else outside it."""
     try:
         buf = host.allocate(nbytes, what)
     except OutOfCapacity:
@@ -63,17 +72,17 @@ def _spec(key: str, e: Entry) -> TensorSpec:
     return TensorSpec(key, e.master_dtype if e.trainable else e.dtype, tuple(e.shape))
 
 
-def weights(trainer: TrainerState) -> Streamed:
+def weights(holdings: Holdings, built: Built | None) -> Streamed:
     """The trained weights under the model's ``state_dict()`` keys, pack by pack (a tied
     weight's keys with its owner's master), then any tensor outside the chain's layers."""
-    model_sd = trainer._model_tensors()
+    model_sd = holdings.model_tensors()
     keys: dict[int, list[str]] = {}
     for k, v in model_sd.items():
         keys.setdefault(id(v), []).append(k)
-    runtime = trainer._runtime
-    if runtime is None:
-        return _weights_unbuilt(trainer, model_sd, keys)
-    alias = {id(s.copy): id(t.master) for t in trainer._ties for s in t.sharers}
+    if built is None:
+        return _weights_unbuilt(holdings, model_sd, keys)
+    runtime = built.runtime
+    alias = {id(s.copy): id(t.master) for t in built.ties for s in t.sharers}
     for copy, master in alias.items():  # a copy's keys show the master
         keys.setdefault(master, []).extend(keys.pop(copy, []))
     specs: list[TensorSpec] = []
@@ -87,43 +96,58 @@ def weights(trainer: TrainerState) -> Streamed:
     specs += [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in rest]
 
     def produce() -> Iterator[Item]:
-        trainer._weights_arrived()
+        holdings.weights_arrived()
         for pack in runtime.packs:
-            for e, value in _pack_values(trainer, pack):
+            for e, value in _pack_values(holdings, built, pack):
                 if id(e.tensor) not in alias:
                     for k in keys.get(id(e.tensor), []):
                         yield k, value
         for k, v in rest:
-            if v.is_meta and trainer._pipeline is not None:  # another stage's: it sends it
+            if v.is_meta and holdings.pipeline is not None:  # another stage's: it sends it
                 yield k, torch.zeros(v.shape, dtype=v.dtype)
             else:
-                yield k, trainer._materializer.value(v)
+                yield k, holdings.materializer.value(v)
 
     return Streamed(specs, produce)
 
 
-def _pack_values(trainer: TrainerState, pack: Pack) -> Iterator[tuple[Entry, torch.Tensor]]:
+def masters(holdings: Holdings, built: Built, pack: Pack) -> torch.Tensor:
+    """``pack.master_weights()``; with a sharded optimizer in mixed precision, sent from
+    the rank owning the pack (collective: every rank calls it for every pack in order)."""
+    dp = holdings.dp
+    if pack.owned or not pack.layout.mixed:
+        flat = pack.master_weights()
+        if dp is not None and dp.shard and pack.layout.mixed:
+            dp.send_masters(pack.index, flat)
+        return flat
+    assert dp is not None and built.owners
+    return dp.receive_masters(pack.index, built.owners[pack.index], pack.layout.g_bytes)
+
+
+def _pack_values(holdings: Holdings, built: Built, pack: Pack
+                 ) -> Iterator[tuple[Entry, torch.Tensor]]:
     """Every entry of ``pack`` with its value (a trainable one's master), as views of its home
     buffers, or of one chunk of its files at a time."""
     layout = pack.layout
-    sharded = trainer._dp is not None and trainer._dp.shard and layout.mixed
+    host = holdings.tiers[Loc.HOST]
+    sharded = holdings.dp is not None and holdings.dp.shard and layout.mixed
     if pack.home_w is not None or sharded:  # (the masters may come from their owner rank)
-        flat, masters = pack.home_weights(), trainer._masters(pack)
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
+        flat, m_flat = pack.home_weights(), masters(holdings, built, pack)
+        if holdings.device.type == "cuda":
+            torch.cuda.synchronize(holdings.device)
         for e in layout.entries:
-            yield e, (e.gview(masters) if e.trainable else e.view(flat))
+            yield e, (e.gview(m_flat) if e.trainable else e.view(flat))
         return
     assert pack.store is not None
     for chunk in pack.chunks:  # one chunk's weights (and fp32 masters) in memory at a time
-        w, free_w = host_buffer(trainer, chunk.w_bytes, f"weights of pack {pack.index} "
+        w, free_w = host_buffer(host, chunk.w_bytes, f"weights of pack {pack.index} "
                                 f"(chunk {chunk.index}) read back")
         free = [free_w]
         try:
             pack.store.read(pack.key("W", chunk.index), w).synchronize()
             m = None
             if layout.mixed and chunk.params:
-                m, free_m = host_buffer(trainer, chunk.m_bytes, f"master weights of pack "
+                m, free_m = host_buffer(host, chunk.m_bytes, f"master weights of pack "
                                         f"{pack.index} (chunk {chunk.index}) read back")
                 free.append(free_m)
                 pack.store.read(pack.key("M", chunk.index), m).synchronize()
@@ -136,12 +160,12 @@ def _pack_values(trainer: TrainerState, pack: Pack) -> Iterator[tuple[Entry, tor
                 f()
 
 
-def _weights_unbuilt(trainer: TrainerState, model_sd: dict[str, torch.Tensor],
+def _weights_unbuilt(holdings: Holdings, model_sd: dict[str, torch.Tensor],
                      keys: dict[int, list[str]]) -> Streamed:
     """Before the packs are built: the model's own values, layer by layer (a layer on the
     meta device materialized while its tensors are produced; from ``weights=``, one tensor
     at a time)."""
-    chain, materializer = trainer.chain, trainer._materializer
+    chain, materializer = holdings.chain, holdings.materializer
     owner: dict[int, int] = {}
     for i, layer in enumerate(chain.layers):
         for t in [*layer.parameters(), *layer.buffers()]:
@@ -166,19 +190,21 @@ def _weights_unbuilt(trainer: TrainerState, model_sd: dict[str, torch.Tensor],
     return Streamed(specs, produce)
 
 
-def optimizer(trainer: TrainerState) -> tuple[Streamed, dict[str, Any], list[Any]]:
-    """The optimizer state as :meth:`TrainerState._optimizer_state` gives it, its tensors
-    streamed: per pack (an NVMe-homed pack chunk by chunk, each chunk's state read from its
-    file only while its tensors are produced), ``"<parameter key>/<state name>"``."""
-    runtime = trainer._runtime
+def optimizer(holdings: Holdings, built: Built | None
+              ) -> tuple[Streamed, dict[str, Any], list[Any]]:
+    """The optimizer state as :meth:`harmony.training.optimizer_state.OptimizerState.read`
+    gives it, its tensors streamed: per pack (an NVMe-homed pack chunk by chunk, each chunk's
+    state read from its file only while its tensors are produced),
+    ``"<parameter key>/<state name>"``."""
     scalars: dict[str, Any] = {}
     groups: list[Any] = []
     specs: list[TensorSpec] = []
-    if runtime is None:
+    if built is None:
         return Streamed(specs, lambda: iter(())), scalars, groups
+    host = holdings.tiers[Loc.HOST]
     plan: list[tuple[Pack, int | None, list[tuple[str, Any]]]] = []  # pack, chunk, (key, t)
-    for pack in runtime.packs:
-        keys = trainer._param_keys(pack)
+    for pack in built.packs:
+        keys = holdings.param_keys(pack)
         held = {id(p) for g in pack.optimizer.param_groups for p in g["params"]}
         shapes = {id(t): shape for lay in pack.k_layouts if lay is not None
                   for t, _, shape in lay}
@@ -209,7 +235,7 @@ def optimizer(trainer: TrainerState) -> tuple[Streamed, dict[str, Any], list[Any
                 yield from ((k, t.detach()) for k, t in items)
                 continue
             assert pack.store is not None
-            k, free = host_buffer(trainer, pack.k_sizes[c], f"optimizer state of pack "
+            k, free = host_buffer(host, pack.k_sizes[c], f"optimizer state of pack "
                                   f"{pack.index} (chunk {c}) read back")
             try:
                 pack.store.read(pack.key("K", c), k).synchronize()
