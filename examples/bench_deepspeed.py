@@ -191,7 +191,7 @@ def main() -> None:
         print(f"| {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {ratio} | {rw} |")
     m = args.batch_size // mbs
     est = 16 * n_params + 4 * n_params * m
-    print(f"DESIGN.md's NVMe figure, 16P + 4P*M = {fmt_bytes(est)} read per step "
+    print(f"the NVMe estimate, 16P + 4P*M = {fmt_bytes(est)} read per step "
           f"(P={n_params}, M={m}); fp32 master weights + AdamW m, v are 12P = "
           f"{fmt_bytes(12 * n_params)}.")
 

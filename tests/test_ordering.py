@@ -51,7 +51,7 @@ def _trainer(model: str, w: Loc, x: Loc, schedule: str = "harmony", micro: int =
                         schedule=schedule, **kw)
     n = len(t.chain.layers)
     bounds = ((0, 1), (1, n - 1), (n - 1, n))
-    t._fixed = (bounds, Placement.uniform(3, w, x))
+    t.planner.fixed = (bounds, Placement.uniform(3, w, x))
     return t
 
 
@@ -209,7 +209,7 @@ def test_buffers_a_forward_changes_go_home_through_the_engine(home: Loc,
     want = reference_train(_bn(), nn.functional.cross_entropy, _sgd, batches, 4)
     t = harmony.Trainer(_bn(), nn.functional.cross_entropy, optimizer=_sgd, micro_batch_size=4,
                         nvme_dir=tmp_path if home is Loc.NVME else None)
-    t._fixed = (((0, 3), (3, 6), (6, 7)), Placement.uniform(3, home, Loc.HOST))
+    t.planner.fixed = (((0, 3), (3, 6), (6, 7)), Placement.uniform(3, home, Loc.HOST))
     with t:
         for b in batches:
             t.step(*b)

@@ -48,7 +48,7 @@ def test_report_prints_table_plan_peaks_links_and_time(capsys: pytest.CaptureFix
         assert f" {name} " in out
     assert "schedule harmony," in out and "pack 0: layers 0.." in out
     assert "predicted peak per tier" in out and "per-microbatch" in out
-    assert "host->device" in out and "DESIGN.md" in out
+    assert "host->device" in out and "arithmetic" in out
     assert "predicted step time:" in out
 
 

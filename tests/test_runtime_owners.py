@@ -35,9 +35,13 @@ def test_runtime_and_parallel_modules_are_small() -> None:
 
 
 def test_no_helper_receives_the_runtime() -> None:
-    """Only the runtime's own methods hold the runtime: helpers get the owners they use."""
+    """Only the runtime's own methods, and the one object that makes and holds it under the
+    current plan (the trainer's ``Built``), hold the runtime: helpers get the owners they use."""
+    owner = ROOT / "harmony" / "training" / "built.py"
     wrong = []
     for path, tree in _sources("harmony").items():
+        if path == owner:
+            continue
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
@@ -143,10 +147,10 @@ def test_a_recorded_step_that_rehomes_records_its_tasks(tmp_path: Path,
                          device_memory=state // 3, host_memory=state // 2,
                          nvme_dir=tmp_path) as t:
         t.step(x, x.roll(-1, 1))
-        built = t._runtime
+        built = t.runtime
         # Sequences four times longer need the room for activations: new packs.
         t.record_step(long, long.roll(-1, 1), tmp_path / "step.json")
-        assert t._runtime is not built, "the longer batch was expected to re-home the packs"
+        assert t.runtime is not built, "the longer batch was expected to re-home the packs"
         assert t.plan is not None
         tasks = json.loads((tmp_path / "step.json").read_text())["tasks"]
         assert [d["task"] for d in tasks] == [str(task) for task in t.plan.schedule.tasks]

@@ -101,7 +101,7 @@ def _trainer(tmp_path: Path, homes: str, schedule: str, make_opt, **kw) -> harmo
                         micro_batch_size=3, schedule=schedule, nvme_dir=str(tmp_path), **kw)
     w = HOMES[homes]
     x = tuple(Loc.HOST if loc is Loc.NVME else loc for loc in w)
-    t._fixed = (((0, 1), (1, 4), (4, 5)), Placement(w, w, x))  # embed | 3 blocks | head
+    t.planner.fixed = (((0, 1), (1, 4), (4, 5)), Placement(w, w, x))  # embed | 3 blocks | head
     return t
 
 
@@ -272,7 +272,7 @@ def test_pack_holding_only_tied_copies_trains(schedule: str) -> None:
     net = model()
     with harmony.Trainer(net, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
                          schedule=schedule) as t:
-        t._fixed = (((0, 1), (1, 2)), Placement.uniform(2, Loc.HOST))
+        t.planner.fixed = (((0, 1), (1, 2)), Placement.uniform(2, Loc.HOST))
         for b in batches:
             t.step(*b)
         got = t.state_dict()

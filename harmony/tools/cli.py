@@ -2,7 +2,7 @@
 
 ``harmony report MODEL ...`` prints the per-layer memory and time table, the plan the planner
 chooses for the budgets, the predicted peak per tier, bytes per link per step beside the
-per-micro-batch baseline and DESIGN.md's traffic arithmetic, and the predicted step time; it
+per-micro-batch baseline and the traffic arithmetic (docs/design.md), and the predicted step time; it
 can write the plan as JSON and plot bytes per tier over the step. Nothing is allocated: models
 are built on the meta device. See ``docs/report.md``.
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan a model for given budgets and show what it holds, moves and takes",
         description="Plan MODEL for the budgets and print the per-layer table, the plan, the "
                     "predicted peak per tier, bytes per link per step (beside the "
-                    "per-micro-batch baseline and DESIGN.md's arithmetic) and the step time. "
+                    "per-micro-batch baseline and the traffic arithmetic) and the step time. "
                     "Nothing is allocated: models are profiled on the meta device.",
         epilog=_MODEL_HELP)
     rep.add_argument("model", metavar="MODEL", help="see below")

@@ -7,7 +7,7 @@ sets it beside two references:
 * the per-micro-batch baseline: the same packs, placement and prefetch depth run micro-batch
   major (``per-microbatch``), so every micro-batch walks every pack and weights cross the link
   once per micro-batch;
-* DESIGN.md's traffic arithmetic for the chosen placement: every pack whose weights live off
+* the traffic arithmetic (``docs/design.md``) for the chosen placement: every pack whose weights live off
   the device brings them in twice per step (forward, and backward after the recompute; once for
   the last pack, whose forward runs inside its backward), its gradients go out once to where the
   update runs, optimizer state on NVMe is read and written once, and each stashed activation
@@ -71,7 +71,7 @@ class Report:
 
     Attributes:
         plan: the chosen plan. baseline: the same packs, placement and prefetch depth run as
-            ``per-microbatch``, simulated. arithmetic: DESIGN.md's bytes per link for the
+            ``per-microbatch``, simulated. arithmetic: the traffic arithmetic's bytes per link for the
             chosen placement. compute_s: seconds of compute per step (fwd, bwd, updates).
     """
 
@@ -165,7 +165,7 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
 
 
 def traffic_arithmetic(sizes: Sizes, placement: Placement) -> dict[str, int]:
-    """DESIGN.md's bytes per link and step for this placement (see the module docstring)."""
+    """The traffic arithmetic's bytes per link and step for this placement (see the module docstring)."""
     out = dict.fromkeys(LINKS, 0)
     P = placement.packs
     for p in range(P):
@@ -304,7 +304,7 @@ def format_report(r: Report) -> str:
                      f"{budget(cap) if tier is not Loc.NVME else '-'}{over}")
 
     lines += ["", f"bytes per step by link     {pl.schedule.name:>14}  {'per-microbatch':>14}  "
-              f"{'DESIGN.md':>12}"]
+              f"{'arithmetic':>12}"]
     for name in used_links:
         a, b = pl.predicted.bytes_moved.get(name, 0), r.baseline.bytes_moved.get(name, 0)
         ratio = f"  (x{b / a:.1f})" if a else ""

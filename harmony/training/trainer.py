@@ -32,28 +32,15 @@ from harmony.training.handback import Handback, why_not_given_back
 from harmony.training.optimizer_state import OptimizerTensors
 from harmony.training.ownership import acts
 from harmony.training.planner import TrainerPlanner
+from harmony.training.properties import held as _held
+from harmony.training.properties import planned as _planned
+from harmony.training.properties import setting as _setting
 from harmony.training.recording import Recorder
 from harmony.training.setup import set_up
 from harmony.training.state_io import StateIO
 from harmony.training.steps import Steps
 
 __all__ = ["Trainer"]
-
-
-def _setting(name: str, doc: str) -> Any:
-    """A read-only property giving the trainer's setting ``name`` (from its config)."""
-    return property(lambda self: getattr(self._config, name), doc=doc)
-
-
-def _held(name: str, doc: str) -> Any:
-    """A read-only property giving ``name`` of the trainer's holdings."""
-    return property(lambda self: getattr(self._holdings, name), doc=doc)
-
-
-def _planned(name: str, doc: str) -> Any:
-    """A read-only property giving ``name`` of the trainer's planner."""
-    return property(lambda self: getattr(self._planner, name), doc=doc)
-
 
 class Trainer:
     """Trains a chain of layers whose training state need not fit in device memory.
@@ -193,16 +180,6 @@ class Trainer:
     @host_memory.setter
     def host_memory(self, value: int | None) -> None:
         self._planner.host_memory = value
-
-    @property
-    def _fixed(self) -> tuple[Any, ...] | None:
-        """The pack bounds and placement the first plan keeps (as a ``plan=`` gives them);
-        setting it before the first step pins the packs."""
-        return self._planner.fixed
-
-    @_fixed.setter
-    def _fixed(self, value: Any) -> None:
-        self._planner.fixed = value
 
     @property
     def planner(self) -> TrainerPlanner:
