@@ -18,57 +18,42 @@ another key, and a read that was issued before an overwrite still reads the old 
 ``write_later(key, nbytes)`` makes the key known (and its file made) before its bytes exist,
 for a GPU tensor still on its way to a host staging buffer; ``start(src)`` on the returned
 :class:`PendingWrite` then runs the write.
+
+The requests live in :mod:`swap.nvme_requests`, the choice of I/O engine in
+:mod:`swap.nvme_backend`, and the directory's making, locking and sweeping in :mod:`swap.swap_dirs`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
-import json
-import logging
 import os
 import re
-import shutil
-import stat
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 
 import torch
 
-from swap.aio import AioIO, AioUnavailable, load_aio_op
 from swap.aligned import StagingPool, as_bytes, check_alignment, copy_bytes, round_up
-from swap.direct_io import FileIO, PosixIO, odirect_refusal, reserve
+from swap.direct_io import reserve
 from swap.handle import Handle
+from swap.nvme_backend import BACKENDS, open_engine
+from swap.nvme_requests import FileVersion, Job, NvmeIOError, PendingWrite, Request, io_error
+from swap.swap_dirs import (
+    MARKER,
+    check_root,
+    lock_dir,
+    make_private_dir,
+    remove_stale,
+    remove_tree,
+)
 
-log = logging.getLogger("harmony.swap")
-
-BACKENDS = ("aio", "odirect", "buffered")  # best first
-_DESCRIPTION = {
-    "aio": "DeepSpeed async I/O",
-    "odirect": "O_DIRECT threads",
-    "buffered": "buffered I/O threads",
-}
-_DIR_PATTERN = re.compile(r"harmony-(\d+)-[A-Za-z0-9_]+")
-_LOCK_NAME = ".lock"
-MARKER = ".harmony-swap"  # in each swap directory: who made it (pid, start time, boot)
-
-
-class NvmeIOError(OSError):
-    """A read or write of the NVMe store failed.
-
-    ``errno`` is the system's (e.g. ENOSPC); the message names the key, the file, the operation
-    and the bytes, and says what to do. ``path`` is the file.
-    """
-
-    path: str
+# What other modules import from here; the names defined elsewhere live in swap.nvme_backend,
+# swap.nvme_requests and swap.swap_dirs.
+__all__ = ["BACKENDS", "MARKER", "NvmeIOError", "NvmeStore", "PendingWrite", "check_root"]
 
 
 class NvmeStore:
@@ -131,18 +116,17 @@ class NvmeStore:
                 f"chunk_bytes={chunk_bytes} must be a positive multiple of alignment={alignment}"
             )
         self.root = check_root(root)
-        _remove_stale(self.root)
-        self.directory = _make_private_dir(self.root)
+        remove_stale(self.root)
+        self.directory = make_private_dir(self.root)
         # Held for the store's life: another run's stale-directory sweep skips a locked directory
         # even when our pid means nothing to it (another pid namespace on the same disk).
-        self._lock_fd = os.open(self.directory / _LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd = lock_dir(self.directory)
         # A store dropped without close(), or still open when the interpreter exits normally,
         # removes its directory all the same (after the worker threads are joined).
-        self._finalizer = weakref.finalize(self, _remove_tree, self.directory, self._lock_fd,
+        self._finalizer = weakref.finalize(self, remove_tree, self.directory, self._lock_fd,
                                            os.getpid())
         try:
-            self._engine = _open_engine(backend, self.directory, alignment, chunk_bytes)
+            self._engine = open_engine(backend, self.directory, alignment, chunk_bytes)
         except BaseException:
             self._remove_directory()
             raise
@@ -152,10 +136,10 @@ class NvmeStore:
         self._pool = StagingPool(threads, chunk_bytes, self._engine.alloc)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="harmony-nvme")
         self._lock = threading.Lock()  # guards every field below
-        self._files: dict[str, _File] = {}  # key -> its newest version
+        self._files: dict[str, FileVersion] = {}  # key -> its newest version
         self._failed: dict[str, str] = {}  # key -> why its last write failed (for KeyError)
-        self._inflight: set[_Request] = set()
-        self._unstarted: set[_Job] = set()  # writes made known by write_later, not started
+        self._inflight: set[Request] = set()
+        self._unstarted: set[Job] = set()  # writes made known by write_later, not started
         self._disk_bytes = 0
         self._seq = 0
         self._closed = False
@@ -225,13 +209,14 @@ class NvmeStore:
             self._check_open()
             self._seq += 1
             name = f"{self._seq:06d}-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)[:48]}"
-            f = _File(key, self.directory / name, nbytes, round_up(nbytes, self._align), users=1)
+            f = FileVersion(key, self.directory / name, nbytes, round_up(nbytes, self._align),
+                            users=1)
             old = self._files.get(key)
             self._files[key] = f
             self._failed.pop(key, None)
             if old is not None:
                 self._retire(old)
-            job = _Job("write", f, torch.empty(0, dtype=torch.uint8), self._finisher)
+            job = Job("write", f, torch.empty(0, dtype=torch.uint8), self._finisher)
             f.write = job.request
             self._inflight.add(job.request)
             self._unstarted.add(job)
@@ -245,10 +230,10 @@ class NvmeStore:
             os.fchmod(job.fd, 0o600)  # whatever the umask
             reserve(job.fd, str(f.path), f.padded)
         except OSError as e:
-            self._fail_unstarted(job, self._io_error(job, 0, f.padded, e))
-        return PendingWrite(self, job)
+            self._fail_unstarted(job, io_error(job, self.root, 0, f.padded, e))
+        return PendingWrite(job, self._start_pending, self._fail_unstarted)
 
-    def _start_pending(self, job: _Job, data: torch.Tensor) -> None:
+    def _start_pending(self, job: Job, data: torch.Tensor) -> None:
         """:meth:`PendingWrite.start`: check the bytes, then run the write's chunks (none when
         the key was deleted before it started and no read waits for it)."""
         with self._lock:
@@ -268,7 +253,7 @@ class NvmeStore:
         else:
             self._start(job)
 
-    def _fail_unstarted(self, job: _Job, error: BaseException) -> None:
+    def _fail_unstarted(self, job: Job, error: BaseException) -> None:
         """Complete a write that will never start with ``error`` (idempotent)."""
         with self._lock:
             if job not in self._unstarted:
@@ -309,7 +294,7 @@ class NvmeStore:
                     f"pass a tensor of {f.nbytes} bytes"
                 )
             f.users += 1
-            job = _Job("read", f, data, self._finisher)
+            job = Job("read", f, data, self._finisher)
             self._inflight.add(job.request)
             pending = f.write
 
@@ -326,7 +311,7 @@ class NvmeStore:
             try:
                 job.fd = os.open(f.path, os.O_RDONLY | self._engine.open_flags)
             except OSError as e:
-                job.request.fail(self._io_error(job, 0, f.padded, e))
+                job.request.fail(io_error(job, self.root, 0, f.padded, e))
                 return
             self._start(job)
 
@@ -421,7 +406,7 @@ class NvmeStore:
         if self._closed:
             raise ValueError(f"the NVMe store at {self.directory} is closed")
 
-    def _lookup(self, key: str) -> _File:
+    def _lookup(self, key: str) -> FileVersion:
         f = self._files.get(key)
         if f is None:
             why = self._failed.get(key)
@@ -432,7 +417,7 @@ class NvmeStore:
             )
         return f
 
-    def _retire(self, f: _File) -> None:
+    def _retire(self, f: FileVersion) -> None:
         """Mark ``f`` superseded or deleted; unlink it now if nothing uses it. Lock held."""
         f.retired = True
         if f.users == 0 and not f.unlinked:
@@ -440,7 +425,7 @@ class NvmeStore:
             self._disk_bytes -= f.padded
             f.path.unlink(missing_ok=True)
 
-    def _start(self, job: _Job) -> None:
+    def _start(self, job: Job) -> None:
         """Hand the job's chunks to the workers (or finish it at once when it has none)."""
         offsets = range(0, job.file.padded, self._chunk)
         job.request.expect(len(offsets))
@@ -449,7 +434,7 @@ class NvmeStore:
                 self._run_chunk, job, off, min(self._chunk, job.file.padded - off)
             )
 
-    def _run_chunk(self, job: _Job, off: int, length: int) -> None:
+    def _run_chunk(self, job: Job, off: int, length: int) -> None:
         """One chunk, on a worker thread. The caller's tensor (``job.data``) is read or written
         only inside [off, off + length); staging buffers are this thread's until released."""
         err: BaseException | None = None
@@ -472,12 +457,12 @@ class NvmeStore:
                         engine.pread(job.fd, path, buf, off)
                         copy_bytes(data[off : off + used], buf[:used])
         except OSError as e:
-            err = self._io_error(job, off, length, e)
+            err = io_error(job, self.root, off, length, e)
         except BaseException as e:  # anything else still completes the request, with its error
             err = e
         job.request.part_done(err)
 
-    def _finisher(self, job: _Job) -> Callable[[BaseException | None], None]:
+    def _finisher(self, job: Job) -> Callable[[BaseException | None], None]:
         def finish(error: BaseException | None) -> None:
             # Runs once per request, on the thread that completed its last chunk.
             close_error = None
@@ -485,7 +470,7 @@ class NvmeStore:
                 try:
                     os.close(job.fd)
                 except OSError as e:  # some file systems report a lost write only here
-                    close_error = self._io_error(job, 0, job.file.padded, e)
+                    close_error = io_error(job, self.root, 0, job.file.padded, e)
                 job.fd = -1
             error = error or close_error
             with self._lock:
@@ -506,412 +491,6 @@ class NvmeStore:
 
         return finish
 
-    def _io_error(self, job: _Job, off: int, length: int, e: OSError) -> NvmeIOError:
-        f = job.file
-        code = e.errno or errno.EIO
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            todo = f"free space in {self.root} (df -h {self.root}) or pick another nvme_dir"
-        elif code == errno.EIO:
-            todo = (
-                "the device reported an I/O error: check dmesg and the drive's health, "
-                "or pick another nvme_dir"
-            )
-        else:
-            todo = f"check the file system at {self.root}, or pick another nvme_dir"
-        direction = "to" if job.op == "write" else "from"
-        err = NvmeIOError(
-            code,
-            f"NVMe store {job.op} of key {f.key!r} ({f.nbytes} bytes; {length} bytes at offset "
-            f"{off}) {direction} {f.path} failed: {e.strerror or e}; {todo}",
-        )
-        err.path = str(f.path)
-        return err
-
     def _remove_directory(self) -> None:
         self._finalizer()  # (once: a second call does nothing)
 
-
-class PendingWrite:
-    """A write made known with :meth:`NvmeStore.write_later`, whose bytes come later.
-
-    ``handle`` is done when the write has ended (it raises the write's error). Call exactly
-    one of :meth:`start` and :meth:`fail`, from any thread.
-    """
-
-    def __init__(self, store: NvmeStore, job: _Job) -> None:
-        self._store, self._job = store, job
-        self.handle: Handle = job.request
-
-    def start(self, src: torch.Tensor) -> Handle:
-        """Write ``src`` (a contiguous CPU tensor of exactly the announced bytes), kept alive
-        and unchanged by the caller until :attr:`handle` is done; returns :attr:`handle`.
-        A write that failed already (say, the disk was full when the file was made) does
-        nothing here: its handle raises that error.
-
-        Raises:
-            ValueError: ``src`` has another size or is not a contiguous CPU tensor, or this
-                write was started already.
-        """
-        if not self._job.request.done():
-            self._store._start_pending(self._job, as_bytes(src))
-        return self.handle
-
-    def fail(self, error: BaseException) -> None:
-        """The bytes will never come (e.g. the copy producing them failed): the write ends
-        with ``error``, the key is forgotten and reads waiting for it raise."""
-        self._store._fail_unstarted(self._job, error)
-
-
-@dataclass(eq=False)
-class _File:
-    """One version of a key on disk."""
-
-    key: str
-    path: Path
-    nbytes: int  # as written by the caller
-    padded: int  # on disk
-    users: int = 0  # requests in flight on this file (its write, reads)
-    retired: bool = False  # replaced, deleted or failed: unlink once users == 0
-    unlinked: bool = False
-    write: _Request | None = None  # the write filling it, while in flight
-
-
-class _Job:
-    """One read or write: what it moves, the fd it uses (owned by the job), its completion."""
-
-    def __init__(
-        self,
-        op: Literal["read", "write"],
-        file: _File,
-        data: torch.Tensor,
-        finisher: Callable[[_Job], Callable[[BaseException | None], None]],
-    ) -> None:
-        self.op = op
-        self.file = file
-        self.data = data
-        self.fd = -1
-        self.failed_early = False  # a pending write that ended before it started
-        self.request = _Request(finisher(self))
-
-
-class _Request:
-    """The handle of one store request: done when its last chunk is (a :class:`Handle`)."""
-
-    device: torch.device | None = None  # host work: ``wait`` means finished
-
-    def __init__(self, finish: Callable[[BaseException | None], None]) -> None:
-        self._lock = threading.Lock()
-        self._event = threading.Event()
-        self._left = -1  # chunks not yet done; -1 until the chunks are known
-        self._callbacks: list[Callable[[], None]] = []
-        self._finish = finish
-        self.error: BaseException | None = None
-
-    def expect(self, parts: int) -> None:
-        self._left = parts
-        if parts == 0:
-            self._complete()
-
-    def part_done(self, error: BaseException | None) -> None:
-        with self._lock:
-            if error is not None and self.error is None:
-                self.error = error
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self._complete()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self._complete()
-
-    def _complete(self) -> None:
-        try:
-            self._finish(self.error)
-        except BaseException as e:  # e.g. close() of the fd failed: still complete, report it
-            self.error = self.error or e
-        # The finisher holds the job, which holds this request and the caller's tensor: a
-        # reference cycle that would keep the tensor's memory until the garbage collector
-        # runs (a pack's weights per request). Dropping it frees the tensor with its last user.
-        self._finish = _finished
-        with self._lock:
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback()
-
-    def add_done_callback(self, callback: Callable[[], None]) -> None:
-        """Run ``callback()`` when done: on the completing thread, or now if already done."""
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(callback)
-                return
-        callback()
-
-    def join(self) -> None:
-        """Block until done, without raising the request's error."""
-        self._event.wait()
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self) -> None:
-        self._event.wait()
-        if self.error is not None:
-            raise self.error
-
-    def synchronize(self) -> None:
-        self.wait()
-
-
-def _finished(error: BaseException | None) -> None:
-    """A completed request's finisher: it has run already."""
-
-
-def check_root(root: object) -> Path:
-    """``root`` as a Path if it can hold the store's directory: a str or PathLike naming an
-    existing, writable directory.
-
-    Raises:
-        ValueError: naming the value and what to give instead.
-    """
-    text = os.fspath(root) if isinstance(root, (str, os.PathLike)) else None
-    if not isinstance(text, str):
-        raise ValueError(f"nvme_dir={root!r} is not a path; give a directory (a str or "
-                         "pathlib.Path), or None for no NVMe tier")
-    if not text.strip():
-        raise ValueError(f"nvme_dir={root!r} is empty (an unset environment variable?); give "
-                         "the directory for the swap files, or None for no NVMe tier")
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"nvme_dir {text!r} is a file, not a directory; give the directory "
-                         f"that should hold harmony's swap files (such as {str(path.parent)!r})")
-    if not path.is_dir():
-        raise ValueError(
-            f"nvme_dir {text!r} does not exist; create it (mkdir -p {path}) or pick another "
-            "nvme_dir")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"nvme_dir {text!r} is not writable by this process; fix its permissions "
-            f"(or remount it read-write) or pick another nvme_dir"
-        )
-    return path
-
-
-def _make_private_dir(root: Path) -> Path:
-    try:
-        directory = Path(tempfile.mkdtemp(prefix=f"harmony-{os.getpid()}-", dir=root))
-        directory.chmod(0o700)
-        # The marker proves to a later sweep that harmony made this directory and for whom.
-        fd = os.open(directory / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, json.dumps({"harmony": "swap", "pid": os.getpid(),
-                                     "start": _process_start(os.getpid()),
-                                     "boot": _boot_id()}).encode())
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise ValueError(
-            f"cannot create a swap directory in nvme_dir {str(root)!r}: {e.strerror}; make it "
-            f"writable (permissions, or remount read-write) or pick another nvme_dir"
-        ) from e
-    return directory
-
-
-def _remove_tree(directory: Path, lock_fd: int, owner: int) -> None:
-    """Close the lock and remove the store's directory, in the process that made it only (a
-    forked child, say a data-loader worker, that drops its copy of the store leaves it)."""
-    with contextlib.suppress(OSError):
-        os.close(lock_fd)
-    if os.getpid() == owner:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _boot_id() -> str | None:
-    """This boot's id (pids and start times restart with each boot); None where unknown."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started, as text (so a reused pid is told apart from the one a
-    marker names): ``/proc/<pid>/stat``'s start time, else psutil's; None where neither
-    can tell (then only the pid is compared)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime, clock ticks)
-    except (OSError, IndexError):
-        pass
-    try:
-        import psutil
-    except ImportError:
-        return None
-    try:
-        return f"psutil:{psutil.Process(pid).create_time()!r}"
-    except Exception:  # gone, or not ours to ask about
-        return None
-
-
-def _marker(directory: Path) -> dict[str, object] | None:
-    """The owner a swap directory's marker names, if it is a valid marker: a regular file
-    (not a symlink) of ours holding harmony's JSON; else None (never swept)."""
-    path = directory / MARKER
-    try:
-        info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_size > 4096:
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("harmony") != "swap" \
-            or not isinstance(data.get("pid"), int):
-        return None
-    return data
-
-
-def _owner_gone(marker: dict[str, object]) -> bool:
-    """Whether the process a marker names has ended (a reboot since, its pid gone, or the pid
-    now another process's, told by its start time)."""
-    pid = marker["pid"]
-    assert isinstance(pid, int)
-    boot = _boot_id()
-    if marker.get("boot") is not None and boot is not None and marker["boot"] != boot:
-        return True
-    if not _pid_alive(pid):
-        return True
-    start = _process_start(pid)
-    if marker.get("start") is None or start is None:
-        global _WARNED_NO_START
-        if not _WARNED_NO_START:
-            _WARNED_NO_START = True
-            log.warning("harmony: cannot read process start times here (no /proc, no psutil: "
-                        "pip install psutil); a swap directory whose pid was reused by another "
-                        "process is kept until that process ends")
-        return False
-    return start != marker["start"]
-
-
-_WARNED_NO_START = False
-
-
-def _remove_stale(root: Path) -> None:
-    """Remove swap directories harmony made whose run is gone: named ``harmony-<pid>-*``,
-    holding a valid marker for that pid whose owner has ended, and not locked by a live
-    store. A directory without such a marker is never touched."""
-    removed: list[str] = []
-    for entry in os.scandir(root):
-        match = _DIR_PATTERN.fullmatch(entry.name)
-        if not match or not entry.is_dir(follow_symlinks=False):
-            continue
-        directory = Path(entry.path)
-        marker = _marker(directory)
-        if marker is None or marker["pid"] != int(match.group(1)):
-            continue
-        if not _owner_gone(marker) or _locked(directory / _LOCK_NAME):
-            continue
-        shutil.rmtree(directory, ignore_errors=True)
-        removed.append(entry.name)
-    if removed:
-        log.warning(
-            "harmony: removed %d swap director%s of dead runs under %s: %s",
-            len(removed),
-            "y" if len(removed) == 1 else "ies",
-            root,
-            ", ".join(sorted(removed)),
-        )
-
-
-def _locked(lock_path: Path) -> bool:
-    """Whether a live store holds ``lock_path`` (False if it is missing)."""
-    try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _open_engine(backend: str, directory: Path, alignment: int, chunk_bytes: int) -> FileIO:
-    """The first backend from ``backend`` on (best first) that works in ``directory``.
-
-    Falling back logs one line saying why the preferred one is out.
-    """
-    try:
-        refusal = odirect_refusal(directory, alignment)
-    except OSError as e:
-        raise ValueError(
-            f"cannot write a test block in nvme_dir {str(directory.parent)!r}: {e.strerror}; "
-            f"free space there or pick another nvme_dir"
-        ) from e
-    reasons: list[str] = []
-    engine: FileIO | None = None
-    for name in BACKENDS[0 if backend == "auto" else BACKENDS.index(backend) :]:
-        if name == "aio":
-            if refusal is not None:
-                reasons.append(f"DeepSpeed async I/O unavailable (O_DIRECT refused by {refusal})")
-                continue
-            try:
-                engine = _aio_engine(directory, alignment, chunk_bytes, build=backend == "aio")
-            except AioUnavailable as e:
-                reasons.append(f"DeepSpeed async I/O unavailable ({e})")
-                continue
-        elif name == "odirect" and refusal is None:
-            engine = PosixIO("odirect", direct=True, alignment=alignment)
-        elif name == "odirect":
-            reasons.append(f"O_DIRECT refused by {refusal} at {directory.parent}")
-            engine = PosixIO(f"odirect(off: {refusal})", direct=False, alignment=alignment)
-        else:
-            engine = PosixIO("buffered", direct=False, alignment=alignment)
-        break
-    assert engine is not None  # the loop always ends on a PosixIO
-    using = _DESCRIPTION[engine.name] if engine.direct else "buffered I/O threads"
-    if reasons:  # one line: which backend, and why not a faster one (how to get it)
-        log.warning("harmony NVMe store: %s: using %s", "; ".join(reasons), using)
-    else:
-        log.info("harmony NVMe store: using %s", using)
-    return engine
-
-
-def _aio_engine(directory: Path, alignment: int, chunk_bytes: int, build: bool) -> AioIO:
-    block = min(chunk_bytes, 1 << 20)
-    engine = AioIO(load_aio_op(build), block, max(1, chunk_bytes // block), alignment)
-    _selftest(engine, directory, alignment)
-    return engine
-
-
-def _selftest(engine: AioIO, directory: Path, alignment: int) -> None:
-    """Write and read back one block, so a broken op degrades now rather than corrupting later."""
-    probe = directory / ".aio-probe"
-    out = engine.alloc(alignment)
-    out.copy_(torch.arange(alignment, dtype=torch.int64).to(torch.uint8))
-    back = engine.alloc(alignment)
-    back.zero_()
-    fd = os.open(probe, os.O_CREAT | os.O_RDWR | engine.open_flags, 0o600)
-    try:
-        reserve(fd, str(probe), alignment)
-        engine.pwrite(fd, str(probe), out, 0)
-        engine.pread(fd, str(probe), back, 0)
-    except OSError as e:
-        raise AioUnavailable(f"self-test failed: {e}") from e
-    finally:
-        os.close(fd)
-        probe.unlink(missing_ok=True)
-    if not torch.equal(out, back):
-        raise AioUnavailable("self-test read back different bytes")

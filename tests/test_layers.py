@@ -113,3 +113,17 @@ def test_the_check_sees_the_project() -> None:
     assert "harmony.runtime.pack" in graph["harmony.runtime.runtime"]
     assert "swap.engine" in graph["harmony.runtime.runtime"]
     assert "schedules.task" in graph["swap.engine"] or graph["schedules.task"] == set()
+
+
+MAX_LINES = 500  # a module holds one idea; one this long holds several
+
+
+def test_every_module_is_at_most_500_lines() -> None:
+    """No module under ``schedules``, ``swap`` or ``harmony`` is over 500 lines; the message
+    lists every one that is."""
+    modules = _modules()
+    assert {"schedules.task", "swap.nvme", "harmony.training.trainer"} <= set(modules)
+    long = {m: n for m, p in modules.items()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split each along its ideas):\n" + \
+        "\n".join(f"{modules[m].relative_to(ROOT)}: {n} lines" for m, n in sorted(long.items()))

@@ -25,6 +25,8 @@ import pytest
 import torch
 
 import swap.nvme as nvme
+import swap.nvme_backend as nvme_backend
+import swap.swap_dirs as swap_dirs
 from swap.aio import AioUnavailable, aio_prebuilt, load_aio_op
 from swap.aligned import StagingPool, aligned_empty, as_bytes, round_up
 from swap.nvme import NvmeIOError, NvmeStore
@@ -321,7 +323,7 @@ def test_unwritable_root_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def refuse(*args: object, **kwargs: object) -> str:
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(nvme.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(swap_dirs.tempfile, "mkdtemp", refuse)
     with pytest.raises(ValueError, match=rf"{tmp_path}.*Permission denied.*nvme_dir"):
         NvmeStore(tmp_path)
 
@@ -530,7 +532,7 @@ def test_auto_without_aio_uses_odirect_with_one_line(
     def unavailable(build: bool) -> object:
         raise AioUnavailable("libaio-dev missing")
 
-    monkeypatch.setattr(nvme, "load_aio_op", unavailable)
+    monkeypatch.setattr(nvme_backend, "load_aio_op", unavailable)
     with caplog.at_level(logging.WARNING, logger="harmony.swap"), NvmeStore(tmp_path) as s:
         assert s.backend == "odirect"
     lines = [r.getMessage() for r in caplog.records if r.name == "harmony.swap"]
