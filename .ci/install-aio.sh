@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Install DeepSpeed's async I/O (libaio) op for the NVMe store and build it ahead of time, so
-# that tests/test_nvme.py exercises the "aio" backend. Idempotent; run as root on Debian with
+# that tests/swap/test_nvme.py exercises the "aio" backend. Idempotent; run as root on Debian with
 # Python and torch already installed. Never fails the caller: whatever step fails is reported
 # and the store (and its tests) use the O_DIRECT backend instead.
 #
-#   bash .ci/install-aio.sh            # then: python -m pytest tests/test_nvme.py
+#   bash .ci/install-aio.sh            # then: python -m pytest tests/swap/test_nvme.py
 #
 # Env: TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions; swap/aio.py looks there too),
 #      PYTHON (default python).
@@ -63,4 +63,4 @@ then
     give_up "building the DeepSpeed async I/O op failed (full log: /tmp/install-aio-build.log)"
 fi
 tail -1 /tmp/install-aio-build.log
-say "ok: tests/test_nvme.py will run the aio backend"
+say "ok: tests/swap/test_nvme.py will run the aio backend"

@@ -1,4 +1,5 @@
-"""A training run that tests/test_crash.py kills with SIGKILL and restarts until it finishes.
+"""A training run that tests/integration/test_crash.py kills with SIGKILL and restarts until it
+finishes.
 
     python tests/crash_worker.py CKPT_DIR NVME_DIR OUT [--steps N] [--every K]
                                  [--progress FILE] [--pause EVENT@N]

@@ -1,5 +1,5 @@
-"""One rank of a two-GPU NCCL run, for tests/test_cuda_parallel.py (started as a new process
-per rank, with torchrun's variables set, so CUDA starts fresh in each; ``torchrun
+"""One rank of a two-GPU NCCL run, for tests/parallel/test_cuda_parallel.py (started as a new
+process per rank, with torchrun's variables set, so CUDA starts fresh in each; ``torchrun
 --nproc_per_node=2 -m tests.cuda_parallel_worker --mode data --out DIR`` runs it too).
 
 ``--mode data``: each rank trains the tiny transformer of tests/models.py on its half of every

@@ -1,5 +1,5 @@
-"""One rank of a data-parallel test run (tests/test_data_parallel.py forks two of these; from
-the repository root ``torchrun --nproc_per_node=2 -m tests.dp_worker --out DIR`` runs it too).
+"""One rank of a data-parallel test run (tests/parallel/test_data_parallel.py forks two of these;
+from the repository root ``torchrun --nproc_per_node=2 -m tests.dp_worker --out DIR`` runs it too).
 
 The test sets torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK,
 LOCAL_WORLD_SIZE), so the trainer initializes the gloo group itself, as under torchrun. Each

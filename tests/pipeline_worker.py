@@ -1,4 +1,4 @@
-"""One rank of a pipelined run, for tests/test_pipeline.py (forked, two per test).
+"""One rank of a pipelined run, for tests/parallel/test_pipeline.py (forked, two per test).
 
 ``run(rank, ranks, port, out, **options)`` joins a gloo group on 127.0.0.1:port (or lets the
 trainer start it from torchrun's environment variables when ``env_init``), trains the tiny

@@ -5,7 +5,7 @@ whose weights exceed host memory is written here instead: the header (every tens
 dtype, shape and byte range) is known before any value, so it is written first, and the
 values follow in that order as they are produced, each freed once written (a pack of layers
 read back from NVMe, say). The result is an ordinary safetensors file: the library's
-``safe_open`` and ``load_file`` read it (``tests/test_tensor_files.py``).
+``safe_open`` and ``load_file`` read it (``tests/training/test_streaming.py``).
 
 A :class:`Streamed` is the lazy stand-in for a dict of tensors: the specs, and a function
 that yields ``(key, tensor)`` in the specs' order.

@@ -111,7 +111,7 @@ def test_tied_weights_survive_new_packs(monkeypatch) -> None:
         return model
 
     def adamw(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(ps, lr=1e-2, eps=1e-3)  # (eps: see tests/test_tied.py)
+        return torch.optim.AdamW(ps, lr=1e-2, eps=1e-3)  # (eps: see tests/model/test_tied.py)
 
     monkeypatch.setattr(Trainer, "_rehome", spy)
     batches = _batches()

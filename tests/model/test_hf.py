@@ -237,7 +237,7 @@ RTOL = 1e-5
 def test_tied_training_close_to_plain_hf(family: str, budget: bool) -> None:
     """Tied LM heads (embedding and head in different packs when the budget splits the model):
     per tensor, max|harmony - HF| <= 1e-5 * max(max|HF|, 1e-3) (the tied gradient's two uses
-    are summed in another order: see tests/test_tied.py); both tied keys hold one value."""
+    are summed in another order: see tests/model/test_tied.py); both tied keys hold one value."""
     model = _model(family, tied=True)
     keys = [k for k, v in model.state_dict(keep_vars=True).items()
             if v is model.get_input_embeddings().weight]

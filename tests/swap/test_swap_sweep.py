@@ -19,7 +19,7 @@ from swap import nvme
 from swap.nvme import NvmeStore
 from tests.models import MODELS, training_state_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(code: str) -> None:

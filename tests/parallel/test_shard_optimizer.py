@@ -27,8 +27,8 @@ from schedules.simulate import Sizes, simulate
 from schedules.task import Loc, Op
 from schedules.validate import ScheduleError, validate
 from tests.dp_worker import global_batches, make_trainer, parse
-from tests.test_data_parallel import WORLD, _launch, _log, _rel, _run, pytestmark  # noqa: F401
-from tests.test_dp_schedules import _profiles
+from tests.parallel.test_data_parallel import WORLD, _launch, _log, _rel, _run, pytestmark  # noqa: F401
+from tests.schedules.test_dp_schedules import _profiles
 
 CASES = {
     # swapping (half the training state on the device), AdamW, global-norm clipping

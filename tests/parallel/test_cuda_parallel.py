@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.cuda,
                                  or not torch.distributed.is_nccl_available(),
                                  reason="needs NCCL")]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 240.0
 
 

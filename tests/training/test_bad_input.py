@@ -58,7 +58,7 @@ def test_empty_and_undecomposable_models() -> None:
 
 
 def test_buffers_shared_across_layers_refused() -> None:
-    """Tied parameters are supported (tests/test_tied.py); a shared buffer is not."""
+    """Tied parameters are supported (tests/model/test_tied.py); a shared buffer is not."""
     a, b = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
     b.running_mean = a.running_mean
     with pytest.raises(ValueError, match="buffer 'running_mean' of layer 1 .* shared with layer 0"):

@@ -23,7 +23,7 @@ from swap.tier import Reservation, Tier
 
 CPU = torch.device("cpu")
 H2D, D2H = "host->device", "device->host"
-HERE = "tests/test_deferred.py"
+HERE = "tests/swap/test_deferred.py"
 
 
 def noop(_: float) -> None:
@@ -224,7 +224,7 @@ def test_releasing_a_host_buffer_before_the_host_knows_its_copy_ended_raises(
         host.release(buf)  # the release site
     msg = str(err.value)
     assert "host tier buffer 'weights of pack 3'" in msg
-    assert re.search(r"copy #1 on host->device \(issued at tests/test_deferred.py:\d+", msg)
+    assert re.search(r"copy #1 on host->device \(issued at tests/swap/test_deferred.py:\d+", msg)
     assert f"released at {HERE}:{line_of('host.release(buf)  # the release site')}" in msg
     assert "reads it and the host does not know it finished" in msg
 
@@ -273,7 +273,8 @@ def test_a_copy_touching_a_pooled_buffer_raises(engine: SwapEngine) -> None:
     host.release(buf)
     with pytest.raises(BufferLifetimeError, match=r"copy #1 on device->host .* writes host tier "
                                                   r"buffer 'gradients of pack 1', which was given "
-                                                  r"back to its pool at tests/test_deferred.py"):
+                                                  r"back to its pool at "
+                                                  r"tests/swap/test_deferred.py"):
         engine.copy(buf[:16], torch.ones(16, dtype=torch.uint8), D2H, "G")
 
 

@@ -1,6 +1,6 @@
 """What keeps the process's resident memory within the budgets, piece by piece
 (harmony/runtime/host_memory.py, the NVMe store's requests, the CPU device tier's pool); the
-bound as a whole is tests/test_budgets_rss.py."""
+bound as a whole is tests/integration/test_budgets_rss.py."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from schedules.task import Loc
 from swap.nvme import NvmeStore
 from tests.models import mlp
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # In a fresh process: free one large block (glibc then raises its dynamic mmap threshold to
 # that size), then allocate 64 blocks of 2 MiB and free all but the last; print how much of

@@ -133,8 +133,8 @@ def test_from_pretrained_takes_a_config(tmp_path: Path) -> None:
     """``from_pretrained(path, loss_fn, config=...)`` reads the weights from ``path`` as the
     keyword form does, leaving the given config as it was."""
     pytest.importorskip("transformers", reason="transformers is not installed")
-    from tests.test_hf_weights import _batches as token_batches
-    from tests.test_hf_weights import _llama
+    from tests.model.test_hf_weights import _batches as token_batches
+    from tests.model.test_hf_weights import _llama
 
     _llama(False).save_pretrained(tmp_path / "src")  # type: ignore[attr-defined]
     config = TrainerConfig(micro_batch_size=2, device_memory="200KiB")

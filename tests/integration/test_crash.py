@@ -47,7 +47,7 @@ from tests import copier
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux",
                                 reason="the crash worker forks; Linux only")
 
-WORKER = Path(__file__).with_name("crash_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "crash_worker.py"
 STEPS = 24
 SEED = 20261125
 TIMEOUT = 120.0  # seconds for any one wait on the worker: a hang fails instead of blocking

@@ -15,7 +15,7 @@ from harmony.tools.cli import main
 from harmony.tools.report import MAX_MICRO_BATCHES
 from tests.fs import tmpfs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

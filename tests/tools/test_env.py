@@ -17,7 +17,7 @@ from harmony.tools.cli import main
 from swap import aio
 from swap.aio import AioUnavailable, find_aio, load_aio_op
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_env_reports_the_machine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 import bench_gpu
 
 TINY = ["--model", "gpt-tiny", "--seq-len", "16", "--batch-size", "4", "--micro-batch-size", "2",

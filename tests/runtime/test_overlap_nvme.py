@@ -19,7 +19,7 @@ from harmony.runtime.runtime import Runtime
 from schedules.task import Loc
 from swap.nvme import NvmeIOError
 from tests.models import reference_train
-from tests.test_chunked_update import (
+from tests.runtime.test_chunked_update import (
     CHUNK,
     LOSS,
     MBS,

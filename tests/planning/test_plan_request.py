@@ -16,7 +16,7 @@ from harmony.planning.request import PlanRequest
 from harmony.tools.report import plan_to_json
 from schedules.placement import Placement
 from schedules.task import Loc
-from tests.test_layers import LAYERS, ROOT, _graph, _layer
+from tests.integration.test_layers import LAYERS, ROOT, _graph, _layer
 
 BW = {"host->device": 1e9, "device->host": 1e9}
 

@@ -32,7 +32,7 @@ from schedules.task import Loc
 from schedules.validate import validate
 
 GiB = 1 << 30
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["report", "gpt-tiny", "--batch-size", "4", "--micro-batch-size", "2"]
 
 

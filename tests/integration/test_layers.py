@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAYERS = ["schedules", "swap", "harmony.io", "harmony.model", "harmony.planning",
           "harmony.runtime", "harmony.parallel", "harmony.training", "harmony.tools", "harmony"]
 

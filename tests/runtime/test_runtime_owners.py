@@ -14,11 +14,11 @@ import torch
 
 import harmony
 from harmony.runtime.options import RuntimeOptions
+from tests.integration.test_layers import LAYERS, _graph, _layer
 from tests.models import TinyTransformer, cross_entropy_tokens, training_state_bytes
-from tests.test_layers import LAYERS, _graph, _layer
 from tests.timing import fix_timing
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = ROOT / "harmony" / "runtime"
 MAX_LINES = 500
 
