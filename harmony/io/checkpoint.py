@@ -47,7 +47,7 @@ TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 LOCK_NAME = ".lock"  # the writers' lock file in a checkpoint directory
 _CKPT = re.compile(r"ckpt-\d+")  # what writers name checkpoints (and may prune)
 _TMP_PREFIX, _TRASH_PREFIX = ".tmp-ckpt-", ".trash-ckpt-"
-_OPEN_ATTEMPTS = 5  # a reader's tries when writers keep pruning the checkpoint it chose
+_OPEN_ATTEMPTS = 20  # a reader's tries when writers keep pruning the checkpoint it chose
 
 
 class CheckpointError(ValueError):
@@ -303,14 +303,21 @@ def latest(root: str | os.PathLike[str]) -> Path | None:
     root = Path(root)
     if not root.is_dir():
         return None
-    name = _pointer(root)
-    if name is not None:
-        candidate = _inside(root, name, f"{root / 'LATEST'}")
-        if (candidate / "meta.json").is_file():
-            return candidate
-    for p in reversed(_entries(root, "ckpt-")):
-        if (p / "meta.json").is_file():
-            return p
+    for _ in range(_OPEN_ATTEMPTS):
+        name = _pointer(root)
+        if name is not None:
+            candidate = _inside(root, name, f"{root / 'LATEST'}")
+            if (candidate / "meta.json").is_file():
+                return candidate
+        for p in reversed(_entries(root, "ckpt-")):
+            if (p / "meta.json").is_file():
+                return p
+        # Nothing complete seen. A writer that moved LATEST on and pruned the checkpoint it
+        # named while we looked (a directory listing is no snapshot) changed LATEST: look
+        # again. Unchanged, there is none.
+        if _pointer(root) == name:
+            break
+    for p in _entries(root, "ckpt-"):
         if not (p / "meta.json").exists():
             warnings.warn(f"ignoring incomplete checkpoint {p} (no meta.json)", stacklevel=2)
     for p in _entries(root, _TMP_PREFIX):

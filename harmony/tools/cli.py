@@ -2,9 +2,9 @@
 
 ``harmony report MODEL ...`` prints the per-layer memory and time table, the plan the planner
 chooses for the budgets, the predicted peak per tier, bytes per link per step beside the
-per-micro-batch baseline and the traffic arithmetic (docs/design.md), and the predicted step time; it
-can write the plan as JSON and plot bytes per tier over the step. Nothing is allocated: models
-are built on the meta device. See ``docs/report.md``.
+per-micro-batch baseline and the traffic arithmetic (docs/design.md), and the predicted step time;
+it can write the plan as JSON and plot bytes per tier over the step. Nothing is allocated:
+models are built on the meta device. See ``docs/report.md``.
 
     harmony report llama-70b --batch-size 8 --micro-batch-size 1 --seq-len 4096 \\
         --device-memory 80GiB --host-memory 1TiB

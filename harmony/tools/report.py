@@ -7,12 +7,12 @@ sets it beside two references:
 * the per-micro-batch baseline: the same packs, placement and prefetch depth run micro-batch
   major (``per-microbatch``), so every micro-batch walks every pack and weights cross the link
   once per micro-batch;
-* the traffic arithmetic (``docs/design.md``) for the chosen placement: every pack whose weights live off
-  the device brings them in twice per step (forward, and backward after the recompute; once for
-  the last pack, whose forward runs inside its backward), its gradients go out once to where the
-  update runs, optimizer state on NVMe is read and written once, and each stashed activation
-  off the device goes out and comes back once per micro-batch. The step time is bounded below
-  by max(compute, bytes on each link / its bandwidth).
+* the traffic arithmetic (``docs/design.md``) for the chosen placement: every pack whose weights
+  live off the device brings them in twice per step (forward, and backward after the recompute;
+  once for the last pack, whose forward runs inside its backward), its gradients go out once to
+  where the update runs, optimizer state on NVMe is read and written once, and each stashed
+  activation off the device goes out and comes back once per micro-batch. The step time is
+  bounded below by max(compute, bytes on each link / its bandwidth).
 
 The plan's JSON form is the plan's own (:meth:`harmony.planning.plan.Plan.to_json`);
 :func:`plan_to_json` and :func:`plan_from_json` call it. Profiles come from
@@ -71,8 +71,9 @@ class Report:
 
     Attributes:
         plan: the chosen plan. baseline: the same packs, placement and prefetch depth run as
-            ``per-microbatch``, simulated. arithmetic: the traffic arithmetic's bytes per link for the
-            chosen placement. compute_s: seconds of compute per step (fwd, bwd, updates).
+            ``per-microbatch``, simulated. arithmetic: the traffic arithmetic's bytes per
+            link for the chosen placement. compute_s: seconds of compute per step (fwd, bwd,
+            updates).
     """
 
     profile: ModelProfile
@@ -165,7 +166,8 @@ def make_report(profile: ModelProfile, batch_size: int, device_memory: int | Non
 
 
 def traffic_arithmetic(sizes: Sizes, placement: Placement) -> dict[str, int]:
-    """The traffic arithmetic's bytes per link and step for this placement (see the module docstring)."""
+    """The traffic arithmetic's bytes per link and step for this placement (see the module
+    docstring)."""
     out = dict.fromkeys(LINKS, 0)
     P = placement.packs
     for p in range(P):

@@ -382,3 +382,33 @@ def test_export_on_a_full_disk_raises_an_oserror_naming_path_and_bytes(tmp_path:
         assert err.value.errno is not None
         assert not (small / "out" / "model.safetensors").exists()
         assert not list((small / "out").glob(".*")), "a partial file was left"
+
+
+def test_a_reader_whose_listing_missed_the_newest_checkpoint_looks_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a reader reading LATEST and looking at what it names, a writer saves a newer
+    checkpoint and prunes the named one; the reader's directory listing (no snapshot) still
+    shows the pruned one and not the new one. The reader looks again instead of finding none."""
+    checkpoint.save(tmp_path, 1, {"w": torch.zeros(4)}, {}, {})
+    pointer, entries = checkpoint._pointer, checkpoint._entries
+    raced: list[Path] = []
+
+    def read_then_writer_moves_on(root: Path) -> str | None:
+        name = pointer(root)
+        if not raced:
+            raced.append(root)  # (the writer's own reads and listings are not stale)
+            checkpoint.save(tmp_path, 2, {"w": torch.ones(4)}, {}, {})  # prunes ckpt 1
+            raced[0] = root / str(name)
+        return name
+
+    def stale_listing(root: Path, prefix: str) -> list[Path]:
+        if prefix == "ckpt-" and len(raced) == 1 and raced[0] != root:
+            raced.append(root)
+            return [raced[0]]  # listed before the writer: the pruned one, not the new one
+        return entries(root, prefix)
+
+    monkeypatch.setattr(checkpoint, "_pointer", read_then_writer_moves_on)
+    monkeypatch.setattr(checkpoint, "_entries", stale_listing)
+    weights, _, _ = checkpoint.load(tmp_path)
+    assert len(raced) == 2, "the race was not staged"
+    assert torch.equal(weights["w"], torch.ones(4))
