@@ -312,14 +312,14 @@ def latest(root: str | os.PathLike[str]) -> Path | None:
         for p in reversed(_entries(root, "ckpt-")):
             if (p / "meta.json").is_file():
                 return p
+            if not (p / "meta.json").exists() and _pointer(root) == name:
+                warnings.warn(f"ignoring incomplete checkpoint {p} (no meta.json)",
+                              stacklevel=2)
         # Nothing complete seen. A writer that moved LATEST on and pruned the checkpoint it
         # named while we looked (a directory listing is no snapshot) changed LATEST: look
         # again. Unchanged, there is none.
         if _pointer(root) == name:
             break
-    for p in _entries(root, "ckpt-"):
-        if not (p / "meta.json").exists():
-            warnings.warn(f"ignoring incomplete checkpoint {p} (no meta.json)", stacklevel=2)
     for p in _entries(root, _TMP_PREFIX):
         warnings.warn(f"ignoring incomplete checkpoint {p} (a save that did not finish)",
                       stacklevel=2)
