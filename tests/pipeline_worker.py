@@ -67,7 +67,8 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
         device_memory: int | None = None, host_memory: int | None = None,
         stages: list[tuple[int, int]] | None = None,
         env_init: bool = False, fail_at: tuple[int, int] | None = None, hang_s: float = 0.0,
-        timeout_s: float = 20.0, save: str | None = None, load: str | None = None) -> None:
+        timeout_s: float = 20.0, save: str | None = None, load: str | None = None,
+        initial: bool = False) -> None:
     torch.set_num_threads(1)
     if env_init:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
@@ -89,6 +90,7 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
                                   stages=stages)
         if load is not None:
             trainer.load(load)
+        before = trainer.state_dict() if initial else None  # (no packs are built yet)
         losses = [trainer.step(x, y) for x, y in batches(steps)[trainer.step_count:]]
         state = trainer.state_dict()
         if save is not None:
@@ -96,7 +98,7 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
             trainer.export(save + "-export")
         pipe = trainer.pipeline
         assert pipe is not None
-        torch.save({"state": state, "losses": losses, "steps": trainer.step_count,
+        torch.save({"state": state, "before": before, "losses": losses, "steps": trainer.step_count,
                     "bytes": dict(trainer.stats.bytes_moved),
                     "by_kind": dict(trainer.stats.bytes_by_kind), "schedule": pipe.schedule,
                     "sizes": pipe.sizes, "stage": pipe.stage, "stages": pipe.stages,

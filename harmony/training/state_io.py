@@ -86,8 +86,9 @@ class StateIO:
         streaming.refuse_unless_fits(sum(s.nbytes for s in tensors.specs if s.key in model_sd))
         got = {k: v.cpu().clone() for k, v in tensors.produce() if k in model_sd}
         out = {k: got[k] for k in model_sd}
-        if h.pipeline is not None:  # each key from the rank that trains it (collective)
-            assert built is not None
+        if h.pipeline is not None and built is not None:
+            # Each key from the rank that trains it (collective). Before the first step
+            # every rank holds the whole model, untrained: its own weights are the answer.
             found = {id(e.tensor) for p in built.packs for e in p.layout.entries}
             owned = {k for k, v in model_sd.items() if id(v) in found}
             return h.pipeline.gather_state(out, owned)

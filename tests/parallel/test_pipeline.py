@@ -113,6 +113,17 @@ def test_two_ranks_equal_one_process(tmp_path: Path, one_thread: None, budget: i
             assert r["bytes"]["host->device"] > 0
 
 
+def test_state_dict_before_the_first_step_is_the_models(tmp_path: Path, one_thread: None) -> None:
+    """Before the first step no rank has built its packs: each holds the whole model, and
+    state_dict() gives its weights (as the first thing a training script reads)."""
+    codes, _ = _launch(tmp_path, steps=1, dropout=0.0, initial=True)
+    assert codes == [0, 0]
+    want = worker.make_model(0.0).state_dict()
+    for r in _results(tmp_path):
+        assert r["before"].keys() == want.keys()
+        assert all(torch.equal(r["before"][k], want[k]) for k in want)
+
+
 def test_given_stages_are_kept(tmp_path: Path, one_thread: None) -> None:
     codes, _ = _launch(tmp_path, steps=1, stages=[(0, 4), (4, 5)])
     ranks = _results(tmp_path)
