@@ -41,7 +41,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     import harmony
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import batches
+from bench_common import batches, stepped
 from gpt import GPT, GPTConfig, loss_fn
 
 from harmony.runtime.pack import Pack
@@ -170,18 +170,21 @@ def main() -> None:
           f"NVMe run: device {fmt_bytes(state // 4)}, host {fmt_bytes(state // 3)}; "
           f"batch {args.batch_size} x {args.block_size} tokens, micro-batch "
           f"{args.micro_batch_size}; {torch.get_num_threads()} compute threads")
-    with make(device_memory=state // 4, host_memory=state // 3,
-              nvme_dir=args.nvme_dir) as nvme, make() as one_pack:
-        nvme.step(*data[0])  # warm-up: plans, builds packs, first optimizer state
+    def on_nvme(name: str, **kw: object) -> harmony.Trainer:
+        """The budgets' trainer after its warm-up step (it plans, builds packs, creates the
+        first optimizer state); the least device budget any plan needs where a small
+        model's activations outgrow a quarter of its state."""
+        return stepped(lambda b: make(device_memory=b, host_memory=state // 3,
+                                      nvme_dir=args.nvme_dir, **kw), state // 4, data[0], name)
+
+    with on_nvme("NVMe run") as nvme, make() as one_pack:
         one_pack.step(*data[0])
         assert nvme.plan is not None and nvme.store is not None
         print(nvme.plan.describe(nvme.chain.names))
         print(f"NVMe backend: {nvme.store.backend}")
         compute = make(plan=on_device(nvme.plan))
         compute.step(*data[0])
-        behind = make(device_memory=state // 4, host_memory=state // 3,
-                      nvme_dir=args.nvme_dir, overlap_updates=True)
-        behind.step(*data[0])
+        behind = on_nvme("NVMe run, overlap_updates=True", overlap_updates=True)
         assert behind.plan is not None
         print("overlap_updates=True, planned for the same budgets:")
         print(behind.plan.describe(behind.chain.names))
