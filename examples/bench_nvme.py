@@ -8,7 +8,9 @@ Three measurements on the same model and batches, interleaved and repeated:
 * one pack: everything on the device tier with no budgets, as the planner picks it then (one
   pack, whose backward runs its forward once: nothing recomputed), for reference;
 * NVMe: weights (W) and optimizer state (K) homed in files, device and host budgets below the
-  training state, so every step reads W twice, reads W and K for the update and writes them back;
+  training state (a quarter and a third of it; the device budget raised to the least any plan
+  needs where a small model's activations outgrow it, with a line saying so), so every step
+  reads W twice, reads W and K for the update and writes them back;
 * I/O-only: the same reads and writes, issued in the same order with nothing computed;
 * NVMe, overlapped: ``overlap_updates=True`` with the same budgets (planned for them: each
   update on the worker holds its host bytes until joined, so the placement may differ), each

@@ -5,14 +5,15 @@ All run in one process, interleaved on the same batches of the example GPT, so d
 shared machine hit every row alike. Prints median seconds per step (min-max), tokens/s, each
 row's ratio to harmony under the same device budget, weight bytes onto the device and storage
 bytes (from /proc/self/io) per step, and harmony's peak bytes per tier. A contender that cannot
-run gets a row saying why.
+run gets a row saying why. The device budgets are a third of the training state, or, where a
+small model's activations outgrow that, the least any plan needs (a line says so).
 
     mkdir -p /tmp/harmony-bench && python examples/benchmark.py --nvme-dir /tmp/harmony-bench
     python examples/benchmark.py --nvme-dir /tmp/harmony-bench --scaling   # growth rows
 
 ``--scaling`` prints instead how step time and weight bytes grow with model size (2, 4, 8
 blocks) and with the number of micro-batches (2, 4, 8, 16), for harmony and the per-micro-batch
-schedule under a device budget of a third of the training state.
+schedule under a device budget of a third of the training state (or the least any plan needs).
 """
 
 from __future__ import annotations
