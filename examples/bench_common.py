@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 import torch
@@ -63,7 +64,7 @@ def stepped(make: Callable[[int], harmony.Trainer], budget: int,
     A device budget sized from the training state (a third of it, say) leaves no room for
     the activations of a small model, whose activations outweigh its weights: then the
     trainer is made again with the least device budget any plan needs
-    (``InfeasiblePlan.device_needed``), and a line naming ``name`` says so.
+    (``InfeasiblePlan.device_needed``), and a line on stderr naming ``name`` says so.
 
     Args:
         make: builds a trainer for a device budget in bytes.
@@ -91,7 +92,8 @@ def stepped(make: Callable[[int], harmony.Trainer], budget: int,
         if err.device_needed <= budget:  # the device is not what is short
             raise
         print(f"{name}: a device budget of {fmt_bytes(budget)} leaves no room for the "
-              f"activations; using {fmt_bytes(err.device_needed)}, the least any plan needs")
+              f"activations; using {fmt_bytes(err.device_needed)}, the least any plan needs",
+              file=sys.stderr)  # (stdout holds the table)
         trainer = make(err.device_needed)
         trainer.step(*batch)
         return trainer

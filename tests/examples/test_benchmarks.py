@@ -50,13 +50,13 @@ def test_stepped_takes_the_least_device_budget_a_plan_needs_and_says_so(
     with stepped(make, state // 3, _batch(), "small") as t:
         assert t.plan is not None and t.stats.peak_bytes["device"] <= budgets[-1]
     assert budgets[0] == state // 3 and budgets[1] > budgets[0]
-    out = capsys.readouterr().out
-    assert out.startswith("small: a device budget of 586.00KiB leaves no room")
-    assert "the least any plan needs" in out
+    err = capsys.readouterr().err
+    assert err.startswith("small: a device budget of 586.00KiB leaves no room")
+    assert "the least any plan needs" in err
 
     with stepped(make, 64 << 20, _batch(), "roomy"):  # a budget that fits is kept, silently
         assert budgets[-1] == 64 << 20
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""
 
 
 def test_stepped_raises_when_the_device_is_not_what_is_short() -> None:
@@ -75,7 +75,7 @@ def test_stepped_raises_when_the_device_is_not_what_is_short() -> None:
 def test_bench_overhead_runs_a_model_whose_activations_outgrow_a_third_of_its_state() -> None:
     done = _run("bench_overhead.py", *SMALL, "--steps", "1")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "harmony, budget 1/3: a device budget of 586.00KiB leaves no room" in done.stdout
+    assert "harmony, budget 1/3: a device budget of 586.00KiB leaves no room" in done.stderr
     assert "| harmony, budget 1/3 |" in done.stdout
     assert "| per-microbatch, budget 1/3 |" in done.stdout
 
@@ -85,7 +85,7 @@ def test_benchmark_runs_a_model_whose_activations_outgrow_a_third_of_its_state(
     done = _run("benchmark.py", "--nvme-dir", str(tmp_path), *SMALL, "--steps", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    assert "harmony, device 1/3 of the state: a device budget of 586.00KiB" in out
+    assert "harmony, device 1/3 of the state: a device budget of 586.00KiB" in done.stderr
     row = next(line for line in out.splitlines()
                if line.startswith("| harmony, device 1/3 of the state |"))
     assert "| 1.00 |" in row  # the reference row ran
@@ -97,5 +97,5 @@ def test_bench_nvme_runs_a_model_whose_activations_outgrow_a_quarter_of_its_stat
         tmp_path: Path) -> None:
     done = _run("bench_nvme.py", "--nvme-dir", str(tmp_path), *SMALL, "--repeats", "1")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "NVMe run: a device budget of 439.50KiB leaves no room" in done.stdout
+    assert "NVMe run: a device budget of 439.50KiB leaves no room" in done.stderr
     assert "| step with W and K on NVMe |" in done.stdout
