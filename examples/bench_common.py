@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 import torch
 from gpt import GPT, GPTConfig, loss_fn
+
+import harmony
+from swap.tier import fmt_bytes
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -51,3 +55,45 @@ def plain_step(cfg: GPTConfig, micro_batch_size: int) -> Step:
         opt.step()
         opt.zero_grad()
     return step
+
+
+def stepped(make: Callable[[int], harmony.Trainer], budget: int,
+            batch: tuple[torch.Tensor, torch.Tensor], name: str) -> harmony.Trainer:
+    """A trainer ``make(budget)`` after its first step on ``batch`` (it profiles and plans).
+
+    A device budget sized from the training state (a third of it, say) leaves no room for
+    the activations of a small model, whose activations outweigh its weights: then the
+    trainer is made again with the least device budget any plan needs
+    (``InfeasiblePlan.device_needed``), and a line on stderr naming ``name`` says so.
+
+    Args:
+        make: builds a trainer for a device budget in bytes.
+        budget: the device budget to try first.
+        batch: ``(inputs, targets)`` of the first step.
+        name: the benchmark row, for the line.
+
+    Returns:
+        The trainer, one step taken.
+
+    Raises:
+        harmony.InfeasiblePlan: no device budget makes a plan fit (another budget is short).
+
+    Example::
+
+        t = stepped(lambda b: harmony.Trainer(GPT(cfg), loss_fn, device_memory=b),
+                    state // 3, data[0], "harmony, budget 1/3")
+    """
+    trainer = make(budget)
+    try:
+        trainer.step(*batch)
+        return trainer
+    except harmony.InfeasiblePlan as err:
+        trainer.close()
+        if err.device_needed <= budget:  # the device is not what is short
+            raise
+        print(f"{name}: a device budget of {fmt_bytes(budget)} leaves no room for the "
+              f"activations; using {fmt_bytes(err.device_needed)}, the least any plan needs",
+              file=sys.stderr)  # (stdout holds the table)
+        trainer = make(err.device_needed)
+        trainer.step(*batch)
+        return trainer

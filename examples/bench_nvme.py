@@ -8,7 +8,9 @@ Three measurements on the same model and batches, interleaved and repeated:
 * one pack: everything on the device tier with no budgets, as the planner picks it then (one
   pack, whose backward runs its forward once: nothing recomputed), for reference;
 * NVMe: weights (W) and optimizer state (K) homed in files, device and host budgets below the
-  training state, so every step reads W twice, reads W and K for the update and writes them back;
+  training state (a quarter and a third of it; the device budget raised to the least any plan
+  needs where a small model's activations outgrow it, with a line saying so), so every step
+  reads W twice, reads W and K for the update and writes them back;
 * I/O-only: the same reads and writes, issued in the same order with nothing computed;
 * NVMe, overlapped: ``overlap_updates=True`` with the same budgets (planned for them: each
   update on the worker holds its host bytes until joined, so the placement may differ), each
@@ -41,7 +43,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     import harmony
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import batches
+from bench_common import batches, stepped
 from gpt import GPT, GPTConfig, loss_fn
 
 from harmony.runtime.pack import Pack
@@ -170,18 +172,21 @@ def main() -> None:
           f"NVMe run: device {fmt_bytes(state // 4)}, host {fmt_bytes(state // 3)}; "
           f"batch {args.batch_size} x {args.block_size} tokens, micro-batch "
           f"{args.micro_batch_size}; {torch.get_num_threads()} compute threads")
-    with make(device_memory=state // 4, host_memory=state // 3,
-              nvme_dir=args.nvme_dir) as nvme, make() as one_pack:
-        nvme.step(*data[0])  # warm-up: plans, builds packs, first optimizer state
+    def on_nvme(name: str, **kw: object) -> harmony.Trainer:
+        """The budgets' trainer after its warm-up step (it plans, builds packs, creates the
+        first optimizer state); the least device budget any plan needs where a small
+        model's activations outgrow a quarter of its state."""
+        return stepped(lambda b: make(device_memory=b, host_memory=state // 3,
+                                      nvme_dir=args.nvme_dir, **kw), state // 4, data[0], name)
+
+    with on_nvme("NVMe run") as nvme, make() as one_pack:
         one_pack.step(*data[0])
         assert nvme.plan is not None and nvme.store is not None
         print(nvme.plan.describe(nvme.chain.names))
         print(f"NVMe backend: {nvme.store.backend}")
         compute = make(plan=on_device(nvme.plan))
         compute.step(*data[0])
-        behind = make(device_memory=state // 4, host_memory=state // 3,
-                      nvme_dir=args.nvme_dir, overlap_updates=True)
-        behind.step(*data[0])
+        behind = on_nvme("NVMe run, overlap_updates=True", overlap_updates=True)
         assert behind.plan is not None
         print("overlap_updates=True, planned for the same budgets:")
         print(behind.plan.describe(behind.chain.names))

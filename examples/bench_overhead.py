@@ -2,7 +2,8 @@
 
 Runs, interleaved on the same batches in one process: plain PyTorch gradient accumulation,
 harmony's ``resident`` schedule, ``harmony`` with no budget, and ``harmony`` and
-``per-microbatch`` with a device budget of a third of the training state. Prints median seconds
+``per-microbatch`` with a device budget of a third of the training state (or the least any plan
+needs, where activations outgrow that, as a line says). Prints median seconds
 per step (min-max), each row's ratio to plain PyTorch, and weight bytes onto the device.
 
     python examples/bench_overhead.py                 # the example GPT, ~1 min
@@ -27,7 +28,7 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`
     import harmony
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import add_gpt_args, batches, gpt_config, plain_step
+from bench_common import add_gpt_args, batches, gpt_config, plain_step, stepped
 from gpt import GPT, loss_fn
 
 from swap.tier import fmt_bytes
@@ -47,12 +48,13 @@ def main() -> None:
         "harmony, resident": harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=mbs,
                                              schedule="resident"),
         "harmony, no budget": harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=mbs),
-        "harmony, budget 1/3": harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=mbs,
-                                               device_memory=state // 3),
-        "per-microbatch, budget 1/3": harmony.Trainer(
-            GPT(cfg), loss_fn, micro_batch_size=mbs, device_memory=state // 3,
-            schedule="per-microbatch"),
     }
+    for name, schedule in (("harmony, budget 1/3", "harmony"),
+                           ("per-microbatch, budget 1/3", "per-microbatch")):
+        trainers[name] = stepped(  # (the least budget that fits, where activations outgrow it)
+            lambda b, s=schedule: harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=mbs,
+                                                  device_memory=b, schedule=s),
+            state // 3, data[0], name)
     runs: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
         "plain PyTorch": plain_step(cfg, mbs)}
     runs.update({name: t.step for name, t in trainers.items()})

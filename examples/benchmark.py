@@ -5,14 +5,15 @@ All run in one process, interleaved on the same batches of the example GPT, so d
 shared machine hit every row alike. Prints median seconds per step (min-max), tokens/s, each
 row's ratio to harmony under the same device budget, weight bytes onto the device and storage
 bytes (from /proc/self/io) per step, and harmony's peak bytes per tier. A contender that cannot
-run gets a row saying why.
+run gets a row saying why. The device budgets are a third of the training state, or, where a
+small model's activations outgrow that, the least any plan needs (a line says so).
 
     mkdir -p /tmp/harmony-bench && python examples/benchmark.py --nvme-dir /tmp/harmony-bench
     python examples/benchmark.py --nvme-dir /tmp/harmony-bench --scaling   # growth rows
 
 ``--scaling`` prints instead how step time and weight bytes grow with model size (2, 4, 8
 blocks) and with the number of micro-batches (2, 4, 8, 16), for harmony and the per-micro-batch
-schedule under a device budget of a third of the training state.
+schedule under a device budget of a third of the training state (or the least any plan needs).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_deepspeed as ds
-from bench_common import add_gpt_args, batches, gpt_config, plain_step
+from bench_common import add_gpt_args, batches, gpt_config, plain_step, stepped
 from gpt import GPT, loss_fn
 
 try:
@@ -53,16 +54,10 @@ def scaling(args: argparse.Namespace) -> None:
         data = batches(cfg, args.steps + 1, micro * args.micro_batch_size)
         for schedule in ("harmony", "per-microbatch"):
             torch.manual_seed(0)
-            budget: int = state // 3
-            t = harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=args.micro_batch_size,
-                                device_memory=budget, schedule=schedule)
-            try:
-                t.step(*data[0])
-            except harmony.InfeasiblePlan as err:  # activations outgrow a third of the state
-                t.close()
-                t = harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=args.micro_batch_size,
-                                    device_memory=err.device_needed, schedule=schedule)
-                t.step(*data[0])
+            t = stepped(lambda b, c=cfg, s=schedule: harmony.Trainer(  # type: ignore[misc]
+                GPT(c), loss_fn, micro_batch_size=args.micro_batch_size, device_memory=b,
+                schedule=s), state // 3, data[0], f"{n_layer} blocks, {micro} micro-batches, "
+                f"{schedule}")
             t.stats.reset()
             ts = []
             for x, y in data[1:]:
@@ -96,15 +91,21 @@ def main() -> None:
         torch.manual_seed(0)
         return harmony.Trainer(GPT(cfg), loss_fn, micro_batch_size=mbs, **kw)  # type: ignore
 
-    trainers = {
-        "harmony, everything fits": trainer(),
-        "harmony, device 1/3 of the state": trainer(device_memory=budget),
-        "per-microbatch, device 1/3": trainer(device_memory=budget, schedule="per-microbatch"),
-        "harmony, device 1/3, host 1/3, NVMe": trainer(device_memory=budget,
-                                                       host_memory=state // 3, nvme_dir=hdir),
-    }
     runs: dict[str, Step | str] = {"plain PyTorch": plain_step(cfg, mbs)}
-    runs.update({name: t.step for name, t in trainers.items()})
+    trainers = {"harmony, everything fits": trainer()}
+    failed: dict[str, str] = {}
+    budgeted: dict[str, dict[str, object]] = {
+        "harmony, device 1/3 of the state": {},
+        "per-microbatch, device 1/3": {"schedule": "per-microbatch"},
+        "harmony, device 1/3, host 1/3, NVMe": {"host_memory": state // 3, "nvme_dir": hdir}}
+    for name, kw in budgeted.items():
+        try:  # a third of the state, or the least any plan needs where activations outgrow it
+            trainers[name] = stepped(lambda b, kw=kw: trainer(device_memory=b, **kw),
+                                     budget, data[0], name)
+        except Exception as err:  # a row that says why
+            failed[name] = ds.one_line(err)
+    for name in ("harmony, everything fits", *budgeted):
+        runs[name] = trainers[name].step if name in trainers else failed[name]
     ds_args = argparse.Namespace(batch_size=args.batch_size, micro_batch_size=mbs,
                                  nvme_dir=str(Path(args.nvme_dir) / "deepspeed"),
                                  persistence_threshold=0, max_in_cpu=0)
@@ -141,7 +142,8 @@ def main() -> None:
             storage[name][0] += io1[0] - io0[0]
             storage[name][1] += io1[1] - io0[1]
     steps, tokens = args.steps, args.batch_size * cfg.block_size
-    ref = statistics.median(times["harmony, device 1/3 of the state"])
+    ref_times = times.get("harmony, device 1/3 of the state")  # (None: that row could not run)
+    ref = statistics.median(ref_times) if ref_times else None
     print(f"GPT {state / 16 / 1e6:.2f}M parameters, training state {fmt_bytes(state)}, batch "
           f"{args.batch_size} x {cfg.block_size} tokens in micro-batches of {mbs}, "
           f"{args.threads} thread(s), {steps} steps after a warm-up")
@@ -164,7 +166,7 @@ def main() -> None:
         links = "-" if t is None else (", ".join(
             f"{k} {fmt_bytes(v / steps)}" for k, v in sorted(t.stats.bytes_moved.items())) or "0B")
         print(f"| {name} | {med:.3f} ({min(ts):.3f}-{max(ts):.3f}) | {tokens / med:,.0f} | "
-              f"{med / ref:.2f} | {w} | {links} | {io} | {peak} |")
+              f"{'-' if ref is None else f'{med / ref:.2f}'} | {w} | {links} | {io} | {peak} |")
     for t in trainers.values():
         t.close()
 

@@ -1,4 +1,4 @@
-"""Train a small character-level GPT on tiny Shakespeare with harmony.
+r"""Train a small character-level GPT on tiny Shakespeare with harmony.
 
 The device gets a byte budget smaller than the model's training state (weights, gradients and
 AdamW's two moments: 16 bytes per parameter), so harmony must keep that state on the host and
@@ -40,16 +40,17 @@ first step, shows loss, tokens/s and bytes moved per step while training, evalua
 validation loss every ``--eval-every`` steps, and ends with the final losses and a sample.
 
 What the defaults give (0.82M parameters, measured on a shared 2-core CPU): a 12.48MiB training
-state against a 4.16MiB device budget; a plan of 6 packs (embedding, 4 blocks, head) with W, K
-and stashed X on the host; val loss 4.19 -> 2.60 (step 50) -> 2.36 (step 200) in 50-100 s;
-per step 20.2MiB host->device (2x the weights, as harmony promises, plus activations) and
-13.1MiB back. ``--schedule per-microbatch`` reaches the same weights bit for bit, moving about
-3x the bytes. The default budget is a third of the training state (at least the largest layer's
-weights and gradients, which one- or two-block models need); when activations (which grow with
-micro-batch size, context and dropout) do not fit in it, the script takes the least budget any
-plan needs and says so. Arguments that cannot work (a context longer than the text, a model
-larger than the memory available, a learning rate that is not positive) are refused with one
-line before anything is allocated.
+state against a 4.16MiB device budget; a plan of 4 packs (the embedding with the first block,
+two blocks, the last block with the head) with W, K and stashed X on the host; val loss 4.19 ->
+2.60 (step 50) -> 2.36 (step 200) in 45-110 s; per step 13.5MiB host->device (each pack's
+weights for its forward and again for its backward, the last pack's once, plus activations)
+and 9.1MiB back. ``--schedule per-microbatch`` reaches the same weights bit for bit, moving
+about 4x the bytes (88.7MiB per step). The default budget is a third of the training state (at
+least the largest layer's weights and gradients, which one- or two-block models need); when
+activations (which grow with micro-batch size, context and dropout) do not fit in it, the script
+takes the least budget any plan needs and says so. Arguments that cannot work (a context longer
+than the text, a model larger than the memory available, a learning rate that is not positive)
+are refused with one line before anything is allocated.
 """
 
 from __future__ import annotations

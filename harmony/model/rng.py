@@ -36,12 +36,14 @@ def generator_index(device: torch.device) -> int | None:
 
 @contextlib.contextmanager
 def layer_rng(seed: int, step: int, micro_batch: int, layer: int,
-              device: torch.device) -> Iterator[None]:
+              device: torch.device | str) -> Iterator[None]:
     """Run the body with generators seeded for this layer call, restoring them afterwards.
 
     Seeds the CPU generator and, for a CUDA ``device``, the generator of the GPU whose kernels
     the body runs (``generator_index``); the state saved and restored is that same
-    generator's, so a layer on ``cuda:N`` never disturbs another GPU's generator.
+    generator's, so a layer on ``cuda:N`` never disturbs another GPU's generator. ``device``
+    is a ``torch.device`` or its name (``"cpu"``, ``"cuda:1"``), as ``Trainer(device=)``
+    takes it.
 
     Example::
 
@@ -50,7 +52,7 @@ def layer_rng(seed: int, step: int, micro_batch: int, layer: int,
     """
     s = layer_seed(seed, step, micro_batch, layer)
     cpu_state = torch.get_rng_state()
-    index = generator_index(device)
+    index = generator_index(torch.device(device))
     cuda_state = torch.cuda.get_rng_state(index) if index is not None else None
     torch.default_generator.manual_seed(s)
     if index is not None:

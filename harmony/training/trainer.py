@@ -434,6 +434,10 @@ class Trainer:
             trainer.close()
             torch.save(model.state_dict(), "model.pt")   # the trained weights
         """
+        self._close(stacklevel=4)  # the warning names the caller: _close, close, acts, caller
+
+    def _close(self, stacklevel: int) -> None:
+        """close(), its warning (if any) ``stacklevel`` frames up: at the user's code."""
         if self._closed:
             return
         h = self._holdings
@@ -447,7 +451,7 @@ class Trainer:
         h.close()
         self._handback.finish(why_not)
         if why_not is not None:
-            warnings.warn(f"harmony.Trainer.close(): {why_not}", stacklevel=3)
+            warnings.warn(f"harmony.Trainer.close(): {why_not}", stacklevel=stacklevel)
 
     @acts
     def release_model(self) -> nn.Module:
@@ -483,6 +487,7 @@ class Trainer:
     def __enter__(self) -> Trainer:
         return self
 
+    @acts
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._close(stacklevel=4)  # at the with statement: _close, __exit__, acts, the with
 

@@ -73,3 +73,17 @@ def test_generator_index(gpus: TwoGpus) -> None:
     assert generator_index(torch.device("cuda")) == 1
     assert generator_index(torch.device("cuda", 0)) == 0
     assert generator_index(torch.device("cpu")) is None
+
+
+def test_a_device_given_as_a_string_seeds_the_same_generators(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device`` may be written as Trainer(device=...) takes it: "cpu", "cuda:1"."""
+    with harmony.layer_rng(0, 1, 2, 3, "cpu"):
+        by_name = torch.rand(4)
+    with harmony.layer_rng(0, 1, 2, 3, torch.device("cpu")):
+        assert torch.equal(torch.rand(4), by_name)
+    gpus = TwoGpus(monkeypatch)
+    with harmony.layer_rng(0, 1, 2, 3, "cuda:1"):
+        on_one = gpus.draw(1)
+    with harmony.layer_rng(0, 1, 2, 3, torch.device("cuda", 1)):
+        assert torch.equal(gpus.draw(1), on_one)

@@ -191,6 +191,30 @@ def test_weights_larger_than_the_host_budget_are_not_given_back_silently(
         harmony.Trainer(model, nn.functional.cross_entropy)
 
 
+def test_the_warning_that_weights_are_not_given_back_points_at_the_users_code(
+        tmp_path: Path) -> None:
+    """Whether closed by close() or by leaving a ``with`` block, the warning names the user's
+    line, not harmony's (where a warnings filter or a reader would look)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 64, generator=g), torch.randint(0, 5, (4,), generator=g)
+    for closing in ("close", "with"):
+        model = _deep_mlp()
+        nvme = tmp_path / closing
+        nvme.mkdir()
+        t = harmony.Trainer(model, nn.functional.cross_entropy, optimizer=_opt,
+                            micro_batch_size=2, device_memory=training_state_bytes(model, 8) // 4,
+                            host_memory=int(_weights_bytes(model) * 0.7), nvme_dir=str(nvme),
+                            nvme_backend="buffered")
+        with pytest.warns(UserWarning, match="not given back") as caught:
+            if closing == "close":
+                t.step(x, y)
+                t.close()
+            else:
+                with t:
+                    t.step(x, y)
+        assert [w.filename for w in caught] == [__file__], closing
+
+
 def test_a_trainer_closed_after_a_step_failed_part_way_does_not_give_back_mixed_weights(
         tmp_path: Path) -> None:
     calls = [0]
