@@ -247,8 +247,7 @@ class Trainer:
 
     def _step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
               targets: torch.Tensor) -> float:
-        if self._closed:
-            raise RuntimeError("this Trainer is closed")
+        self._refuse_if_closed("step()")
         return self._steps.run(inputs, targets, self._profile, self._rehome)
 
     def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
@@ -309,6 +308,7 @@ class Trainer:
 
             model.load_state_dict(trainer.state_dict())
         """
+        self._refuse_if_closed("state_dict()")
         broken = self._steps.broken
         if broken is not None and not inconsistent_ok:
             raise RuntimeError(f"{broken}. state_dict() refuses such weights; pass "
@@ -326,6 +326,7 @@ class Trainer:
             tensors, scalars, groups = trainer.optimizer_state()
             tensors["0.weight/exp_avg"]          # AdamW's first moment of that weight
         """
+        self._refuse_if_closed("optimizer_state()")
         return self._io.optimizer.read(self._steps.built)
 
     @acts
@@ -345,6 +346,7 @@ class Trainer:
                 were updated), so the weights are not those of one step: nothing is written,
                 the checkpoints in ``path`` stay as they are.
         """
+        self._refuse_if_closed("save()")
         self._refuse_if_broken("save()", f"the checkpoints already in {str(path)!r} are "
                                          "intact")
         return self._io.save(path, self._steps.built, self.plan, step_count=self.step_count,
@@ -371,6 +373,7 @@ class Trainer:
 
             trainer.load("ckpt")   # then trainer.step_count is the saved step
         """
+        self._refuse_if_closed("load()")
         steps = self._steps
         loaded = self._io.read_checkpoint(path, steps.layer_layouts, steps.built)
         steps.broken = (f"load({str(path)!r}) stopped while it replaced the training state, "
@@ -407,8 +410,24 @@ class Trainer:
 
             trainer.export("out")   # out/model.safetensors (and out/config.json for HF)
         """
+        self._refuse_if_closed("export()")
         self._refuse_if_broken("export()", "nothing in the export folder was changed")
         return self._io.export(path, self._steps.built, max_shard_size)
+
+    def _refuse_if_closed(self, what: str) -> None:
+        """RuntimeError if :meth:`close` ran: the trainer's buffers and files are freed, so
+        nothing of the training state is left to read, write or train."""
+        if not self._closed:
+            return
+        if self._handback.hold.kept:
+            where = (f"its weights were not given back to the model ({self._handback.hold.message})"
+                     "; load a checkpoint into a new Trainer")
+        else:
+            where = ("the model it gave back holds the trained weights: read them with "
+                     "model.state_dict(), or make a new Trainer of the model to train on (load() "
+                     "a checkpoint into it for the optimizer state)")
+        raise RuntimeError(f"{what} refused: this Trainer is closed, so its training state is "
+                           f"freed; {where}")
 
     def _refuse_if_broken(self, what: str, intact: str) -> None:
         """RuntimeError if a step failed part-way (the weights mix two steps)."""
@@ -419,7 +438,9 @@ class Trainer:
     # -- giving the model back ---------------------------------------------------------------
     @acts
     def close(self) -> None:
-        """Give the model back and free buffers, files and threads; idempotent.
+        """Give the model back and free buffers, files and threads; idempotent. Afterwards
+        :meth:`step`, :meth:`state_dict`, :meth:`optimizer_state`, :meth:`save`, :meth:`load`
+        and :meth:`export` raise a ``RuntimeError`` saying the trainer is closed.
 
         The model's parameters and buffers (the same ``Parameter`` objects) then hold the
         trained values, on the devices they came from, when those fit the budgets

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +130,31 @@ def test_closed_trainer() -> None:
     t.close()
     with pytest.raises(RuntimeError, match="closed"):
         t.step(*_xy())
+
+
+@pytest.mark.parametrize("stepped", [False, True])
+def test_a_closed_trainer_refuses_to_read_or_write_its_freed_state(tmp_path: Path,
+                                                                   stepped: bool) -> None:
+    """After close() the packs' buffers are freed: reading or writing the training state is
+    refused with a message pointing to the model given back, and writes nothing."""
+    model = mlp()
+    t = harmony.Trainer(model, LOSS, micro_batch_size=2, device_memory="200KiB")
+    if stepped:
+        t.step(*_xy())
+    t.save(tmp_path / "ckpt")
+    t.close()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = {"state_dict()": t.state_dict, "optimizer_state()": t.optimizer_state,
+             "save()": lambda: t.save(tmp_path / "again"),
+             "export()": lambda: t.export(tmp_path / "out"),
+             "load()": lambda: t.load(tmp_path / "ckpt"),
+             "step()": lambda: t.record_step(*_xy(), tmp_path / "step.json")}
+    for what, call in calls.items():
+        with pytest.raises(RuntimeError, match=re.escape(what) + r" refused: this Trainer is "
+                           r"closed.*model\.state_dict\(\)"):
+            call()
+    assert not (tmp_path / "again").exists() and not (tmp_path / "out").exists()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("schedule", ["harmony", "per-microbatch", "resident"])
