@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from harmony.planning.plan import InfeasiblePlan, Plan
+from harmony.planning.sizes import parse_bytes
 from harmony.runtime.runtime import NonFiniteLoss, Runtime
 from harmony.training.built import ShapeKey
 from harmony.training.config import TrainerConfig
@@ -164,13 +165,19 @@ class Trainer:
 
     @property
     def device_memory(self) -> int | None:
-        """The device budget in bytes (None: no limit). Setting it changes what later plans
-        must fit, not the device tier built at construction."""
+        """The device budget in bytes (None: no limit). Setting it (bytes or a string such as
+        ``"64MiB"``, as at construction) changes what later plans must fit, not the device
+        tier built at construction.
+
+        Raises:
+            ValueError: on setting an unparseable or negative size, naming it; the budget
+                stays as it was.
+        """
         return self._planner.device_memory
 
     @device_memory.setter
-    def device_memory(self, value: int | None) -> None:
-        self._planner.device_memory = value
+    def device_memory(self, value: int | str | None) -> None:
+        self._planner.device_memory = parse_bytes(value, "device_memory")
 
     @property
     def host_memory(self) -> int | None:
@@ -178,8 +185,8 @@ class Trainer:
         return self._planner.host_memory
 
     @host_memory.setter
-    def host_memory(self, value: int | None) -> None:
-        self._planner.host_memory = value
+    def host_memory(self, value: int | str | None) -> None:
+        self._planner.host_memory = parse_bytes(value, "host_memory")
 
     @property
     def planner(self) -> TrainerPlanner:

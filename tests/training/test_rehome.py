@@ -170,3 +170,27 @@ def test_shapes_that_fit_no_plan_leave_the_trainer_as_it_was() -> None:
         opt.zero_grad()
     for k, v in net.state_dict().items():
         assert torch.equal(got[k], v), k
+
+
+def test_budgets_set_between_steps_take_strings_and_refuse_nonsense(fixed_timing: None) -> None:
+    """``trainer.device_memory = "64KiB"`` is parsed as at construction, so the next re-plan
+    fits it (and close() still gives the model back); an unparseable size is refused naming
+    it, the budget left as it was."""
+    batches = _batches()
+    model = TinyTransformer(length=16)
+    t = harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, lr_scheduler=_sched,
+                        micro_batch_size=2, device_memory=1 << 30)
+    t.step(*batches[0])
+    t.device_memory, t.host_memory = "256KiB", "16MiB"
+    assert (t.device_memory, t.host_memory) == (256 << 10, 16 << 20)
+    for bad in ("lots", "-1GiB", True):
+        with pytest.raises(ValueError, match="device_memory="):
+            t.device_memory = bad
+    assert t.device_memory == 256 << 10
+    t.step(*batches[1])  # the packs of the first shapes still serve
+    t.step(*batches[2])  # the sequences of 16 re-plan under the new budget
+    t.stats.reset()  # (the peaks restart: the old, resident packs were over it)
+    t.step(*batches[3])
+    assert 0 < t.stats.peak_bytes["device"] <= 256 << 10
+    t.close()
+    assert_weights_close(model.state_dict(), _reference(batches), 1e-6)
