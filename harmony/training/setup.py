@@ -114,6 +114,8 @@ def set_up(model: nn.Module | Sequence[nn.Module], config: TrainerConfig) -> Set
     store = (NvmeStore(config.nvme_dir, backend=config.nvme_backend)  # ValueError if unusable
              if config.nvme_dir is not None else None)
     tiers = make_tiers(device, device_memory, host_memory, store)
+    for tier in tiers.values():  # (stats.reset() restarts the peaks from the tiers' use)
+        stats.on_reset(tier.reset_peak)
     # Layers being materialized live in host memory, counted in the host budget (on
     # CPU, in the device budget when the host's is full: that is host memory too).
     materializer.memory(Scratch([tiers[Loc.HOST]] + (
