@@ -239,20 +239,29 @@ class StateIO:
             raise ValueError(f"max_shard_size={max_shard_size!r} must be a positive size, "
                              "e.g. '5GB'")
         adapter = adapter_keys(h.chain.model)  # None unless a peft model
+        dp = h.dp
         weights: dict[str, torch.Tensor] | Streamed
-        if h.pipeline is not None or adapter is not None:
-            weights = self.state_dict(built, adapter)  # (collective with pipeline stages)
+        if h.pipeline is not None or adapter is not None or (dp is not None and dp.shard):
+            # (collective with pipeline stages, and with a sharded optimizer, whose owners
+            # hold the fp32 masters in mixed precision: every rank reads, rank 0 writes)
+            weights = self.state_dict(built, adapter)
             if h.pipeline is not None and h.pipeline.rank != 0:
                 return out
         else:
             weights = streaming.weights(h, built)
-        out.mkdir(parents=True, exist_ok=True)
-        if adapter is not None:
-            assert isinstance(weights, dict)
-            return write_adapter(h.chain.model, weights, out)
-        write_shards(out, weights, shard)
-        write_config(h.chain.model, out)
-        return out
+
+        def write() -> Path:
+            out.mkdir(parents=True, exist_ok=True)
+            if adapter is not None:
+                assert isinstance(weights, dict)
+                return write_adapter(h.chain.model, weights, out)
+            write_shards(out, weights, shard)
+            write_config(h.chain.model, out)
+            return out
+
+        if dp is not None:  # one writer (ranks writing the same files would race); the others
+            return dp.save(write, "the export")  # wait for it and raise its error
+        return write()
 
     def _home_views(self, built: Built | None) -> tuple[dict[int, list[torch.Tensor]],
                                                         list[tuple[Pack, str, torch.Tensor]]]:

@@ -406,7 +406,8 @@ class Trainer:
         a ``peft`` model, the adapter alone, as its ``save_pretrained`` writes it
         (``adapter_config.json``, ``adapter_model.safetensors``), which
         ``PeftModel.from_pretrained(base_model, path)`` loads (:mod:`harmony.model.hf_export`).
-        With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
+        With ``parallel="pipeline"`` or ``"data"`` every rank calls it and rank 0 writes the
+        whole model; the others return once it is written (or raise its error).
 
         Raises:
             OSError: the disk is full or unwritable (naming the file and the bytes it needs);
