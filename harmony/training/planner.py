@@ -137,7 +137,7 @@ class TrainerPlanner:
         self.changing: set[int] = set()
         # A profile checks each layer for forward groups on the first two micro-batches.
         self.second_input: tuple[torch.Tensor, ...] | None = None
-        self._auto_sizes: dict[tuple[Any, ...], int] = {}  # batch shape -> chosen size
+        self._auto_sizes: dict[tuple[Any, ...], int] = {}  # budgets, batch shape -> size
         self.auto_plan: Plan | None = None  # the first step's, found choosing the size
 
     @property
@@ -278,7 +278,9 @@ class TrainerPlanner:
         are built, its plan is kept as :attr:`auto_plan` for them."""
         xs, ys, _, _ = split_batch(inputs, targets, 2)  # (2: BatchNorm needs two samples)
         n = targets.shape[0]
-        key = (n,) + tuple((tuple(t.shape[1:]), t.dtype) for t in xs[0])
+        # (under the budgets: set between steps, they choose again)
+        key = (self.device_memory, self.host_memory, n) + tuple(
+            (tuple(t.shape[1:]), t.dtype) for t in xs[0])
         if key not in self._auto_sizes:
             self.second_input = xs[1] if len(xs) > 1 else None
             profile(xs[0], ys[0])  # sizes per sample; the plan scales them

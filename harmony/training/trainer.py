@@ -165,19 +165,33 @@ class Trainer:
 
     @property
     def device_memory(self) -> int | None:
-        """The device budget in bytes (None: no limit). Setting it (bytes or a string such as
-        ``"64MiB"``, as at construction) changes what later plans must fit, not the device
-        tier built at construction.
+        """The device budget in bytes (None: no limit). Setting it between steps (bytes or a
+        string such as ``"64MiB"``, as at construction) makes the next step plan afresh under
+        the new budgets and move the training state to the new packs, exactly as for a batch
+        shape the packs cannot hold (README, "Placement"); the tier then holds that budget.
+        With data parallelism set it on every rank alike.
 
         Raises:
-            ValueError: on setting an unparseable or negative size, naming it; the budget
-                stays as it was.
+            ValueError: on setting an unparseable or negative size, naming it, or with
+                ``parallel="pipeline"`` after the first step (its stages are planned once);
+                the budget stays as it was.
         """
         return self._planner.device_memory
 
     @device_memory.setter
     def device_memory(self, value: int | str | None) -> None:
-        self._planner.device_memory = parse_bytes(value, "device_memory")
+        self._planner.device_memory = self._budget(value, "device_memory")
+
+    def _budget(self, value: int | str | None, name: str) -> int | None:
+        """A budget set between steps, parsed (ValueError naming it, or refusing a change on
+        pipeline stages already planned)."""
+        parsed = parse_bytes(value, name)
+        if self._holdings.pipeline is not None and self._steps.built is not None and \
+                parsed != getattr(self._planner, name):
+            raise ValueError(f"{name}={value!r} refused: with parallel='pipeline' the stages "
+                             "are planned once, at the first step; make a new Trainer with "
+                             f"{name}={value!r} and load() a checkpoint into it")
+        return parsed
 
     @property
     def host_memory(self) -> int | None:
@@ -186,7 +200,7 @@ class Trainer:
 
     @host_memory.setter
     def host_memory(self, value: int | str | None) -> None:
-        self._planner.host_memory = parse_bytes(value, "host_memory")
+        self._planner.host_memory = self._budget(value, "host_memory")
 
     @property
     def planner(self) -> TrainerPlanner:
@@ -315,7 +329,9 @@ class Trainer:
 
             model.load_state_dict(trainer.state_dict())
         """
-        self._refuse_if_closed("state_dict()")
+        if self._closed:  # (the model it gave back holds them)
+            self._refuse_if_closed("state_dict()", model_readable=True)
+            return self._io.state_dict(None, keys)
         broken = self._steps.broken
         if broken is not None and not inconsistent_ok:
             raise RuntimeError(f"{broken}. state_dict() refuses such weights; pass "
@@ -333,7 +349,7 @@ class Trainer:
             tensors, scalars, groups = trainer.optimizer_state()
             tensors["0.weight/exp_avg"]          # AdamW's first moment of that weight
         """
-        self._refuse_if_closed("optimizer_state()")
+        self._refuse_if_closed("optimizer_state()")  # (gone with the packs)
         return self._io.optimizer.read(self._steps.built)
 
     @acts
@@ -418,22 +434,28 @@ class Trainer:
 
             trainer.export("out")   # out/model.safetensors (and out/config.json for HF)
         """
-        self._refuse_if_closed("export()")
+        if self._closed:  # (the model it gave back holds them; no process group is left)
+            self._refuse_if_closed("export()", model_readable=self._holdings.dp is None)
+            return self._io.export(path, None, max_shard_size)
         self._refuse_if_broken("export()", "nothing in the export folder was changed")
         return self._io.export(path, self._steps.built, max_shard_size)
 
-    def _refuse_if_closed(self, what: str) -> None:
+    def _refuse_if_closed(self, what: str, model_readable: bool = False) -> None:
         """RuntimeError if :meth:`close` ran: the trainer's buffers and files are freed, so
-        nothing of the training state is left to read, write or train."""
+        nothing of the training state is left to write or train. Unless ``model_readable``
+        (a read of the weights alone) and the model was given the trained weights back:
+        the caller then reads them from the model."""
         if not self._closed:
             return
-        if self._handback.hold.kept:
-            where = (f"its weights were not given back to the model ({self._handback.hold.message})"
-                     "; load a checkpoint into a new Trainer")
+        hold = self._handback.hold
+        if hold.kept:
+            where = f"the weights were not given back to the model: {hold.message}"
+        elif model_readable:
+            return
         else:
-            where = ("the model it gave back holds the trained weights: read them with "
-                     "model.state_dict(), or make a new Trainer of the model to train on (load() "
-                     "a checkpoint into it for the optimizer state)")
+            where = ("the model it gave back holds the trained weights (model.state_dict()); "
+                     "to train on, make a new Trainer of the model (load() a checkpoint into "
+                     "it for the optimizer state)")
         raise RuntimeError(f"{what} refused: this Trainer is closed, so its training state is "
                            f"freed; {where}")
 
@@ -448,7 +470,9 @@ class Trainer:
     def close(self) -> None:
         """Give the model back and free buffers, files and threads; idempotent. Afterwards
         :meth:`step`, :meth:`state_dict`, :meth:`optimizer_state`, :meth:`save`, :meth:`load`
-        and :meth:`export` raise a ``RuntimeError`` saying the trainer is closed.
+        and :meth:`export` raise a ``RuntimeError`` saying the trainer is closed (where the
+        model was given back, :meth:`state_dict` and, in one process, :meth:`export` read the
+        weights from it).
 
         The model's parameters and buffers (the same ``Parameter`` objects) then hold the
         trained values, on the devices they came from, when those fit the budgets

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import harmony
@@ -133,10 +134,11 @@ def test_closed_trainer() -> None:
 
 
 @pytest.mark.parametrize("stepped", [False, True])
-def test_a_closed_trainer_refuses_to_read_or_write_its_freed_state(tmp_path: Path,
-                                                                   stepped: bool) -> None:
-    """After close() the packs' buffers are freed: reading or writing the training state is
-    refused with a message pointing to the model given back, and writes nothing."""
+def test_a_closed_trainer_refuses_to_write_its_freed_state(tmp_path: Path,
+                                                           stepped: bool) -> None:
+    """After close() the packs' buffers are freed: state_dict() and export() read the weights
+    from the model given back; optimizer_state(), save(), load() and step() are refused with
+    a message pointing to the model, and write nothing."""
     model = mlp()
     t = harmony.Trainer(model, LOSS, micro_batch_size=2, device_memory="200KiB")
     if stepped:
@@ -144,16 +146,19 @@ def test_a_closed_trainer_refuses_to_read_or_write_its_freed_state(tmp_path: Pat
     t.save(tmp_path / "ckpt")
     t.close()
     trained = {k: v.clone() for k, v in model.state_dict().items()}
-    calls = {"state_dict()": t.state_dict, "optimizer_state()": t.optimizer_state,
+    got = t.state_dict()
+    assert got.keys() == trained.keys() and all(torch.equal(got[k], trained[k]) for k in got)
+    exported = load_file(t.export(tmp_path / "out") / "model.safetensors")
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    calls = {"optimizer_state()": t.optimizer_state,
              "save()": lambda: t.save(tmp_path / "again"),
-             "export()": lambda: t.export(tmp_path / "out"),
              "load()": lambda: t.load(tmp_path / "ckpt"),
              "step()": lambda: t.record_step(*_xy(), tmp_path / "step.json")}
     for what, call in calls.items():
         with pytest.raises(RuntimeError, match=re.escape(what) + r" refused: this Trainer is "
                            r"closed.*model\.state_dict\(\)"):
             call()
-    assert not (tmp_path / "again").exists() and not (tmp_path / "out").exists()
+    assert not (tmp_path / "again").exists() and not (tmp_path / "step.json").exists()
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
 
 
