@@ -40,6 +40,7 @@ from harmony.planning.plan import Plan
 from harmony.planning.planner import largest_micro_batch, plan
 from harmony.planning.profile import UNCHECKED, profile_layers
 from harmony.planning.request import Bounds, PlanRequest, Tied
+from harmony.planning.sizes import parse_bytes
 
 if TYPE_CHECKING:
     from harmony.model.layout import Layout
@@ -139,6 +140,21 @@ class TrainerPlanner:
         self.second_input: tuple[torch.Tensor, ...] | None = None
         self._auto_sizes: dict[tuple[Any, ...], int] = {}  # budgets, batch shape -> size
         self.auto_plan: Plan | None = None  # the first step's, found choosing the size
+
+    def set_budget(self, name: str, value: int | str | None, planned: bool) -> None:
+        """Set ``device_memory`` or ``host_memory`` (bytes or a size string) for the plans
+        to come; ``planned``: the packs are built (the trainer's next step plans afresh).
+
+        Raises:
+            ValueError: an unparseable or negative size, or a new budget for pipeline stages
+                already planned (they are planned once); the budget stays as it was.
+        """
+        parsed = parse_bytes(value, name)
+        if self.holdings.pipeline is not None and planned and parsed != getattr(self, name):
+            raise ValueError(f"{name}={value!r} refused: with parallel='pipeline' the stages "
+                             "are planned once, at the first step; make a new Trainer with "
+                             f"{name}={value!r} and load() a checkpoint into it")
+        setattr(self, name, parsed)
 
     @property
     def k_ratio(self) -> float:

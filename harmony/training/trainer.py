@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from harmony.planning.plan import InfeasiblePlan, Plan
-from harmony.planning.sizes import parse_bytes
 from harmony.runtime.runtime import NonFiniteLoss, Runtime
 from harmony.training.built import ShapeKey
 from harmony.training.config import TrainerConfig
-from harmony.training.handback import Handback, why_not_given_back
+from harmony.training.handback import Handback, refuse_if_closed, why_not_given_back
 from harmony.training.optimizer_state import OptimizerTensors
 from harmony.training.ownership import acts
 from harmony.training.planner import TrainerPlanner
@@ -180,18 +179,7 @@ class Trainer:
 
     @device_memory.setter
     def device_memory(self, value: int | str | None) -> None:
-        self._planner.device_memory = self._budget(value, "device_memory")
-
-    def _budget(self, value: int | str | None, name: str) -> int | None:
-        """A budget set between steps, parsed (ValueError naming it, or refusing a change on
-        pipeline stages already planned)."""
-        parsed = parse_bytes(value, name)
-        if self._holdings.pipeline is not None and self._steps.built is not None and \
-                parsed != getattr(self._planner, name):
-            raise ValueError(f"{name}={value!r} refused: with parallel='pipeline' the stages "
-                             "are planned once, at the first step; make a new Trainer with "
-                             f"{name}={value!r} and load() a checkpoint into it")
-        return parsed
+        self._planner.set_budget("device_memory", value, planned=self._steps.built is not None)
 
     @property
     def host_memory(self) -> int | None:
@@ -200,7 +188,7 @@ class Trainer:
 
     @host_memory.setter
     def host_memory(self, value: int | str | None) -> None:
-        self._planner.host_memory = self._budget(value, "host_memory")
+        self._planner.set_budget("host_memory", value, planned=self._steps.built is not None)
 
     @property
     def planner(self) -> TrainerPlanner:
@@ -441,23 +429,9 @@ class Trainer:
         return self._io.export(path, self._steps.built, max_shard_size)
 
     def _refuse_if_closed(self, what: str, model_readable: bool = False) -> None:
-        """RuntimeError if :meth:`close` ran: the trainer's buffers and files are freed, so
-        nothing of the training state is left to write or train. Unless ``model_readable``
-        (a read of the weights alone) and the model was given the trained weights back:
-        the caller then reads them from the model."""
-        if not self._closed:
-            return
-        hold = self._handback.hold
-        if hold.kept:
-            where = f"the weights were not given back to the model: {hold.message}"
-        elif model_readable:
-            return
-        else:
-            where = ("the model it gave back holds the trained weights (model.state_dict()); "
-                     "to train on, make a new Trainer of the model (load() a checkpoint into "
-                     "it for the optimizer state)")
-        raise RuntimeError(f"{what} refused: this Trainer is closed, so its training state is "
-                           f"freed; {where}")
+        """RuntimeError if :meth:`close` ran (see :func:`refuse_if_closed`)."""
+        if self._closed:
+            refuse_if_closed(what, self._handback.hold, model_readable)
 
     def _refuse_if_broken(self, what: str, intact: str) -> None:
         """RuntimeError if a step failed part-way (the weights mix two steps)."""

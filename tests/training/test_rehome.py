@@ -238,3 +238,23 @@ def test_a_budget_raised_after_an_infeasible_first_step_is_the_tiers_too(
         opt.step()
         opt.zero_grad()
     assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+
+
+def test_pipeline_stages_planned_once_refuse_a_new_budget() -> None:
+    """Pipeline stages are planned once: a new budget after the first step is refused naming
+    it (before it, and the same value, pass); a bad size is refused anywhere."""
+    from types import SimpleNamespace
+
+    from harmony.training.planner import TrainerPlanner
+
+    stage = SimpleNamespace(pipeline=object())  # the holdings of a pipeline rank
+    planner = TrainerPlanner(harmony.TrainerConfig(), stage, cross_entropy_tokens,  # type: ignore[arg-type]
+                             given=None, k_ratio=2.0, tied=[], device_memory=1 << 20,
+                             host_memory=None)
+    planner.set_budget("device_memory", "2MiB", planned=False)
+    planner.set_budget("device_memory", 2 << 20, planned=True)
+    with pytest.raises(ValueError, match=r"host_memory='1GiB' refused: with parallel='pipeline'"):
+        planner.set_budget("host_memory", "1GiB", planned=True)
+    with pytest.raises(ValueError, match="device_memory="):
+        planner.set_budget("device_memory", "lots", planned=False)
+    assert (planner.device_memory, planner.host_memory) == (2 << 20, None)
