@@ -215,7 +215,7 @@ class Steps:
         optimizer = self.io.optimizer
         pending = optimizer.pending, optimizer.pending_scheduler
         setup = BuildSetup(self.config, self.loss_fn, self.optimizer_factory, self.layouts,
-                           planner.k_ratio, bool(planner.tied), self.facts.params,
+                           planner.k_ratio, self.facts.shared, self.facts.params,
                            planner.changing, self.facts.origin_device)
         # The tiers hold what the budgets allow (set between steps, they changed the plan).
         budgets = self._budgets_now()
