@@ -77,11 +77,20 @@ class StateIO:
         given).
 
         Raises:
+            KeyError: a key of ``keys`` that the model's ``state_dict()`` does not have.
             MemoryError: they would take more than the memory the system has available.
         """
         h = self.holdings
+        if isinstance(keys, str):  # (one key; its characters are no keys)
+            keys = [keys]
+        tensors_by_key = h.model_tensors()
+        unknown = sorted(set(keys) - tensors_by_key.keys()) if keys is not None else []
+        if unknown:  # (a typo would otherwise give an empty or partial dict, silently)
+            raise KeyError(f"state_dict(keys=...): the model has no {unknown[:5]} "
+                           f"({len(unknown)} unknown); its keys are those of "
+                           f"model.state_dict(), e.g. {list(tensors_by_key)[:3]}")
         h.weights_arrived()
-        model_sd = {k: v for k, v in h.model_tensors().items() if keys is None or k in keys}
+        model_sd = {k: v for k, v in tensors_by_key.items() if keys is None or k in keys}
         tensors = streaming.weights(h, built)
         streaming.refuse_unless_fits(sum(s.nbytes for s in tensors.specs if s.key in model_sd))
         got = {k: v.cpu().clone() for k, v in tensors.produce() if k in model_sd}

@@ -307,6 +307,7 @@ class Trainer:
                 updated, others not), when they are no longer those of one step.
 
         Raises:
+            KeyError: a key of ``keys`` that the model does not have, naming it.
             RuntimeError: a step failed part-way (and ``inconsistent_ok`` is False); the
                 message says what happened and how to recover (:meth:`load`).
             MemoryError: they would take more than the memory the system has available; the

@@ -272,3 +272,20 @@ def test_a_model_on_the_meta_device_without_weights_says_how_it_is_initialized()
     with harmony.Trainer(model, LOSS) as t, \
             pytest.warns(UserWarning, match=r"meta device.*init=.*weights="):
         t.step(x, y)
+
+
+@pytest.mark.parametrize("stepped", [False, True])
+def test_state_dict_of_unknown_keys_is_refused_naming_them(stepped: bool) -> None:
+    """A key the model does not have (a typo) is named, not an empty dict; one key given as a
+    string is that key."""
+    model = mlp()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(iter(want))
+    with harmony.Trainer(model, LOSS, micro_batch_size=2, device_memory="200KiB") as t:
+        if stepped:
+            t.step(*_xy())
+            want = t.state_dict()
+        with pytest.raises(KeyError, match=r"the model has no \['nope'\]"):
+            t.state_dict(keys=[key, "nope"])
+        got = t.state_dict(keys=key)
+        assert got.keys() == {key} and torch.equal(got[key], want[key])
