@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -33,6 +34,24 @@ class Stats:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     skipped_steps: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # What :meth:`reset` also calls: each tier's peak restarting from its current use, so
+    # that peak_bytes after a reset is the peak since then (see :meth:`on_reset`).
+    _on_reset: list[Callable[[], None]] = field(default_factory=list, repr=False,
+                                                compare=False)
+
+    def on_reset(self, restart_peak: Callable[[], None]) -> None:
+        """Have :meth:`reset` call ``restart_peak`` (a tier's ``reset_peak``), so that the
+        peaks counted after a reset start from the tiers' use at the reset, not from their
+        highest use ever.
+
+        >>> from swap.tier import Tier
+        >>> import torch
+        >>> s, t = Stats(), Tier("host", torch.device("cpu"), None)
+        >>> s.on_reset(t.reset_peak)
+        >>> t.charge(100); t.uncharge(100); s.reset(); t.peak
+        0
+        """
+        self._on_reset.append(restart_peak)
 
     def count(self, link: str, kind: str, nbytes: int) -> None:
         with self._lock:
@@ -55,6 +74,8 @@ class Stats:
                 d.clear()
             self.peak_bytes.clear()
             self.skipped_steps = 0
+        for restart_peak in self._on_reset:
+            restart_peak()
 
     def kind_bytes(self, link: str, kind: str) -> int:
         """Bytes of one kind over one link, e.g. ``kind_bytes("host->device", "W")``."""

@@ -105,6 +105,7 @@ class Tier:
         if cache_limit == -1:
             cache_limit = 0 if device.type == "cuda" else capacity
         self.cache_limit = None if share_capacity else cache_limit
+        self._share = share_capacity  # (as asked: it applies while there is a capacity)
         self.share_capacity = share_capacity and capacity is not None
         if alloc is None and pin and device.type == "cpu":
             from swap.pinned import PinnedAllocator
@@ -150,6 +151,26 @@ class Tier:
                 self._pending.append((after, nbytes, None))
             else:
                 self.used -= nbytes
+
+    def set_capacity(self, capacity: int | None) -> None:
+        """Change the budget (None: no limit), between uses: a trainer's budget set between
+        steps, before packs are built under it. Free buffers kept for reuse beyond the new
+        budget are dropped now (where they share the capacity).
+
+        Raises:
+            ValueError: a negative ``capacity``.
+
+        >>> t = Tier("host", torch.device("cpu"), capacity=1024, share_capacity=True)
+        >>> t.release(t.allocate(512)); t.set_capacity(256); t.cached
+        0
+        """
+        if capacity is not None and capacity < 0:
+            raise ValueError(f"{self.name} tier capacity must be >= 0 bytes, got {capacity}")
+        with self._lock:
+            self.capacity = capacity
+            self.share_capacity = self._share and capacity is not None
+            if capacity is not None and self.share_capacity:
+                self._trim_to(capacity - self.used)
 
     def reset_peak(self) -> None:
         with self._lock:

@@ -167,6 +167,8 @@ def _compose(chain: Chain, x: tuple[torch.Tensor, ...], single: bool) -> object:
             with _only(mine, tensors):
                 out = call(layer, value)
         except Exception as err:
+            if _fails_whole(layer, value):  # every weight present: the input's own error
+                raise  # (a batch of the wrong shape, say), as plain PyTorch gives it
             raise ChainMismatch(
                 f"layer {name!r} of the chain harmony split {type(chain.model).__name__} into "
                 f"failed when only its own weights were present ({type(err).__name__}: {err}); "
@@ -174,6 +176,17 @@ def _compose(chain: Chain, x: tuple[torch.Tensor, ...], single: bool) -> object:
                 f"{_HOW_TO}", what=name) from err
         value = as_tuple(out, f"layer {name!r}")
     return out
+
+
+def _fails_whole(layer: nn.Module, value: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``layer`` fails on ``value`` with every weight of the model present too: then
+    the failure is not that of a layer reading another layer's weights."""
+    try:
+        with torch.no_grad():
+            call(layer, tuple(t.clone() for t in value))
+    except Exception:
+        return True
+    return False
 
 
 def _difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:

@@ -304,9 +304,9 @@ class DataParallel:
                 int(box[0][2]), box[0][3])
 
     # -- checkpoints and failure ------------------------------------------------------------
-    def save(self, write: Callable[[], Path]) -> Path:
-        """Rank 0 runs ``write``; every rank returns the folder it wrote (or raises its error).
-        Collective."""
+    def save(self, write: Callable[[], Path], what: str = "the checkpoint") -> Path:
+        """Rank 0 runs ``write``; every rank returns the folder it wrote (or raises its error,
+        naming ``what`` was written). Collective."""
         box: list[Any] = [None]
         error: BaseException | None = None
         if self.group.rank == 0:
@@ -314,11 +314,11 @@ class DataParallel:
                 box[0] = str(write())
             except BaseException as err:  # the others must hear of it, not wait
                 error, box[0] = err, f"!{type(err).__name__}: {err}"
-        self._collective(lambda: dist.broadcast_object_list(box, src=0), "the checkpoint")
+        self._collective(lambda: dist.broadcast_object_list(box, src=0), what)
         if error is not None:
             raise error
         if box[0].startswith("!"):
-            raise OSError(f"rank 0 failed to write the checkpoint ({box[0][1:]})")
+            raise OSError(f"rank 0 failed to write {what} ({box[0][1:]})")
         return Path(box[0])
 
     @contextlib.contextmanager

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "per-micro-batch baseline and the traffic arithmetic) and the step time. "
                     "Nothing is allocated: models are profiled on the meta device.",
         epilog=_MODEL_HELP)
-    rep.add_argument("model", metavar="MODEL", help="see below")
+    rep.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                     help="see below (not needed with --run)")
     rep.add_argument("--batch-size", type=_positive, default=8, metavar="N",
                      help="samples per optimizer step (default 8)")
     rep.add_argument("--micro-batch-size", type=_positive, default=1, metavar="U",
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(allocates it) instead of estimating, and save that profile")
     rep.add_argument("--run", type=Path, default=None, metavar="STEP.json",
                      help="a step a Trainer recorded (Trainer.record_step): show what "
-                          "happened next to what its plan predicted; MODEL is then ignored")
+                          "happened next to what its plan predicted; MODEL is then not needed")
     env = sub.add_parser(
         "env", help="what this machine gives harmony: torch, CUDA, GPUs, pinned memory, "
                     "NVMe backends, CPU Adam, budgets",
@@ -259,6 +260,10 @@ def _report(args: argparse.Namespace) -> int:
         step = load_measured(args.run)
         print(format_measured(step))
         return _plot(lambda: plot_measured(step, args.plot), args.plot)
+    if args.model is None:
+        raise ValueError("MODEL is required (a built-in name, paper:NAME, file.py:function or "
+                         "a profile .json; see harmony report --help), unless --run STEP.json "
+                         "shows a recorded step")
     check_micro_batches(args.batch_size, args.micro_batch_size)  # before building the model
     if args.measure_layers is not None:
         profile = measure_profile(args.model, args.micro_batch_size, args.seq_len,

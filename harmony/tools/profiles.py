@@ -86,6 +86,12 @@ def load_spec(ref: str, seq_len: int | None = None) -> ModelSpec:
         return result
     if isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], nn.Module):
         model, loss_fn, example = result
+        for what, value in (("loss_fn", loss_fn), ("example_inputs", example)):
+            if not callable(value):  # (a batch itself in place of the function, say)
+                raise ValueError(f"{name} returned a {type(value).__name__} as {what}; "
+                                 "return (model, loss_fn, example_inputs) where loss_fn(output, "
+                                 "target) gives the loss and example_inputs(n) gives (inputs, "
+                                 "targets) for n samples")
         return ModelSpec(name, model, loss_fn, example, seq_len)
     if isinstance(result, nn.Module):
         example = getattr(result, "harmony_example", None)

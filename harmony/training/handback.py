@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from harmony.parallel.pipeline import Pipeline
     from harmony.training.built import Built
 
-__all__ = ["Handback", "dropped", "why_not_given_back"]
+__all__ = ["Handback", "dropped", "refuse_if_closed", "why_not_given_back"]
 
 
 class Handback:
@@ -117,3 +117,28 @@ def dropped(hold: Hold, built: list[bool], copies: InputCopies) -> None:
         hold.keep("its harmony.Trainer was deleted without close(), and the trained weights "
                   "went with it; close() a trainer (or use `with harmony.Trainer(...)`) to "
                   "get the model back, or save() first")
+
+
+def refuse_if_closed(what: str, hold: Hold, model_readable: bool = False) -> None:
+    """Refuse ``what`` on a closed trainer, whose buffers and files are freed: nothing of the
+    training state is left to write or train. A read of the weights alone
+    (``model_readable``) passes where the model was given them back: the caller reads them
+    from the model.
+
+    Raises:
+        RuntimeError: naming ``what`` and where the weights are.
+
+    Example::
+
+        refuse_if_closed("save()", handback.hold)   # raises: the optimizer state is gone
+    """
+    if hold.kept:
+        where = f"the weights were not given back to the model: {hold.message}"
+    elif model_readable:
+        return
+    else:
+        where = ("the model it gave back holds the trained weights (model.state_dict()); to "
+                 "train on, make a new Trainer of the model (load() a checkpoint into it for "
+                 "the optimizer state)")
+    raise RuntimeError(f"{what} refused: this Trainer is closed, so its training state is "
+                       f"freed; {where}")

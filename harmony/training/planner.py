@@ -40,6 +40,7 @@ from harmony.planning.plan import Plan
 from harmony.planning.planner import largest_micro_batch, plan
 from harmony.planning.profile import UNCHECKED, profile_layers
 from harmony.planning.request import Bounds, PlanRequest, Tied
+from harmony.planning.sizes import parse_bytes
 
 if TYPE_CHECKING:
     from harmony.model.layout import Layout
@@ -137,8 +138,23 @@ class TrainerPlanner:
         self.changing: set[int] = set()
         # A profile checks each layer for forward groups on the first two micro-batches.
         self.second_input: tuple[torch.Tensor, ...] | None = None
-        self._auto_sizes: dict[tuple[Any, ...], int] = {}  # batch shape -> chosen size
+        self._auto_sizes: dict[tuple[Any, ...], int] = {}  # budgets, batch shape -> size
         self.auto_plan: Plan | None = None  # the first step's, found choosing the size
+
+    def set_budget(self, name: str, value: int | str | None, planned: bool) -> None:
+        """Set ``device_memory`` or ``host_memory`` (bytes or a size string) for the plans
+        to come; ``planned``: the packs are built (the trainer's next step plans afresh).
+
+        Raises:
+            ValueError: an unparseable or negative size, or a new budget for pipeline stages
+                already planned (they are planned once); the budget stays as it was.
+        """
+        parsed = parse_bytes(value, name)
+        if self.holdings.pipeline is not None and planned and parsed != getattr(self, name):
+            raise ValueError(f"{name}={value!r} refused: with parallel='pipeline' the stages "
+                             "are planned once, at the first step; make a new Trainer with "
+                             f"{name}={value!r} and load() a checkpoint into it")
+        setattr(self, name, parsed)
 
     @property
     def k_ratio(self) -> float:
@@ -278,7 +294,9 @@ class TrainerPlanner:
         are built, its plan is kept as :attr:`auto_plan` for them."""
         xs, ys, _, _ = split_batch(inputs, targets, 2)  # (2: BatchNorm needs two samples)
         n = targets.shape[0]
-        key = (n,) + tuple((tuple(t.shape[1:]), t.dtype) for t in xs[0])
+        # (under the budgets: set between steps, they choose again)
+        key = (self.device_memory, self.host_memory, n) + tuple(
+            (tuple(t.shape[1:]), t.dtype) for t in xs[0])
         if key not in self._auto_sizes:
             self.second_input = xs[1] if len(xs) > 1 else None
             profile(xs[0], ys[0])  # sizes per sample; the plan scales them

@@ -114,6 +114,8 @@ def set_up(model: nn.Module | Sequence[nn.Module], config: TrainerConfig) -> Set
     store = (NvmeStore(config.nvme_dir, backend=config.nvme_backend)  # ValueError if unusable
              if config.nvme_dir is not None else None)
     tiers = make_tiers(device, device_memory, host_memory, store)
+    for tier in tiers.values():  # (stats.reset() restarts the peaks from the tiers' use)
+        stats.on_reset(tier.reset_peak)
     # Layers being materialized live in host memory, counted in the host budget (on
     # CPU, in the device budget when the host's is full: that is host memory too).
     materializer.memory(Scratch([tiers[Loc.HOST]] + (
@@ -172,6 +174,9 @@ class ModelFacts:
         first_key: for a tensor under several keys of the model's state dict, its first key,
             which names its optimizer state whichever packs the plan makes (so checkpoints
             load across plans).
+        shared: whether some parameter, trainable or frozen, is used by several layers: the
+            packs are then built with copies for the packs sharing it (a frozen one too, which
+            one pack's buffers cannot hold for another: :func:`harmony.model.tied.untie`).
     """
 
     layouts: list[Layout]
@@ -179,6 +184,7 @@ class ModelFacts:
     tied: list[Tied]
     params: list[nn.Parameter]
     first_key: dict[int, str]
+    shared: bool = False
 
     @classmethod
     def of(cls, chain: Chain, precision: Precision, config: TrainerConfig,
@@ -198,7 +204,8 @@ class ModelFacts:
         # are refused. The planner gets, per tied weight, the layers using it and its
         # gradient's bytes.
         tied: list[Tied] = []
-        for tid, layers in shared_parameters(layouts, chain.names).items():
+        shared = shared_parameters(layouts, chain.names)
+        for tid, layers in shared.items():
             e = next(e for e in layouts[layers[0]].entries if id(e.tensor) == tid)
             if e.trainable:
                 tied.append((tuple(layers), e.shape.numel() * e.master_dtype.itemsize))
@@ -215,7 +222,9 @@ class ModelFacts:
         for k, v in model_tensors(chain).items():
             keys.setdefault(id(v), []).append(k)
         first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
-        return cls(layouts, origin, tied, params, first_key)
+        # (pipeline stages: a trainable one is refused above, a frozen one left as it was)
+        return cls(layouts, origin, tied, params, first_key,
+                   shared=bool(tied) or (bool(shared) and pipeline is None))
 
     def origin_device(self, entry: Any) -> torch.device:
         """The device layout entry ``entry``'s tensor came from (the CPU if unknown)."""

@@ -77,11 +77,20 @@ class StateIO:
         given).
 
         Raises:
+            KeyError: a key of ``keys`` that the model's ``state_dict()`` does not have.
             MemoryError: they would take more than the memory the system has available.
         """
         h = self.holdings
+        if isinstance(keys, str):  # (one key; its characters are no keys)
+            keys = [keys]
+        tensors_by_key = h.model_tensors()
+        unknown = sorted(set(keys) - tensors_by_key.keys()) if keys is not None else []
+        if unknown:  # (a typo would otherwise give an empty or partial dict, silently)
+            raise KeyError(f"state_dict(keys=...): the model has no {unknown[:5]} "
+                           f"({len(unknown)} unknown); its keys are those of "
+                           f"model.state_dict(), e.g. {list(tensors_by_key)[:3]}")
         h.weights_arrived()
-        model_sd = {k: v for k, v in h.model_tensors().items() if keys is None or k in keys}
+        model_sd = {k: v for k, v in tensors_by_key.items() if keys is None or k in keys}
         tensors = streaming.weights(h, built)
         streaming.refuse_unless_fits(sum(s.nbytes for s in tensors.specs if s.key in model_sd))
         got = {k: v.cpu().clone() for k, v in tensors.produce() if k in model_sd}
@@ -239,20 +248,29 @@ class StateIO:
             raise ValueError(f"max_shard_size={max_shard_size!r} must be a positive size, "
                              "e.g. '5GB'")
         adapter = adapter_keys(h.chain.model)  # None unless a peft model
+        dp = h.dp
         weights: dict[str, torch.Tensor] | Streamed
-        if h.pipeline is not None or adapter is not None:
-            weights = self.state_dict(built, adapter)  # (collective with pipeline stages)
+        if h.pipeline is not None or adapter is not None or (dp is not None and dp.shard):
+            # (collective with pipeline stages, and with a sharded optimizer, whose owners
+            # hold the fp32 masters in mixed precision: every rank reads, rank 0 writes)
+            weights = self.state_dict(built, adapter)
             if h.pipeline is not None and h.pipeline.rank != 0:
                 return out
         else:
             weights = streaming.weights(h, built)
-        out.mkdir(parents=True, exist_ok=True)
-        if adapter is not None:
-            assert isinstance(weights, dict)
-            return write_adapter(h.chain.model, weights, out)
-        write_shards(out, weights, shard)
-        write_config(h.chain.model, out)
-        return out
+
+        def write() -> Path:
+            out.mkdir(parents=True, exist_ok=True)
+            if adapter is not None:
+                assert isinstance(weights, dict)
+                return write_adapter(h.chain.model, weights, out)
+            write_shards(out, weights, shard)
+            write_config(h.chain.model, out)
+            return out
+
+        if dp is not None:  # one writer (ranks writing the same files would race); the others
+            return dp.save(write, "the export")  # wait for it and raise its error
+        return write()
 
     def _home_views(self, built: Built | None) -> tuple[dict[int, list[torch.Tensor]],
                                                         list[tuple[Pack, str, torch.Tensor]]]:

@@ -85,6 +85,9 @@ class Steps:
         self.layouts = facts.layouts  # the layers' layouts while no packs are built
         self._check_chain = config.check_chain  # (the probe runs before the first step)
         self._reserved = ReservedPeak(holdings.device)  # started once the first plan is made
+        # The budgets (device, host) the packs were built under; the trainer's may be set
+        # between steps, and the next step then plans afresh under them.
+        self.budgets: tuple[int | None, int | None] | None = None
 
     @property
     def layer_layouts(self) -> list[Layout]:
@@ -124,7 +127,9 @@ class Steps:
             assert self.built is not None
             self.recorder.planning_seconds = time.perf_counter() - t_plan
         plan_ = self.built.plans.get(key)
-        if plan_ is None:
+        if self.budgets != self._budgets_now():  # set between steps: new packs fit them
+            plan_ = rehome(x, y, sizes, key)
+        elif plan_ is None:
             plan_ = self._replan(x, y, sizes, key, profile, rehome)
         self.plan = plan_
         loss = self._run(plan_, batch)
@@ -210,16 +215,25 @@ class Steps:
         optimizer = self.io.optimizer
         pending = optimizer.pending, optimizer.pending_scheduler
         setup = BuildSetup(self.config, self.loss_fn, self.optimizer_factory, self.layouts,
-                           planner.k_ratio, bool(planner.tied), self.facts.params,
+                           planner.k_ratio, self.facts.shared, self.facts.params,
                            planner.changing, self.facts.origin_device)
+        # The tiers hold what the budgets allow (set between steps, they changed the plan).
+        budgets = self._budgets_now()
+        h.tiers[Loc.DEVICE].set_capacity(budgets[0])
+        h.tiers[Loc.HOST].set_capacity(budgets[1])
         try:
             self.built = Built.build(chosen, key, h, setup, optimizer.apply)
         except BaseException:
             optimizer.pending, optimizer.pending_scheduler = pending
             raise
+        self.budgets = budgets
         # The packs hold the values now: a re-plan takes the trained ones, not init= or the
         # weights= files (a failed build above gives the next try the same values again).
         h.materializer.done()
+
+    def _budgets_now(self) -> tuple[int | None, int | None]:
+        """The trainer's budgets now (device, host)."""
+        return self.planner.device_memory, self.planner.host_memory
 
     def _replan(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                 key: ShapeKey, profile: Profile, rehome: Rehome) -> Plan:

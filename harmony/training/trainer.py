@@ -28,7 +28,7 @@ from harmony.planning.plan import InfeasiblePlan, Plan
 from harmony.runtime.runtime import NonFiniteLoss, Runtime
 from harmony.training.built import ShapeKey
 from harmony.training.config import TrainerConfig
-from harmony.training.handback import Handback, why_not_given_back
+from harmony.training.handback import Handback, refuse_if_closed, why_not_given_back
 from harmony.training.optimizer_state import OptimizerTensors
 from harmony.training.ownership import acts
 from harmony.training.planner import TrainerPlanner
@@ -164,13 +164,22 @@ class Trainer:
 
     @property
     def device_memory(self) -> int | None:
-        """The device budget in bytes (None: no limit). Setting it changes what later plans
-        must fit, not the device tier built at construction."""
+        """The device budget in bytes (None: no limit). Setting it between steps (bytes or a
+        string such as ``"64MiB"``, as at construction) makes the next step plan afresh under
+        the new budgets and move the training state to the new packs, exactly as for a batch
+        shape the packs cannot hold (README, "Placement"); the tier then holds that budget.
+        With data parallelism set it on every rank alike.
+
+        Raises:
+            ValueError: on setting an unparseable or negative size, naming it, or with
+                ``parallel="pipeline"`` after the first step (its stages are planned once);
+                the budget stays as it was.
+        """
         return self._planner.device_memory
 
     @device_memory.setter
-    def device_memory(self, value: int | None) -> None:
-        self._planner.device_memory = value
+    def device_memory(self, value: int | str | None) -> None:
+        self._planner.set_budget("device_memory", value, planned=self._steps.built is not None)
 
     @property
     def host_memory(self) -> int | None:
@@ -178,8 +187,8 @@ class Trainer:
         return self._planner.host_memory
 
     @host_memory.setter
-    def host_memory(self, value: int | None) -> None:
-        self._planner.host_memory = value
+    def host_memory(self, value: int | str | None) -> None:
+        self._planner.set_budget("host_memory", value, planned=self._steps.built is not None)
 
     @property
     def planner(self) -> TrainerPlanner:
@@ -247,8 +256,7 @@ class Trainer:
 
     def _step(self, inputs: torch.Tensor | tuple[torch.Tensor, ...],
               targets: torch.Tensor) -> float:
-        if self._closed:
-            raise RuntimeError("this Trainer is closed")
+        self._refuse_if_closed("step()")
         return self._steps.run(inputs, targets, self._profile, self._rehome)
 
     def _profile(self, x: tuple[torch.Tensor, ...], y: torch.Tensor) -> None:
@@ -299,6 +307,7 @@ class Trainer:
                 updated, others not), when they are no longer those of one step.
 
         Raises:
+            KeyError: a key of ``keys`` that the model does not have, naming it.
             RuntimeError: a step failed part-way (and ``inconsistent_ok`` is False); the
                 message says what happened and how to recover (:meth:`load`).
             MemoryError: they would take more than the memory the system has available; the
@@ -309,6 +318,9 @@ class Trainer:
 
             model.load_state_dict(trainer.state_dict())
         """
+        if self._closed:  # (the model it gave back holds them)
+            self._refuse_if_closed("state_dict()", model_readable=True)
+            return self._io.state_dict(None, keys)
         broken = self._steps.broken
         if broken is not None and not inconsistent_ok:
             raise RuntimeError(f"{broken}. state_dict() refuses such weights; pass "
@@ -326,6 +338,7 @@ class Trainer:
             tensors, scalars, groups = trainer.optimizer_state()
             tensors["0.weight/exp_avg"]          # AdamW's first moment of that weight
         """
+        self._refuse_if_closed("optimizer_state()")  # (gone with the packs)
         return self._io.optimizer.read(self._steps.built)
 
     @acts
@@ -345,6 +358,7 @@ class Trainer:
                 were updated), so the weights are not those of one step: nothing is written,
                 the checkpoints in ``path`` stay as they are.
         """
+        self._refuse_if_closed("save()")
         self._refuse_if_broken("save()", f"the checkpoints already in {str(path)!r} are "
                                          "intact")
         return self._io.save(path, self._steps.built, self.plan, step_count=self.step_count,
@@ -371,6 +385,7 @@ class Trainer:
 
             trainer.load("ckpt")   # then trainer.step_count is the saved step
         """
+        self._refuse_if_closed("load()")
         steps = self._steps
         loaded = self._io.read_checkpoint(path, steps.layer_layouts, steps.built)
         steps.broken = (f"load({str(path)!r}) stopped while it replaced the training state, "
@@ -396,7 +411,8 @@ class Trainer:
         a ``peft`` model, the adapter alone, as its ``save_pretrained`` writes it
         (``adapter_config.json``, ``adapter_model.safetensors``), which
         ``PeftModel.from_pretrained(base_model, path)`` loads (:mod:`harmony.model.hf_export`).
-        With ``parallel="pipeline"`` every rank calls it and rank 0 writes the whole model.
+        With ``parallel="pipeline"`` or ``"data"`` every rank calls it and rank 0 writes the
+        whole model; the others return once it is written (or raise its error).
 
         Raises:
             OSError: the disk is full or unwritable (naming the file and the bytes it needs);
@@ -407,8 +423,16 @@ class Trainer:
 
             trainer.export("out")   # out/model.safetensors (and out/config.json for HF)
         """
+        if self._closed:  # (the model it gave back holds them; no process group is left)
+            self._refuse_if_closed("export()", model_readable=self._holdings.dp is None)
+            return self._io.export(path, None, max_shard_size)
         self._refuse_if_broken("export()", "nothing in the export folder was changed")
         return self._io.export(path, self._steps.built, max_shard_size)
+
+    def _refuse_if_closed(self, what: str, model_readable: bool = False) -> None:
+        """RuntimeError if :meth:`close` ran (see :func:`refuse_if_closed`)."""
+        if self._closed:
+            refuse_if_closed(what, self._handback.hold, model_readable)
 
     def _refuse_if_broken(self, what: str, intact: str) -> None:
         """RuntimeError if a step failed part-way (the weights mix two steps)."""
@@ -419,7 +443,11 @@ class Trainer:
     # -- giving the model back ---------------------------------------------------------------
     @acts
     def close(self) -> None:
-        """Give the model back and free buffers, files and threads; idempotent.
+        """Give the model back and free buffers, files and threads; idempotent. Afterwards
+        :meth:`step`, :meth:`state_dict`, :meth:`optimizer_state`, :meth:`save`, :meth:`load`
+        and :meth:`export` raise a ``RuntimeError`` saying the trainer is closed (where the
+        model was given back, :meth:`state_dict` and, in one process, :meth:`export` read the
+        weights from it).
 
         The model's parameters and buffers (the same ``Parameter`` objects) then hold the
         trained values, on the devices they came from, when those fit the budgets

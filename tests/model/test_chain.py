@@ -266,6 +266,20 @@ def test_probe_refuses_a_sequential_whose_forward_differs() -> None:
         t.step(x, y)  # told not to check: trains the chain
 
 
+def test_a_batch_of_the_wrong_shape_is_torchs_error_not_a_chain_mismatch() -> None:
+    """A first layer that fails on the user's batch with every weight present too is the
+    batch's fault: the probe lets torch's own error through (as check_chain=False does)
+    instead of telling the user to declare the chain by hand; the trainer steps on after."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x, y = _data(1)[0]
+    with harmony.Trainer(model, nn.functional.mse_loss, micro_batch_size=2) as t:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as err:
+            t.step(torch.zeros(x.shape[0], 5), y)
+        assert not isinstance(err.value, ChainMismatch)
+        t.step(x, y)
+
+
 def test_probe_passes_plain_sequential_and_leaves_model_untouched() -> None:
     model = shared_sequential().train()
     model.add_module("norm", nn.BatchNorm1d(4))

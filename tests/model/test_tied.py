@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import harmony
 from harmony.model.tied import TiedWeights, untie
@@ -339,3 +340,51 @@ def test_plan_counts_the_held_gradient(tmp_path: Path, schedule: str) -> None:
             predicted = plan.predicted.peak.get(loc, 0)
             assert tier.peak <= predicted * 1.05 + 1024, (loc, tier.peak, predicted)
             assert tier.peak >= predicted * 0.9, (loc, tier.peak, predicted)
+
+
+def test_a_frozen_weight_shared_by_packs_trains_saves_and_resumes(tmp_path: Path) -> None:
+    """A frozen tensor used by layers of two packs (a peft model's frozen base embedding tied
+    to its head; here one frozen Linear at two positions) gets a copy in the later pack, as a
+    trainable one does (both packs bound the one tensor: the forward found it swapped out, or
+    save() wrote its key twice). Training is bit for bit plain PyTorch (nothing to add up for
+    a frozen tensor), and a checkpoint and an export hold it once and resume exactly."""
+    def model() -> torch.nn.Sequential:
+        torch.manual_seed(0)
+        shared = torch.nn.Linear(16, 16)
+        shared.requires_grad_(False)
+        return torch.nn.Sequential(shared, torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                                   torch.nn.Tanh(), shared, torch.nn.Linear(16, 4))
+
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 16, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(3)]
+    loss = torch.nn.functional.cross_entropy
+
+    def adamw(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(ps, lr=1e-2)
+
+    ref = model()
+    opt = adamw([p for p in ref.parameters() if p.requires_grad])
+    for x, y in batches:
+        for xm, ym in zip(x.split(4), y.split(4)):
+            (loss(ref(xm), ym) * 0.5).backward()
+        opt.step()
+        opt.zero_grad()
+    kw = {"optimizer": adamw, "micro_batch_size": 4, "device_memory": "6KiB"}
+    with harmony.Trainer(model(), loss, **kw) as t:
+        for x, y in batches[:2]:
+            t.step(x, y)
+        assert t.plan is not None
+        packs = {i for i, (a, b) in enumerate(t.plan.bounds) for layer in (0, 4) if a <= layer < b}
+        assert len(packs) == 2  # the shared layer's two uses sit in two packs
+        t.save(tmp_path / "ckpt")
+        t.step(*batches[2])
+        want = t.state_dict()
+    assert all(torch.equal(want[k], v) for k, v in ref.state_dict().items())
+    with harmony.Trainer(model(), loss, **kw) as t:
+        t.load(tmp_path / "ckpt")
+        t.step(*batches[2])
+        got = t.state_dict()
+        exported = load_file(t.export(tmp_path / "out") / "model.safetensors")
+    assert got.keys() == want.keys() == exported.keys()
+    assert all(torch.equal(got[k], want[k]) and torch.equal(exported[k], want[k]) for k in want)

@@ -204,3 +204,46 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path: Path) -
     for k, w in want.items():
         assert torch.equal(r0["state"][k], r1["state"][k])
         assert _rel(r0["state"][k], w) <= 1e-6
+
+
+def _export_rank(rank: int, out: Path, shard: bool) -> None:
+    """Export before the first step and after two, recording which ranks wrote files and
+    whether each export, once returned, holds this rank's weights (see the test below)."""
+    from safetensors.torch import load_file
+
+    import harmony.training.state_io as state_io
+
+    writers: list[int] = []
+    write_shards = state_io.write_shards
+
+    def spy(*args: object, **kwargs: object) -> object:
+        writers.append(rank)
+        return write_shards(*args, **kwargs)  # type: ignore[arg-type]
+
+    state_io.write_shards = spy  # type: ignore[assignment]
+    args = parse(["--out", str(out), "--swap", "--opt", "adamw", "--model", "mlp",
+                  *(["--shard", "--precision", "bf16"] if shard else [])])
+    trainer = make_trainer(args, "data")
+    equal = []
+    for step, (x, y) in enumerate(global_batches(args.model, 8, 3)):
+        if step != 1:
+            folder = trainer.export(out / f"export{step}")
+            got = load_file(str(folder / "model.safetensors"))
+            want = trainer.state_dict()
+            equal.append(got.keys() == want.keys()
+                         and all(torch.equal(got[k], v) for k, v in want.items()))
+        trainer.step(x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
+    trainer.close()
+    torch.save({"writers": writers, "equal": equal}, out / f"export{rank}.pt")
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_export_is_written_by_rank_0_alone(tmp_path: Path, shard: bool) -> None:
+    """Every rank calls export(); rank 0 writes the files (ranks writing the same files race:
+    one's rename of its temporary file failed) and the others return once they are complete,
+    before the first step and after steps, a sharded optimizer's masters included."""
+    codes = fork_ranks(_export_rank, (tmp_path, shard), tmp_path, WORLD, TIMEOUT)
+    assert codes == [0] * WORLD, [_log(tmp_path, r)[-3000:] for r in range(WORLD)]
+    results = [torch.load(tmp_path / f"export{r}.pt") for r in range(WORLD)]
+    assert results[0]["writers"] == [0, 0] and results[1]["writers"] == []
+    assert all(r["equal"] == [True, True] for r in results)

@@ -90,3 +90,31 @@ def test_bad_micro_batch_size(bad: object) -> None:
     factory, loss_fn, _ = MODELS["transformer"]
     with pytest.raises(ValueError, match=r"micro_batch_size=.* must be a positive int or 'auto'"):
         harmony.Trainer(factory(0.0), loss_fn, micro_batch_size=bad)  # type: ignore[arg-type]
+
+
+def test_auto_chooses_again_under_budgets_set_between_steps() -> None:
+    """A device budget lowered between steps: "auto" takes the size that fits it (the size
+    chosen under the first budget, kept per batch shape, no longer does), and training equals
+    plain accumulation over each step's size."""
+    factory, loss_fn, _ = MODELS["transformer"]
+    limit = (_least_device_memory(4) + _least_device_memory(8)) // 2
+    batches = _batches()
+    with harmony.Trainer(factory(0.0), loss_fn, optimizer=_adamw, micro_batch_size="auto",
+                         device_memory=None) as t:
+        t.step(*batches[0])
+        assert t.micro_batch_size_used == 12
+        t.device_memory = limit
+        for x, y in batches[1:]:
+            t.step(x, y)
+        assert t.micro_batch_size_used == 4
+        got = t.state_dict()
+    net = factory(0.0)
+    opt = _adamw(list(net.parameters()))
+    for i, (x, y) in enumerate(batches):
+        size = 12 if i == 0 else 4
+        for xm, ym in zip(x.split(size), y.split(size)):
+            (loss_fn(net(xm), ym) * (ym.shape[0] / y.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in net.state_dict().items():
+        assert torch.equal(got[k], v), k

@@ -44,6 +44,7 @@ def test_report_run_shows_measured_next_to_predicted(tmp_path: Path,
     path, t = _recorded(tmp_path)
     t.close()
     assert main(["report", "ignored", "--run", str(path)]) == 0
+    assert main(["report", "--run", str(path)]) == 0  # as record_step's docstring writes it
     out = capsys.readouterr().out
     assert "| device |" in out and "measured peak" in out and "host->device" in out
     assert "step time: measured" in out and "longest tasks:" in out
@@ -57,3 +58,9 @@ def test_report_run_refuses_other_files(tmp_path: Path) -> None:
     bad = tmp_path / "x.json"
     bad.write_text("{}")
     assert main(["report", "ignored", "--run", str(bad)]) == 2
+
+
+def test_report_without_model_or_run_names_what_is_missing(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--batch-size", "4"]) == 2
+    assert "MODEL is required" in capsys.readouterr().err

@@ -240,6 +240,10 @@ def bare():
 
 def wrong():
     return 42
+
+def batch_not_function():
+    model = nn.Sequential(nn.Linear(4, 2))
+    return model, nn.functional.cross_entropy, (torch.randn(8, 4), torch.randint(0, 2, (8,)))
 """
 
 
@@ -258,6 +262,10 @@ def test_model_from_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "returned a int" in capsys.readouterr().err
     assert main(["report", f"{path}:missing"]) == 2
     assert "no function 'missing'" in capsys.readouterr().err
+    # a batch in place of example_inputs(n): named, not "'tuple' object is not callable"
+    assert main(["report", f"{path}:batch_not_function"]) == 2
+    assert "returned a tuple as example_inputs; return (model, loss_fn, example_inputs)" in \
+        capsys.readouterr().err
 
 
 # -- the paper's GPU profiles -------------------------------------------------------------------

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import harmony
@@ -131,6 +133,35 @@ def test_closed_trainer() -> None:
         t.step(*_xy())
 
 
+@pytest.mark.parametrize("stepped", [False, True])
+def test_a_closed_trainer_refuses_to_write_its_freed_state(tmp_path: Path,
+                                                           stepped: bool) -> None:
+    """After close() the packs' buffers are freed: state_dict() and export() read the weights
+    from the model given back; optimizer_state(), save(), load() and step() are refused with
+    a message pointing to the model, and write nothing."""
+    model = mlp()
+    t = harmony.Trainer(model, LOSS, micro_batch_size=2, device_memory="200KiB")
+    if stepped:
+        t.step(*_xy())
+    t.save(tmp_path / "ckpt")
+    t.close()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    got = t.state_dict()
+    assert got.keys() == trained.keys() and all(torch.equal(got[k], trained[k]) for k in got)
+    exported = load_file(t.export(tmp_path / "out") / "model.safetensors")
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    calls = {"optimizer_state()": t.optimizer_state,
+             "save()": lambda: t.save(tmp_path / "again"),
+             "load()": lambda: t.load(tmp_path / "ckpt"),
+             "step()": lambda: t.record_step(*_xy(), tmp_path / "step.json")}
+    for what, call in calls.items():
+        with pytest.raises(RuntimeError, match=re.escape(what) + r" refused: this Trainer is "
+                           r"closed.*model\.state_dict\(\)"):
+            call()
+    assert not (tmp_path / "again").exists() and not (tmp_path / "step.json").exists()
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("schedule", ["harmony", "per-microbatch", "resident"])
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_loss_changes_nothing(schedule: str, policy: str) -> None:
@@ -241,3 +272,20 @@ def test_a_model_on_the_meta_device_without_weights_says_how_it_is_initialized()
     with harmony.Trainer(model, LOSS) as t, \
             pytest.warns(UserWarning, match=r"meta device.*init=.*weights="):
         t.step(x, y)
+
+
+@pytest.mark.parametrize("stepped", [False, True])
+def test_state_dict_of_unknown_keys_is_refused_naming_them(stepped: bool) -> None:
+    """A key the model does not have (a typo) is named, not an empty dict; one key given as a
+    string is that key."""
+    model = mlp()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(iter(want))
+    with harmony.Trainer(model, LOSS, micro_batch_size=2, device_memory="200KiB") as t:
+        if stepped:
+            t.step(*_xy())
+            want = t.state_dict()
+        with pytest.raises(KeyError, match=r"the model has no \['nope'\]"):
+            t.state_dict(keys=[key, "nope"])
+        got = t.state_dict(keys=key)
+        assert got.keys() == {key} and torch.equal(got[key], want[key])

@@ -3,6 +3,7 @@ first ones: weights, optimizer state and scheduler state move, and training stay
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import harmony
 from harmony.training.trainer import Trainer
+from schedules.task import Loc
 from tests.models import (
     TinyTransformer,
     assert_weights_close,
@@ -170,3 +172,89 @@ def test_shapes_that_fit_no_plan_leave_the_trainer_as_it_was() -> None:
         opt.zero_grad()
     for k, v in net.state_dict().items():
         assert torch.equal(got[k], v), k
+
+
+def test_budgets_set_between_steps_plan_the_next_step_afresh(fixed_timing: None) -> None:
+    """``trainer.device_memory = "256KiB"`` (parsed as at construction) makes the next step,
+    of the same shapes, plan afresh under the new budgets and move the state to new packs,
+    the tiers holding the new budgets (a host budget raised beyond the one the host tier was
+    built with no longer fails mid-step); training stays exact, and close() gives the model
+    back. An unparseable size is refused naming it, the budget left as it was."""
+    batches = _batches()
+    batches = [batches[0], batches[1], batches[0], batches[1]]  # (one shape: no re-plan for it)
+    model = TinyTransformer(length=16)
+    t = harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, lr_scheduler=_sched,
+                        micro_batch_size=2, device_memory=1 << 30, host_memory="64KiB")
+    t.step(*batches[0])
+    assert t.plan is not None and len(t.plan.bounds) == 1  # all on the device
+    for bad in ("lots", "-1GiB", True):
+        with pytest.raises(ValueError, match="device_memory="):
+            t.device_memory = bad
+    assert t.device_memory == 1 << 30
+    t.device_memory, t.host_memory = "256KiB", "16MiB"
+    assert (t.device_memory, t.host_memory) == (256 << 10, 16 << 20)
+    t.step(*batches[1])  # plans afresh: packs swap through the host
+    assert len(t.plan.bounds) > 1
+    assert t.tiers[Loc.DEVICE].capacity == 256 << 10 and t.tiers[Loc.HOST].capacity == 16 << 20
+    t.stats.reset()  # (the peaks restart: the packs of the first plan were over the budget)
+    for x, y in batches[2:]:
+        t.step(x, y)
+    assert 0 < t.stats.peak_bytes["device"] <= 256 << 10
+    assert t.stats.peak_bytes["host"] > 64 << 10  # beyond the host budget it was built with
+    t.close()
+    assert_weights_close(model.state_dict(), _reference(batches), 1e-6)
+
+
+def test_a_budget_raised_after_an_infeasible_first_step_is_the_tiers_too(
+        tmp_path: Path) -> None:
+    """The first step refused (the host budget too small for any plan), the user raises
+    ``trainer.host_memory`` and steps again: the packs are built in a host tier of the new
+    budget (it kept the old one and failed part-way through the step), bit for bit plain
+    PyTorch."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(64, 64), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(64, 4))
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 64, generator=g), torch.randint(0, 4, (8,), generator=g))
+               for _ in range(2)]
+    loss = torch.nn.functional.cross_entropy
+    t = harmony.Trainer(model, loss, optimizer=_adamw, micro_batch_size=4,
+                        device_memory="40KiB", host_memory="60KiB", nvme_dir=tmp_path)
+    with pytest.raises(harmony.InfeasiblePlan, match="host_memory="):
+        t.step(*batches[0])
+    t.host_memory = "256KiB"
+    for x, y in batches:
+        t.step(x, y)
+    assert t.plan is not None and Loc.NVME not in t.plan.placement.w  # (it fits the host now)
+    got = t.state_dict()
+    t.close()
+    opt = _adamw(list(ref.parameters()))
+    for x, y in batches:
+        for xm, ym in zip(x.split(4), y.split(4)):
+            (loss(ref(xm), ym) * (ym.shape[0] / y.shape[0])).backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+
+
+def test_pipeline_stages_planned_once_refuse_a_new_budget() -> None:
+    """Pipeline stages are planned once: a new budget after the first step is refused naming
+    it (before it, and the same value, pass); a bad size is refused anywhere."""
+    from types import SimpleNamespace
+
+    from harmony.training.planner import TrainerPlanner
+
+    stage = SimpleNamespace(pipeline=object())  # the holdings of a pipeline rank
+    planner = TrainerPlanner(harmony.TrainerConfig(), stage, cross_entropy_tokens,  # type: ignore[arg-type]
+                             given=None, k_ratio=2.0, tied=[], device_memory=1 << 20,
+                             host_memory=None)
+    planner.set_budget("device_memory", "2MiB", planned=False)
+    planner.set_budget("device_memory", 2 << 20, planned=True)
+    with pytest.raises(ValueError, match=r"host_memory='1GiB' refused: with parallel='pipeline'"):
+        planner.set_budget("host_memory", "1GiB", planned=True)
+    with pytest.raises(ValueError, match="device_memory="):
+        planner.set_budget("device_memory", "lots", planned=False)
+    assert (planner.device_memory, planner.host_memory) == (2 << 20, None)
