@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["held", "planned", "setting"]
+__all__ = ["budget", "held", "planned", "setting"]
 
 
 def setting(name: str, doc: str) -> Any:
@@ -26,3 +26,15 @@ def held(name: str, doc: str) -> Any:
 def planned(name: str, doc: str) -> Any:
     """A read-only property giving ``name`` of the trainer's planner."""
     return property(lambda self: getattr(self._planner, name), doc=doc)
+
+
+def budget(name: str, doc: str) -> Any:
+    """A property giving the planner's budget ``name``; setting it has the planner check and
+    take the new value (:meth:`~harmony.training.planner.TrainerPlanner.set_budget`)."""
+    def get(self: Any) -> Any:
+        return getattr(self._planner, name)
+
+    def set_(self: Any, value: Any) -> None:
+        self._planner.set_budget(name, value, planned=self._steps.built is not None)
+
+    return property(get, set_, doc=doc)

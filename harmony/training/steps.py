@@ -99,6 +99,12 @@ class Steps:
         return self.built.lr_schedulers if self.built is not None else []
 
     # -- one step ----------------------------------------------------------------------------
+    def refuse_if_broken(self, what: str, intact: str) -> None:
+        """RuntimeError if a step failed part-way (the weights mix two steps): ``what`` is
+        refused, and the message says what is ``intact``."""
+        if self.broken is not None:
+            raise RuntimeError(f"{what} refused: {self.broken}. Nothing was written; {intact}")
+
     def run(self, inputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor,
             profile: Profile, rehome: Rehome) -> float:
         """One optimizer step over the batch (``Trainer.step``); returns its mean loss."""

@@ -32,6 +32,7 @@ from harmony.training.handback import Handback, refuse_if_closed, why_not_given_
 from harmony.training.optimizer_state import OptimizerTensors
 from harmony.training.ownership import acts
 from harmony.training.planner import TrainerPlanner
+from harmony.training.properties import budget as _budget
 from harmony.training.properties import held as _held
 from harmony.training.properties import planned as _planned
 from harmony.training.properties import setting as _setting
@@ -162,33 +163,16 @@ class Trainer:
     update_chunk = _planned("update_chunk", "The update chunks' budget in bytes, 'auto' or "
                             "None (a given plan's for 'auto'); the plan's is plan.update_chunk.")
 
-    @property
-    def device_memory(self) -> int | None:
-        """The device budget in bytes (None: no limit). Setting it between steps (bytes or a
-        string such as ``"64MiB"``, as at construction) makes the next step plan afresh under
-        the new budgets and move the training state to the new packs, exactly as for a batch
-        shape the packs cannot hold (README, "Placement"); the tier then holds that budget.
-        With data parallelism set it on every rank alike.
-
-        Raises:
-            ValueError: on setting an unparseable or negative size, naming it, or with
-                ``parallel="pipeline"`` after the first step (its stages are planned once);
-                the budget stays as it was.
-        """
-        return self._planner.device_memory
-
-    @device_memory.setter
-    def device_memory(self, value: int | str | None) -> None:
-        self._planner.set_budget("device_memory", value, planned=self._steps.built is not None)
-
-    @property
-    def host_memory(self) -> int | None:
-        """The host budget in bytes (None: no limit); setting it as for :attr:`device_memory`."""
-        return self._planner.host_memory
-
-    @host_memory.setter
-    def host_memory(self, value: int | str | None) -> None:
-        self._planner.set_budget("host_memory", value, planned=self._steps.built is not None)
+    device_memory = _budget("device_memory", """The device budget in bytes (None: no limit).
+        Setting it between steps (bytes or a string such as ``"64MiB"``, as at construction)
+        makes the next step plan afresh under the new budgets and move the training state to
+        the new packs, exactly as for a batch shape the packs cannot hold (README,
+        "Placement"); the tier then holds that budget. With data parallelism set it on every
+        rank alike. Setting raises ValueError for an unparseable or negative size, naming it,
+        or with ``parallel="pipeline"`` after the first step (its stages are planned once);
+        the budget then stays as it was.""")
+    host_memory = _budget("host_memory", "The host budget in bytes (None: no limit); setting "
+                          "it as for :attr:`device_memory`.")
 
     @property
     def planner(self) -> TrainerPlanner:
@@ -359,7 +343,7 @@ class Trainer:
                 the checkpoints in ``path`` stay as they are.
         """
         self._refuse_if_closed("save()")
-        self._refuse_if_broken("save()", f"the checkpoints already in {str(path)!r} are "
+        self._steps.refuse_if_broken("save()", f"the checkpoints already in {str(path)!r} are "
                                          "intact")
         return self._io.save(path, self._steps.built, self.plan, step_count=self.step_count,
                              seed=self.seed, schedule=self.schedule_name,
@@ -426,19 +410,13 @@ class Trainer:
         if self._closed:  # (the model it gave back holds them; no process group is left)
             self._refuse_if_closed("export()", model_readable=self._holdings.dp is None)
             return self._io.export(path, None, max_shard_size)
-        self._refuse_if_broken("export()", "nothing in the export folder was changed")
+        self._steps.refuse_if_broken("export()", "nothing in the export folder was changed")
         return self._io.export(path, self._steps.built, max_shard_size)
 
     def _refuse_if_closed(self, what: str, model_readable: bool = False) -> None:
         """RuntimeError if :meth:`close` ran (see :func:`refuse_if_closed`)."""
         if self._closed:
             refuse_if_closed(what, self._handback.hold, model_readable)
-
-    def _refuse_if_broken(self, what: str, intact: str) -> None:
-        """RuntimeError if a step failed part-way (the weights mix two steps)."""
-        if self._steps.broken is not None:
-            raise RuntimeError(f"{what} refused: {self._steps.broken}. Nothing was written; "
-                               f"{intact}")
 
     # -- giving the model back ---------------------------------------------------------------
     @acts
