@@ -7,6 +7,7 @@ generator, and writes ``out/rank<r>.pt``: the final ``state_dict()`` (collective
 model), the losses, the traffic counters, the rank's lowered schedule and sizes and its stage.
 ``load`` resumes from a checkpoint (training on from its step count), ``save`` writes one at
 the end (and exports the weights to ``save + "-export"``).
+``frozen_shared`` trains instead a small MLP whose frozen layer is used twice.
 With ``fail_at=(rank, n)`` that rank's second-to-last layer raises on its n-th call (or, with
 ``hang_s``, sleeps that long).
 """
@@ -41,6 +42,20 @@ def make_model(dropout: float) -> nn.Module:
     return MODELS[MODEL][0](dropout)
 
 
+def frozen_shared_model() -> nn.Sequential:
+    """Six layers, the second and fourth one frozen Linear (the same module twice)."""
+    torch.manual_seed(3)
+    shared = nn.Linear(16, 16).requires_grad_(False)
+    return nn.Sequential(nn.Linear(16, 16), shared, nn.Linear(16, 16), shared, nn.Tanh(),
+                         nn.Linear(16, 4))
+
+
+def frozen_shared_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(4)
+    return [(torch.randn(BATCH, 16, generator=g), torch.randn(BATCH, 4, generator=g))
+            for _ in range(steps)]
+
+
 def optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
 
@@ -68,7 +83,7 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
         stages: list[tuple[int, int]] | None = None,
         env_init: bool = False, fail_at: tuple[int, int] | None = None, hang_s: float = 0.0,
         timeout_s: float = 20.0, save: str | None = None, load: str | None = None,
-        initial: bool = False) -> None:
+        initial: bool = False, frozen_shared: bool = False) -> None:
     torch.set_num_threads(1)
     if env_init:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
@@ -77,12 +92,13 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=ranks,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    model = make_model(dropout)
+    model = frozen_shared_model() if frozen_shared else make_model(dropout)
+    data = frozen_shared_batches(steps) if frozen_shared else batches(steps)
     if fail_at is not None and fail_at[0] == rank:
         layers = model.harmony_chain()
         layers[-2] = Boom(layers[-2], fail_at[1], hang_s)
         model.harmony_chain = lambda: layers
-    loss_fn = MODELS[MODEL][1]
+    loss_fn = nn.functional.mse_loss if frozen_shared else MODELS[MODEL][1]
     try:
         trainer = harmony.Trainer(model, loss_fn, optimizer=optimizer, micro_batch_size=MICRO,
                                   device_memory=device_memory, host_memory=host_memory,
@@ -91,7 +107,7 @@ def run(rank: int, ranks: int, port: int, out: str, steps: int = 3, dropout: flo
         if load is not None:
             trainer.load(load)
         before = trainer.state_dict() if initial else None  # (no packs are built yet)
-        losses = [trainer.step(x, y) for x, y in batches(steps)[trainer.step_count:]]
+        losses = [trainer.step(x, y) for x, y in data[trainer.step_count:]]
         state = trainer.state_dict()
         if save is not None:
             trainer.save(save)

@@ -119,9 +119,11 @@ class Built:
         runtime: Runtime | None = None
         try:
             # Tied weights: packs after the first that uses one get a copy (model/tied.py).
-            # (None with pipeline stages, whose bounds cover only this rank's layers)
-            ties = untie(holdings.chain.model, holdings.chain.layers, chosen.bounds) \
-                if setup.tied else []
+            # A pipeline rank's packs cover its own layers only: it unties among those (the
+            # ties it can have are frozen ones; trainable ties are refused at setup).
+            first, end = chosen.bounds[0][0], chosen.bounds[-1][1]
+            ties = untie(holdings.chain.model, holdings.chain.layers[first:end],
+                         chosen.bounds) if setup.tied else []
             layouts = [Layout([m], holdings.precision.dtype_of) for m in holdings.chain.layers] \
                 if ties else setup.layouts
             _build_packs(chosen, holdings, setup, ties, packs)

@@ -222,9 +222,9 @@ class ModelFacts:
         for k, v in model_tensors(chain).items():
             keys.setdefault(id(v), []).append(k)
         first_key = {i: ks[0] for i, ks in keys.items() if len(ks) > 1}
-        # (pipeline stages: a trainable one is refused above, a frozen one left as it was)
-        return cls(layouts, origin, tied, params, first_key,
-                   shared=bool(tied) or (bool(shared) and pipeline is None))
+        # (pipeline stages: a trainable one is refused above; a frozen one gets a copy per
+        # pack of the stage that uses it, as in one process)
+        return cls(layouts, origin, tied, params, first_key, shared=bool(shared))
 
     def origin_device(self, entry: Any) -> torch.device:
         """The device layout entry ``entry``'s tensor came from (the CPU if unknown)."""

@@ -124,6 +124,30 @@ def test_state_dict_before_the_first_step_is_the_models(tmp_path: Path, one_thre
         assert all(torch.equal(r["before"][k], want[k]) for k in want)
 
 
+def test_a_frozen_layer_used_twice_on_one_stage_equals_one_process(tmp_path: Path,
+                                                                    one_thread: None) -> None:
+    """A frozen module used by two packs of the same stage: each pack gets its own copy of it,
+    as in one process, instead of both binding the one tensor (which one of them swapped
+    out)."""
+    codes, _ = _launch(tmp_path, steps=3, frozen_shared=True, stages=[(0, 5), (5, 6)],
+                       device_memory=3500)
+    assert codes == [0, 0]
+    ranks = _results(tmp_path)
+    model = worker.frozen_shared_model()  # plain PyTorch (its forward calls the module twice)
+    opt = worker.optimizer([p for p in model.parameters() if p.requires_grad])
+    for x, y in worker.frozen_shared_batches(3):
+        for xm, ym in zip(x.split(worker.MICRO), y.split(worker.MICRO)):
+            (torch.nn.functional.mse_loss(model(xm), ym) * (len(ym) / len(y))).backward()
+        opt.step()
+        opt.zero_grad()
+    want = model.state_dict()
+    assert len(ranks[0]["bounds"]) > 2, "the stage was expected to hold several packs"
+    for r in ranks:
+        assert r["state"].keys() == want.keys()
+        for k in want:
+            assert torch.equal(r["state"][k], want[k]), k
+
+
 def test_given_stages_are_kept(tmp_path: Path, one_thread: None) -> None:
     codes, _ = _launch(tmp_path, steps=1, stages=[(0, 4), (4, 5)])
     ranks = _results(tmp_path)
