@@ -259,6 +259,8 @@ class UpdatePath:
         assert self._broadcast is not None, f"*W{p} needs a sharded optimizer"
         self.join(p)
         self._weights.settle_buffers(p)  # (the collective reads or writes the whole home copy)
+        if not self.owns(p):  # it writes this rank's home copy, which a load may still read
+            self._weights.settle_home(p)
         record = self._updates[p]
         sending, record.sending = record.sending, None
         self._broadcast.send(self._packs[p], sending)

@@ -38,12 +38,14 @@ class DeviceCopy:
     memory until its update writes them; ``changed_copy``: the copy of the changed buffers to
     the home copy (or into ``changed``) until the step ends, waited for before a forward changes
     them again, before the next load reads the home copy, or before the host reads them.
+    ``home_read``: the last load, which reads the home copy, until the host knows it ended.
     """
 
     buf: torch.Tensor | None = None
     ready: Handle | None = None
     changed: list[torch.Tensor] | None = None
     changed_copy: Handle | None = None
+    home_read: Handle | None = None
 
 
 class DeviceWeights:
@@ -80,6 +82,7 @@ class DeviceWeights:
         buf = self._dev.allocate(pack.layout.w_bytes, f"weights of pack {p}")
         name = link(pack.home, Loc.DEVICE)
         copy.ready = self._homes[pack.home].load_weights(pack, buf, name, copy.changed_copy)
+        copy.home_read = copy.ready
         copy.buf = buf
         pack.layout.bind(buf)
 
@@ -139,6 +142,15 @@ class DeviceWeights:
             handle, copy.changed_copy = copy.changed_copy, None
             self._engine.synchronize(handle, BUFFERS)
 
+    def settle_home(self, p: int) -> None:
+        """Make the host know pack ``p``'s last load from its home copy has ended, before
+        something other than its update writes that copy (a sharded optimizer's broadcast
+        arriving from the pack's owner)."""
+        copy = self._copies[p]
+        if copy.home_read is not None:
+            handle, copy.home_read = copy.home_read, None
+            self._engine.synchronize(handle, link(self._packs[p].home, Loc.DEVICE))
+
     def take_changed(self, p: int) -> tuple[list[torch.Tensor] | None, Handle | None]:
         """Pack ``p``'s changed buffers held in host memory and their copy there, handed to
         its update, which writes them (None, None: none)."""
@@ -165,9 +177,9 @@ class DeviceWeights:
         return [c.buf for c in self._copies if c.buf is not None]
 
     def end_step(self) -> None:
-        """The step's device work is done: no copy of changed buffers is in flight."""
+        """The step's device work is done: no copy of changed buffers or load is in flight."""
         for copy in self._copies:
-            copy.changed_copy = None
+            copy.changed_copy = copy.home_read = None
 
     def abandon(self) -> None:
         """After a failed step: free every device copy and forget changed buffers (the home
@@ -176,4 +188,4 @@ class DeviceWeights:
             if copy.buf is not None:
                 self.free(p)
         for copy in self._copies:
-            copy.changed = copy.changed_copy = None
+            copy.changed = copy.changed_copy = copy.home_read = None
