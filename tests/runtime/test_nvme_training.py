@@ -140,11 +140,13 @@ def _least_budgets(tmp_path: Path, batch: tuple[torch.Tensor, torch.Tensor]) -> 
     return device, least(device, 1).host_needed
 
 
-def test_disk_full_mid_step_is_clear_and_checkpoint_survives(tmp_path: Path) -> None:
+def test_disk_full_mid_step_is_clear_and_checkpoint_survives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The NVMe directory fills up while a step writes its activations: a clear error naming
     the problem, and the last saved checkpoint (on another disk) still loads intact."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small filesystem needs root")
+    fix_timing(monkeypatch.setattr)  # (the same plans whatever the machine's load)
     batches = _batches("transformer", 3)
     device, host = _least_budgets(tmp_path, batches[0])
     factory, loss_fn, _ = MODELS["transformer"]
@@ -153,7 +155,7 @@ def test_disk_full_mid_step_is_clear_and_checkpoint_survives(tmp_path: Path) -> 
                             device_memory=device, host_memory=host, nvme_dir=small)
         with t:
             t.step(*batches[0])
-            assert t.plan is not None and t.plan.placement.x[-1] is Loc.NVME
+            assert t.plan is not None and Loc.NVME in t.plan.placement.x
             t.save(tmp_path / "ckpt")
             saved = t.state_dict()
             free = os.statvfs(small).f_bavail * os.statvfs(small).f_frsize
