@@ -17,6 +17,11 @@ bytes charged until that copy is done. When a request would exceed the capacity,
 takes back what finished copies freed, then waits for the oldest pending ones, and only then
 raises :class:`OutOfCapacity`: the accounted bytes never exceed the capacity.
 
+A tier may also be given the level its plan predicts (:meth:`Tier.plan_for`): a request that
+would take the books above it first waits for pending releases (a disk slower than planned
+still writing a buffer back, say), so the bytes held follow the plan whatever the copies'
+speed; with none pending it goes ahead (the level is a prediction, the capacity the bound).
+
 Threads: every method may be called from any thread (one lock guards the books; no lock is held
 while waiting for a copy). A thread that must not compete with another for room, such as the
 optimizer step of an NVMe-homed pack on the update worker, takes a :class:`Reservation`: bytes
@@ -114,6 +119,7 @@ class Tier:
         self._alloc = alloc
         self.used = 0
         self.peak = 0
+        self.planned: int | None = None  # the level pending releases are waited for above
         self.allocations = 0  # buffers created (not reused): constant in a steady state
         self._free: dict[int, list[torch.Tensor]] = defaultdict(list)
         self._cached = 0
@@ -171,6 +177,17 @@ class Tier:
             self.share_capacity = self._share and capacity is not None
             if capacity is not None and self.share_capacity:
                 self._trim_to(capacity - self.used)
+
+    def plan_for(self, level: int | None) -> None:
+        """Hold the books at ``level`` bytes (None: no level) by waiting, before a request
+        goes above it, for the pending releases (never raising for it).
+
+        >>> t = Tier("host", torch.device("cpu"), capacity=1024)
+        >>> t.plan_for(512); t.planned
+        512
+        """
+        with self._lock:
+            self.planned = level
 
     def reset_peak(self) -> None:
         with self._lock:
@@ -348,10 +365,12 @@ class Tier:
             handle.synchronize()
 
     def _make_room(self, nbytes: int, what: str) -> None:
-        if self.capacity is None:
-            self._reclaim_done()
-            return
         self._reclaim_done()
+        if self.planned is not None:  # above the plan's level: the copies behind first
+            while self.used + nbytes > self.planned and self._pending:
+                self._reclaim_oldest()
+        if self.capacity is None:
+            return
         while self.used + nbytes > self.capacity and self._pending:
             self._reclaim_oldest()
         if self.used + nbytes > self.capacity:

@@ -157,6 +157,9 @@ class Steps:
         if pipeline is not None:  # later stages receive their inputs
             data = pipeline.step_data(data)
         step = self.count
+        # The host tier keeps to the plan's predicted level: above it, a request first waits
+        # for buffers still being written back (a disk slower than planned), not for nothing.
+        h.tiers[Loc.HOST].plan_for(plan_.predicted.peak.get(Loc.HOST))
         try:
             loss = runtime.run(plan_.schedule, plan_.sizes, data, self.count, h.stats.seconds,
                                mb_offset=mb_offset, record=self.recorder.tasks)

@@ -267,6 +267,30 @@ def test_over_capacity_after_waiting_for_everything() -> None:
     assert t.used == 500
 
 
+def test_above_the_planned_level_pending_releases_come_back_first() -> None:
+    """A planned level below the capacity: a request that would go above it waits for the
+    releases pending on copies (oldest first, only as many as needed), so the peak stays at
+    the plan's level however slow the copies; with nothing pending it goes above, up to
+    the capacity, without raising."""
+    t = Tier("host", CPU, capacity=10_000)
+    t.plan_for(1000)
+    first, second = Pending(), Pending()
+    a, b = t.allocate(400), t.allocate(400)
+    t.release(a, after=first)
+    t.release(b, after=second)
+    t.allocate(500)  # 1300 > 1000: the first release comes back, the second need not
+    assert (first.syncs, second.syncs, t.used, t.peak) == (1, 0, 900, 900)
+    t.allocate(3000)  # above the level: the second release comes back too
+    assert (second.syncs, t.used, t.peak) == (1, 3500, 3500)
+    t.allocate(2000)  # nothing pending: above the level, within the capacity
+    assert t.used == 5500
+    t.plan_for(None)
+    c = Pending()
+    t.release(t.allocate(100), after=c)
+    t.allocate(100)  # no level: nothing is waited for below the capacity
+    assert (c.syncs, t.used) == (0, 5700)
+
+
 def test_drain() -> None:
     t = Tier("host", CPU, capacity=1000)
     handles = [Pending() for _ in range(3)]
