@@ -150,7 +150,6 @@ def instrument() -> None:
         return
     _instrumented = True
     real_fsync_file, real_fsync_dir = checkpoint._fsync_file, checkpoint._fsync_dir
-    real_st = checkpoint._safetensors()
     real_rmtree = checkpoint.shutil.rmtree
 
     def fsync_file(path: Path) -> None:
@@ -171,11 +170,9 @@ def instrument() -> None:
         PROGRESS.hook("ck.rmtree", Path(path).name)
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    shim = SimpleNamespace(save_file=real_st.save_file, load_file=real_st.load_file)
     checkpoint.write_safetensors = write_safetensors  # type: ignore[assignment]
     checkpoint._fsync_file = fsync_file
     checkpoint._fsync_dir = fsync_dir
-    checkpoint._safetensors = lambda: shim
     checkpoint.shutil = SimpleNamespace(rmtree=rmtree)  # type: ignore[assignment]
     checkpoint.os = _OsProxy()  # type: ignore[assignment]
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from harmony.io import tensor_files
-from harmony.io.tensor_files import Streamed
+from harmony.io.tensor_files import FileTensors, Streamed
 
 FORMAT = 1
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
@@ -52,15 +52,6 @@ _OPEN_ATTEMPTS = 20  # a reader's tries when writers keep pruning the checkpoint
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors.torch as st
-    except ImportError as err:  # pragma: no cover - a declared dependency
-        raise ImportError("checkpoints need the safetensors package: pip install safetensors"
-                          ) from err
-    return st
 
 
 def _fsync_dir(path: Path) -> None:
@@ -170,8 +161,8 @@ def _entries(root: Path, prefix: str) -> list[Path]:
 # -- writing ----------------------------------------------------------------------------------
 
 def save(root: str | os.PathLike[str], step: int,
-         model: dict[str, torch.Tensor] | Streamed,
-         optimizer: dict[str, torch.Tensor] | Streamed, meta: dict[str, Any],
+         model: Mapping[str, torch.Tensor] | Streamed,
+         optimizer: Mapping[str, torch.Tensor] | Streamed, meta: dict[str, Any],
          keep: int = 1) -> Path:
     """Write a checkpoint for ``step`` under ``root`` atomically; returns its directory.
 
@@ -199,8 +190,8 @@ def save(root: str | os.PathLike[str], step: int,
     return final
 
 
-def _write(root: Path, step: int, model: dict[str, torch.Tensor] | Streamed,
-           optimizer: dict[str, torch.Tensor] | Streamed, meta: dict[str, Any]) -> Path:
+def _write(root: Path, step: int, model: Mapping[str, torch.Tensor] | Streamed,
+           optimizer: Mapping[str, torch.Tensor] | Streamed, meta: dict[str, Any]) -> Path:
     """The new checkpoint, complete and named by ``LATEST`` (writer lock held)."""
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
     final = root / f"ckpt-{step:09d}"
@@ -339,9 +330,12 @@ def checkpoint_dir(path: str | os.PathLike[str]) -> Path:
     return ckpt
 
 
-def load(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
-                                                  dict[str, torch.Tensor], dict[str, Any]]:
+def load(path: str | os.PathLike[str]) -> tuple[FileTensors, FileTensors, dict[str, Any]]:
     """Read and verify a checkpoint: ``(model tensors, optimizer tensors, meta)``.
+
+    The tensors are mappings of key -> tensor that read each tensor from its file when it is
+    looked up (:class:`harmony.io.tensor_files.FileTensors`; ``dict(...)`` reads them all),
+    so a checkpoint larger than host memory is applied one tensor at a time.
 
     ``path`` is a checkpoint root (its newest complete checkpoint is read) or one ``ckpt-*``.
     Every file's SHA-256 is checked and ``meta.json`` is checked field by field
@@ -388,9 +382,7 @@ def _opened(ckpt: Path) -> Iterator[dict[str, int]]:
             os.close(fd)
 
 
-def _read(ckpt: Path, fds: dict[str, int]) -> tuple[dict[str, torch.Tensor],
-                                                    dict[str, torch.Tensor], dict[str, Any]]:
-    st = _safetensors()
+def _read(ckpt: Path, fds: dict[str, int]) -> tuple[FileTensors, FileTensors, dict[str, Any]]:
     meta_path = ckpt / "meta.json"
     try:
         with os.fdopen(os.dup(fds["meta.json"]), "rb") as stream:
@@ -404,11 +396,11 @@ def _read(ckpt: Path, fds: dict[str, int]) -> tuple[dict[str, torch.Tensor],
         if _sha256(fd) != meta["sha256"][name]:
             raise CheckpointError(f"{f} is truncated or corrupted (its SHA-256 does not match "
                                   "meta.json); restore it or load an older checkpoint")
-        # (through the open descriptor: the bytes just hashed, even if the file was pruned)
-        by_fd = f"/proc/self/fd/{fd}"
+        # Read a tensor at a time when looked up (a checkpoint may exceed host memory),
+        # through the open descriptor: the bytes just hashed, even if the file is pruned.
         try:
-            out.append(st.load_file(by_fd if os.path.exists(by_fd) else f))
-        except Exception as err:
+            out.append(FileTensors(f, fd))
+        except ValueError as err:
             raise CheckpointError(f"{f} is not a valid safetensors file ({err})") from err
     return out[0], out[1], meta
 

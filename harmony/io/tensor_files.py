@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -139,3 +140,90 @@ def _write(path: str | os.PathLike[str], streamed: Streamed, header: bytes) -> N
             del value, data  # (freed before the next is produced)
         if next(produced, None) is not None:
             raise ValueError(f"{path}: more tensors were produced than the header names")
+
+
+_NAMES = {name: dtype for dtype, name in DTYPES.items()}
+
+
+class FileTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file, each read from disk when it is looked up: the
+    stand-in for ``load_file(path)`` where the file may exceed host memory (a checkpoint's
+    optimizer state, say). Only the header is read up front.
+
+    The file is held open, so it stays readable if it is deleted or replaced meanwhile (a
+    writer pruning old checkpoints); the descriptor is closed with the mapping.
+
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+    >>> write_safetensors(path, {"a": torch.ones(2, 3), "b": torch.arange(4)})
+    >>> t = FileTensors(path)
+    >>> sorted(t), t.spec("a").shape, t["b"].tolist()
+    (['a', 'b'], (2, 3), [0, 1, 2, 3])
+
+    Raises:
+        ValueError: ``path`` is not a safetensors file (a header that does not parse, an
+            unknown dtype, a byte range past the file's end).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fd: int | None = None) -> None:
+        self.path = str(path)
+        self._fd = os.open(path, os.O_RDONLY) if fd is None else os.dup(fd)
+        self._close = weakref.finalize(self, os.close, self._fd)
+        try:
+            self._specs, self._ranges = self._read_header()
+        except BaseException:
+            self._close()
+            raise
+
+    def _read_header(self) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]]]:
+        size = os.fstat(self._fd).st_size
+        try:
+            n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(os.pread(self._fd, n, 8))
+            specs, ranges = {}, {}
+            for key, e in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = (8 + n + int(o) for o in e["data_offsets"])
+                spec = TensorSpec(key, _NAMES[e["dtype"]], tuple(int(d) for d in e["shape"]))
+                if not 8 + n <= begin <= end <= size or end - begin != spec.nbytes:
+                    raise ValueError(f"tensor {key!r}'s bytes {begin}..{end} do not fit")
+                specs[key], ranges[key] = spec, (begin, end)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{self.path} is not a safetensors file ({err!r})") from err
+        return specs, ranges
+
+    def spec(self, key: str) -> TensorSpec:
+        """``key``'s dtype and shape, from the header (no data is read)."""
+        return self._specs[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        spec, (begin, end) = self._specs[key], self._ranges[key]
+        # A tensor of its own (not a view of a byte buffer: a view would keep its base alive
+        # after its own storage is swapped out, as the packs do with optimizer state).
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        view, done = out.view(-1).view(torch.uint8).numpy().data, 0
+        while done < end - begin:
+            got = os.preadv(self._fd, [view[done:]], begin + done)
+            if got == 0:
+                raise OSError(errno.EIO, f"{self.path} ended while reading {key!r}")
+            done += got
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs
+
+    def close(self) -> None:
+        """Close the file now (lookups fail after)."""
+        self._close()
+
+    def __repr__(self) -> str:
+        return f"FileTensors({self.path!r}, {len(self._specs)} tensors)"

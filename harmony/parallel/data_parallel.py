@@ -40,7 +40,7 @@ gradients one after the other.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -221,7 +221,7 @@ class DataParallel:
         self._collective(lambda: dist.all_reduce(buf), "a sum")
         return float(buf.item())
 
-    def gather_optimizer(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any],
+    def gather_optimizer(self, tensors: Mapping[str, torch.Tensor], scalars: dict[str, Any],
                          groups: dict[int, Any], scheduler: Any,
                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[Any], Any]:
         """Every rank's shard of the optimizer state merged, on every rank (sharded

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -355,14 +355,14 @@ class Pipeline:
             out.update(part)
         return out
 
-    def gather_optimizer(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any],
+    def gather_optimizer(self, tensors: Mapping[str, torch.Tensor], scalars: dict[str, Any],
                          groups: list[Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any],
                                                      list[Any]]:
         """Every rank's optimizer state on rank 0 (others get their own back; collective)."""
         parts: list[Any] | None = [None] * self.ranks if self.rank == 0 else None
-        dist.gather_object((tensors, scalars, groups), parts, dst=0)
+        dist.gather_object((dict(tensors), scalars, groups), parts, dst=0)
         if parts is None:
-            return tensors, scalars, groups
+            return dict(tensors), scalars, groups
         all_t: dict[str, torch.Tensor] = {}
         all_s: dict[str, Any] = {}
         all_g: list[Any] = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,9 +37,9 @@ if TYPE_CHECKING:
 
 __all__ = ["OptimizerState", "OptimizerTensors", "state_in_memory"]
 
-# (tensors by "<key>/<name>", other values by "<key>/<name>", each pack's param_groups less
-# their parameters)
-OptimizerTensors = tuple[dict[str, torch.Tensor], dict[str, Any], list[Any]]
+# (tensors by "<key>/<name>" (a dict, or a checkpoint's file read as they are looked up),
+# other values by "<key>/<name>", each pack's param_groups less their parameters)
+OptimizerTensors = tuple[Mapping[str, torch.Tensor], dict[str, Any], list[Any]]
 
 
 class OptimizerState:
@@ -173,6 +173,11 @@ class OptimizerState:
         if self.pending is None:
             return
         tensors, scalars, groups = self.pending
+        # parameter key -> its state's names ("key/exp_avg"); a tensor is read (from a
+        # checkpoint's file, say) only as its pack takes it: one pack's state at a time
+        names: dict[str, list[str]] = {}
+        for name in list(tensors) + list(scalars):
+            names.setdefault(name.rpartition("/")[0], []).append(name)
         # A pipeline rank's packs are the checkpoint's packs from its first one on.
         pipeline = self.holdings.pipeline
         offset = pipeline.first_pack if pipeline is not None else 0
@@ -181,10 +186,9 @@ class OptimizerState:
             order = [p for g in pack.optimizer.param_groups for p in g["params"]]
             state: dict[int, dict[str, Any]] = {}
             for idx, param in enumerate(order):
-                prefix = keys[id(param)] + "/"
-                entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                entry.update({k[len(prefix):]: v for k, v in scalars.items()
-                              if k.startswith(prefix)})
+                key = keys[id(param)]
+                entry = {name[len(key) + 1:]: tensors[name] if name in tensors
+                         else scalars[name] for name in names.get(key, [])}
                 if entry:
                     state[idx] = entry
             sd = pack.optimizer.state_dict()

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,7 @@ from torch import nn
 
 from harmony.io import checkpoint
 from harmony.io.export import write_shards
-from harmony.io.tensor_files import Streamed
+from harmony.io.tensor_files import FileTensors, Streamed
 from harmony.model.hf_export import adapter_keys, write_adapter, write_config
 from harmony.planning.sizes import parse_bytes
 from harmony.training import streaming
@@ -38,7 +38,6 @@ from harmony.training.optimizer_state import OptimizerState, OptimizerTensors
 if TYPE_CHECKING:
     from harmony.model.layout import Layout
     from harmony.planning.plan import Plan
-    from harmony.runtime.pack import Pack
     from harmony.training.built import Built
     from harmony.training.holdings import Holdings
 
@@ -49,8 +48,8 @@ __all__ = ["Loaded", "StateIO"]
 class Loaded:
     """A checkpoint read and checked against the trainer, not yet applied."""
 
-    weights: dict[str, torch.Tensor]
-    optimizer_tensors: dict[str, torch.Tensor]
+    weights: FileTensors  # (each read from disk when looked up)
+    optimizer_tensors: FileTensors
     meta: dict[str, Any]
 
 
@@ -129,7 +128,7 @@ class StateIO:
               optimizer: OptimizerTensors | None, weights: dict[str, torch.Tensor] | None, *,
               step_count: int, seed: int, schedule: str, micro_batch_size: int | str) -> Path:
         h = self.holdings
-        tensors: dict[str, torch.Tensor] | Streamed
+        tensors: Mapping[str, torch.Tensor] | Streamed
         if h.pipeline is not None:  # rank 0 writes every stage's state (collective)
             tensors, scalars, groups = optimizer if optimizer is not None \
                 else self.optimizer.read(built)
@@ -181,10 +180,11 @@ class StateIO:
                 f"{extra[:5]}")
         for k, v in current.items():
             shape, dtype = own.get(id(v), (v.shape, v.dtype))
-            if weights[k].shape != shape or weights[k].dtype != dtype:
+            saved_spec = weights.spec(k)  # (from the header: no tensor is read here)
+            if saved_spec.shape != tuple(shape) or saved_spec.dtype != dtype:
                 raise checkpoint.CheckpointError(
-                    f"checkpoint {path} is of another model: {k} is {tuple(weights[k].shape)} "
-                    f"{weights[k].dtype} there, {tuple(shape)} {dtype} here")
+                    f"checkpoint {path} is of another model: {k} is {saved_spec.shape} "
+                    f"{saved_spec.dtype} there, {tuple(shape)} {dtype} here")
         saved, mine = meta.get("optimizer") or "", self.optimizer.optimizer_name(built)
         if saved and mine and saved != mine:
             raise checkpoint.CheckpointError(
@@ -215,15 +215,24 @@ class StateIO:
             # A model on the meta device takes these values when its packs are built,
             # read from the checkpoint one tensor at a time.
             h.materializer.use_weights(checkpoint.checkpoint_dir(path))
-        homes, flats = self._home_views(built)
+        keys: dict[int, str] = {}  # (a tied weight is one tensor under several keys)
+        for k, v in current.items():
+            if not v.is_meta:
+                keys.setdefault(id(v), k)
+        homed: set[int] = set()
         with torch.no_grad():
+            # pack by pack (one NVMe pack's weights in memory at a time), each key read
+            # from the checkpoint's file as it is copied
+            for views in self._pack_homes(built):
+                for tensor_id, homes in views.items():
+                    if tensor_id in keys:
+                        value = loaded.weights[keys[tensor_id]]
+                        for home in homes:
+                            home.copy_(value)
+                        homed.add(tensor_id)
             for k, v in current.items():
-                if v.is_meta:
-                    continue
-                for home in homes.get(id(v), [v]):
-                    home.copy_(loaded.weights[k])
-        for pack, kind, flat in flats:  # weights that live on NVMe go back to their files
-            pack.write_flat(kind, flat)
+                if id(v) in keys and id(v) not in homed:
+                    v.copy_(loaded.weights[k])
         meta = loaded.meta
         self.optimizer.pending = (loaded.optimizer_tensors, meta["optimizer_scalars"],
                                   meta["optimizer_groups"])
@@ -272,25 +281,23 @@ class StateIO:
             return dp.save(write, "the export")  # wait for it and raise its error
         return write()
 
-    def _home_views(self, built: Built | None) -> tuple[dict[int, list[torch.Tensor]],
-                                                        list[tuple[Pack, str, torch.Tensor]]]:
-        """Views of every weight's home copies (W, and the fp32 masters in mixed precision),
-        and the flat copies read from NVMe with their pack and kind (``"W"``, ``"M"``)."""
+    def _pack_homes(self, built: Built | None) -> Iterator[dict[int, list[torch.Tensor]]]:
+        """Per pack, views of its weights' home copies (W, and the fp32 masters in mixed
+        precision) by weight; a pack homed on NVMe is read for it, and written back to its
+        files once the caller has filled the views (one pack's weights in memory at a time)."""
         self.holdings.weights_arrived()
         if built is None:
-            return {}, []
-        views: dict[int, list[torch.Tensor]] = {}
-        flats = []
+            return
         for pack in built.packs:
             flat = pack.home_weights()
-            if pack.home_w is None:
-                flats.append((pack, "W", flat))
-            for e in pack.layout.entries:
-                views[id(e.tensor)] = [e.view(flat)]
+            views = {id(e.tensor): [e.view(flat)] for e in pack.layout.entries}
+            masters = None
             if pack.layout.mixed and pack.owned:  # (another rank's pack: it has the masters)
                 masters = pack.master_weights()
-                if pack.home_m is None:
-                    flats.append((pack, "M", masters))
                 for e in pack.layout.trainable:
                     views[id(e.tensor)].append(e.gview(masters))
-        return views, flats
+            yield views
+            if pack.home_w is None:
+                pack.write_flat("W", flat)
+            if masters is not None and pack.home_m is None:
+                pack.write_flat("M", masters)
