@@ -23,7 +23,8 @@ Outside ``device_memory`` altogether: the CUDA context (a few hundred MiB of the
 the allocator's), NCCL's own buffers, and the cuBLAS/cuBLASLt workspaces of the compute stream
 (up to 32 MiB each on recent GPUs, kept for the process's life). A trainer therefore refuses a
 ``device_memory`` that the GPU's free memory cannot hold together with
-:data:`WORKSPACE_HEADROOM` (:func:`check_fits`).
+:data:`WORKSPACE_HEADROOM` (:func:`check_fits`), at construction and when the budget is set
+between steps (then against :func:`room_for_new_packs`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def check_fits(device_memory: int | None, free_bytes: int, device: object = "cud
             f"{fmt_bytes(free_bytes)} are free (the CUDA context and other processes hold the "
             f"rest) and the cuBLAS workspaces need up to {fmt_bytes(WORKSPACE_HEADROOM)} "
             f"beside the budget; use device_memory<={fmt_bytes(most)} or free the GPU")
+
+
+def room_for_new_packs(device: torch.device, held: int) -> int:
+    """The bytes a new plan's packs can have on CUDA ``device`` once this trainer's packs
+    (``held`` bytes of the device tier) are released: the driver's free memory, the blocks the
+    caching allocator keeps free, and ``held``. For :func:`check_fits` when a budget is set
+    between steps.
+    """
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + max(0, cached) + held
 
 
 class ReservedPeak:

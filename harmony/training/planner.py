@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from harmony.planning.bandwidth import measured_bandwidth
+from harmony.planning.device_memory import check_fits, room_for_new_packs
 from harmony.planning.groups import refuse_ungroupable
 from harmony.planning.microbatch import split_batch
 from harmony.planning.plan import Plan
@@ -41,6 +42,7 @@ from harmony.planning.planner import largest_micro_batch, plan
 from harmony.planning.profile import UNCHECKED, profile_layers
 from harmony.planning.request import Bounds, PlanRequest, Tied
 from harmony.planning.sizes import parse_bytes
+from schedules.task import Loc
 
 if TYPE_CHECKING:
     from harmony.model.layout import Layout
@@ -146,14 +148,20 @@ class TrainerPlanner:
         to come; ``planned``: the packs are built (the trainer's next step plans afresh).
 
         Raises:
-            ValueError: an unparseable or negative size, or a new budget for pipeline stages
-                already planned (they are planned once); the budget stays as it was.
+            ValueError: an unparseable or negative size, a new budget for pipeline stages
+                already planned (they are planned once), or a ``device_memory`` the GPU cannot
+                hold once this trainer's packs are released (naming what is free); the budget
+                stays as it was.
         """
         parsed = parse_bytes(value, name)
-        if self.holdings.pipeline is not None and planned and parsed != getattr(self, name):
+        h = self.holdings
+        if h.pipeline is not None and planned and parsed != getattr(self, name):
             raise ValueError(f"{name}={value!r} refused: with parallel='pipeline' the stages "
                              "are planned once, at the first step; make a new Trainer with "
                              f"{name}={value!r} and load() a checkpoint into it")
+        if name == "device_memory" and h.device.type == "cuda":  # as at construction
+            check_fits(parsed, room_for_new_packs(h.device, h.tiers[Loc.DEVICE].used),
+                       h.device)
         setattr(self, name, parsed)
 
     @property

@@ -169,8 +169,9 @@ class Trainer:
         the new packs, exactly as for a batch shape the packs cannot hold (README,
         "Placement"); the tier then holds that budget. With data parallelism set it on every
         rank alike. Setting raises ValueError for an unparseable or negative size, naming it,
-        or with ``parallel="pipeline"`` after the first step (its stages are planned once);
-        the budget then stays as it was.""")
+        with ``parallel="pipeline"`` after the first step (its stages are planned once), or
+        on a GPU for a budget that its free memory (with what this trainer's packs hold)
+        cannot hold beside the workspaces; the budget then stays as it was.""")
     host_memory = _budget("host_memory", "The host budget in bytes (None: no limit); setting "
                           "it as for :attr:`device_memory`.")
 

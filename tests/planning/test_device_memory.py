@@ -116,3 +116,12 @@ def test_a_packs_working_memory_charges_what_a_cuda_profile_measured() -> None:
     assert sizes.work == [[(40 + 60 + 300) * 4]]  # every saved tensor, one layer's scratch
     small = [_layer(40.0, 10.0, work=45.0)]  # measured below the estimate: the estimate holds
     assert pack_sizes(small, ((0, 1),), [4], 2.0).work == [[(40 + 20) * 4]]
+
+
+def test_room_for_new_packs_counts_free_cached_and_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = FakeAllocator(monkeypatch)
+    a.reserved, a.allocated = 900 * MIB, 700 * MIB  # 200 MiB cached, free for reuse
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1000 * MIB, 80 << 30))
+    cuda = torch.device("cuda", 0)
+    assert dm.room_for_new_packs(cuda, held=300 * MIB) == (1000 + 200 + 300) * MIB
+

@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import harmony
+from harmony.planning import device_memory as dm
+from harmony.training.config import TrainerConfig
+from harmony.training.planner import TrainerPlanner
 from harmony.training.trainer import Trainer
 from schedules.task import Loc
+from swap.tier import Tier
 from tests.models import (
     TinyTransformer,
     assert_weights_close,
     cross_entropy_tokens,
     training_state_bytes,
 )
+from tests.planning.test_device_memory import MIB, FakeAllocator
 from tests.timing import fix_timing
 
 
@@ -243,11 +249,7 @@ def test_a_budget_raised_after_an_infeasible_first_step_is_the_tiers_too(
 def test_pipeline_stages_planned_once_refuse_a_new_budget() -> None:
     """Pipeline stages are planned once: a new budget after the first step is refused naming
     it (before it, and the same value, pass); a bad size is refused anywhere."""
-    from types import SimpleNamespace
-
-    from harmony.training.planner import TrainerPlanner
-
-    stage = SimpleNamespace(pipeline=object())  # the holdings of a pipeline rank
+    stage = SimpleNamespace(pipeline=object(), device=torch.device("cpu"))  # a pipeline rank's
     planner = TrainerPlanner(harmony.TrainerConfig(), stage, cross_entropy_tokens,  # type: ignore[arg-type]
                              given=None, k_ratio=2.0, tied=[], device_memory=1 << 20,
                              host_memory=None)
@@ -258,3 +260,27 @@ def test_pipeline_stages_planned_once_refuse_a_new_budget() -> None:
     with pytest.raises(ValueError, match="device_memory="):
         planner.set_budget("device_memory", "lots", planned=False)
     assert (planner.device_memory, planner.host_memory) == (2 << 20, None)
+
+
+def test_a_device_budget_set_between_steps_is_checked_against_the_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As at construction: a budget the GPU cannot hold once the trainer's packs are released
+    is refused with the numbers, and the budget stays as it was; one it can hold is taken."""
+    a = FakeAllocator(monkeypatch)
+    a.reserved = a.allocated = 500 * MIB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (1 << 30, 80 << 30))
+    tier = Tier("device", torch.device("cpu"), capacity=400 * MIB)
+    tier.charge(400 * MIB)  # what the packs hold now, released at the re-home
+    holdings = SimpleNamespace(pipeline=None, device=torch.device("cuda", 0),
+                               tiers={Loc.DEVICE: tier})
+    planner = TrainerPlanner(TrainerConfig(), holdings, lambda o, y: o.sum(),  # type: ignore[arg-type]
+                             given=None, k_ratio=2.0, tied=[], device_memory=400 * MIB,
+                             host_memory=None)
+    room = (1 << 30) + 400 * MIB  # free, and the packs' bytes
+    with pytest.raises(ValueError, match=r"device_memory=1.39GiB does not fit on cuda:0"):
+        planner.set_budget("device_memory", room, planned=True)
+    assert planner.device_memory == 400 * MIB
+    planner.set_budget("device_memory", room - dm.WORKSPACE_HEADROOM, planned=True)
+    assert planner.device_memory == room - dm.WORKSPACE_HEADROOM
+    planner.set_budget("host_memory", 1 << 40, planned=True)  # (not the GPU's)
+    assert planner.host_memory == 1 << 40
