@@ -159,7 +159,8 @@ class TrainerPlanner:
             raise ValueError(f"{name}={value!r} refused: with parallel='pipeline' the stages "
                              "are planned once, at the first step; make a new Trainer with "
                              f"{name}={value!r} and load() a checkpoint into it")
-        if name == "device_memory" and h.device.type == "cuda":  # as at construction
+        if name == "device_memory" and h.device.type == "cuda" \
+                and parsed != self.device_memory:  # as at construction
             check_fits(parsed, room_for_new_packs(h.device, h.tiers[Loc.DEVICE].used),
                        h.device)
         setattr(self, name, parsed)
