@@ -16,8 +16,10 @@ weights at all). The peak is Linux's ``VmHWM``, reset at the baseline.
     python examples/bench_memory.py --n-layer 4 --dim 512 --steps 2        # smaller and faster
     python examples/bench_memory.py --nvme-dir /tmp/harmony-nvme --cases nvme --resume
 
-``--resume``: after training, each case saves a checkpoint, and a new trainer (its model on the
-meta device) loads it and steps once; its peak RSS is measured from a baseline of its own.
+``--rehome``: the device budget is raised by a quarter before the second step, so the state
+moves to new packs (a re-home) inside the measured run. ``--resume``: after training, each
+case saves a checkpoint, and a new trainer (its model on the meta device) loads it and steps
+once; its peak RSS is measured from a baseline of its own.
 
 Exit status 1 if any case broke the bound.
 """
@@ -40,10 +42,11 @@ from pathlib import Path
 
 import psutil
 
-try:
-    import harmony  # noqa: F401
-except ModuleNotFoundError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The harmony of the checkout this script is in, whatever another install provides (each case
+# runs in a fresh process: it measures this checkout's code).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if (_CHECKOUT / "harmony" / "__init__.py").is_file():
+    sys.path.insert(0, str(_CHECKOUT))
 
 MIB = 1 << 20
 
@@ -157,7 +160,9 @@ def child(args: argparse.Namespace) -> dict[str, object]:
     ckpt = Path(tempfile.mkdtemp(prefix="bench-memory-ckpt-", dir=args.nvme_dir)) \
         if args.resume else None
     with trainer:
-        for x, y in data:
+        for i, (x, y) in enumerate(data):
+            if i == 1 and args.rehome:  # a new budget: the state moves to new packs
+                trainer.device_memory = int(1.25 * device)
             trainer.step(x, y)
             after.append(rss_bytes() - base)
         assert trainer.plan is not None
@@ -202,7 +207,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, object]:
            "--n-layer", str(args.n_layer), "--dim", str(args.dim), "--vocab", str(args.vocab),
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
            "--micro-batch-size", str(args.micro_batch_size), "--steps", str(args.steps),
-           "--threads", str(args.threads)] + (["--resume"] if args.resume else [])
+           "--threads", str(args.threads)] + (["--resume"] if args.resume else []) + (
+               ["--rehome"] if getattr(args, "rehome", False) else [])
     if args.nvme_dir is not None:
         cmd += ["--nvme-dir", args.nvme_dir]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -263,6 +269,9 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true",
                     help="then save a checkpoint, load it into a new trainer (its model on "
                          "the meta device) and step: the load's peak RSS, within the same bound")
+    ap.add_argument("--rehome", action="store_true",
+                    help="set a new device budget (1.25 x) before the second step, so that "
+                         "the training state moves to new packs within the run measured")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

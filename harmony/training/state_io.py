@@ -29,7 +29,7 @@ from torch import nn
 
 from harmony.io import checkpoint
 from harmony.io.export import write_shards
-from harmony.io.tensor_files import FileTensors, Streamed
+from harmony.io.tensor_files import FileTensors, Streamed, TensorSpec, write_safetensors
 from harmony.model.hf_export import adapter_keys, write_adapter, write_config
 from harmony.planning.sizes import parse_bytes
 from harmony.training import streaming
@@ -51,6 +51,18 @@ class Loaded:
     weights: FileTensors  # (each read from disk when looked up)
     optimizer_tensors: FileTensors
     meta: dict[str, Any]
+
+
+@dataclass
+class Spilled:
+    """A trainer's state written out for a re-home (:meth:`StateIO.spill`): the weights' file,
+    each weight's dtype and shape (full precision), and the optimizer and scheduler state,
+    its tensors read from their file as they are looked up."""
+
+    weights_file: Path
+    specs: dict[str, TensorSpec]
+    optimizer: OptimizerTensors
+    scheduler: dict[str, Any] | None
 
 
 class StateIO:
@@ -211,13 +223,15 @@ class StateIO:
         ends."""
         h = self.holdings
         current = h.model_tensors()
-        if built is None and h.materializer.meta:
-            # A model on the meta device takes these values when its packs are built,
-            # read from the checkpoint one tensor at a time.
+        from_files = built is None and h.materializer.active
+        if from_files:
+            # Packs not built yet take their values from files (a model on the meta device,
+            # weights= files, a re-home's files after its build failed): from now on the
+            # checkpoint's, read one tensor at a time when the packs are built.
             h.materializer.use_weights(checkpoint.checkpoint_dir(path))
         keys: dict[int, str] = {}  # (a tied weight is one tensor under several keys)
         for k, v in current.items():
-            if not v.is_meta:
+            if not v.is_meta and not (from_files and h.materializer.direct(v)):
                 keys.setdefault(id(v), k)
         homed: set[int] = set()
         with torch.no_grad():
@@ -280,6 +294,26 @@ class StateIO:
         if dp is not None:  # one writer (ranks writing the same files would race); the others
             return dp.save(write, "the export")  # wait for it and raise its error
         return write()
+
+    def spill(self, built: Built, directory: Path) -> Spilled:
+        """Write the weights and the optimizer state to safetensors files in ``directory``, one
+        pack (an NVMe-homed one chunk by chunk) in memory at a time: a re-home's hand-over to
+        new packs where the state may exceed host memory (the NVMe directory holds it).
+
+        Raises:
+            OSError: the disk is full or unwritable (the files may be partial: the caller
+                removes ``directory``); nothing else changed.
+        """
+        h = self.holdings
+        weights = streaming.weights(h, built)
+        weights_file = directory / "model.safetensors"
+        write_safetensors(weights_file, weights, todo="free space in nvme_dir")
+        tensors, scalars, groups = streaming.optimizer(h, built)
+        write_safetensors(directory / "optimizer.safetensors", tensors,
+                          todo="free space in nvme_dir")
+        return Spilled(weights_file, {s.key: s for s in weights.specs},
+                       (FileTensors(directory / "optimizer.safetensors"), scalars, groups),
+                       self.optimizer.scheduler(built))
 
     def _pack_homes(self, built: Built | None) -> Iterator[dict[int, list[torch.Tensor]]]:
         """Per pack, views of its weights' home copies (W, and the fp32 masters in mixed

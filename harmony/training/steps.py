@@ -20,8 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,13 +41,15 @@ from harmony.training.batch import StepBatch
 from harmony.training.built import BuildSetup, Built, ShapeKey
 from schedules.task import Loc
 
+log = logging.getLogger("harmony")
+
 if TYPE_CHECKING:
     from harmony.training.config import OptimizerFactory, TrainerConfig
     from harmony.training.holdings import Holdings
     from harmony.training.planner import Profile, TrainerPlanner
     from harmony.training.recording import Recorder
     from harmony.training.setup import ModelFacts
-    from harmony.training.state_io import StateIO
+    from harmony.training.state_io import Spilled, StateIO
 
 __all__ = ["Rehome", "Steps"]
 
@@ -88,6 +94,7 @@ class Steps:
         # The budgets (device, host) the packs were built under; the trainer's may be set
         # between steps, and the next step then plans afresh under them.
         self.budgets: tuple[int | None, int | None] | None = None
+        self._spilled: Path | None = None  # a re-home's state on disk, until built from
 
     @property
     def layer_layouts(self) -> list[Layout]:
@@ -239,6 +246,7 @@ class Steps:
         # The packs hold the values now: a re-plan takes the trained ones, not init= or the
         # weights= files (a failed build above gives the next try the same values again).
         h.materializer.done()
+        self._drop_spill()  # (a re-home's files: read now)
 
     def _budgets_now(self) -> tuple[int | None, int | None]:
         """The trainer's budgets now (device, host)."""
@@ -263,19 +271,37 @@ class Steps:
     def rehome(self, x: tuple[torch.Tensor, ...], y: torch.Tensor, sizes: list[int],
                key: ShapeKey, profile: Profile) -> Plan:
         """Rebuild the packs from a fresh plan for these shapes, keeping weights, optimizer
-        and scheduler state (the same keyed hand-over as save/load, in memory)."""
+        and scheduler state (the same keyed hand-over as save/load). With an NVMe directory
+        the state goes through files there, one pack in memory at a time (:meth:`_spill`);
+        otherwise (it is in memory already) through memory."""
         h, built, optimizer = self.holdings, self.built, self.io.optimizer
         assert built is not None
-        weights = self.io.state_dict(built)
         sharded = h.dp is not None and h.dp.shard
-        optimizer_state = optimizer.gather(built) if sharded else optimizer.read(built)
-        scheduler_state = optimizer.gathered_scheduler if sharded else optimizer.scheduler(built)
+        spilled: Spilled | None = None
+        if h.store is None or sharded or h.pipeline is not None:
+            weights = self.io.state_dict(built)
+            optimizer_state = optimizer.gather(built) if sharded else optimizer.read(built)
+            scheduler_state = optimizer.gathered_scheduler if sharded \
+                else optimizer.scheduler(built)
         chosen = self.planner.fresh(x, y, sizes, profile)  # (raises: nothing changed)
+        if h.store is not None and not sharded and h.pipeline is None:
+            spilled = self._spill(built)
+            if spilled is None:  # (the disk is full: through memory after all)
+                weights = self.io.state_dict(built)
+                optimizer_state, scheduler_state = optimizer.read(built), \
+                    optimizer.scheduler(built)
         built.release({id(v) for v in h.model_tensors().values()})
         self.built = None
         with torch.no_grad():
             for k, v in h.model_tensors().items():
-                v.data = weights[k].to(v.device)
+                if spilled is None:
+                    v.data = weights[k].to(v.device)
+                else:  # the shape and dtype alone: the new packs read the value from the file
+                    spec = spilled.specs[k]
+                    v.data = torch.zeros((), dtype=spec.dtype, device=v.device).expand(spec.shape)
+        if spilled is not None:
+            h.materializer.use_weights(spilled.weights_file)
+            optimizer_state, scheduler_state = spilled.optimizer, spilled.scheduler
         # (after the values are back: a layout takes each tensor's shape)
         self.layouts = [Layout([m], h.precision.dtype_of) for m in h.chain.layers]
         optimizer.pending, optimizer.pending_scheduler = optimizer_state, scheduler_state
@@ -283,3 +309,43 @@ class Steps:
         self.first(x, y, sizes, key, chosen, profile)
         assert self.built is not None
         return self.built.plans[key]
+
+    def _spill(self, built: Built) -> Spilled | None:
+        """The training state written to a folder in the NVMe directory (kept until a build
+        from it succeeds: a failed one tries again from the same files); None if the disk
+        cannot hold it (the folder is removed)."""
+        assert self.holdings.store is not None
+        self._drop_spill()
+        folder = Path(tempfile.mkdtemp(prefix="rehome-", dir=self.holdings.store.directory))
+        try:
+            spilled = self.io.spill(built, folder)
+        except OSError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("harmony: the re-home goes through memory: %s", err)
+            return None
+        self._spilled = folder
+        return spilled
+
+    def take_back_spilled(self) -> str | None:
+        """After a re-home whose build failed (no packs; the state in the re-home's files, the
+        model's tensors holding placeholders of their shapes): the model's tensors take their
+        values from the files again, and the files go. Returns why they could not (None:
+        they did, or there was nothing to take back)."""
+        if self.built is not None or self._spilled is None:
+            return None
+        h = self.holdings
+        try:
+            with torch.no_grad():
+                for v in h.model_tensors().values():
+                    if h.materializer.direct(v):
+                        v.data = h.materializer.value(v).to(v.device)
+        except Exception as err:  # (an I/O error: the files go with the NVMe directory)
+            return (f"a re-home's build failed and its files could not be read back ({err}); "
+                    "the model does not hold the trained weights: load the last checkpoint")
+        self._drop_spill()
+        return None
+
+    def _drop_spill(self) -> None:
+        if self._spilled is not None:
+            shutil.rmtree(self._spilled, ignore_errors=True)
+            self._spilled = None

@@ -450,7 +450,7 @@ class Trainer:
         h = self._holdings
         with contextlib.suppress(Exception):  # (a broken group fails them at once)
             h.weights_arrived()
-        why_not = self._why_not_given_back()
+        why_not = self._why_not_given_back() or self._steps.take_back_spilled()
         self._closed = True
         h.engine.close()
         if self._steps.built is not None:
@@ -477,7 +477,7 @@ class Trainer:
             model.eval()(x)
         """
         if not self._closed:
-            why_not = self._why_not_given_back()
+            why_not = self._why_not_given_back() or self._steps.take_back_spilled()
             if why_not is not None:
                 raise RuntimeError(f"release_model() refused: {why_not} (the trainer is still "
                                    "open)")

@@ -200,3 +200,33 @@ def test_export_hugging_face_model_loads_with_from_pretrained(tmp_path: Path) ->
     got = loaded.state_dict()
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+def test_a_load_before_the_first_step_overrides_weights_files(tmp_path: Path) -> None:
+    """Trainer(weights=file) then load(checkpoint) before any step: the packs take the
+    checkpoint's values (not the file's), as state_dict() shows before and after building."""
+    from safetensors.torch import save_file
+
+    from tests.models import TinyTransformer, cross_entropy_tokens
+
+    save_file({k: v.contiguous() for k, v in TinyTransformer(length=16).state_dict().items()},
+              tmp_path / "w.safetensors")
+    other = TinyTransformer(length=16)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    def still(ps: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(ps, lr=0.0)  # (a step leaves the values as they are)
+
+    with harmony.Trainer(other, cross_entropy_tokens, micro_batch_size=2, optimizer=still) as t:
+        t.save(tmp_path / "ckpt")
+        want = t.state_dict()
+    with harmony.Trainer(TinyTransformer(length=16), cross_entropy_tokens, micro_batch_size=2,
+                         weights=tmp_path / "w.safetensors", optimizer=still) as t:
+        t.load(tmp_path / "ckpt")
+        before = t.state_dict()
+        x = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(0))
+        t.step(x, x.roll(-1, 1))
+        after = t.state_dict()
+    for k in want:
+        assert torch.equal(before[k], want[k]) and torch.equal(after[k], want[k]), k

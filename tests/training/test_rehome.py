@@ -4,6 +4,7 @@ first ones: weights, optimizer state and scheduler state move, and training stay
 from __future__ import annotations
 
 import copy
+import errno
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,9 +12,13 @@ import pytest
 import torch
 
 import harmony
+import harmony.training.state_io
 from harmony.planning import device_memory as dm
 from harmony.training.config import TrainerConfig
+from harmony.training.optimizer_state import OptimizerState
 from harmony.training.planner import TrainerPlanner
+from harmony.training.state_io import StateIO
+from harmony.training.steps import Steps
 from harmony.training.trainer import Trainer
 from schedules.task import Loc
 from swap.tier import Tier
@@ -284,3 +289,194 @@ def test_a_device_budget_set_between_steps_is_checked_against_the_gpu(
     assert planner.device_memory == room - dm.WORKSPACE_HEADROOM
     planner.set_budget("host_memory", 1 << 40, planned=True)  # (not the GPU's)
     assert planner.host_memory == 1 << 40
+
+
+def _tied() -> TinyTransformer:
+    model = TinyTransformer(length=16)
+    model.head.out.weight = model.embed.tok.weight
+    return model
+
+
+def _rehomed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str,
+                 through_disk: bool) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """Train on the batches (a new budget after the first one re-homes, and the longer ones
+    may) with an NVMe directory; the hand-over goes through files there, or
+    (``through_disk`` False) through memory."""
+    spilled: list[Path] = []
+    spill = Steps._spill
+
+    def recorded(self: Steps, built: object) -> object:
+        out = spill(self, built)  # type: ignore[arg-type]
+        assert self._spilled is not None
+        spilled.append(self._spilled)
+        return out
+
+    def whole(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the re-home read the whole state into memory")
+
+    model = _tied() if case == "tied" else TinyTransformer(length=16)
+    state = training_state_bytes(model, 8)
+    nvme = tmp_path / str(through_disk)
+    nvme.mkdir()
+    t = harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
+                        device_memory=state // 3, host_memory=state // 2, nvme_dir=nvme,
+                        lr_scheduler=_sched, precision="bf16" if case == "bf16" else "fp32")
+    with t:
+        with monkeypatch.context() as m:
+            if through_disk:
+                m.setattr(Steps, "_spill", recorded)
+                m.setattr(StateIO, "state_dict", whole)
+                m.setattr(OptimizerState, "read", whole)
+            else:
+                m.setattr(Steps, "_spill", lambda self, built: None)
+            for i, (x, y) in enumerate(_batches()):
+                if i == 1:  # a new budget re-homes too
+                    t.device_memory = state // 2
+                t.step(x, y)
+        return t.state_dict(), spilled
+
+
+@pytest.mark.parametrize("case", ["adamw", "tied", "bf16"])
+def test_a_rehome_through_the_nvme_directory_equals_one_through_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None, case: str) -> None:
+    """With an NVMe directory the re-home writes the state there and the new packs read it
+    back one tensor at a time (the whole state is never read into memory): the training is
+    the same as with the hand-over through memory, and the files go once the packs are
+    built."""
+    disk, spilled = _rehomed_run(tmp_path, monkeypatch, case, through_disk=True)
+    memory, _ = _rehomed_run(tmp_path, monkeypatch, case, through_disk=False)
+    assert spilled, "the new budget was expected to need new packs"
+    assert not any(p.exists() for p in spilled)
+    assert disk.keys() == memory.keys()
+    for k in disk:
+        assert torch.equal(disk[k], memory[k]), k
+
+
+def test_a_disk_too_full_for_the_rehome_goes_through_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def full(path: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, f"writing {path} failed (No space left on device)")
+
+    monkeypatch.setattr(harmony.training.state_io, "write_safetensors", full)
+    model = TinyTransformer(length=16)
+    state = training_state_bytes(model, 8)
+    batches = _batches()
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
+                         device_memory=state // 3, host_memory=state // 2, nvme_dir=tmp_path,
+                         lr_scheduler=_sched) as t:
+        for x, y in batches:
+            t.step(x, y)
+        got = t.state_dict()
+        assert t.store is not None
+        assert not list(t.store.directory.glob("rehome-*"))
+    assert "the re-home goes through memory" in caplog.text
+    want = _reference(batches)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_a_rehome_whose_build_fails_tries_again_from_its_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None) -> None:
+    """The new packs' build fails once (after the old packs are gone): the state stays in
+    the re-home's files, the step raises, and the next step builds from them, exactly."""
+    from harmony.training.built import Built
+
+    build = Built.build
+    calls: list[int] = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:  # (the first builds the first packs)
+            raise RuntimeError("injected: the new packs' build failed")
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Built, "build", staticmethod(flaky))
+    model = TinyTransformer(length=16)
+    state = training_state_bytes(model, 8)
+    batches = _batches()
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
+                         device_memory=state // 3, host_memory=state // 2, nvme_dir=tmp_path,
+                         lr_scheduler=_sched) as t:
+        t.step(*batches[0])
+        t.device_memory = state // 2
+        with pytest.raises(RuntimeError, match="injected"):
+            t.step(*batches[1])
+        assert t.store is not None and len(list(t.store.directory.glob("rehome-*"))) == 1
+        for x, y in batches[1:]:
+            t.step(x, y)
+        assert not list(t.store.directory.glob("rehome-*"))
+        got = t.state_dict()
+    want = _reference(batches)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_closing_after_a_failed_rehome_gives_the_model_its_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None) -> None:
+    """The re-home's build fails and the trainer is closed: the model's tensors (placeholders
+    while the new packs were to read the files) take the trained values back from the
+    files before the NVMe directory goes."""
+    from harmony.training.built import Built
+
+    build = Built.build
+    calls: list[int] = []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) >= 2:
+            raise RuntimeError("injected: the new packs' build failed")
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Built, "build", staticmethod(failing))
+    model = TinyTransformer(length=16)
+    state = training_state_bytes(model, 8)
+    batches = _batches()
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
+                         device_memory=state // 3, host_memory=state // 2, nvme_dir=tmp_path,
+                         lr_scheduler=_sched) as t:
+        t.step(*batches[0])
+        t.device_memory = state // 2
+        with pytest.raises(RuntimeError, match="injected"):
+            t.step(*batches[1])
+    want = _reference(batches[:1])
+    for k, v in model.state_dict().items():
+        assert v.stride() == want[k].stride() and torch.equal(v, want[k]), k
+
+
+def test_a_load_after_a_failed_rehome_takes_the_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None) -> None:
+    """The re-home's build fails; load() then replaces the state it left in its files: the
+    next build reads the checkpoint's, and training goes on from it exactly."""
+    from harmony.training.built import Built
+
+    build = Built.build
+    calls: list[int] = []
+
+    def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected: the new packs' build failed")
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Built, "build", staticmethod(flaky))
+    model = TinyTransformer(length=16)
+    state = training_state_bytes(model, 8)
+    batches = _batches()
+    (tmp_path / "nvme").mkdir()
+    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
+                         device_memory=state // 3, host_memory=state // 2,
+                         nvme_dir=tmp_path / "nvme", lr_scheduler=_sched) as t:
+        t.step(*batches[0])
+        t.save(tmp_path / "ckpt")
+        t.step(*batches[1])  # (trained on, then rewound by the load)
+        t.device_memory = state // 2
+        with pytest.raises(RuntimeError, match="injected"):
+            t.step(*batches[2])
+        t.load(tmp_path / "ckpt")
+        for x, y in batches[1:]:
+            t.step(x, y)
+        got = t.state_dict()
+    want = _reference(batches)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
