@@ -86,12 +86,16 @@ class OptimizerState:
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, built: Built | None) -> OptimizerTensors:
-        """Every pack's optimizer state (copies), under the model's keys; empty before the
-        packs are built."""
+        """Every pack's optimizer state (copies), under the model's keys; before the packs
+        are built, the state loaded or handed over for them (empty if none)."""
         tensors: dict[str, torch.Tensor] = {}
         scalars: dict[str, Any] = {}
         groups: list[Any] = []
         if built is None:
+            if self.pending is not None:
+                pending, scalars, groups = self.pending
+                tensors = {k: v.clone() for k, v in pending.items()}
+                return tensors, dict(scalars), list(groups)
             return tensors, scalars, groups
         for pack in built.packs:
             keys = self.holdings.param_keys(pack)

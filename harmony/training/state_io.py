@@ -147,6 +147,9 @@ class StateIO:
             tensors, scalars, groups = h.pipeline.gather_optimizer(tensors, scalars, groups)
         elif optimizer is not None:
             tensors, scalars, groups = optimizer
+        elif built is None and self.optimizer.pending is not None:
+            # loaded (or handed over) and not applied yet: a checkpoint's is read as written
+            tensors, scalars, groups = self.optimizer.pending
         else:  # one pack (or chunk) of the state in memory at a time
             tensors, scalars, groups = streaming.optimizer(h, built)
         meta = {"step_count": step_count, "seed": seed,

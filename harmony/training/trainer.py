@@ -315,8 +315,8 @@ class Trainer:
     @acts
     def optimizer_state(self) -> OptimizerTensors:
         """The optimizers' state under the model's keys, as :meth:`save` writes it: tensors
-        and other values by ``"<parameter key>/<state name>"`` (copies), and each pack's
-        ``param_groups`` less their parameters; empty before the first step.
+        and other values by ``"<parameter key>/<state name>"`` (copies), each pack's
+        ``param_groups`` less their parameters (before the first step: what load() read).
 
         Example::
 

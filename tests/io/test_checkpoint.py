@@ -230,3 +230,33 @@ def test_a_load_before_the_first_step_overrides_weights_files(tmp_path: Path) ->
         after = t.state_dict()
     for k in want:
         assert torch.equal(before[k], want[k]) and torch.equal(after[k], want[k]), k
+
+
+def test_a_save_before_the_first_step_keeps_the_loaded_optimizer_state(tmp_path: Path) -> None:
+    """load() then save() with no step between: the new checkpoint holds the optimizer state
+    read (not yet applied to packs), as optimizer_state() shows it; training on from either
+    checkpoint is the same."""
+    from harmony.io import checkpoint
+
+    t, batches = _trainer(), _batches()
+    with t:
+        t.step(*batches[0])
+        t.save(tmp_path / "a")
+    with _trainer() as u:
+        u.load(tmp_path / "a")
+        tensors, scalars, _ = u.optimizer_state()
+        u.save(tmp_path / "b")
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    assert len(a[1]) > 0 and set(a[1]) == set(b[1]) == set(tensors)
+    for k in a[1]:
+        assert torch.equal(a[1][k], b[1][k]) and torch.equal(a[1][k], tensors[k]), k
+    assert a[2]["optimizer_scalars"] == b[2]["optimizer_scalars"] == scalars
+    runs = []
+    for name in ("a", "b"):
+        with _trainer() as v:
+            v.load(tmp_path / name)
+            for x, y in batches[1:3]:
+                v.step(x, y)
+            runs.append(v.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
