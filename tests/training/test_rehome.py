@@ -376,10 +376,8 @@ def test_a_disk_too_full_for_the_rehome_goes_through_memory(
         assert torch.equal(got[k], want[k]), k
 
 
-def test_a_rehome_whose_build_fails_tries_again_from_its_files(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None) -> None:
-    """The new packs' build fails once (after the old packs are gone): the state stays in
-    the re-home's files, the step raises, and the next step builds from them, exactly."""
+def _second_build_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second build of packs (the first re-home's) raises; the others build."""
     from harmony.training.built import Built
 
     build = Built.build
@@ -387,17 +385,30 @@ def test_a_rehome_whose_build_fails_tries_again_from_its_files(
 
     def flaky(*args: object, **kwargs: object) -> object:
         calls.append(1)
-        if len(calls) == 2:  # (the first builds the first packs)
+        if len(calls) == 2:
             raise RuntimeError("injected: the new packs' build failed")
         return build(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Built, "build", staticmethod(flaky))
-    model = TinyTransformer(length=16)
+
+
+def _nvme_trainer(model: torch.nn.Module, nvme: Path) -> tuple[harmony.Trainer, int]:
+    """A trainer under budgets of a third (device) and a half (host) of the model's
+    training state, with NVMe; and that state's bytes."""
     state = training_state_bytes(model, 8)
+    return harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
+                           device_memory=state // 3, host_memory=state // 2, nvme_dir=nvme,
+                           lr_scheduler=_sched), state
+
+
+def test_a_rehome_whose_build_fails_tries_again_from_its_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None) -> None:
+    """The new packs' build fails once (after the old packs are gone): the state stays in
+    the re-home's files, the step raises, and the next step builds from them, exactly."""
+    _second_build_fails(monkeypatch)
     batches = _batches()
-    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
-                         device_memory=state // 3, host_memory=state // 2, nvme_dir=tmp_path,
-                         lr_scheduler=_sched) as t:
+    t, state = _nvme_trainer(TinyTransformer(length=16), tmp_path)
+    with t:
         t.step(*batches[0])
         t.device_memory = state // 2
         with pytest.raises(RuntimeError, match="injected"):
@@ -417,24 +428,11 @@ def test_closing_after_a_failed_rehome_gives_the_model_its_weights(
     """The re-home's build fails and the trainer is closed: the model's tensors (placeholders
     while the new packs were to read the files) take the trained values back from the
     files before the NVMe directory goes."""
-    from harmony.training.built import Built
-
-    build = Built.build
-    calls: list[int] = []
-
-    def failing(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) >= 2:
-            raise RuntimeError("injected: the new packs' build failed")
-        return build(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Built, "build", staticmethod(failing))
-    model = TinyTransformer(length=16)
-    state = training_state_bytes(model, 8)
+    _second_build_fails(monkeypatch)
     batches = _batches()
-    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
-                         device_memory=state // 3, host_memory=state // 2, nvme_dir=tmp_path,
-                         lr_scheduler=_sched) as t:
+    model = TinyTransformer(length=16)
+    t, state = _nvme_trainer(model, tmp_path)
+    with t:
         t.step(*batches[0])
         t.device_memory = state // 2
         with pytest.raises(RuntimeError, match="injected"):
@@ -448,25 +446,11 @@ def test_a_load_after_a_failed_rehome_takes_the_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixed_timing: None) -> None:
     """The re-home's build fails; load() then replaces the state it left in its files: the
     next build reads the checkpoint's, and training goes on from it exactly."""
-    from harmony.training.built import Built
-
-    build = Built.build
-    calls: list[int] = []
-
-    def flaky(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected: the new packs' build failed")
-        return build(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Built, "build", staticmethod(flaky))
-    model = TinyTransformer(length=16)
-    state = training_state_bytes(model, 8)
+    _second_build_fails(monkeypatch)
     batches = _batches()
     (tmp_path / "nvme").mkdir()
-    with harmony.Trainer(model, cross_entropy_tokens, optimizer=_adamw, micro_batch_size=2,
-                         device_memory=state // 3, host_memory=state // 2,
-                         nvme_dir=tmp_path / "nvme", lr_scheduler=_sched) as t:
+    t, state = _nvme_trainer(TinyTransformer(length=16), tmp_path / "nvme")
+    with t:
         t.step(*batches[0])
         t.save(tmp_path / "ckpt")
         t.step(*batches[1])  # (trained on, then rewound by the load)
