@@ -277,19 +277,17 @@ class Steps:
         h, built, optimizer = self.holdings, self.built, self.io.optimizer
         assert built is not None
         sharded = h.dp is not None and h.dp.shard
+        chosen = self.planner.fresh(x, y, sizes, profile)  # (raises: nothing changed)
         spilled: Spilled | None = None
-        if h.store is None or sharded or h.pipeline is not None:
+        if h.store is not None and not sharded and h.pipeline is None:
+            spilled = self._spill(built)  # (None: the disk is full)
+        if spilled is None:  # through memory
             weights = self.io.state_dict(built)
             optimizer_state = optimizer.gather(built) if sharded else optimizer.read(built)
             scheduler_state = optimizer.gathered_scheduler if sharded \
                 else optimizer.scheduler(built)
-        chosen = self.planner.fresh(x, y, sizes, profile)  # (raises: nothing changed)
-        if h.store is not None and not sharded and h.pipeline is None:
-            spilled = self._spill(built)
-            if spilled is None:  # (the disk is full: through memory after all)
-                weights = self.io.state_dict(built)
-                optimizer_state, scheduler_state = optimizer.read(built), \
-                    optimizer.scheduler(built)
+        else:
+            optimizer_state, scheduler_state = spilled.optimizer, spilled.scheduler
         built.release({id(v) for v in h.model_tensors().values()})
         self.built = None
         with torch.no_grad():
@@ -301,7 +299,6 @@ class Steps:
                     v.data = torch.zeros((), dtype=spec.dtype, device=v.device).expand(spec.shape)
         if spilled is not None:
             h.materializer.use_weights(spilled.weights_file)
-            optimizer_state, scheduler_state = spilled.optimizer, spilled.scheduler
         # (after the values are back: a layout takes each tensor's shape)
         self.layouts = [Layout([m], h.precision.dtype_of) for m in h.chain.layers]
         optimizer.pending, optimizer.pending_scheduler = optimizer_state, scheduler_state

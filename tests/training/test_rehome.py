@@ -26,6 +26,7 @@ from tests.models import (
     TinyTransformer,
     assert_weights_close,
     cross_entropy_tokens,
+    reference_train,
     training_state_bytes,
 )
 from tests.planning.test_device_memory import MIB, FakeAllocator
@@ -242,13 +243,8 @@ def test_a_budget_raised_after_an_infeasible_first_step_is_the_tiers_too(
     assert t.plan is not None and Loc.NVME not in t.plan.placement.w  # (it fits the host now)
     got = t.state_dict()
     t.close()
-    opt = _adamw(list(ref.parameters()))
-    for x, y in batches:
-        for xm, ym in zip(x.split(4), y.split(4)):
-            (loss(ref(xm), ym) * (ym.shape[0] / y.shape[0])).backward()
-        opt.step()
-        opt.zero_grad()
-    assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
+    want = reference_train(ref, loss, _adamw, batches, 4)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
 
 
 def test_pipeline_stages_planned_once_refuse_a_new_budget() -> None:
